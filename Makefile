@@ -1,0 +1,48 @@
+# dicesim — every target sets up what it needs from a fresh clone.
+# TORCH_SPEC picks the torch build: the default is the CPU wheel this project is
+# developed against; on a CUDA machine use e.g. `make TORCH_SPEC='torch==2.13.0' ...`
+# with your CUDA index, or an existing torch (`make TORCH_SPEC=skip`).
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.installed
+NPROC      ?= 2
+ARGS       ?=
+
+.PHONY: setup demo test test-slow lint bench bench-influence alignment cascade anomaly \
+        collaborators contribution clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if [ "$(TORCH_SPEC)" != "skip" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m dicesim experiment=demo $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m ruff check dicesim tests launch
+	$(PY) -m pytest -q -x
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(PY) -m ruff check dicesim tests launch
+
+bench: $(STAMP)
+	$(PY) -m dicesim.bench.engine
+
+bench-influence: $(STAMP)
+	$(PY) -m dicesim.bench.influence
+
+alignment: $(STAMP)
+	$(PY) -m dicesim experiment=alignment $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache
