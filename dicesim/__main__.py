@@ -1,0 +1,3 @@
+from dicesim.cli import main
+
+main()

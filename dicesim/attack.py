@@ -1,0 +1,86 @@
+"""Misbehaving nodes: poisoned data or tampered updates, from a given step on."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dicesim.errors import ConfigError
+
+ATTACKS = ("none", "label_flip", "feature_noise", "free_rider", "scaled_update")
+
+
+@dataclass
+class Attack:
+    kind: str
+    nodes: np.ndarray  # attacked global node ids
+    start: int = 0
+    sigma: float = 1.0  # feature_noise: std of the added Gaussian noise
+    scale: float = -4.0  # scaled_update: the update is multiplied by this
+
+    @property
+    def poisons_data(self) -> bool:
+        return self.kind in ("label_flip", "feature_noise")
+
+    def active(self, t: int) -> bool:
+        return self.kind != "none" and t >= self.start
+
+    def poison(self, x: Tensor, y: Tensor, ids: np.ndarray, num_classes: int,
+               seed: int) -> tuple[Tensor, Tensor]:
+        """A poisoned copy of the training set, changed at `ids` (the attacked nodes' data)."""
+        x, y = x.clone(), y.clone()
+        gen = torch.Generator().manual_seed(seed + 31337)
+        ti = torch.as_tensor(ids, dtype=torch.long)
+        if self.kind == "label_flip":
+            if num_classes < 2:
+                raise ConfigError("attack.kind=label_flip needs a classification data set")
+            # every label replaced by another class: y → (y + c) mod C with c ∈ [1, C)
+            shift = torch.randint(1, num_classes, (len(ids),), generator=gen)
+            y[ti] = (y[ti] + shift) % num_classes
+        elif self.kind == "feature_noise":
+            noise = torch.randn(x[ti].shape, generator=gen, dtype=torch.float32)
+            x[ti] = x[ti] + self.sigma * noise.to(x.dtype)
+        return x, y
+
+    def update(self, t: int, nodes: np.ndarray, update: Tensor) -> Tensor:
+        """Δ as sent: free riders take no step, scaled_update multiplies Δ (linear in Δ)."""
+        if not self.active(t) or self.kind not in ("free_rider", "scaled_update"):
+            return update
+        hit = np.isin(nodes, self.nodes)
+        if not hit.any():
+            return update
+        factor = torch.ones(len(nodes), dtype=update.dtype, device=update.device)
+        factor[torch.as_tensor(hit)] = 0.0 if self.kind == "free_rider" else self.scale
+        return update * factor[:, None]
+
+
+def build_attack(cfg: Mapping | None, nodes: int, steps: int, seed: int) -> Attack:
+    cfg = cfg or {}
+    kind = cfg.get("kind", "none")
+    if kind not in ATTACKS:
+        raise ConfigError(f"attack.kind={kind}: unknown attack; choose one of {', '.join(ATTACKS)}")
+    if kind == "none":
+        return Attack("none", np.array([], dtype=np.int64))
+    chosen = cfg.get("nodes", None)
+    if chosen is None or len(chosen) == 0:
+        fraction = float(cfg.get("fraction", 0.25))
+        count = round(fraction * nodes)
+        if not 1 <= count <= nodes:
+            raise ConfigError(
+                f"attack.fraction={fraction}: attacks {count} of {nodes} nodes; "
+                "give attack.nodes=[...] or a fraction that picks at least one node"
+            )
+        chosen = np.sort(np.random.default_rng([seed, 4242]).choice(nodes, count, replace=False))
+    chosen = np.asarray(list(chosen), dtype=np.int64)
+    bad = chosen[(chosen < 0) | (chosen >= nodes)]
+    if len(bad):
+        raise ConfigError(f"attack.nodes: {bad.tolist()} are outside the graph (0..{nodes - 1})")
+    start = int(cfg.get("start", 0))
+    if not 0 <= start < steps:
+        raise ConfigError(f"attack.start={start}: must be a step of the run (0..{steps - 1})")
+    return Attack(kind, chosen, start, float(cfg.get("sigma", 1.0)),
+                  float(cfg.get("scale", -4.0)))

@@ -1,0 +1,309 @@
+"""Datasets, the train/probe/test split, partition over nodes and per-node batches.
+
+The probe set Z' (DESIGN §2) is held out from the training pool and shared by all
+nodes; `node_probe_split` gives the per-node validation option. Training sample i
+has global id i (its row in `x_train`); partitions and batches are lists of these ids.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dicesim.errors import ConfigError
+
+DATASETS = ("digits", "fashion_mnist", "synthetic", "mnist", "cifar10")
+PARTITIONS = ("iid", "dirichlet")
+FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_FILES = {  # official names; each may also be gzipped (+ ".gz")
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+DEFAULT_ROOTS = {"fashion_mnist": FASHION_ROOT, "mnist": "~/data", "cifar10": "~/data"}
+_IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_NODE_PROBE_STREAM = 2**31 - 1  # keeps node_probe_split's RNG apart from the batch epochs
+
+
+@dataclass
+class Dataset:
+    name: str
+    x_train: torch.Tensor  # [N, *input_shape] float32
+    y_train: torch.Tensor  # [N] int64 (classification) or float32 (regression)
+    x_probe: torch.Tensor
+    y_probe: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int  # 0 for regression
+    input_shape: tuple[int, ...]
+    # rows of the source each split came from ("test" indexes the official test file if any)
+    source_ids: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def task(self) -> str:
+        return "classification" if self.num_classes > 0 else "regression"
+
+
+# --------------------------------------------------------------------------- idx files
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Parse an idx file (plain or .gz): magic 0 0 <type> <ndim>, big-endian int32 dims, data."""
+    path = Path(path)
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read idx file ({exc})") from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise ConfigError(f"{path}: not an idx file (bad magic number)")
+    dtype, ndim = np.dtype(_IDX_TYPES[raw[2]]), raw[3]
+    offset = 4 + 4 * ndim
+    dims = tuple(int(d) for d in np.frombuffer(raw[4:offset], ">i4")) if len(raw) >= offset else ()
+    if len(dims) != ndim or len(raw) != offset + int(np.prod(dims)) * dtype.itemsize:
+        raise ConfigError(f"{path}: idx file is truncated or corrupt")
+    return np.frombuffer(raw, dtype, offset=offset).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def write_idx(path: str | Path, array: np.ndarray) -> None:
+    """Write `array` as an idx file (gzipped if the name ends in .gz); the inverse of read_idx."""
+    path = Path(path)
+    code = {np.dtype(t).newbyteorder("="): c for c, t in _IDX_TYPES.items()}[array.dtype]
+    header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, ">i4").tobytes()
+    data = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+    with (gzip.open if path.suffix == ".gz" else open)(path, "wb") as f:
+        f.write(data)
+
+
+# --------------------------------------------------------------------------- sources
+# Each returns (x_pool, y_pool, official test (x, y) or None, num_classes, scale):
+# x as [N, C, H, W] (or [N, D] for synthetic) in any numeric dtype, divided by `scale`.
+
+Source = tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None, int, float]
+
+
+def _digits() -> Source:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.images[:, None], d.target.astype(np.int64), None, 10, 16.0
+
+
+def _synthetic(cfg: Mapping, seed: int) -> Source:
+    task = cfg.get("task", "classification")
+    n, d = int(cfg.get("n_samples", 2000)), int(cfg.get("n_features", 20))
+    classes, noise = int(cfg.get("n_classes", 4)), float(cfg.get("noise", 0.1))
+    if task not in ("classification", "regression"):
+        raise ConfigError(f"data.task={task} is unknown; choose classification or regression")
+    if n < 2 or d < 1 or noise < 0:
+        raise ConfigError(f"data.n_samples={n}, data.n_features={d}, data.noise={noise}: "
+                          "need n_samples >= 2, n_features >= 1, noise >= 0")
+    rng = np.random.default_rng([seed, 7])
+    if task == "regression":  # y = x . w* + noise
+        x = rng.normal(size=(n, d))
+        w = rng.normal(size=d) / np.sqrt(d)
+        return x, (x @ w + noise * rng.normal(size=n)).astype(np.float32), None, 0, 1.0
+    if classes < 2:
+        raise ConfigError(f"data.n_classes={classes} must be >= 2")
+    # Gaussian blobs: unit-variance clouds around centres ~ N(0, I), balanced classes
+    y = rng.permutation(np.arange(n) % classes)
+    x = rng.normal(size=(classes, d))[y] + rng.normal(size=(n, d))
+    return x, y.astype(np.int64), None, classes, 1.0
+
+
+def _find_idx(root: Path, name: str) -> Path | None:
+    return next((p for p in (root / name, root / f"{name}.gz") if p.is_file()), None)
+
+
+def _fashion(root: Path) -> Source:
+    paths = {k: _find_idx(root, f) for k, f in FASHION_FILES.items()}
+    if not root.is_dir() or None in paths.values():
+        names = ", ".join(f"{f}(.gz)" for f in FASHION_FILES.values())
+        raise ConfigError(
+            f"data.root={root}: Fashion-MNIST idx files not found; install them with "
+            f"`apt-get install dataset-fashion-mnist` or pass data.root=<dir with {names}>")
+    a = {k: read_idx(p) for k, p in paths.items()}
+    for s in ("train", "test"):
+        x, y = a[f"x_{s}"], a[f"y_{s}"]
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise ConfigError(f"data.root={root}: {s} images {x.shape} and labels {y.shape} "
+                              "do not match (expected [N, H, W] and [N])")
+    y_tr, y_te = a["y_train"].astype(np.int64), a["y_test"].astype(np.int64)
+    num_classes = int(max(y_tr.max(), y_te.max())) + 1
+    return a["x_train"][:, None], y_tr, (a["x_test"][:, None], y_te), num_classes, 255.0
+
+
+def _torchvision(name: str, root: Path) -> Source:
+    try:
+        from torchvision import datasets
+    except ImportError as exc:
+        raise ConfigError(f"data.name={name} needs torchvision: pip install 'dicesim[vision]'"
+                          ) from exc
+    cls = datasets.MNIST if name == "mnist" else datasets.CIFAR10
+    try:
+        train, test = (cls(str(root), train=t, download=False) for t in (True, False))
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"data.root={root}: no {cls.__name__} files found there; download them once with "
+            f"torchvision.datasets.{cls.__name__}('{root}', download=True) "
+            f"or pass data.root=<dir>") from exc
+
+    def arrays(ds) -> tuple[np.ndarray, np.ndarray]:
+        x = np.asarray(ds.data)
+        x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # -> [N, C, H, W]
+        return x, np.asarray(ds.targets, dtype=np.int64)
+
+    x, y = arrays(train)
+    return x, y, arrays(test), 10, 255.0
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _limit(ids: np.ndarray, key: str, cfg: Mapping, rng: np.random.Generator) -> np.ndarray:
+    """Seeded subset of at most cfg[key] ids (all of them when the key is null)."""
+    cap = cfg.get(key)
+    if cap is None:
+        return ids
+    if int(cap) < 1:
+        raise ConfigError(f"data.{key}={cap} must be >= 1 or null")
+    return ids if int(cap) >= len(ids) else rng.choice(ids, int(cap), replace=False)
+
+
+def load_dataset(cfg: Mapping, seed: int) -> Dataset:
+    """Load `cfg.name` and split it (seeded) into train / probe / test tensors."""
+    name = cfg.get("name", "digits")
+    if name not in DATASETS:
+        raise ConfigError(f"data.name={name} is unknown; choose one of {', '.join(DATASETS)}")
+    root = Path(os.path.expanduser(str(cfg.get("root") or DEFAULT_ROOTS.get(name, "."))))
+    if name == "digits":
+        x, y, official_test, num_classes, scale = _digits()
+    elif name == "synthetic":
+        x, y, official_test, num_classes, scale = _synthetic(cfg, seed)
+    elif name == "fashion_mnist":
+        x, y, official_test, num_classes, scale = _fashion(root)
+    else:
+        x, y, official_test, num_classes, scale = _torchvision(name, root)
+
+    rng = np.random.default_rng(seed)
+    n, probe_size = len(y), int(cfg.get("probe_size", 200))
+    if official_test is None:
+        test_size = float(cfg.get("test_size", 0.2))
+        if not 0 < test_size < 1:
+            raise ConfigError(f"data.test_size={test_size} must be a fraction in (0, 1)")
+        n_test = max(1, round(test_size * n))
+    else:
+        n_test = 0
+    if probe_size < 1 or n - n_test - probe_size < 1:
+        raise ConfigError(f"data.probe_size={probe_size} must be >= 1 and leave training data "
+                          f"({n - n_test} samples for train + probe)")
+    perm = rng.permutation(n)
+    ids = {"probe": perm[:probe_size], "test": perm[probe_size:probe_size + n_test],
+           "train": _limit(perm[probe_size + n_test:], "max_train", cfg, rng)}
+    if official_test is not None:
+        ids["test"] = np.arange(len(official_test[1]))
+    ids["test"] = _limit(ids["test"], "max_test", cfg, rng)
+    ids = {k: np.sort(v) for k, v in ids.items()}
+
+    image = bool(cfg.get("image", False))
+    if image and x.ndim != 4:
+        raise ConfigError(f"data.image=true needs an image dataset; data.name={name} is flat")
+    shape = tuple(x.shape[1:]) if image else (int(np.prod(x.shape[1:])),)
+    src = {"train": (x, y), "probe": (x, y), "test": official_test or (x, y)}
+    xs = {k: src[k][0][v].reshape(len(v), *shape).astype(np.float32) / np.float32(scale)
+          for k, v in ids.items()}
+    if cfg.get("standardize", True):  # per-feature, with train statistics
+        mean, std = xs["train"].mean(0), xs["train"].std(0)
+        std[std < 1e-8] = 1.0
+        xs = {k: (v - mean) / std for k, v in xs.items()}
+    t = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in xs.items()}
+    lab = {k: torch.from_numpy(src[k][1][v].astype(np.int64 if num_classes else np.float32))
+           for k, v in ids.items()}
+    return Dataset(name, t["train"], lab["train"], t["probe"], lab["probe"], t["test"],
+                   lab["test"], num_classes, shape, ids)
+
+
+# --------------------------------------------------------------------------- nodes & batches
+
+
+def partition(labels: np.ndarray, n_nodes: int, scheme: str = "iid", alpha: float = 1.0,
+              seed: int = 0, min_size: int = 1) -> list[np.ndarray]:
+    """Split ids 0..len(labels)-1 over nodes; each node gets sorted ids, every id exactly once."""
+    labels = np.asarray(labels)
+    n = len(labels)
+    if n_nodes < 1:
+        raise ConfigError(f"nodes={n_nodes} must be >= 1")
+    if scheme == "iid":
+        parts = np.array_split(np.random.default_rng(seed).permutation(n), n_nodes)
+        if len(parts[-1]) < min_size:
+            raise ConfigError(f"nodes={n_nodes}: {n} training samples leave a node with "
+                              f"{len(parts[-1])} (< {min_size}); use fewer nodes")
+        return [np.sort(p) for p in parts]
+    if scheme != "dirichlet":
+        raise ConfigError(f"data.partition={scheme} is unknown; choose one of "
+                          f"{', '.join(PARTITIONS)}")
+    if not alpha > 0:
+        raise ConfigError(f"data.alpha={alpha} must be > 0 for data.partition=dirichlet")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ConfigError("data.partition=dirichlet needs class labels; use data.partition=iid")
+    for attempt in range(100):
+        rng = np.random.default_rng(seed + attempt)
+        chunks: list[list[np.ndarray]] = [[] for _ in range(n_nodes)]
+        for c in np.unique(labels):
+            ids = rng.permutation(np.flatnonzero(labels == c))
+            p = rng.dirichlet(np.full(n_nodes, float(alpha)))
+            if not np.isfinite(p).all() or p.sum() <= 0:  # underflow at tiny alpha
+                p = np.eye(n_nodes)[rng.integers(n_nodes)]
+            cuts = np.minimum(np.floor(np.cumsum(p)[:-1] * len(ids)).astype(int), len(ids))
+            for node, part in enumerate(np.split(ids, cuts)):
+                chunks[node].append(part)
+        parts = [np.sort(np.concatenate(c)) for c in chunks]
+        if min(len(p) for p in parts) >= min_size:
+            return parts
+    raise ConfigError(f"data.alpha={alpha}: 100 Dirichlet draws all left a node with fewer than "
+                      f"{min_size} samples; raise data.alpha or use fewer nodes")
+
+
+def check_batch_size(parts: list[np.ndarray], batch_size: int) -> None:
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} must be >= 1")
+    for node, ids in enumerate(parts):
+        if batch_size > len(ids):
+            raise ConfigError(f"batch_size={batch_size} is larger than node {node}'s local data "
+                              f"({len(ids)} samples); lower batch_size or use fewer nodes")
+
+
+def batch_ids(local_ids: np.ndarray, batch_size: int, step: int, seed: int,
+              node: int) -> np.ndarray:
+    """Node `node`'s batch at `step`: epochs of seeded permutations without replacement.
+
+    Depends only on the arguments (not on ranks); the last len % batch_size ids of each
+    epoch's permutation are dropped.
+    """
+    local_ids = np.asarray(local_ids)
+    if not 1 <= batch_size <= len(local_ids):
+        raise ConfigError(f"batch_size={batch_size} must be in [1, {len(local_ids)}] "
+                          f"(node {node}'s local data)")
+    epoch, k = divmod(step, len(local_ids) // batch_size)
+    perm = np.random.default_rng([seed, node, epoch]).permutation(len(local_ids))
+    return local_ids[perm[k * batch_size:(k + 1) * batch_size]]
+
+
+def node_probe_split(local_ids: np.ndarray, fraction: float, seed: int,
+                     node: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of a node's ids into (train_ids, probe_ids), probe ~ fraction of them."""
+    local_ids = np.asarray(local_ids)
+    n = len(local_ids)
+    k = max(1, round(fraction * n))
+    if not 0 < fraction < 1 or k >= n:
+        raise ConfigError(f"per-node probe fraction={fraction} must be in (0, 1) and leave "
+                          f"node {node} ({n} samples) training data")
+    perm = np.random.default_rng([seed, node, _NODE_PROBE_STREAM]).permutation(n)
+    return np.sort(local_ids[perm[k:]]), np.sort(local_ids[perm[:k]])

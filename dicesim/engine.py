@@ -1,0 +1,301 @@
+"""ATC decentralized SGD over ranks (DESIGN §1, §3).
+
+Step t on every rank, vectorized over its block of nodes:
+  local step  θ_k^{t+½} = θ_k^t + Δ_k^t,  Δ_k^t = −η ∇L(θ_k^t; B_k^t)
+  gossip      θ_k^{t+1} = Σ_l W^t[k,l] θ_l^{t+½}   (one buffer per peer rank)
+The influence tracker rides along: it records at θ^t, steps its rows with the
+same batches and sends them in the same buffers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dicesim.attack import Attack, build_attack
+from dicesim.comm import Channel, Comm, Layout, check_layout, mix, peers
+from dicesim.data import Dataset, batch_ids, check_batch_size, load_dataset, partition
+from dicesim.errors import ConfigError
+from dicesim.model import FlatModel, build_model
+from dicesim.topology import Topology, build_topology
+from dicesim.tracker import Event, InfluenceSettings, InfluenceTracker, build_events
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+METRIC_COLUMNS = ("step", "node", "train_loss", "probe_loss", "probe_acc", "consensus_dist")
+
+
+@dataclass
+class RunSettings:
+    nodes: int
+    steps: int
+    batch_size: int
+    seed: int
+    lr: float
+    dtype: torch.dtype
+    eval_every: int
+    init: str  # "same" | "per_node"
+    timeout_s: float
+    progress: bool
+
+
+def run_settings(cfg: Mapping) -> RunSettings:
+    def positive_int(key: str) -> int:
+        value = cfg.get(key)
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{key}={value}: must be a positive integer")
+        return value
+
+    dtype = cfg.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype}: choose float32 or float64")
+    lr = float(cfg["optim"]["lr"])
+    if cfg["optim"].get("name", "sgd") != "sgd":
+        raise ConfigError(f"optim.name={cfg['optim']['name']}: only sgd is implemented")
+    if not lr > 0:
+        raise ConfigError(f"optim.lr={lr}: must be positive")
+    init = cfg.get("init", "same")
+    if init not in ("same", "per_node"):
+        raise ConfigError(f"init={init}: choose same (one initial θ for all nodes) or per_node")
+    timeout = float(cfg.get("timeout_s", 60))
+    if timeout <= 0:
+        raise ConfigError(f"timeout_s={timeout}: must be positive")
+    return RunSettings(
+        nodes=positive_int("nodes"), steps=positive_int("steps"),
+        batch_size=positive_int("batch_size"), seed=int(cfg.get("seed", 0)), lr=lr,
+        dtype=DTYPES[dtype], eval_every=positive_int("eval_every"), init=init,
+        timeout_s=timeout, progress=bool(cfg.get("progress", True)),
+    )
+
+
+def resolve_device(cfg: Mapping, local_rank: int) -> tuple[torch.device, str]:
+    """(device, backend): gloo on CPU, nccl with one GPU per rank, unless overridden."""
+    want_device = cfg.get("device", "auto")
+    backend = cfg.get("backend", "auto")
+    gpus = torch.cuda.device_count()
+    if want_device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device={want_device}: choose auto, cpu or cuda")
+    if backend not in ("auto", "gloo", "nccl"):
+        raise ConfigError(f"backend={backend}: choose auto, gloo or nccl")
+    use_cuda = want_device == "cuda" or (want_device == "auto" and gpus > 0 and backend != "gloo")
+    if (use_cuda or backend == "nccl") and gpus == 0:
+        raise ConfigError(
+            f"{'backend=nccl' if backend == 'nccl' else 'device=cuda'} needs a GPU but none is "
+            "visible; use backend=gloo device=cpu"
+        )
+    if backend == "nccl" and not use_cuda:
+        raise ConfigError("backend=nccl needs device=cuda (or auto); use backend=gloo on CPU")
+    if use_cuda and local_rank >= gpus:
+        raise ConfigError(
+            f"local rank {local_rank} has no GPU of its own ({gpus} visible); NCCL needs one GPU "
+            f"per rank: use --nproc_per_node={gpus} and more nodes per rank"
+        )
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    return device, backend
+
+
+@dataclass
+class RunResult:
+    metrics: list[tuple] = field(default_factory=list)
+    influence: list[tuple] = field(default_factory=list)
+    proximal: list[tuple] = field(default_factory=list)
+    final_params: Tensor | None = None  # [nodes, P] on rank 0 (gathered)
+    test_acc: list[float] = field(default_factory=list)  # per node, at θ^T
+    wall_s: float = 0.0
+    gossip_s: float = 0.0
+
+
+class Simulation:
+    """Builds and checks everything a run needs before any process group exists, so a bad
+    setting stops every rank with the same one-line message."""
+
+    def __init__(self, cfg: Mapping, world: int = 1, rank: int = 0):
+        self.cfg = cfg
+        self.run = run_settings(cfg)
+        s = self.run
+        check_layout(s.nodes, world)
+        self.layout = Layout(s.nodes, world, rank)
+        self.topology: Topology = build_topology(cfg["topology"], s.nodes, s.seed)
+        self.data: Dataset = load_dataset(cfg["data"], s.seed)
+        labels = self.data.y_train.numpy() if self.data.num_classes else np.zeros(
+            len(self.data.y_train), dtype=np.int64)
+        dcfg = cfg["data"]
+        self.parts = partition(labels, s.nodes, dcfg.get("partition", "iid"),
+                               float(dcfg.get("alpha", 1.0)), s.seed, min_size=s.batch_size)
+        check_batch_size(self.parts, s.batch_size)
+        self.model: FlatModel = build_model(cfg["model"], self.data.input_shape,
+                                            self.data.num_classes)
+        self.attack: Attack = build_attack(cfg.get("attack"), s.nodes, s.steps, s.seed)
+        icfg = cfg.get("influence") or {}
+        self.influence = InfluenceSettings(
+            hops=int(icfg.get("hops", 1)), ground_truth=bool(icfg.get("ground_truth", True)),
+            curvature=bool(icfg.get("curvature", True)), proximal=bool(icfg.get("proximal", False)),
+            flush_every=int(icfg.get("flush_every", 50)),
+        )
+        self.events: list[Event] = build_events(
+            icfg, nodes=s.nodes, steps=s.steps, batch_size=s.batch_size, parts=self.parts,
+            seed=s.seed)
+        removals = (cfg.get("counterfactual") or {}).get("remove") or []
+        self.removals = build_events({"events": list(removals), "hops": 0}, nodes=s.nodes,
+                                     steps=s.steps, batch_size=s.batch_size, parts=self.parts,
+                                     seed=s.seed)
+        self.q = self._node_weights(icfg.get("node_weights"))
+
+    def _node_weights(self, given: object) -> np.ndarray:
+        n = self.run.nodes
+        if given is None:
+            return np.full(n, 1.0 / n)
+        q = np.asarray(list(given), dtype=np.float64)
+        if q.shape != (n,) or (q < 0).any():
+            raise ConfigError(f"influence.node_weights: needs {n} non-negative numbers")
+        return q
+
+    @property
+    def tracking(self) -> bool:
+        return bool(self.events) or self.influence.proximal
+
+    def describe(self) -> dict:
+        s, lay = self.run, self.layout
+        return {
+            "nodes": s.nodes, "ranks": lay.world, "nodes_per_rank": lay.nodes_per_rank,
+            "steps": s.steps, "params_per_node": self.model.P, "topology": self.topology.name,
+            "spectral_gap": self.topology.spectral_gap(), "data": self.data.name,
+            "train_samples": len(self.data.y_train), "events": len(self.events),
+            "hops": self.influence.hops, "attack": self.attack.kind,
+        }
+
+    # ---- the run ---------------------------------------------------------------------------
+    def execute(self, comm: Comm, log: Callable[[str], None] = print) -> RunResult:
+        s, lay, dev = self.run, self.layout, comm.device
+        model, data = self.model, self.data
+        local = lay.local_nodes
+        n_loc = len(local)
+        ydt = s.dtype if model.regression else torch.long
+        x_train = data.x_train.to(dev, s.dtype)
+        y_train = data.y_train.to(dev, ydt)
+        x_bad = y_bad = None
+        if self.attack.poisons_data:
+            ids = np.concatenate([self.parts[k] for k in self.attack.nodes])
+            xb, yb = self.attack.poison(data.x_train, data.y_train, ids, data.num_classes, s.seed)
+            x_bad, y_bad = xb.to(dev, s.dtype), yb.to(dev, ydt)
+        probe = (data.x_probe.to(dev, s.dtype), data.y_probe.to(dev, ydt))
+        test = (data.x_test.to(dev, s.dtype), data.y_test.to(dev, ydt))
+        removals = {(e.source, e.step): e.positions for e in self.removals}
+        attacked = np.isin(local, self.attack.nodes)
+
+        # θ^0: the same initial parameters on every node, or one seed per node
+        if s.init == "same":
+            theta = model.flat_init(s.seed, s.dtype).to(dev).repeat(n_loc, 1)
+        else:
+            theta = torch.stack([model.flat_init(s.seed * 100003 + int(k), s.dtype)
+                                 for k in local]).to(dev)
+
+        tracker = None
+        if self.tracking:
+            tracker = InfluenceTracker(self.influence, self.events, lay, self.topology, model,
+                                       self.q, s.lr, self.attack.update)
+        result = RunResult()
+        peer_cache: dict[int, tuple[list[int], list[int]]] = {}
+        every = max(1, s.steps // 10)
+        train_loss = torch.full((n_loc,), float("nan"))
+        t0 = time.perf_counter()
+
+        for t in range(s.steps + 1):
+            final = t == s.steps
+            need_grads = tracker is not None and tracker.probe_grads_needed(t)
+            evaluate = final or t % s.eval_every == 0
+            probe_grad = probe_loss = None
+            if need_grads:
+                probe_grad, probe_loss = model.probe_grads(theta, *probe)
+                tracker.record(t, theta, probe_grad, probe_loss, probe)
+            if evaluate:
+                self._metrics(t, theta, train_loss, probe, comm, result, final)
+            if final:
+                break
+
+            # B_k^t for every local node: ids [n_loc, B]; removals zero a sample's weight
+            ids = np.stack([batch_ids(self.parts[k], s.batch_size, t, s.seed, k)
+                            for k in local])
+            ti = torch.as_tensor(ids, device=dev)
+            x, y = x_train[ti], y_train[ti]
+            if x_bad is not None and self.attack.active(t) and attacked.any():
+                hit = torch.as_tensor(attacked, device=dev)
+                x[hit], y[hit] = x_bad[ti[hit]], y_bad[ti[hit]]
+            w = torch.ones(n_loc, s.batch_size, dtype=s.dtype, device=dev)
+            for i, k in enumerate(local):
+                if (k, t) in removals:
+                    w[i, torch.as_tensor(removals[(k, t)])] = 0.0
+
+            grad, loss = model.grads(theta, x, y, w)
+            train_loss = loss.detach().cpu()
+            update = self.attack.update(t, local, -s.lr * grad)  # Δ_k^t
+            if tracker is not None:
+                tracker.local_step(t, theta, update, probe_grad, (x, y, w), probe)
+            half = theta + update  # θ^{t+½}
+
+            tg = time.perf_counter()
+            W = self.topology.W(t)
+            key = t % self.topology.period
+            if key not in peer_cache:
+                peer_cache[key] = peers(W, lay)
+            channels = [Channel(np.arange(s.nodes), half)]
+            if tracker is not None:
+                channels += tracker.channels(t, update)
+            comm.exchange(lay, channels, *peer_cache[key])
+            theta = mix(W, local, channels[0])  # θ^{t+1}
+            result.gossip_s += time.perf_counter() - tg
+            if tracker is not None:
+                tracker.after_gossip(t, channels[1:])
+                if (t + 1) % self.influence.flush_every == 0:
+                    self._flush(tracker, comm, result)
+            if s.progress and comm.rank == 0 and ((t + 1) % every == 0 or t == 0):
+                rate = (t + 1) * s.nodes / (time.perf_counter() - t0)
+                log(f"step {t + 1:>5}/{s.steps}  train_loss {float(train_loss.mean()):.4f}  "
+                    f"{rate:,.0f} node-steps/s")
+        result.wall_s = time.perf_counter() - t0
+        if tracker is not None:
+            self._flush(tracker, comm, result)
+        acc = self._test_accuracy(theta, test)
+        gathered = comm.gather_to_root((theta.cpu(), acc))
+        if comm.rank == 0:
+            result.final_params = torch.cat([g[0] for g in gathered])
+            result.test_acc = [a for g in gathered for a in g[1]]
+        return result
+
+    def _metrics(self, t: int, theta: Tensor, train_loss: Tensor, probe: tuple[Tensor, Tensor],
+                 comm: Comm, result: RunResult, final: bool) -> None:
+        loss, acc = self.model.probe_eval(theta, *probe)
+        mean = comm.all_sum(theta.sum(0)) / self.run.nodes  # θ̄
+        dist = (theta - mean).norm(dim=1)
+        rows = [(t, int(k), float(train_loss[i]) if not final else math.nan, float(loss[i]),
+                 float(acc[i]), float(dist[i])) for i, k in enumerate(self.layout.local_nodes)]
+        gathered = comm.gather_to_root(rows)
+        if comm.rank == 0:
+            result.metrics += [r for part in gathered for r in part]
+
+    def _flush(self, tracker: InfluenceTracker, comm: Comm, result: RunResult) -> None:
+        gathered = comm.gather_to_root(tracker.take_rows())
+        if comm.rank == 0:
+            for rows, prox in gathered:
+                result.influence += rows
+                result.proximal += prox
+            if self.on_flush is not None:
+                self.on_flush(result)
+
+    on_flush: Callable[[RunResult], None] | None = None
+
+    def _test_accuracy(self, theta: Tensor, test: tuple[Tensor, Tensor]) -> list[float]:
+        _, acc = self.model.probe_eval(theta, *test)
+        return [float(a) for a in acc]
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))

@@ -1,0 +1,324 @@
+"""Render (and optionally run) the commands that start dicesim on one or many machines.
+
+Everything here is a pure function of a :class:`LaunchSpec`, so the rendered commands and
+SLURM scripts can be tested without a cluster. The CLI wraps them::
+
+    python -m dicesim.launch torchrun --procs 4 -- nodes=16 steps=200
+    python -m dicesim.launch sbatch --machines 2 --gpus 8 --time 02:00:00 -- nodes=64
+    python -m dicesim.launch sbatch --machines 2 --procs 16 --submit -- experiment=alignment
+
+`torchrun` runs the command in place of this process unless ``--print`` is given;
+`sbatch` prints the batch script, or with ``--submit`` pipes it to ``sbatch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+MODULE = "dicesim"
+TORCHRUN = ("-m", "torch.distributed.run")
+
+__all__ = [
+    "LaunchError",
+    "LaunchSpec",
+    "main",
+    "render_sbatch",
+    "rendezvous_endpoint",
+    "torchrun_command",
+]
+
+
+class LaunchError(ValueError):
+    """An impossible launch request; the message is one line that says how to fix it."""
+
+
+@dataclass
+class LaunchSpec:
+    """How many machines and processes to start, and what to pass to ``python -m dicesim``.
+
+    ``procs_per_machine`` left as ``None`` means one rank per GPU when
+    ``gpus_per_machine > 0`` (NCCL refuses two ranks on one GPU) and one rank otherwise.
+    ``rdzv_endpoint`` is ``host`` or ``host:port`` of the rendezvous (machine 0); it is only
+    needed for a multi-machine :func:`torchrun_command` -- on SLURM the batch script picks
+    the first host of the allocation itself.
+    """
+
+    machines: int = 1
+    procs_per_machine: int | None = None
+    gpus_per_machine: int = 0
+    port: int = 29500
+    rdzv_backend: str = "c10d"
+    rdzv_endpoint: str | None = None
+    rdzv_id: str = "dicesim"
+    python: str = "python"
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def procs(self) -> int:
+        """Ranks started on each machine."""
+        if self.procs_per_machine is not None:
+            return self.procs_per_machine
+        return self.gpus_per_machine if self.gpus_per_machine > 0 else 1
+
+    @property
+    def world_size(self) -> int:
+        return self.machines * self.procs
+
+    def validate(self) -> None:
+        """Raise :class:`LaunchError` (one line) for a request that cannot work."""
+        if self.machines < 1:
+            raise LaunchError(f"machines must be >= 1 (got {self.machines})")
+        if self.procs < 1:
+            raise LaunchError(f"processes per machine must be >= 1 (got {self.procs})")
+        if self.gpus_per_machine < 0:
+            raise LaunchError(f"GPUs per machine must be >= 0 (got {self.gpus_per_machine})")
+        if 0 < self.gpus_per_machine < self.procs:
+            raise LaunchError(
+                f"{self.procs} processes per machine but only {self.gpus_per_machine} GPUs: "
+                "NCCL needs one GPU per rank; lower --procs (a rank can host several nodes) "
+                "or drop --gpus and add backend=gloo to run on CPU"
+            )
+        if not 1 <= self.port <= 65535:
+            raise LaunchError(f"port must be in 1..65535 (got {self.port})")
+        if not self.python:
+            raise LaunchError("python executable must not be empty")
+
+    def effective_overrides(self) -> list[str]:
+        """The overrides, plus ``device=cuda`` on GPUs unless the user chose a device."""
+        overrides = list(self.overrides)
+        if self.gpus_per_machine > 0 and not any(_key(o) == "device" for o in overrides):
+            overrides.append("device=cuda")
+        return overrides
+
+
+def _key(override: str) -> str:
+    """The config key an override sets: ``++device=cpu`` -> ``device``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def rendezvous_endpoint(spec: LaunchSpec) -> str:
+    """``host:port`` of the rendezvous; ``spec.port`` is used when the endpoint has none."""
+    endpoint = spec.rdzv_endpoint
+    if not endpoint:
+        raise LaunchError(
+            f"a {spec.machines}-machine launch needs the rendezvous host: pass "
+            "--rdzv-endpoint HOST[:PORT] (machine 0), the same on every machine"
+        )
+    # host:port, [v6addr]:port; a bare host or a bare IPv6 address gets spec.port.
+    if re.fullmatch(r"(\[[^\]]+\]|[^:]+):\d+", endpoint):
+        return endpoint
+    if ":" in endpoint and not endpoint.startswith("["):
+        endpoint = f"[{endpoint}]"
+    return f"{endpoint}:{spec.port}"
+
+
+def torchrun_command(spec: LaunchSpec) -> list[str]:
+    """The argv that starts ``spec.procs`` ranks of dicesim on this machine.
+
+    One machine uses ``--standalone`` (torchrun picks a free local port); several machines
+    use a c10d rendezvous at ``spec.rdzv_endpoint``, and the same command is run on each.
+    The torchrun module is started with ``spec.python`` so that the right environment runs.
+    """
+    spec.validate()
+    cmd = [spec.python, *TORCHRUN]
+    if spec.machines == 1:
+        cmd += ["--standalone", f"--nproc_per_node={spec.procs}"]
+    else:
+        cmd += [
+            f"--nnodes={spec.machines}",
+            f"--nproc_per_node={spec.procs}",
+            f"--rdzv_backend={spec.rdzv_backend}",
+            f"--rdzv_endpoint={rendezvous_endpoint(spec)}",
+            f"--rdzv_id={spec.rdzv_id}",
+        ]
+    return [*cmd, "-m", MODULE, *spec.effective_overrides()]
+
+
+def _sbatch_line(option: str) -> str:
+    option = option.strip()
+    if option.startswith("#SBATCH"):
+        return option
+    if not option.startswith("-"):
+        option = "--" + option
+    return f"#SBATCH {option}"
+
+
+def render_sbatch(
+    spec: LaunchSpec,
+    job_name: str = "dicesim",
+    time: str = "01:00:00",
+    partition: str | None = None,
+    account: str | None = None,
+    extra_sbatch: Sequence[str] = (),
+    cpus_per_proc: int = 1,
+) -> str:
+    """A complete SLURM batch script: one task per machine, each a torchrun of ``spec.procs``.
+
+    The rendezvous host is the first host of the allocation, the rendezvous id the job id,
+    so the script needs no editing per job. ``extra_sbatch`` entries become further
+    ``#SBATCH`` lines (``"--mem=0"``, ``"constraint=a100"`` or a full ``"#SBATCH ..."``).
+    """
+    spec.validate()
+    if cpus_per_proc < 1:
+        raise LaunchError(f"CPUs per process must be >= 1 (got {cpus_per_proc})")
+    for name, value in (("job name", job_name), ("time", time), ("partition", partition),
+                        ("account", account)):
+        if value is not None and (not value or any(c.isspace() for c in value)):
+            raise LaunchError(f"{name} must be a non-empty word without spaces (got {value!r})")
+
+    q = shlex.quote
+    head = [
+        "#!/bin/bash",
+        f"# Rendered by `python -m dicesim.launch sbatch`: {spec.machines} machine(s) x "
+        f"{spec.procs} rank(s) = {spec.world_size} ranks.",
+        f"#SBATCH --job-name={job_name}",
+        f"#SBATCH --nodes={spec.machines}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --cpus-per-task={spec.procs * cpus_per_proc}",
+    ]
+    if spec.gpus_per_machine > 0:
+        head.append(f"#SBATCH --gpus-per-node={spec.gpus_per_machine}")
+    head.append(f"#SBATCH --time={time}")
+    if partition:
+        head.append(f"#SBATCH --partition={partition}")
+    if account:
+        head.append(f"#SBATCH --account={account}")
+    head += [_sbatch_line(o) for o in extra_sbatch]
+    head.append("#SBATCH --output=%x-%j.out")
+
+    srun = [
+        "srun", "--kill-on-bad-exit=1",
+        q(spec.python), *TORCHRUN,
+        '--nnodes="$SLURM_NNODES"',
+        f"--nproc_per_node={spec.procs}",
+        f"--rdzv_backend={q(spec.rdzv_backend)}",
+        f'--rdzv_endpoint="$HEAD:{spec.port}"',
+        '--rdzv_id="$SLURM_JOB_ID"',
+        "-m", MODULE,
+        *(q(o) for o in spec.effective_overrides()),
+    ]
+    body = [
+        "",
+        "set -euo pipefail",
+        "# Rendezvous on the first host of the allocation; the job id keeps jobs apart.",
+        'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
+        "# Recent SLURM no longer passes --cpus-per-task from sbatch on to srun.",
+        'export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"',
+        f'echo "dicesim: $SLURM_NNODES machine(s) x {spec.procs} rank(s),'
+        f' rendezvous $HEAD:{spec.port}" >&2',
+        " ".join(srun),
+        "",
+    ]
+    return "\n".join(head + body)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dicesim.launch",
+        description="Render or run the commands that start dicesim on one or many machines. "
+        "Hydra overrides for dicesim go after `--`.",
+    )
+    sub = parser.add_subparsers(dest="mode", required=True, metavar="{torchrun,sbatch}")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--machines", type=int, default=1, help="machines (SLURM nodes)")
+    common.add_argument("--procs", type=int, default=None,
+                        help="ranks per machine (default: one per GPU, else 1)")
+    common.add_argument("--gpus", type=int, default=0, help="GPUs per machine (default 0)")
+    common.add_argument("--port", type=int, default=29500, help="rendezvous port")
+    common.add_argument("--rdzv-backend", default="c10d")
+    common.add_argument("--rdzv-id", default="dicesim",
+                        help="rendezvous id (torchrun only; sbatch uses the job id)")
+    common.add_argument("--python", default=sys.executable,
+                        help="python that runs dicesim (default: this one, %(default)s)")
+
+    tr = sub.add_parser("torchrun", parents=[common],
+                        help="run (or --print) the torchrun command for this machine")
+    tr.add_argument("--rdzv-endpoint", default=None,
+                    help="HOST[:PORT] of machine 0; needed when --machines > 1")
+    tr.add_argument("--print", action="store_true", dest="print_only",
+                    help="print the command instead of running it")
+
+    sb = sub.add_parser("sbatch", parents=[common],
+                        help="print a SLURM batch script (or --submit it)")
+    sb.add_argument("--job-name", default="dicesim")
+    sb.add_argument("--time", default="01:00:00", help="wall-clock limit (default %(default)s)")
+    sb.add_argument("--partition", default=None)
+    sb.add_argument("--account", default=None)
+    sb.add_argument("--cpus-per-proc", type=int, default=1,
+                    help="CPU cores reserved per rank (default 1)")
+    sb.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                    help="extra #SBATCH option, e.g. --sbatch=--mem=0 (repeatable)")
+    sb.add_argument("--submit", action="store_true", help="pipe the script to sbatch")
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"dicesim.launch: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, overrides = argv[:cut], argv[cut + 1:]
+    args = _parser().parse_args(argv)
+
+    spec = LaunchSpec(
+        machines=args.machines,
+        procs_per_machine=args.procs,
+        gpus_per_machine=args.gpus,
+        port=args.port,
+        rdzv_backend=args.rdzv_backend,
+        rdzv_endpoint=getattr(args, "rdzv_endpoint", None),
+        rdzv_id=args.rdzv_id,
+        python=args.python,
+        overrides=overrides,
+    )
+    try:
+        if args.mode == "torchrun":
+            cmd = torchrun_command(spec)
+        else:
+            script = render_sbatch(
+                spec, job_name=args.job_name, time=args.time, partition=args.partition,
+                account=args.account, extra_sbatch=args.sbatch, cpus_per_proc=args.cpus_per_proc,
+            )
+    except LaunchError as err:
+        return _fail(str(err))
+
+    if args.mode == "torchrun":
+        if args.print_only:
+            print(shlex.join(cmd))
+            return 0
+        sys.stdout.flush()
+        try:
+            os.execvp(cmd[0], cmd)
+        except OSError as err:
+            return _fail(f"cannot run {cmd[0]!r}: {err.strerror}; pass --python PATH")
+        return 0  # pragma: no cover - execvp does not return
+
+    if not args.submit:
+        sys.stdout.write(script)
+        return 0
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        return _fail("sbatch not found on PATH; run this on a SLURM login node, "
+                     "or drop --submit to print the script")
+    return subprocess.run([sbatch], input=script, text=True, check=False).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

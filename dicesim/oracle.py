@@ -1,0 +1,103 @@
+"""Independent dense references the tests check the distributed engine against.
+
+`dense_run`   — all nodes as one [n, P] matrix, θ ← W^t (θ − η ∇L), no ranks, no channels.
+`walk_sum`    — DICE-E for one event as the paper's Theorem 1 writes it: an explicit
+                sum over every walk j → k_1 → … → k_s with its product of W entries and
+                curvature factors (I − η H), one HVP chain per walk.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dicesim.data import batch_ids
+from dicesim.engine import Simulation
+
+
+def _batch(sim: Simulation, node: int, t: int) -> tuple[Tensor, Tensor, Tensor]:
+    s, data = sim.run, sim.data
+    ids = torch.as_tensor(batch_ids(sim.parts[node], s.batch_size, t, s.seed, node))
+    ydt = s.dtype if sim.model.regression else torch.long
+    w = torch.ones(s.batch_size, dtype=s.dtype)
+    for e in sim.removals:
+        if e.source == node and e.step == t:
+            w[torch.as_tensor(e.positions)] = 0.0
+    return data.x_train[ids].to(s.dtype), data.y_train[ids].to(ydt), w
+
+
+def dense_run(sim: Simulation) -> tuple[list[Tensor], Tensor]:
+    """Per-step probe losses [n] for t = 0..T and the final parameters [n, P]."""
+    s, model = sim.run, sim.model
+    theta = model.flat_init(s.seed, s.dtype).repeat(s.nodes, 1)
+    ydt = s.dtype if model.regression else torch.long
+    xp, yp = sim.data.x_probe.to(s.dtype), sim.data.y_probe.to(ydt)
+    losses = []
+    for t in range(s.steps):
+        losses.append(model.probe_losses(theta, xp, yp))
+        batches = [_batch(sim, k, t) for k in range(s.nodes)]
+        x, y, w = (torch.stack(parts) for parts in zip(*batches, strict=True))
+        g, _ = model.grads(theta, x, y, w)
+        W = torch.as_tensor(sim.topology.W(t), dtype=s.dtype)
+        theta = W @ (theta - s.lr * g)
+    losses.append(model.probe_losses(theta, xp, yp))
+    return losses, theta
+
+
+def dense_trajectory(sim: Simulation) -> list[Tensor]:
+    """θ^t for t = 0..T, [n, P] each."""
+    s, model = sim.run, sim.model
+    theta = model.flat_init(s.seed, s.dtype).repeat(s.nodes, 1)
+    out = [theta]
+    for t in range(s.steps):
+        x, y, w = (torch.stack(p) for p in zip(*[_batch(sim, k, t) for k in range(s.nodes)],
+                                                 strict=True))
+        g, _ = sim.model.grads(theta, x, y, w)
+        theta = torch.as_tensor(sim.topology.W(t), dtype=s.dtype) @ (theta - s.lr * g)
+        out.append(theta)
+    return out
+
+
+def walk_sum(sim: Simulation, trajectory: list[Tensor], source: int, step: int,
+             positions: np.ndarray, hops: int, curvature: bool = True) -> np.ndarray:
+    """E[s, k] for s = 0..hops by enumerating walks (cost grows as degree^s).
+
+    Walk j = k_0 → k_1 → … → k_s contributes
+      q_k ∇L'_k(θ_k^{t+s})ᵀ W^{t+s−1}[k_s,k_{s−1}] (I − η H_{k_{s−1}}^{t+s−1}) ⋯
+                               W^{t}[k_1,k_0] · (−η ∇L_S(θ_j^t)),
+    with the gradient at θ_j^t for s = 0 and no curvature factor at the source."""
+    s, model = sim.run, sim.model
+    n = s.nodes
+    ydt = s.dtype if model.regression else torch.long
+    xp, yp = sim.data.x_probe.to(s.dtype), sim.data.y_probe.to(ydt)
+    x, y, w = _batch(sim, source, step)
+    w_s = torch.zeros_like(w)
+    w_s[torch.as_tensor(positions)] = w[torch.as_tensor(positions)]
+    g_s, _ = model.grads(trajectory[step][source][None], x[None], y[None], w_s[None])
+    v0 = -s.lr * g_s[0]  # δ̂_j^{t+½}
+    out = np.zeros((hops + 1, n))
+    pg0, _ = model.probe_grads(trajectory[step][source][None], xp, yp)
+    out[0, source] = sim.q[source] * float(pg0[0] @ v0)
+    for length in range(1, hops + 1):
+        pg, _ = model.probe_grads(trajectory[step + length], xp, yp)
+        for walk in itertools.product(range(n), repeat=length):
+            path = (source, *walk)
+            weight = 1.0
+            for i in range(length):
+                weight *= sim.topology.W(step + i)[path[i + 1], path[i]]
+            if weight == 0.0:
+                continue
+            v = v0
+            for i in range(length):
+                if i > 0 and curvature:  # (I − η H_{k_i}) at step t+i, node k_i's own batch
+                    k, tau = path[i], step + i
+                    xk, yk, wk = _batch(sim, k, tau)
+                    hv = model.hvps(trajectory[tau][k][None], v[None], xk[None], yk[None],
+                                    wk[None])
+                    v = v - s.lr * hv[0]
+            end = path[-1]
+            out[length, end] += sim.q[end] * weight * float(pg[end] @ v)
+    return out

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Run dicesim as P ranks on this machine:
+#   launch/torchrun.sh P [hydra overrides...]
+#   launch/torchrun.sh 4 nodes=16 steps=200
+# Uses $PYTHON, else the repository's .venv/bin/python, else python3.
+set -euo pipefail
+
+if [ $# -lt 1 ] || ! [[ $1 =~ ^[1-9][0-9]*$ ]]; then
+    echo "usage: launch/torchrun.sh PROCS [hydra overrides...]  (PROCS: a positive integer)" >&2
+    exit 2
+fi
+procs=$1
+shift
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x "$root/.venv/bin/python" ]; then PYTHON=$root/.venv/bin/python; else PYTHON=python3; fi
+fi
+
+# torchrun is `python -m torch.distributed.run`; calling it this way keeps the chosen python.
+exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$procs" -m dicesim "$@"

@@ -1,0 +1,259 @@
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from sklearn.datasets import load_digits
+
+from dicesim.data import (
+    DATASETS,
+    FASHION_FILES,
+    FASHION_ROOT,
+    batch_ids,
+    check_batch_size,
+    load_dataset,
+    node_probe_split,
+    partition,
+    read_idx,
+    write_idx,
+)
+from dicesim.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
+
+
+def assert_exact_cover(parts: list[np.ndarray], n: int) -> None:
+    ids = np.concatenate(parts)
+    assert len(ids) == n and np.array_equal(np.sort(ids), np.arange(n))
+    assert all(np.array_equal(p, np.sort(p)) for p in parts)
+
+
+def max_class_share(labels: np.ndarray, parts: list[np.ndarray]) -> float:
+    return float(np.mean([np.bincount(labels[p]).max() / len(p) for p in parts]))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_digits_shapes_dtypes_and_disjoint_splits() -> None:
+    ds = load_dataset({"name": "digits", "probe_size": 200, "test_size": 0.2}, seed=0)
+    assert ds.num_classes == 10 and ds.input_shape == (64,) and ds.task == "classification"
+    assert ds.x_train.shape == (1797 - 200 - 359, 64) and ds.x_probe.shape == (200, 64)
+    assert ds.x_test.shape == (359, 64)
+    for x, y in [(ds.x_train, ds.y_train), (ds.x_probe, ds.y_probe), (ds.x_test, ds.y_test)]:
+        assert x.dtype == torch.float32 and y.dtype == torch.int64 and len(x) == len(y)
+    ids = ds.source_ids
+    assert_exact_cover([ids["train"], ids["probe"], ids["test"]], 1797)
+    # standardized with train statistics
+    assert ds.x_train.mean(0).abs().max() < 1e-4
+    # rows and labels really come from those source rows
+    raw = load_dataset({"name": "digits", "standardize": False}, seed=0)
+    d = load_digits()
+    assert np.allclose(raw.x_probe.numpy(), d.data[ids["probe"]] / 16)
+    assert np.array_equal(raw.y_test.numpy(), d.target[ids["test"]])
+
+
+def test_digits_image_shape_and_seeded_split() -> None:
+    ds = load_dataset({"name": "digits", "image": True}, seed=3)
+    assert ds.input_shape == (1, 8, 8) and ds.x_train.shape[1:] == (1, 8, 8)
+    again = load_dataset({"name": "digits", "image": True}, seed=3)
+    assert torch.equal(ds.x_train, again.x_train)
+    other = load_dataset({"name": "digits", "image": True}, seed=4)
+    assert not np.array_equal(ds.source_ids["probe"], other.source_ids["probe"])
+
+
+def test_synthetic_classification_and_regression() -> None:
+    cls = load_dataset({"name": "synthetic", "n_samples": 500, "n_classes": 3,
+                        "probe_size": 50}, seed=1)
+    assert cls.num_classes == 3 and cls.input_shape == (20,) and cls.y_train.dtype == torch.int64
+    assert set(cls.y_train.tolist()) == {0, 1, 2}
+    reg = load_dataset({"name": "synthetic", "task": "regression", "n_samples": 300,
+                        "n_features": 10, "probe_size": 30}, seed=1)
+    assert reg.num_classes == 0 and reg.task == "regression" and reg.input_shape == (10,)
+    assert reg.y_train.dtype == torch.float32 and reg.y_probe.dtype == torch.float32
+    assert len(reg.y_train) + len(reg.y_probe) + len(reg.y_test) == 300
+    # targets are (nearly) linear in the features
+    x = torch.cat([reg.x_train, torch.ones(len(reg.x_train), 1)], 1).double()
+    w = torch.linalg.lstsq(x, reg.y_train.double()[:, None]).solution
+    assert (x @ w - reg.y_train.double()[:, None]).std() < 0.15
+
+
+@pytest.mark.parametrize("cfg, key", [
+    ({"name": "digits", "probe_size": 0}, "data.probe_size"),
+    ({"name": "digits", "probe_size": 1500}, "data.probe_size"),
+    ({"name": "digits", "test_size": 1.5}, "data.test_size"),
+    ({"name": "imagenet"}, "data.name"),
+    ({"name": "synthetic", "task": "ranking"}, "data.task"),
+    ({"name": "synthetic", "image": True}, "data.image"),
+    ({"name": "digits", "max_train": 0}, "data.max_train"),
+])
+def test_bad_dataset_config(cfg: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        load_dataset(cfg, seed=0)
+
+
+def test_config_files_load() -> None:
+    for name in ("digits", "synthetic", "synthetic_regression"):
+        cfg = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+        assert cfg["name"] in DATASETS
+        cfg = {**cfg, "n_samples": 400, "probe_size": 40} if cfg["name"] == "synthetic" else cfg
+        assert len(load_dataset(cfg, seed=0).x_train) > 0
+    for name in DATASETS:
+        assert yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["name"] == name
+
+
+# --------------------------------------------------------------------------- idx & fashion
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.float32, np.float64])
+def test_idx_round_trip(tmp_path: Path, suffix: str, dtype: type) -> None:
+    a = (np.arange(60).reshape(3, 4, 5) * 7 % 251).astype(dtype)
+    write_idx(tmp_path / f"a.idx{suffix}", a)
+    b = read_idx(tmp_path / f"a.idx{suffix}")
+    assert b.dtype == a.dtype and b.shape == a.shape and np.array_equal(a, b)
+
+
+def test_idx_header_is_big_endian_and_checked(tmp_path: Path) -> None:
+    path = tmp_path / "labels-idx1-ubyte"
+    path.write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 3, 5, 6, 7]))  # written by hand
+    assert read_idx(path).tolist() == [5, 6, 7]
+    path.write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 4, 5, 6, 7]))  # says 4, holds 3
+    with pytest.raises(ConfigError, match="truncated"):
+        read_idx(path)
+    path.write_bytes(b"\x1f\x8b\x08\x00garbage")
+    with pytest.raises(ConfigError, match="not an idx file"):
+        read_idx(path)
+
+
+def write_fashion(root: Path, n_train: int = 30, n_test: int = 12) -> None:
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.integers(0, 256, (n_train, 4, 4), dtype=np.uint8),
+              "y_train": (np.arange(n_train) % 10).astype(np.uint8),
+              "x_test": rng.integers(0, 256, (n_test, 4, 4), dtype=np.uint8),
+              "y_test": (np.arange(n_test) % 10).astype(np.uint8)}
+    for i, (key, name) in enumerate(FASHION_FILES.items()):
+        write_idx(root / (name + (".gz" if i % 2 else "")), arrays[key])  # plain and gzipped
+
+
+def test_fashion_mnist_from_dir(tmp_path: Path) -> None:
+    write_fashion(tmp_path)
+    cfg = {"name": "fashion_mnist", "root": str(tmp_path), "probe_size": 5}
+    ds = load_dataset(cfg, seed=0)
+    assert ds.x_train.shape == (25, 16) and ds.x_probe.shape == (5, 16)
+    assert ds.x_test.shape == (12, 16) and ds.num_classes == 10
+    assert ds.y_test.tolist() == [i % 10 for i in range(12)]  # official test file, in order
+    assert_exact_cover([ds.source_ids["train"], ds.source_ids["probe"]], 30)
+    img = load_dataset({**cfg, "image": True, "max_train": 10, "max_test": 4}, seed=0)
+    assert img.x_train.shape == (10, 1, 4, 4) and img.x_test.shape == (4, 1, 4, 4)
+    raw = load_dataset({**cfg, "standardize": False}, seed=0)
+    assert 0 <= raw.x_train.min() and raw.x_train.max() <= 1
+
+
+def test_fashion_mnist_missing_root(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="apt-get install dataset-fashion-mnist") as err:
+        load_dataset({"name": "fashion_mnist", "root": str(tmp_path / "nope")}, seed=0)
+    assert "\n" not in str(err.value) and "data.root=" in str(err.value)
+    (tmp_path / FASHION_FILES["x_train"]).write_bytes(b"")  # only some files present
+    with pytest.raises(ConfigError, match="apt-get"):
+        load_dataset({"name": "fashion_mnist", "root": str(tmp_path)}, seed=0)
+
+
+@pytest.mark.skipif(not Path(FASHION_ROOT).is_dir(),
+                    reason="dataset-fashion-mnist not installed: "
+                           "apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_installed() -> None:
+    ds = load_dataset({"name": "fashion_mnist", "max_train": 1000, "probe_size": 100}, seed=0)
+    assert ds.x_train.shape == (1000, 784) and ds.x_probe.shape == (100, 784)
+    assert ds.x_test.shape == (10000, 784) and ds.num_classes == 10
+    assert np.bincount(ds.y_test.numpy()).tolist() == [1000] * 10
+
+
+def test_torchvision_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import fails even if installed
+    for name in ("mnist", "cifar10"):
+        with pytest.raises(ConfigError, match=r"torchvision: pip install 'dicesim\[vision\]'"):
+            load_dataset({"name": name}, seed=0)
+
+
+# --------------------------------------------------------------------------- partition
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
+def test_partition_assigns_every_sample_once(scheme: str) -> None:
+    labels = np.random.default_rng(0).integers(0, 10, 1000)
+    parts = partition(labels, 8, scheme, alpha=0.5, seed=1, min_size=10)
+    assert len(parts) == 8 and min(len(p) for p in parts) >= 10
+    assert_exact_cover(parts, 1000)
+    again = partition(labels, 8, scheme, alpha=0.5, seed=1, min_size=10)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+
+
+def test_iid_partition_is_balanced() -> None:
+    parts = partition(np.zeros(103, dtype=np.int64), 10, "iid", seed=0)
+    assert sorted({len(p) for p in parts}) == [10, 11]
+
+
+def test_dirichlet_skew_grows_as_alpha_shrinks() -> None:
+    labels = np.repeat(np.arange(10), 200)
+    skewed = max_class_share(labels, partition(labels, 10, "dirichlet", 0.1, seed=0, min_size=5))
+    uniform = max_class_share(labels, partition(labels, 10, "dirichlet", 100.0, seed=0))
+    iid = max_class_share(labels, partition(labels, 10, "iid", seed=0))
+    assert skewed > 0.5 and uniform < 0.2 and iid < 0.2
+
+
+def test_bad_partition_settings() -> None:
+    labels = np.arange(100) % 4
+    with pytest.raises(ConfigError, match="data.alpha"):
+        partition(labels, 4, "dirichlet", alpha=0.0, seed=0)
+    with pytest.raises(ConfigError, match="iid, dirichlet"):
+        partition(labels, 4, "shards", alpha=1.0, seed=0)
+    with pytest.raises(ConfigError, match="data.alpha"):  # cannot give every node 30 samples
+        partition(labels, 4, "dirichlet", alpha=0.01, seed=0, min_size=30)
+    with pytest.raises(ConfigError, match="nodes=20"):
+        partition(labels, 20, "iid", seed=0, min_size=6)
+    with pytest.raises(ConfigError, match="class labels"):
+        partition(labels.astype(np.float32), 4, "dirichlet", seed=0)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@pytest.mark.parametrize("n, bs", [(40, 8), (43, 8)])
+def test_batch_ids_epochs(n: int, bs: int) -> None:
+    local = np.arange(1000, 1000 + 3 * n, 3)
+    bpe = n // bs
+    for epoch in range(3):
+        batches = [batch_ids(local, bs, epoch * bpe + k, seed=5, node=2) for k in range(bpe)]
+        seen = np.concatenate(batches)
+        assert all(len(b) == bs for b in batches) and len(set(seen)) == bpe * bs
+        assert set(seen) <= set(local)
+        if n % bs == 0:
+            assert sorted(seen) == sorted(local)
+    assert np.array_equal(batch_ids(local, bs, 7, 5, 2), batch_ids(local.copy(), bs, 7, 5, 2))
+    assert not np.array_equal(batch_ids(local, bs, 7, 5, 2), batch_ids(local, bs, 7, 5, 3))
+    assert not np.array_equal(batch_ids(local, bs, 0, 5, 2), batch_ids(local, bs, bpe, 5, 2))
+
+
+def test_batch_size_checks() -> None:
+    parts = [np.arange(100), np.arange(100, 140)]
+    check_batch_size(parts, 40)
+    with pytest.raises(ConfigError, match=r"batch_size=64 is larger than node 1's local data "
+                                          r"\(40 samples\)"):
+        check_batch_size(parts, 64)
+    with pytest.raises(ConfigError, match="batch_size"):
+        batch_ids(parts[1], 64, 0, 0, 1)
+
+
+def test_node_probe_split() -> None:
+    local = np.arange(50, 150)
+    train, probe = node_probe_split(local, 0.2, seed=0, node=3)
+    assert len(probe) == 20 and len(train) == 80
+    assert np.array_equal(np.sort(np.concatenate([train, probe])), local)
+    again = node_probe_split(local, 0.2, seed=0, node=3)
+    assert np.array_equal(probe, again[1])
+    assert not np.array_equal(probe, node_probe_split(local, 0.2, seed=0, node=4)[1])
+    with pytest.raises(ConfigError, match="fraction"):
+        node_probe_split(local, 1.0, seed=0, node=3)

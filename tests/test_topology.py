@@ -1,0 +1,223 @@
+"""Mixing matrices: stochasticity, connectivity, closed-form spectra and bad-input errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import pytest
+
+from dicesim.errors import ConfigError
+from dicesim.topology import TOPOLOGIES, Topology, build_topology
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "topology"
+GENERATED = [t for t in TOPOLOGIES if t != "file"]
+UNDIRECTED = ["ring", "torus", "complete", "star", "erdos_renyi", "small_world"]
+
+
+def build(name: str, n: int, seed: int = 0, **kw) -> Topology:
+    return build_topology({"name": name, **kw}, n, seed)
+
+
+def union_strongly_connected(top: Topology) -> bool:
+    g = nx.DiGraph()
+    g.add_nodes_from(range(top.n))
+    for t in range(top.period):
+        g.add_edges_from(top.graph(t).edges)
+    return nx.is_strongly_connected(g)
+
+
+@pytest.mark.parametrize("n", [2, 3, 8, 16])
+@pytest.mark.parametrize("name", GENERATED)
+def test_every_topology_is_row_stochastic_and_connected(name: str, n: int) -> None:
+    if name == "small_world" and n <= 4:  # default k=4 needs k < n
+        with pytest.raises(ConfigError, match=r"topology\.k"):
+            build(name, n)
+        return
+    for weights in ("uniform", "metropolis_hastings") if name in UNDIRECTED else ("uniform",):
+        top = build(name, n, weights=weights)
+        assert top.n == n and top.name == name
+        for t in range(top.period):
+            w = top.W(t)
+            assert w.shape == (n, n) and w.dtype == np.float64
+            assert np.all(w >= 0)
+            np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=0, atol=1e-12)
+            assert np.all(np.diag(w) > 0)
+        assert union_strongly_connected(top)
+        assert 0.0 < top.spectral_gap() <= 1.0 + 1e-12
+
+
+@pytest.mark.parametrize("name", TOPOLOGIES[:-1])
+def test_single_node_is_identity(name: str) -> None:
+    top = build(name, 1)
+    assert top.matrices[0].tolist() == [[1.0]] and top.spectral_gap() == 1.0
+
+
+def test_complete_graph_has_gap_one() -> None:
+    top = build("complete", 8)
+    np.testing.assert_allclose(top.W(0), np.full((8, 8), 1 / 8), atol=1e-15)
+    assert top.spectral_gap() == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("n", [5, 8, 16])
+def test_ring_gap_matches_closed_form(n: int) -> None:
+    eig = [(1 + 2 * math.cos(2 * math.pi * m / n)) / 3 for m in range(1, n)]
+    assert build("ring", n).spectral_gap() == pytest.approx(1 - max(map(abs, eig)), abs=1e-12)
+
+
+@pytest.mark.parametrize("n", [4, 7, 16])
+def test_directed_ring_gap_matches_closed_form(n: int) -> None:
+    # eigenvalues (1 + e^{-2πim/n}) / 2 have modulus |cos(πm/n)|; the largest after 1 is cos(π/n)
+    top = build("directed_ring", n)
+    assert not np.allclose(top.W(0), top.W(0).T)
+    assert top.in_neighbours(1, 0).tolist() == [0, 1]
+    assert top.out_neighbours(1, 0).tolist() == [1, 2]
+    assert top.spectral_gap() == pytest.approx(1 - math.cos(math.pi / n), abs=1e-12)
+
+
+@pytest.mark.parametrize("name", UNDIRECTED)
+def test_metropolis_hastings_is_symmetric_and_doubly_stochastic(name: str) -> None:
+    w = build(name, 16, seed=3, weights="metropolis_hastings").W(0)
+    np.testing.assert_allclose(w, w.T, atol=0)
+    np.testing.assert_allclose(w.sum(axis=0), 1.0, atol=1e-12)
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-12)
+
+
+def test_star_metropolis_hastings_weights() -> None:
+    w = build("star", 5, center=2, weights="metropolis_hastings").W(0)
+    assert w[0, 2] == w[2, 0] == pytest.approx(1 / 5)
+    assert w[0, 0] == pytest.approx(4 / 5) and w[0, 1] == 0
+
+
+@pytest.mark.parametrize("hub, hub_weight", [(0, 0.5), (3, 0.3)])
+def test_hub_is_non_symmetric_with_hub_weight_column(hub: int, hub_weight: float) -> None:
+    top = build("hub", 8, hub=hub, hub_weight=hub_weight)
+    w = top.W(0)
+    assert not np.allclose(w, w.T)
+    leaves = [k for k in range(8) if k != hub]
+    np.testing.assert_allclose(w[leaves, hub], hub_weight, atol=1e-15)
+    np.testing.assert_allclose(w[hub], 1 / 8, atol=1e-15)
+    assert top.in_neighbours(leaves[0], 0).size == 4  # self, hub, two ring neighbours
+
+
+@pytest.mark.parametrize("n", [2, 5, 8, 16])
+def test_one_peer_exponential_cycles_single_peers(n: int) -> None:
+    top = build("one_peer_exponential", n)
+    assert top.period == math.ceil(math.log2(n)) and top.time_varying == (n > 2)
+    for t in range(top.period):
+        w = top.W(t)
+        assert np.all(np.count_nonzero(w, axis=1) == 2)
+        assert np.array_equal(top.W(t + top.period), w)
+        assert top.in_neighbours(0, t).tolist() == sorted({0, (0 - 2**t) % n})
+    if n & (n - 1) == 0:  # power of two: one period averages exactly
+        assert top.spectral_gap() == pytest.approx(1.0, abs=1e-9)
+
+
+def test_exponential_in_degree_and_torus_shape() -> None:
+    exp = build("exponential", 16)
+    assert exp.in_neighbours(0, 0).tolist() == [0, 8, 12, 14, 15]
+    torus = build("torus", 16)  # 4 x 4: four distinct neighbours each
+    assert all(torus.graph().in_degree(k) == 4 for k in range(16))
+    assert build("torus", 8).graph().in_degree(0) == 3  # 2 x 4: up and down coincide
+    assert build("ring", 2).graph().number_of_edges() == 2  # one undirected edge
+
+
+def test_graph_edges_carry_weights() -> None:
+    top = build("hub", 6, hub_weight=0.4)
+    g = top.graph()
+    assert g[0][3]["weight"] == pytest.approx(top.W(0)[3, 0])  # edge l=0 -> k=3
+    assert g.number_of_edges() == np.count_nonzero(top.W(0)) - 6
+
+
+def test_random_topologies_are_reproducible() -> None:
+    for name in ("erdos_renyi", "small_world"):
+        a, b, c = build(name, 16, seed=1), build(name, 16, seed=1), build(name, 16, seed=2)
+        assert np.array_equal(a.W(0), b.W(0)) and not np.array_equal(a.W(0), c.W(0))
+
+
+def test_matrices_are_read_only() -> None:
+    with pytest.raises(ValueError):
+        build("ring", 4).W(0)[0, 0] = 0.0
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".csv"])
+def test_file_round_trip(tmp_path: Path, suffix: str) -> None:
+    w = build("hub", 7, hub=2, hub_weight=0.3).W(0)
+    path = tmp_path / f"W{suffix}"
+    np.save(path, w) if suffix == ".npy" else np.savetxt(path, w, delimiter=",", fmt="%.17g")
+    top = build("file", 7, path=str(path), weights="metropolis_hastings")  # weights ignored
+    assert top.name == "file" and top.period == 1
+    np.testing.assert_array_equal(top.W(0), w)
+
+
+def test_file_time_varying(tmp_path: Path) -> None:
+    stack = np.stack([build("one_peer_exponential", 8).W(t) for t in range(3)])
+    np.save(tmp_path / "W.npy", stack)
+    top = build("file", 8, path=str(tmp_path / "W.npy"))
+    assert top.period == 3 and top.spectral_gap() == pytest.approx(1.0, abs=1e-9)
+
+
+def save(tmp_path: Path, w: np.ndarray) -> str:
+    np.save(tmp_path / "W.npy", w)
+    return str(tmp_path / "W.npy")
+
+
+def block_diagonal() -> np.ndarray:
+    return np.kron(np.eye(2), np.full((2, 2), 0.5))
+
+
+BAD = {
+    "unknown name": (lambda p: {"name": "moebius"}, r"topology\.name=.*ring, directed_ring"),
+    "no name": (lambda p: {}, r"topology\.name is not set"),
+    "path not set": (lambda p: {"name": "file"}, r"topology\.path is not set"),
+    "missing file": (lambda p: {"name": "file", "path": str(p / "nope.npy")},
+                     r"topology\.path=.*no such file"),
+    "negative": (lambda p: {"name": "file", "path": save(p, np.array(
+        [[1.2, -0.2, 0, 0], [0.5, 0.5, 0, 0], [0, 0.5, 0.5, 0], [0, 0, 0.5, 0.5]]).T)},
+                 r"topology\.path=.*negative"),
+    "not stochastic": (lambda p: {"name": "file", "path": save(p, np.full((4, 4), 0.3))},
+                       r"topology\.path=.*row 0 sums to 1\.2"),
+    "disconnected": (lambda p: {"name": "file", "path": save(p, block_diagonal())},
+                     r"topology\.path=.*not strongly connected"),
+    "wrong shape": (lambda p: {"name": "file", "path": save(p, np.full((3, 3), 1 / 3))},
+                    r"topology\.path=.*shape \(3, 3\), expected \(4, 4\)"),
+    "bad suffix": (lambda p: {"name": "file", "path": str(Path(save(p, np.eye(4))).rename(
+        p / "W.txt"))}, r"topology\.path=.*\.npy or \.csv"),
+    "mh on directed": (lambda p: {"name": "directed_ring", "weights": "metropolis_hastings"},
+                       r"topology\.weights=metropolis_hastings.*directed_ring"),
+    "unknown weights": (lambda p: {"name": "ring", "weights": "max"}, r"topology\.weights='max'"),
+    "er disconnected": (lambda p: {"name": "erdos_renyi", "p": 1e-3},
+                        r"topology\.p=0\.001: .*disconnected after 100 tries"),
+    "torus rows": (lambda p: {"name": "torus", "rows": 3}, r"topology\.rows=3 does not divide"),
+    "star centre": (lambda p: {"name": "star", "center": 4}, r"topology\.center=4"),
+    "hub weight": (lambda p: {"name": "hub", "hub_weight": 1.0}, r"topology\.hub_weight=1\.0"),
+    "p not a number": (lambda p: {"name": "erdos_renyi", "p": "lots"}, r"topology\.p='lots'"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_raises_one_line_config_error(tmp_path: Path, case: str) -> None:
+    make_cfg, pattern = BAD[case]
+    with pytest.raises(ConfigError, match=pattern) as info:
+        build_topology(make_cfg(tmp_path), 4, 0)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("n", [0, -3])
+def test_bad_node_count(n: int) -> None:
+    with pytest.raises(ConfigError, match="nodes="):
+        build("ring", n)
+
+
+@pytest.mark.parametrize("name", TOPOLOGIES)
+def test_config_files_build(name: str) -> None:
+    omegaconf = pytest.importorskip("omegaconf")
+    cfg = omegaconf.OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
+    assert cfg.name == name
+    if name == "file":
+        with pytest.raises(ConfigError, match=r"topology\.path is not set"):
+            build_topology(cfg, 8, 0)
+    else:
+        assert build_topology(cfg, 8, 0).n == 8
