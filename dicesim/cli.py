@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dicesim.comm import Comm, PeerError
-from dicesim.engine import Simulation, local_rank, resolve_device
+from dicesim.engine import RunResult, Simulation, local_rank, resolve_device
 from dicesim.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-GROUPS = ("topology", "data", "model", "optim", "influence", "attack", "experiment")
+GROUPS = ("topology", "data", "model", "optim", "influence", "attack", "defense", "experiment")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -43,45 +46,96 @@ def run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.out_dir)
 
 
-def execute(cfg: DictConfig) -> dict | None:
+@dataclass
+class Session:
+    """This process's part of one command: rank, device, process group, run directory.
+    Experiment drivers use it to run several simulations over the same ranks."""
+
+    cfg: DictConfig
+    world: int
+    rank: int
+    device: torch.device
+    backend: str
+    out: Path | None = None  # rank 0 only
+    comm: Comm | None = None
+
+    def say(self, *args: object) -> None:
+        if self.rank == 0:
+            print(*args, flush=True)
+
+    def build(self, cfg: DictConfig) -> Simulation:
+        """A validated simulation; a bad setting ends the command with exit 2."""
+        try:
+            return Simulation(cfg, self.world, self.rank)
+        except ConfigError as err:
+            fail(str(err))
+            raise  # unreachable: fail exits
+
+    def simulate(self, sim: Simulation) -> RunResult:
+        if self.comm is None:
+            self.comm = Comm(self.backend, sim.run.timeout_s, self.device)
+        try:
+            return sim.execute(self.comm, log=self.say)
+        except PeerError as err:
+            fail(str(err), code=3)
+            raise
+
+    def close(self) -> None:
+        if self.comm is not None:
+            self.comm.close()
+
+
+def open_session(cfg: DictConfig) -> Session:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     try:
-        sim = Simulation(cfg, world, rank)
         device, backend = resolve_device(cfg, local_rank())
     except ConfigError as err:
         fail(str(err))
-    say = print if rank == 0 else (lambda *a, **k: None)
+    return Session(cfg, world, rank, device, backend)
+
+
+def prepare_output(session: Session) -> None:
+    if session.rank == 0:
+        session.out = run_dir(session.cfg)
+        session.out.mkdir(parents=True, exist_ok=True)
+        (session.out / "config.yaml").write_text(OmegaConf.to_yaml(session.cfg, resolve=True))
+        session.say(f"dicesim: writing to {session.out}")
+
+
+def execute(cfg: DictConfig) -> dict | None:
+    session = open_session(cfg)
+    driver = cfg.get("driver")
+    if driver:
+        module = importlib.import_module(f"dicesim.experiments.{driver}")
+        try:
+            return module.run(session)
+        finally:
+            session.close()
+    sim = session.build(cfg)
     plan = sim.describe()
-    say("dicesim: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                for k, v in plan.items()) + f", backend={backend}")
+    session.say("dicesim: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in plan.items()) + f", backend={session.backend}")
     if cfg.get("dry_run", False):
-        say("dicesim: dry run — configuration is valid, nothing trained")
+        session.say("dicesim: dry run — configuration is valid, nothing trained")
         return None
-    out = None
-    if rank == 0:
-        out = run_dir(cfg)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        say(f"dicesim: writing to {out}")
-    comm = Comm(backend, sim.run.timeout_s, device)
+    prepare_output(session)
     try:
-        result = sim.execute(comm, log=say)
-    except PeerError as err:
-        fail(str(err), code=3)
+        result = session.simulate(sim)
     finally:
-        comm.close()
-    if rank != 0:
+        session.close()
+    if session.rank != 0:
         return None
     from dicesim.report import write_all
 
+    out = session.out
     summary = write_all(out, sim, result, plots=bool(cfg.get("plots", True)))
     f = summary["final"]
-    say(f"dicesim: done in {summary['wall_s']:.1f} s ({summary['node_steps_per_s']:.0f} "
-        f"node-steps/s); test accuracy {f['test_acc']}; report: {out / 'report.md'}")
+    session.say(f"dicesim: done in {summary['wall_s']:.1f} s ({summary['node_steps_per_s']:.0f} "
+                f"node-steps/s); test accuracy {f['test_acc']:.4f}; report: {out / 'report.md'}")
     for view, block in summary.get("alignment", {}).items():
-        say(f"  {view:>8}: n={block['n']} spearman={block['spearman']} "
-            f"pearson={block['pearson']} rel_err={block['rel_err']}")
+        session.say(f"  {view:>8}: n={block['n']} spearman={block['spearman']} "
+                    f"pearson={block['pearson']} rel_err={block['rel_err']}")
     return summary
 
 

@@ -20,8 +20,9 @@ import torch
 from torch import Tensor
 
 from dicesim.attack import Attack, build_attack
-from dicesim.comm import Channel, Comm, Layout, check_layout, mix, peers
+from dicesim.comm import Channel, Comm, Layout, check_layout, peers
 from dicesim.data import Dataset, batch_ids, check_batch_size, load_dataset, partition
+from dicesim.defense import Defense, build_defense
 from dicesim.errors import ConfigError
 from dicesim.model import FlatModel, build_model
 from dicesim.topology import Topology, build_topology
@@ -103,6 +104,20 @@ def resolve_device(cfg: Mapping, local_rank: int) -> tuple[torch.device, str]:
 
 
 @dataclass
+class StepView:
+    """What observers see after the exchange of step t (rows of this rank's nodes)."""
+
+    t: int
+    W: np.ndarray  # W^t as this rank's nodes mixed with it
+    local: np.ndarray
+    theta: Tensor  # θ^t
+    update: Tensor  # Δ^t
+    received: Tensor  # θ^{t+½} of every node this rank received (zero rows elsewhere)
+    received_updates: Tensor | None  # Δ^t of every node received (with influence.proximal)
+    proximal: np.ndarray | None  # [local k, sender j] proximal influence of step t−1
+
+
+@dataclass
 class RunResult:
     metrics: list[tuple] = field(default_factory=list)
     influence: list[tuple] = field(default_factory=list)
@@ -148,6 +163,10 @@ class Simulation:
                                      steps=s.steps, batch_size=s.batch_size, parts=self.parts,
                                      seed=s.seed)
         self.q = self._node_weights(icfg.get("node_weights"))
+        self.defense: Defense = build_defense(cfg.get("defense"), self.attack.nodes, s.nodes,
+                                              self.layout.local_nodes, self.influence.proximal)
+        self.observers: list[Callable[[StepView], None]] = []
+        self.on_flush: Callable[[RunResult], None] | None = None
 
     def _node_weights(self, given: object) -> np.ndarray:
         n = self.run.nodes
@@ -170,6 +189,7 @@ class Simulation:
             "spectral_gap": self.topology.spectral_gap(), "data": self.data.name,
             "train_samples": len(self.data.y_train), "events": len(self.events),
             "hops": self.influence.hops, "attack": self.attack.kind,
+            "defense": self.defense.kind,
         }
 
     # ---- the run ---------------------------------------------------------------------------
@@ -198,10 +218,16 @@ class Simulation:
             theta = torch.stack([model.flat_init(s.seed * 100003 + int(k), s.dtype)
                                  for k in local]).to(dev)
 
+        effective: dict[int, np.ndarray] = {}  # W^t as mixed here, after the defense
+
+        def W_of(t: int) -> np.ndarray:
+            return effective[t] if t in effective else self.topology.W(t)
+
         tracker = None
         if self.tracking:
             tracker = InfluenceTracker(self.influence, self.events, lay, self.topology, model,
                                        self.q, s.lr, self.attack.update)
+            tracker.W_of = W_of
         result = RunResult()
         peer_cache: dict[int, tuple[list[int], list[int]]] = {}
         every = max(1, s.steps // 10)
@@ -216,6 +242,8 @@ class Simulation:
             if need_grads:
                 probe_grad, probe_loss = model.probe_grads(theta, *probe)
                 tracker.record(t, theta, probe_grad, probe_loss, probe)
+                if tracker.last_proximal is not None:
+                    self.defense.observe(t - 1, tracker.last_proximal)
             if evaluate:
                 self._metrics(t, theta, train_loss, probe, comm, result, final)
             if final:
@@ -242,16 +270,24 @@ class Simulation:
             half = theta + update  # θ^{t+½}
 
             tg = time.perf_counter()
-            W = self.topology.W(t)
             key = t % self.topology.period
-            if key not in peer_cache:
-                peer_cache[key] = peers(W, lay)
+            if key not in peer_cache:  # peers follow the topology; a defense only re-weights
+                peer_cache[key] = peers(self.topology.W(t), lay)
+            W = effective[t] = self.defense.weights(self.topology.W(t))
+            effective.pop(t - 2, None)
             channels = [Channel(np.arange(s.nodes), half)]
             if tracker is not None:
                 channels += tracker.channels(t, update)
             comm.exchange(lay, channels, *peer_cache[key])
-            theta = mix(W, local, channels[0])  # θ^{t+1}
+            theta_next = self.defense.aggregate(W, channels[0])  # θ^{t+1}
             result.gossip_s += time.perf_counter() - tg
+            if self.observers:
+                view = StepView(t, W, local, theta, update, channels[0].available,
+                                channels[-1].available if self.influence.proximal else None,
+                                tracker.last_proximal if tracker is not None else None)
+                for observe in self.observers:
+                    observe(view)
+            theta = theta_next
             if tracker is not None:
                 tracker.after_gossip(t, channels[1:])
                 if (t + 1) % self.influence.flush_every == 0:
@@ -289,8 +325,6 @@ class Simulation:
                 result.proximal += prox
             if self.on_flush is not None:
                 self.on_flush(result)
-
-    on_flush: Callable[[RunResult], None] | None = None
 
     def _test_accuracy(self, theta: Tensor, test: tuple[Tensor, Tensor]) -> list[float]:
         _, acc = self.model.probe_eval(theta, *test)

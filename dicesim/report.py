@@ -180,6 +180,6 @@ def report_md(sim: Simulation, summary: dict, pictures: list[str]) -> str:
         lines.append("")
     for pic in pictures:
         lines += [f"![{pic}]({pic})", ""]
-    lines += ["Files: `metrics.csv` (per step and node), `influence.csv` (per event, hop and node), "
-              "`summary.json`, `config.yaml`.", ""]
+    lines += ["Files: `metrics.csv` (per step and node), `influence.csv` (per event, hop and "
+              "node), `summary.json`, `config.yaml`.", ""]
     return "\n".join(lines)

@@ -140,6 +140,8 @@ class InfluenceTracker:
         self.q = q
         self.lr = lr
         self.update_of = update_of  # (t, global nodes, −η·∇ rows) → update rows Δ (attacks)
+        self.W_of: Callable[[int], np.ndarray] = topology.W  # the W^t this rank's rows mix with
+        self.last_proximal: np.ndarray | None = None  # [local k, sender j] of the last step
         for e in events:
             e.reach = reach_sets(topology, e.source, e.step, settings.hops)
         self.pending = sorted(events, key=lambda e: (e.step, e.index))
@@ -162,7 +164,8 @@ class InfluenceTracker:
     # ---- at θ^t: record hop s = t − t_e ≥ 1 -------------------------------------------------
     def record(self, t: int, theta: Tensor, probe_grad: Tensor, probe_loss: Tensor,
                probe: tuple[Tensor, Tensor]) -> None:
-        """E[e,s,k] = q_k ∇L'_k(θ_k^t)ᵀ δ̂_k^t ;  G[e,s,k] = q_k (L'_k(θ_k^t) − L'_k(θ_k^t − δ_k^t))."""
+        """E[e,s,k] = q_k ∇L'_k(θ_k^t)ᵀ δ̂_k^t
+        G[e,s,k] = q_k (L'_k(θ_k^t) − L'_k(θ_k^t − δ_k^t))"""
         if self.s.proximal and t > 0:
             self._record_proximal(t, probe_grad)
         due = [e for e in self.active if self._hop(e, t) >= 1]
@@ -199,12 +202,14 @@ class InfluenceTracker:
         """Proximal influence of j's batch at t−1 on out-neighbour k ≠ j (Definition 4):
         q_k W^{t−1}[k,j] ∇L'_k(θ_k^t)ᵀ Δ_j^{t−1}, from what k received at t−1."""
         assert self._received_updates is not None
-        W = self.topology.W(t - 1)
+        W = self.W_of(t - 1)
         local = self.layout.local_nodes
         dots = probe_grad @ self._received_updates.T  # [local k, sender j]
         weights = torch.as_tensor(W[local] * self.q[local, None], dtype=dots.dtype,
                                   device=dots.device)
         values = (dots * weights).cpu().numpy()
+        values[np.arange(len(local)), local] = 0.0  # k ≠ j
+        self.last_proximal = values
         for i, k in enumerate(local):
             for j in np.flatnonzero(W[k] > 0):
                 if j != k:
@@ -296,7 +301,7 @@ class InfluenceTracker:
 
     def after_gossip(self, t: int, channels: list[Channel]) -> None:
         """δ^{τ+1}_k = Σ_l W^τ[k,l] δ^{τ+½}_l and the same for δ̂, for k in R_{s+1}."""
-        W = self.topology.W(t)
+        W = self.W_of(t)
         P = self.model.P
         for e, ch in zip(self._gossiping(t), channels, strict=False):
             out = self._local(e.reach[self._hop(e, t) + 1])
