@@ -41,8 +41,9 @@ bench: $(STAMP)
 bench-influence: $(STAMP)
 	$(PY) -m dicesim.bench.influence
 
-alignment: $(STAMP)
-	$(PY) -m dicesim experiment=alignment $(ARGS)
+# One target per experiment; ARGS passes extra Hydra overrides, e.g. ARGS='data=fashion_mnist'.
+alignment cascade anomaly collaborators contribution: $(STAMP)
+	$(PY) -m dicesim experiment=$@ $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

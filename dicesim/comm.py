@@ -94,7 +94,9 @@ class Comm:
             self.initialized_here = True
 
     def close(self) -> None:
+        """Leave together: a rank tearing gloo down while a peer still talks to it aborts."""
         if self.initialized_here and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
     # ---- one exchange per step -----------------------------------------------------------

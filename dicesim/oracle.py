@@ -41,7 +41,7 @@ def dense_run(sim: Simulation) -> tuple[list[Tensor], Tensor]:
         batches = [_batch(sim, k, t) for k in range(s.nodes)]
         x, y, w = (torch.stack(parts) for parts in zip(*batches, strict=True))
         g, _ = model.grads(theta, x, y, w)
-        W = torch.as_tensor(sim.topology.W(t), dtype=s.dtype)
+        W = torch.tensor(sim.topology.W(t), dtype=s.dtype)
         theta = W @ (theta - s.lr * g)
     losses.append(model.probe_losses(theta, xp, yp))
     return losses, theta
@@ -56,7 +56,7 @@ def dense_trajectory(sim: Simulation) -> list[Tensor]:
         x, y, w = (torch.stack(p) for p in zip(*[_batch(sim, k, t) for k in range(s.nodes)],
                                                  strict=True))
         g, _ = sim.model.grads(theta, x, y, w)
-        theta = torch.as_tensor(sim.topology.W(t), dtype=s.dtype) @ (theta - s.lr * g)
+        theta = torch.tensor(sim.topology.W(t), dtype=s.dtype) @ (theta - s.lr * g)
         out.append(theta)
     return out
 

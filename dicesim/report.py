@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy import stats
 
 from dicesim.engine import METRIC_COLUMNS, RunResult, Simulation
@@ -120,6 +121,8 @@ def summarize(sim: Simulation, result: RunResult) -> dict:
 
 def write_all(out: Path, sim: Simulation, result: RunResult, plots: bool = True) -> dict:
     write_csv(out / "metrics.csv", METRIC_COLUMNS, sorted(result.metrics))
+    if sim.cfg.get("save_params", False) and result.final_params is not None:
+        torch.save(result.final_params, out / "params.pt")
     if sim.tracking:
         write_influence(out, result)
     summary = summarize(sim, result)

@@ -80,7 +80,7 @@ def build_events(cfg: Mapping, *, nodes: int, steps: int, batch_size: int,
         if spec < 0:
             raise ConfigError(f"influence.events={spec}: must be >= 0 or a list of events")
         lo, hi = cfg.get("step_range", None) or (0, steps - hops)
-        if hops >= steps + 1 or hi < lo:
+        if spec and (hops >= steps + 1 or hi < lo):
             raise ConfigError(
                 f"influence.hops={hops} reaches past the last step (steps={steps}); "
                 "lower influence.hops or raise steps"

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+
+
+def make_config(*overrides: str):
+    """The real Hydra config, composed as `python -m dicesim <overrides>` would."""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_dicesim(out: Path, *overrides: str, ranks: int = 0, timeout: float = 240,
+                env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m dicesim` (ranks=0) or torchrun with `ranks` processes, writing to out."""
+    if ranks:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
+               f"--nproc_per_node={ranks}", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "dicesim"]
+    else:
+        cmd = [sys.executable, "-m", "dicesim"]
+    cmd += [*overrides, f"out_dir={out}", "progress=false", "plots=false"]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=full_env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def tiny() -> tuple[str, ...]:
+    """Overrides of a fast float64 run used across tests."""
+    return ("nodes=4", "steps=6", "batch_size=8", "dtype=float64", "model.hidden=[8]",
+            "data.probe_size=40", "eval_every=1", "influence.events=0")
