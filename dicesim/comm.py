@@ -87,6 +87,7 @@ class Comm:
         self.device = device
         self.timeout_s = timeout_s
         self.initialized_here = False
+        self.broken = False  # a peer failed: leave without waiting for anyone
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group(
                 backend=backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=None
@@ -95,7 +96,7 @@ class Comm:
 
     def close(self) -> None:
         """Leave together: a rank tearing gloo down while a peer still talks to it aborts."""
-        if self.initialized_here and dist.is_initialized():
+        if self.initialized_here and dist.is_initialized() and not self.broken:
             dist.barrier()
             dist.destroy_process_group()
 
@@ -122,6 +123,7 @@ class Comm:
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
         except RuntimeError as err:  # gloo/nccl raise on timeout or a closed connection
+            self.broken = True
             raise PeerError(
                 f"rank {self.rank}: a peer rank died or did not answer within "
                 f"timeout_s={self.timeout_s:g} s during the parameter exchange ({err})"

@@ -249,6 +249,7 @@ class Simulation:
             if final:
                 break
 
+            inject_fault(comm.rank, t)
             # B_k^t for every local node: ids [n_loc, B]; removals zero a sample's weight
             ids = np.stack([batch_ids(self.parts[k], s.batch_size, t, s.seed, k)
                             for k in local])
@@ -329,6 +330,19 @@ class Simulation:
     def _test_accuracy(self, theta: Tensor, test: tuple[Tensor, Tensor]) -> list[float]:
         _, acc = self.model.probe_eval(theta, *test)
         return [float(a) for a in acc]
+
+
+def inject_fault(rank: int, t: int) -> None:
+    """Test hook: DICESIM_FAULT=hang:RANK:STEP or die:RANK:STEP makes that rank stop
+    answering (or exit) at that step, to check that its peers give up cleanly."""
+    spec = os.environ.get("DICESIM_FAULT")
+    if not spec:
+        return
+    kind, fault_rank, step = spec.split(":")
+    if int(fault_rank) == rank and int(step) == t:
+        if kind == "die":
+            os._exit(1)
+        time.sleep(10**6)
 
 
 def local_rank() -> int:
