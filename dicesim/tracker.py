@@ -58,6 +58,21 @@ class Event:
         return len(self.positions)
 
 
+def loss_gap(model: FlatModel, theta: Tensor, delta: Tensor,
+             probe: tuple[Tensor, Tensor]) -> Tensor:
+    """L'(θ) − L'(θ − δ) per row, evaluated in float64 whatever the run's dtype.
+
+    In float32 the two losses (~1) carry rounding errors of ~1e-7 each, as large as the
+    gap of a single sample's removal a few hops away; δ itself is carried to full
+    relative precision, so only this evaluation needs the wider type."""
+    x, y = probe
+    wide = torch.float64
+    y = y.to(wide) if y.is_floating_point() else y
+    theta, delta = theta.to(wide), delta.to(wide)
+    return (model.probe_losses(theta, x.to(wide), y)
+            - model.probe_losses(theta - delta, x.to(wide), y))
+
+
 def reach_sets(topology: Topology, source: int, step: int, hops: int) -> list[np.ndarray]:
     sets = [np.array([source])]
     for s in range(hops):
@@ -179,8 +194,7 @@ class InfluenceTracker:
         e_terms = (probe_grad[flat_idx] * dhat).sum(1)
         if self.s.ground_truth:
             delta = torch.cat([e.delta for e in due])
-            shadow_loss = self.model.probe_losses(theta[flat_idx] - delta, *probe)
-            g_terms = probe_loss[flat_idx] - shadow_loss
+            g_terms = loss_gap(self.model, theta[flat_idx], delta, probe)
         offset = 0
         for e, local in zip(due, idx, strict=True):
             s = self._hop(e, t)
@@ -248,8 +262,7 @@ class InfluenceTracker:
         gt = None
         if self.s.ground_truth:
             half = theta[i:i + 1] + update[i:i + 1]
-            losses = self.model.probe_losses(torch.cat([half, half - source]), *probe)
-            gt = float(qj * (losses[0] - losses[1]))
+            gt = float(qj * loss_gap(self.model, half, source, probe)[0])
         self.rows.append((e.index, e.source, e.step, e.n_removed, 0, e.source, dice_e, gt))
         if self.s.hops > 0:
             self.active.append(e)
