@@ -236,11 +236,15 @@ class Simulation:
 
         for t in range(s.steps + 1):
             final = t == s.steps
-            need_grads = tracker is not None and tracker.probe_grads_needed(t)
             evaluate = final or t % s.eval_every == 0
             probe_grad = probe_loss = None
-            if need_grads:
-                probe_grad, probe_loss = model.probe_grads(theta, *probe)
+            if tracker is not None:
+                # ∇L'_k(θ_k^t), L'_k(θ_k^t) for the rows the tracker reads (zero elsewhere)
+                rows = torch.as_tensor(tracker.probe_rows(t), dtype=torch.long, device=dev)
+                probe_grad = theta.new_zeros(theta.shape)
+                probe_loss = theta.new_zeros(n_loc)
+                if len(rows):
+                    probe_grad[rows], probe_loss[rows] = model.probe_grads(theta[rows], *probe)
                 tracker.record(t, theta, probe_grad, probe_loss, probe)
                 if tracker.last_proximal is not None:
                     self.defense.observe(t - 1, tracker.last_proximal)

@@ -172,9 +172,17 @@ class InfluenceTracker:
     def _hop(self, e: Event, t: int) -> int:
         return t - e.step
 
-    def probe_grads_needed(self, t: int) -> bool:
-        starts = bool(self.pending) and self.pending[0].step == t
-        return starts or bool(self.active) or (self.s.proximal and t > 0)
+    def probe_rows(self, t: int) -> np.ndarray:
+        """Local row indices whose ∇L'_k(θ_k^t) the tracker uses at t: reached nodes of
+        events being recorded, sources of events starting, every node for proximal."""
+        base = self.layout.rank * self.layout.nodes_per_rank
+        if self.s.proximal and t > 0:
+            return np.arange(self.layout.nodes_per_rank)
+        rows = [self._local(e.reach[self._hop(e, t)]) - base
+                for e in self.active if 1 <= self._hop(e, t) <= self.s.hops]
+        rows += [np.array([e.source - base]) for e in self.pending
+                 if e.step == t and self.layout.is_local(e.source)]
+        return np.unique(np.concatenate(rows)) if rows else np.array([], dtype=np.int64)
 
     # ---- at θ^t: record hop s = t − t_e ≥ 1 -------------------------------------------------
     def record(self, t: int, theta: Tensor, probe_grad: Tensor, probe_loss: Tensor,
