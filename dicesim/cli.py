@@ -120,6 +120,11 @@ def execute(cfg: DictConfig) -> dict | None:
         session.say("dicesim: dry run — configuration is valid, nothing trained")
         return None
     prepare_output(session)
+    if session.rank == 0 and sim.tracking:
+        from dicesim.report import write_influence
+
+        # finished events reach disk as they are gathered: a crash keeps them
+        sim.on_flush = lambda partial: write_influence(session.out, partial)
     try:
         result = session.simulate(sim)
     finally:

@@ -88,6 +88,8 @@ class Comm:
         self.timeout_s = timeout_s
         self.initialized_here = False
         self.broken = False  # a peer failed: leave without waiting for anyone
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL collectives use the current device
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group(
                 backend=backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=None

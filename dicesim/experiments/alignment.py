@@ -1,0 +1,522 @@
+"""`make alignment`: how well DICE-E tracks the exact DICE-GT (issues 3 and 4).
+
+Every case is one single-run simulation with `influence.events` sampled events
+e = (j, t, S) followed for r hops with ground truth. For each case the alignment of
+E[e,s,k] against G[e,s,k] is reported
+
+- per hop s over the (event, node) entries of that hop (`hop_<s>`),
+- for the one-hop view (Definition 2): E[e,0,j] + Σ_{k≠j} E[e,1,k] per event,
+- over every entry (`all`),
+
+as Pearson, Spearman, sign agreement and rel_err = Σ|E − G| / Σ|G| (report.alignment).
+
+`alignment.sweep=core` (default) runs the issue-3 target cases; `alignment.sweep=full`
+adds the issue-4 grid (topologies × learning rates × batch sizes × node counts ×
+curvature on/off). `alignment.precision` reruns one single-sample case in float64 and
+compares the two ground truths entry by entry (how precise float32 DICE-GT is).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from dicesim.cli import Session, fail, prepare_output
+from dicesim.experiments import group_option, variant
+from dicesim.report import alignment, alignment_blocks, write_atomic, write_csv
+from dicesim.tracker import INFLUENCE_COLUMNS
+
+TABLE_COLUMNS = ("set", "label", "topology", "lr", "batch_size", "nodes", "removal", "hops",
+                 "curvature", "dtype", "view", "n", "pearson", "spearman", "sign_agreement",
+                 "rel_err")
+SCATTER_ROWS_PER_PAGE = 16
+
+
+@dataclass
+class Case:
+    """One simulation: a topology, learning rate, batch size, node count, removal kind
+    (batch | single | k samples), r hops and the curvature switch of DICE-E."""
+
+    label: str
+    topology: str
+    lr: float
+    batch_size: int
+    nodes: int
+    removal: str | int
+    hops: int
+    curvature: bool
+    events: int
+    steps: int
+    dtype: str = "float32"
+    check: bool = False  # a target: Spearman ≥ min_spearman in every view
+    set: str = "core"  # core | sweep | precision
+
+
+# ---- the cases -------------------------------------------------------------------------------
+def _removal_tag(removal: str | int) -> str:
+    return str(removal) if isinstance(removal, str) else f"{removal}samples"
+
+
+def core_cases(cfg: DictConfig) -> list[Case]:
+    """The issue-3 target cases listed under `alignment.core` (defaults from the run's config)."""
+    out = []
+    for item in cfg.alignment.core:
+        c = dict(item)
+        topo, lr, hops = c["topology"], float(c["lr"]), int(c["hops"])
+        removal = c.get("removal", "batch")
+        curvature = bool(c.get("curvature", True))
+        label = c.get("label") or (f"{topo}/lr{lr:g}/r{hops}/{_removal_tag(removal)}"
+                                   f"{'' if curvature else '/no-curvature'}")
+        out.append(Case(label, topo, lr, int(c.get("batch_size", cfg.batch_size)),
+                        int(c.get("nodes", cfg.nodes)), removal, hops, curvature,
+                        int(c.get("events", cfg.influence.events)),
+                        max(int(c.get("steps", cfg.steps)), hops + 1),
+                        str(c.get("dtype", cfg.dtype)), bool(c.get("check", False)), "core"))
+    return out
+
+
+def sweep_cases(cfg: DictConfig) -> list[Case]:
+    """The issue-4 grid: every combination of the lists under `alignment.full`."""
+    f = cfg.alignment.full
+    hops = int(f.hops)
+    out = []
+    for topo, lr, batch, nodes, curv in itertools.product(
+            f.topologies, f.lrs, f.batch_sizes, f.nodes, f.curvature):
+        label = (f"{topo}/lr{float(lr):g}/b{batch}/n{nodes}/r{hops}/{_removal_tag(f.removal)}"
+                 f"/{'curvature' if curv else 'no-curvature'}")
+        out.append(Case(label, str(topo), float(lr), int(batch), int(nodes), f.removal, hops,
+                        bool(curv), int(f.events), max(int(f.steps), hops + 1), str(cfg.dtype),
+                        False, "sweep"))
+    return out
+
+
+def precision_cases(cfg: DictConfig) -> list[Case]:
+    """The same single-sample case in float32 and float64 (events and batches are identical)."""
+    p = cfg.alignment.precision
+    if not p.enabled:
+        return []
+    hops = int(p.hops)
+    return [Case(f"precision/{p.topology}/lr{float(p.lr):g}/r{hops}/{_removal_tag(p.removal)}/"
+                 f"{dtype}", str(p.topology), float(p.lr), int(cfg.batch_size), int(cfg.nodes),
+                 p.removal, hops, True, int(p.events), max(int(cfg.steps), hops + 1), dtype,
+                 False, "precision") for dtype in ("float32", "float64")]
+
+
+# ---- running ---------------------------------------------------------------------------------
+def topology_options(cfg: DictConfig, name: str) -> dict:
+    """configs/topology/<name>.yaml, or the run's topology.* (command line included) when the
+    run's topology is `name`."""
+    if cfg.topology.name == name:
+        return OmegaConf.to_container(cfg.topology, resolve=True)
+    return group_option("topology", name)
+
+
+def case_config(cfg: DictConfig, case: Case) -> DictConfig:
+    return variant(cfg, topology=topology_options(cfg, case.topology), optim__lr=case.lr,
+                   batch_size=case.batch_size, nodes=case.nodes, steps=case.steps,
+                   dtype=case.dtype, eval_every=case.steps, influence__events=case.events,
+                   influence__removal=case.removal, influence__hops=case.hops,
+                   influence__curvature=case.curvature, influence__ground_truth=True,
+                   influence__step_range=None, counterfactual__remove=[])
+
+
+def run_case(session: Session, cfg: DictConfig, case: Case) -> tuple[list[tuple], float]:
+    """Influence rows (event, source, step, n_removed, hop, node, dice_e, dice_gt) on rank 0."""
+    sim = session.build(case_config(cfg, case))
+    result = session.simulate(sim)
+    return result.influence, result.wall_s
+
+
+def ordered_blocks(rows: list[tuple]) -> dict[str, dict]:
+    """alignment_blocks with hop_<s> in numeric order (hop_10 after hop_9)."""
+    blocks = alignment_blocks(rows)
+    hops = sorted((k for k in blocks if k.startswith("hop_")), key=lambda k: int(k[4:]))
+    return {"one_hop": blocks["one_hop"], **{k: blocks[k] for k in hops}, "all": blocks["all"]}
+
+
+def worst(blocks: Mapping[str, dict], metric: str = "spearman") -> tuple[float, str]:
+    """The smallest value of `metric` over the views, and where it occurs."""
+    found = [(b[metric], view) for view, b in blocks.items() if b[metric] is not None]
+    return min(found) if found else (math.nan, "–")
+
+
+# ---- precision of float32 ground truth -------------------------------------------------------
+def precision_report(rows32: list[tuple], rows64: list[tuple]) -> dict:
+    """Entry-by-entry comparison of one case run in float32 and in float64, per hop s:
+    gt_noise = Σ|G32 − G64| / Σ|G64| (how far float32 DICE-GT is from float64's),
+    e_noise  = Σ|E32 − E64| / Σ|E64|, and the estimator's own error rel_err in both
+    dtypes. gt_noise ≪ rel_err means float32 ground truth is precise enough to judge E."""
+    key = {(r[0], r[4], r[5]): r for r in rows64}
+    by_hop: dict[int, list[tuple]] = defaultdict(list)
+    for r in rows32:
+        other = key.get((r[0], r[4], r[5]))
+        if other is not None:
+            by_hop[r[4]].append((r[6], r[7], other[6], other[7]))
+    out = {}
+    for hop in sorted(by_hop):
+        e32, g32, e64, g64 = np.array(by_hop[hop]).T
+        out[f"hop_{hop}"] = {
+            "n": len(e32),
+            "gt_noise": float(np.abs(g32 - g64).sum() / np.abs(g64).sum()),
+            "e_noise": float(np.abs(e32 - e64).sum() / np.abs(e64).sum()),
+            "rel_err_float32": alignment(e32, g32)["rel_err"],
+            "rel_err_float64": alignment(e64, g64)["rel_err"],
+            "sign_agreement_float32": alignment(e32, g32)["sign_agreement"],
+            "sign_agreement_float64": alignment(e64, g64)["sign_agreement"],
+            "spearman_float32": alignment(e32, g32)["spearman"],
+            "spearman_float64": alignment(e64, g64)["spearman"],
+            "median_abs_gt": float(np.median(np.abs(g64))),
+        }
+    return out
+
+
+# ---- targets ---------------------------------------------------------------------------------
+def targets(cases: list[dict], min_spearman: float) -> dict:
+    """Issue 3: every checked case reaches Spearman ≥ min_spearman in every view; the
+    no-curvature twins of checked cases are reported beside them (the Hessian's gap)."""
+    checked = {}
+    for c in cases:
+        if c["check"]:
+            value, where = worst(c["alignment"])
+            checked[c["label"]] = {"min_spearman": value, "at": where,
+                                   "pass": bool(value >= min_spearman)}
+    gaps = {}
+    for c in cases:
+        if c["set"] != "core" or c["curvature"]:
+            continue
+        twin = next((o for o in cases if o["set"] == "core" and o["curvature"]
+                     and all(o[k] == c[k] for k in ("topology", "lr", "batch_size", "nodes",
+                                                   "removal", "hops"))), None)
+        if twin is None:
+            continue
+        hops = range(1, c["hops"] + 1)
+        gaps[c["label"]] = {
+            "with_curvature": twin["label"],
+            "spearman_by_hop": {"curvature": [twin["alignment"][f"hop_{s}"]["spearman"]
+                                              for s in hops],
+                                "no_curvature": [c["alignment"][f"hop_{s}"]["spearman"]
+                                                 for s in hops]},
+            "rel_err_by_hop": {"curvature": [twin["alignment"][f"hop_{s}"]["rel_err"]
+                                             for s in hops],
+                               "no_curvature": [c["alignment"][f"hop_{s}"]["rel_err"]
+                                                for s in hops]},
+        }
+        last = c["alignment"][f"hop_{c['hops']}"]
+        first = c["alignment"]["hop_1"]
+        gaps[c["label"]]["falls_off_with_distance"] = bool(
+            last["spearman"] < first["spearman"] and last["rel_err"] > first["rel_err"])
+    return {"min_spearman": min_spearman, "checked": checked,
+            "all_pass": all(v["pass"] for v in checked.values()), "curvature_gap": gaps}
+
+
+# ---- outputs ---------------------------------------------------------------------------------
+def table_rows(cases: Iterable[dict]) -> list[tuple]:
+    out = []
+    for c in cases:
+        for view, b in c["alignment"].items():
+            out.append((c["set"], c["label"], c["topology"], c["lr"], c["batch_size"],
+                        c["nodes"], c["removal"], c["hops"], c["curvature"], c["dtype"], view,
+                        b["n"], b["pearson"], b["spearman"], b["sign_agreement"], b["rel_err"]))
+    return out
+
+
+def _f(v: object, digits: int = 6) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def report_md(summary: dict, pictures: list[str]) -> str:
+    t = summary["targets"]
+    lines = [
+        "# DICE-E against DICE-GT",
+        "",
+        f"`{summary['data']}`, `{summary['model']}`, {summary['dtype']}; each case samples "
+        "events e = (j, t, S) uniformly over nodes and steps and follows them for r hops with "
+        "the exact counterfactual. Views: `hop_s` = the (event, node) entries of hop s; "
+        "`one_hop` = E[e,0,j] + Σ_{k≠j} E[e,1,k] per event (Definition 2); `all` = every "
+        "entry. rel_err = Σ|E − G| / Σ|G|.",
+        "",
+        f"**Targets** (Spearman ≥ {t['min_spearman']} in every view): "
+        + ("all met." if t["all_pass"] else "NOT all met."),
+        "",
+        "| target case | min Spearman | at | pass |",
+        "|---|---|---|---|",
+    ]
+    for label, v in t["checked"].items():
+        lines.append(f"| {label} | {_f(v['min_spearman'])} | {v['at']} | {v['pass']} |")
+    lines.append("")
+    for label, gap in t["curvature_gap"].items():
+        lines += [f"**What the Hessian term buys** — `{gap['with_curvature']}` against "
+                  f"`{label}` (same runs without (I − ηH)):", "",
+                  "| hop | Spearman with | Spearman without | rel_err with | rel_err without |",
+                  "|---|---|---|---|---|"]
+        sp, re = gap["spearman_by_hop"], gap["rel_err_by_hop"]
+        for s in range(len(sp["curvature"])):
+            lines.append(f"| {s + 1} | {_f(sp['curvature'][s])} | {_f(sp['no_curvature'][s])} "
+                         f"| {_f(re['curvature'][s], 3)} | {_f(re['no_curvature'][s], 3)} |")
+        lines.append("")
+    lines += ["## Every core case, every view", "",
+              "| case | view | n | Pearson | Spearman | sign agr. | rel_err |",
+              "|---|---|---|---|---|---|---|"]
+    for c in summary["cases"]:
+        if c["set"] != "core":
+            continue
+        for view, b in c["alignment"].items():
+            lines.append(f"| {c['label']} | {view} | {b['n']} | {_f(b['pearson'])} | "
+                         f"{_f(b['spearman'])} | {_f(b['sign_agreement'], 4)} | "
+                         f"{_f(b['rel_err'], 3)} |")
+    lines.append("")
+    sweep = [c for c in summary["cases"] if c["set"] == "sweep"]
+    if sweep:
+        lines += ["## Sweep (issue 4)", "",
+                  "Per case: Spearman of the one-hop view, of hop 1 and of the last hop; the "
+                  "smallest Pearson and sign agreement over the views; rel_err of the last hop. "
+                  "Every view of every case is in `alignment.csv`.", "",
+                  "| case | Spearman one_hop | hop 1 | hop r | min Pearson | min sign agr. | "
+                  "rel_err hop r |", "|---|---|---|---|---|---|---|"]
+        for c in sweep:
+            a, last = c["alignment"], f"hop_{c['hops']}"
+            lines.append(f"| {c['label']} | {_f(a['one_hop']['spearman'])} | "
+                         f"{_f(a['hop_1']['spearman'])} | {_f(a[last]['spearman'])} | "
+                         f"{_f(worst(a, 'pearson')[0])} | "
+                         f"{_f(worst(a, 'sign_agreement')[0], 4)} | "
+                         f"{_f(a[last]['rel_err'], 3)} |")
+        lines.append("")
+    if summary.get("precision"):
+        p = summary["precision"]
+        lines += [f"## Precision of float32 ground truth (`{p['case']}`)", "",
+                  "The same case in float32 and float64 (same events, same batches), matched "
+                  "entry by entry. gt_noise = Σ|G32 − G64| / Σ|G64|: how far float32 DICE-GT "
+                  "is from float64's; it must stay well below the estimator's own rel_err.", "",
+                  "| hop | n | median \\|G\\| | gt_noise | e_noise | rel_err f32 | rel_err f64 "
+                  "| sign agr. f32 | sign agr. f64 |", "|---|---|---|---|---|---|---|---|---|"]
+        for hop, v in p["by_hop"].items():
+            lines.append(f"| {hop[4:]} | {v['n']} | {v['median_abs_gt']:.3g} | "
+                         f"{v['gt_noise']:.3g} | {v['e_noise']:.3g} | "
+                         f"{_f(v['rel_err_float32'], 3)} | {_f(v['rel_err_float64'], 3)} | "
+                         f"{_f(v['sign_agreement_float32'], 4)} | "
+                         f"{_f(v['sign_agreement_float64'], 4)} |")
+        lines.append("")
+    for pic in pictures:
+        lines += [f"![{pic}]({pic})", ""]
+    lines += ["Files: `summary.json`, `alignment.csv` (every case × view), "
+              "`cases/<case>/influence.csv` (every (event, hop, node) entry), `config.yaml`.", ""]
+    return "\n".join(lines)
+
+
+def slug(label: str) -> str:
+    return label.replace("/", "__")
+
+
+def run(session: Session) -> dict | None:
+    cfg = session.cfg
+    acfg = cfg.alignment
+    if acfg.sweep not in ("core", "full"):
+        fail(f"alignment.sweep={acfg.sweep}: choose core (the issue-3 targets) or full "
+             "(adds the topology × lr × batch × nodes × curvature grid)")
+    cases = core_cases(cfg) + (sweep_cases(cfg) if acfg.sweep == "full" else [])
+    cases += precision_cases(cfg)
+    for case in cases:  # every setting is checked before the first run starts
+        session.build(case_config(cfg, case))
+    session.say(f"alignment: {len(cases)} runs ({acfg.sweep} sweep)")
+    if cfg.get("dry_run", False):
+        session.say("alignment: dry run — every case is valid, nothing trained")
+        return None
+    if session.out is None:
+        prepare_output(session)
+    results: list[dict] = []
+    rows_of: dict[str, list[tuple]] = {}
+    for i, case in enumerate(cases, 1):
+        rows, wall = run_case(session, cfg, case)
+        if session.rank != 0:
+            continue
+        rows_of[case.label] = rows
+        blocks = ordered_blocks(rows)
+        results.append({**asdict(case), "wall_s": wall, "alignment": blocks})
+        value, where = worst(blocks)
+        session.say(f"[{i}/{len(cases)}] {case.label}: {wall:.1f} s, min Spearman "
+                    f"{value:.6f} ({where}), rel_err all {blocks['all']['rel_err']:.3g}")
+        folder = session.out / "cases" / slug(case.label)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_csv(folder / "influence.csv", INFLUENCE_COLUMNS,
+                  sorted(rows, key=lambda r: (r[0], r[4], r[5])))
+    if session.rank != 0:
+        return None
+    summary = summarize(cfg, results, rows_of)
+    out = session.out
+    write_csv(out / "alignment.csv", TABLE_COLUMNS, table_rows(summary["cases"]))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    pictures = []
+    if cfg.get("plots", True):
+        pictures = plots(out, [c for c in results if c["set"] != "precision"], rows_of)
+    write_atomic(out / "report.md", report_md(summary, pictures))
+    t = summary["targets"]
+    session.say(f"alignment: targets {'met' if t['all_pass'] else 'NOT met'}; "
+                f"report: {out / 'report.md'}")
+    return summary
+
+
+def summarize(cfg: DictConfig, results: list[dict], rows_of: dict[str, list[tuple]]) -> dict:
+    main = [c for c in results if c["set"] != "precision"]
+    summary = {
+        "data": cfg.data.name, "model": f"{cfg.model.name} {list(cfg.model.get('hidden', []))} "
+        f"{cfg.model.get('activation', '')}".strip(), "dtype": cfg.dtype,
+        "sweep": cfg.alignment.sweep, "cases": main,
+        "targets": targets(main, float(cfg.alignment.min_spearman)),
+    }
+    prec = [c for c in results if c["set"] == "precision"]
+    if len(prec) == 2:
+        summary["precision"] = {
+            "case": prec[0]["label"].rsplit("/", 1)[0],
+            "by_hop": precision_report(rows_of[prec[0]["label"]], rows_of[prec[1]["label"]]),
+            "float32": prec[0]["alignment"], "float64": prec[1]["alignment"],
+        }
+    return summary
+
+
+# ---- figures ---------------------------------------------------------------------------------
+def plots(out: Path, cases: list[dict], rows_of: dict[str, list[tuple]]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    pictures = []
+    core = [c for c in cases if c["set"] == "core"]
+    sweep = [c for c in cases if c["set"] == "sweep"]
+    if core:
+        pictures += scatter_grid(out, "scatter", core, rows_of)
+        pictures.append(by_hop_curves(out, "spearman_vs_hop.png", core,
+                                      "core cases: solid = with curvature, dashed = without"))
+    if sweep:
+        pictures += scatter_grid(out, "sweep_scatter", sweep, rows_of, max_hop=None)
+        pictures.append(sweep_curves(out, sweep))
+    return pictures
+
+
+def _view_pairs(rows: list[tuple], view: str) -> np.ndarray:
+    """(G, E) pairs of one view."""
+    rows = [r for r in rows if r[7] is not None]
+    if view == "one_hop":
+        acc: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        for ev, src, _t, _n, hop, node, e, g in rows:
+            if hop == 0 or (hop == 1 and node != src):
+                acc[ev][0] += g
+                acc[ev][1] += e
+        return np.array(list(acc.values())).reshape(-1, 2)
+    hop = int(view[4:])
+    return np.array([(r[7], r[6]) for r in rows if r[4] == hop]).reshape(-1, 2)
+
+
+def scatter_grid(out: Path, stem: str, cases: list[dict], rows_of: dict[str, list[tuple]],
+                 max_hop: int | None = 8) -> list[str]:
+    """Rows = cases, columns = one_hop, hop_0 … hop_R: E against G on symmetric-log axes
+    (linear within the smallest 10 % of |G|), the diagonal E = G dashed."""
+    import matplotlib.pyplot as plt
+
+    if max_hop is None:  # sweep pages: one_hop, hop 1 and the last hop only
+        columns = ["one_hop", "hop_1", f"hop_{max(c['hops'] for c in cases)}"]
+    else:
+        columns = ["one_hop"] + [f"hop_{s}" for s in
+                                 range(min(max_hop, max(c["hops"] for c in cases)) + 1)]
+    names = []
+    for page in range(0, len(cases), SCATTER_ROWS_PER_PAGE):
+        chunk = cases[page:page + SCATTER_ROWS_PER_PAGE]
+        fig, axes = plt.subplots(len(chunk), len(columns),
+                                 figsize=(2.5 * len(columns), 2.4 * len(chunk)), squeeze=False)
+        for row, case in zip(axes, chunk, strict=True):
+            for ax, view in zip(row, columns, strict=True):
+                block = case["alignment"].get(view)
+                pairs = _view_pairs(rows_of[case["label"]], view) if block else np.empty((0, 2))
+                if len(pairs) == 0:
+                    ax.axis("off")
+                    continue
+                ax.scatter(pairs[:, 0], pairs[:, 1], s=3, alpha=0.5, lw=0)
+                lo, hi = pairs.min(), pairs.max()
+                ax.plot([lo, hi], [lo, hi], color="grey", lw=0.7, ls="--")
+                thresh = float(np.quantile(np.abs(pairs[:, 0]), 0.1)) or 1e-12
+                ax.set_xscale("symlog", linthresh=thresh)
+                ax.set_yscale("symlog", linthresh=thresh)
+                ax.tick_params(labelsize=5)
+                sp = block["spearman"]
+                ax.set_title(f"{view}: ρ={sp:.4f}" if sp is not None else view, fontsize=7)
+            row[0].set_ylabel(case["label"].replace("/", "\n", 2) + "\nDICE-E", fontsize=6)
+        for ax in axes[-1]:
+            ax.set_xlabel("DICE-GT", fontsize=7)
+        fig.tight_layout()
+        paged = len(cases) > SCATTER_ROWS_PER_PAGE
+        name = f"{stem}_{page // SCATTER_ROWS_PER_PAGE + 1}.png" if paged else f"{stem}.png"
+        fig.savefig(out / name, dpi=90)
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
+def _hop_series(case: dict, metric: str) -> tuple[list[int], list[float]]:
+    hops = [s for s in range(case["hops"] + 1) if f"hop_{s}" in case["alignment"]]
+    vals = [case["alignment"][f"hop_{s}"][metric] for s in hops]
+    return hops, [math.nan if v is None else v for v in vals]
+
+
+def by_hop_curves(out: Path, name: str, cases: list[dict], title: str) -> str:
+    """1 − Spearman and rel_err against hop s (log scale: every value is near 1 or 0)."""
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.4))
+    colours = plt.cm.tab10(np.linspace(0, 1, 10))
+    keyed: dict[tuple, int] = {}
+    for case in cases:
+        key = (case["topology"], case["lr"], case["removal"], case["hops"])
+        colour = colours[keyed.setdefault(key, len(keyed)) % 10]
+        style = "-" if case["curvature"] else "--"
+        hops, sp = _hop_series(case, "spearman")
+        _, re = _hop_series(case, "rel_err")
+        a1.semilogy(hops, np.maximum(1 - np.array(sp), 1e-8), style, marker="o", ms=3,
+                    color=colour, label=case["label"])
+        a2.semilogy(hops, re, style, marker="o", ms=3, color=colour, label=case["label"])
+    a1.axhline(0.01, color="red", lw=0.8, ls=":", label="Spearman = 0.99")
+    a1.set(xlabel="hop s", ylabel="1 − Spearman(E, G)", title=title)
+    a2.set(xlabel="hop s", ylabel="rel_err = Σ|E − G| / Σ|G|", title="relative error")
+    a1.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def sweep_curves(out: Path, cases: list[dict]) -> str:
+    """One panel per topology: 1 − Spearman against hop for every sweep case."""
+    import matplotlib.pyplot as plt
+
+    topologies = list(dict.fromkeys(c["topology"] for c in cases))
+    fig, axes = plt.subplots(1, len(topologies), figsize=(4 * len(topologies), 3.8),
+                             squeeze=False, sharey=True)
+    for ax, topo in zip(axes[0], topologies, strict=True):
+        mine = [c for c in cases if c["topology"] == topo]
+        settings = sorted({(c["lr"], c["batch_size"], c["nodes"]) for c in mine})
+        colours = plt.cm.viridis(np.linspace(0, 0.9, max(len(settings), 1)))
+        for c in mine:
+            colour = colours[settings.index((c["lr"], c["batch_size"], c["nodes"]))]
+            hops, sp = _hop_series(c, "spearman")
+            ax.semilogy(hops, np.maximum(1 - np.array(sp), 1e-8),
+                        "-" if c["curvature"] else "--", marker="o", ms=2, color=colour,
+                        label=f"lr {c['lr']:g}, B {c['batch_size']}, n {c['nodes']}"
+                        if c["curvature"] else None)
+        ax.axhline(0.01, color="red", lw=0.8, ls=":")
+        ax.set(title=f"{topo} (dashed: no curvature)", xlabel="hop s")
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("1 − Spearman(E, G)")
+    fig.tight_layout()
+    fig.savefig(out / "sweep_spearman_vs_hop.png", dpi=110)
+    plt.close(fig)
+    return "sweep_spearman_vs_hop.png"
+

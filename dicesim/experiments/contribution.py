@@ -1,0 +1,331 @@
+"""`make contribution`: each node's contribution by DICE-E, validated by leave-one-node-out.
+
+Nodes hold data of graded quality: node k's labels are wrong for a fraction p_k of its
+samples (p_k from 0 to `noise_max`, seeded, always a different class).
+
+- DICE-E contribution of node j (its data's accumulated r-hop DICE, Definition 3):
+    C_j = Σ_t Σ_{s≤r} Σ_k E[(j,t,B_j^t), s, k],
+  one whole-batch event per (node, step) for every step of training; all of them ride in
+  one run (no ground truth: each event costs one gradient, and one HVP per reached row
+  and hop). Also the one-hop view (Definition 2): Σ_t (E[e,0,j] + Σ_{k≠j} E[e,1,k]).
+- Node-level ground truth (leave-one-node-out): node j keeps gossiping but never takes a
+  gradient step (`counterfactual.remove` of its whole batch at every step), and
+    LOO_j = L(θ^T) − L(θ̃^T),   L(θ) = Σ_k q_k L'_k(θ_k),
+  the final probe loss with j's data minus without it (negative: j's data helped).
+- Spearman(C, LOO) over nodes; target ≥ `min_spearman` (issue: 0.8 on 8–16 nodes).
+- Reciprocity (our reading of the paper's Definition 5, built on proximal influence,
+  Definition 4). The benefit j's data gave its out-neighbour k over training is
+    b_{j→k} = −Σ_t E[(j,t), 1, k]   (k ≠ j; positive: j's batches lowered k's probe loss).
+  Per edge {j,k}: ρ_{jk} = b_{k→j} / b_{j→k}, what j got back from k per unit it gave k
+  (ρ_{kj} = 1/ρ_{jk}; 1 = balanced; negative = one side harms the other). Per node:
+  given_j = Σ_k b_{j→k}, received_j = Σ_k b_{k→j}, ρ_j = received_j / given_j, and the
+  bounded balance β_j = (received_j − given_j) / (|received_j| + |given_j|) ∈ [−1, 1]
+  (+1: only takes, −1: only gives).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from scipy import stats
+
+from dicesim.cli import Session, fail, prepare_output
+from dicesim.engine import Simulation
+from dicesim.experiments import variant
+from dicesim.experiments.alignment import topology_options
+from dicesim.report import write_atomic, write_csv
+
+NODE_COLUMNS = ("nodes", "node", "label_noise", "dice_r_hop", "dice_one_hop", "loo",
+                "rank_dice", "rank_loo", "given", "received", "reciprocity", "balance")
+EDGE_COLUMNS = ("nodes", "j", "k", "given_j_to_k", "given_k_to_j", "reciprocity_jk")
+NOISE_STREAM = 7_368_787  # keeps the label-corruption RNG apart from every other stream
+
+
+# ---- data quality ----------------------------------------------------------------------------
+def noise_levels(cfg: DictConfig, nodes: int) -> np.ndarray:
+    """p_k: `contribution.noise` as given, else evenly from 0 to noise_max over the nodes."""
+    given = cfg.contribution.get("noise")
+    if given is not None:
+        p = np.asarray(list(given), dtype=float)
+        if p.shape != (nodes,) or (p < 0).any() or (p > 1).any():
+            fail(f"contribution.noise: needs {nodes} fractions in [0, 1], got {list(given)}")
+        return p
+    return np.linspace(0.0, float(cfg.contribution.noise_max), nodes)
+
+
+def corrupt_labels(sim: Simulation, noise: np.ndarray) -> None:
+    """Give round(p_k · |D_k|) of node k's samples a wrong label (seeded per node)."""
+    classes = sim.data.num_classes
+    if classes < 2:
+        fail("contribution: label noise needs a classification data set (e.g. data=digits)")
+    y = sim.data.y_train.clone()
+    for k, ids in enumerate(sim.parts):
+        rng = np.random.default_rng([sim.run.seed, k, NOISE_STREAM])
+        chosen = rng.choice(ids, size=int(round(noise[k] * len(ids))), replace=False)
+        shift = torch.as_tensor(rng.integers(1, classes, size=len(chosen)))
+        y[chosen] = (y[chosen] + shift) % classes  # never the true class
+    sim.data.y_train = y
+
+
+# ---- measurements ----------------------------------------------------------------------------
+def dice_contributions(rows: list[tuple], nodes: int) -> dict[str, np.ndarray]:
+    """r-hop (Σ over every hop and node) and one-hop (Definition 2) sums per source node,
+    and the accumulated proximal influence P[j, k] = Σ_t E[(j,t), 1, k], k ≠ j."""
+    r_hop, one_hop = np.zeros(nodes), np.zeros(nodes)
+    proximal = np.zeros((nodes, nodes))
+    for _ev, src, _t, _n, hop, node, e, _g in rows:
+        r_hop[src] += e
+        if hop == 0 or (hop == 1 and node != src):
+            one_hop[src] += e
+        if hop == 1 and node != src:
+            proximal[src, node] += e
+    return {"r_hop": r_hop, "one_hop": one_hop, "proximal": proximal}
+
+
+def final_loss(sim: Simulation, metrics: list[tuple]) -> float:
+    """L(θ^T) = Σ_k q_k L'_k(θ_k^T) from the metrics rows (step, node, _, probe_loss, …)."""
+    last = {r[1]: r[3] for r in metrics if r[0] == sim.run.steps}
+    return float(sum(sim.q[k] * last[k] for k in range(sim.run.nodes)))
+
+
+def reciprocity(proximal: np.ndarray, W_support: np.ndarray) -> tuple[list[dict], dict]:
+    """Per edge and per node, from the benefit b_{j→k} = −P[j, k] (see the module doc)."""
+    b = -proximal
+    n = len(b)
+    edges = []
+    for j in range(n):
+        for k in range(j + 1, n):
+            if W_support[k, j] and W_support[j, k]:
+                edges.append({"j": j, "k": k, "given_j_to_k": float(b[j, k]),
+                              "given_k_to_j": float(b[k, j]),
+                              "reciprocity_jk": _ratio(b[k, j], b[j, k])})
+    given, got = b.sum(1), b.sum(0)
+    per_node = {"given": given.tolist(), "received": got.tolist(),
+                "reciprocity": [_ratio(got[j], given[j]) for j in range(n)],
+                "balance": [float((got[j] - given[j]) / (abs(got[j]) + abs(given[j])))
+                            if abs(got[j]) + abs(given[j]) > 0 else None for j in range(n)]}
+    return edges, per_node
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return float(a / b) if b != 0 else None
+
+
+def ranks(values: np.ndarray) -> list[int]:
+    """1 = most helpful (most negative influence)."""
+    return (stats.rankdata(values, method="ordinal").astype(int)).tolist()
+
+
+# ---- running ---------------------------------------------------------------------------------
+def setting_configs(cfg: DictConfig, nodes: int) -> tuple[DictConfig, list[DictConfig]]:
+    """The tracking run (one event per node and step) and the baseline + leave-one-out runs."""
+    c = cfg.contribution
+    steps, hops = int(cfg.steps), int(c.hops)
+    common = {"topology": topology_options(cfg, cfg.topology.name), "nodes": nodes,
+              "counterfactual__remove": []}
+    events = [{"node": j, "step": t, "samples": "all"} for t in range(steps)
+              for j in range(nodes)]
+    # r extra steps let the last events' cascades finish; nothing before T changes
+    tracking = variant(cfg, **common, steps=steps + hops, eval_every=steps + hops,
+                       influence__events=events, influence__hops=hops,
+                       influence__ground_truth=False,
+                       influence__curvature=bool(c.curvature), influence__proximal=False)
+    runs = [variant(cfg, **common, steps=steps, eval_every=steps, influence__events=0)]
+    for j in range(nodes):
+        removal = [{"node": j, "step": t, "samples": "all"} for t in range(steps)]
+        runs.append(variant(cfg, **{**common, "counterfactual__remove": removal}, steps=steps,
+                            eval_every=steps, influence__events=0))
+    return tracking, runs
+
+
+def run_setting(session: Session, cfg: DictConfig, nodes: int) -> dict | None:
+    noise = noise_levels(cfg, nodes)
+    tracking_cfg, loo_cfgs = setting_configs(cfg, nodes)
+    sim = session.build(tracking_cfg)
+    corrupt_labels(sim, noise)
+    result = session.simulate(sim)
+    losses = []
+    for conf in loo_cfgs:
+        loo_sim = session.build(conf)
+        corrupt_labels(loo_sim, noise)
+        res = session.simulate(loo_sim)
+        if session.rank == 0:
+            losses.append(final_loss(loo_sim, res.metrics))
+    if session.rank != 0:
+        return None
+    with_all, without = losses[0], np.array(losses[1:])
+    loo = with_all - without  # LOO_j = L(with j) − L(without j)
+    dice = dice_contributions(result.influence, nodes)
+    support = np.any(np.stack(sim.topology.matrices) > 0, axis=0)
+    edges, per_node = reciprocity(dice["proximal"], support)
+    min_sp = float(cfg.contribution.min_spearman)
+    sp_r = float(stats.spearmanr(dice["r_hop"], loo)[0])
+    sp_1 = float(stats.spearmanr(dice["one_hop"], loo)[0])
+    return {
+        "nodes": nodes, "topology": sim.topology.name, "steps": int(cfg.steps),
+        "hops": int(cfg.contribution.hops), "events": len(sim.events),
+        "label_noise": noise.tolist(), "final_probe_loss": with_all,
+        "dice_r_hop": dice["r_hop"].tolist(), "dice_one_hop": dice["one_hop"].tolist(),
+        "loo": loo.tolist(),
+        "rank_dice": ranks(dice["r_hop"]), "rank_loo": ranks(loo),
+        "spearman_r_hop_vs_loo": sp_r, "spearman_one_hop_vs_loo": sp_1,
+        "pearson_r_hop_vs_loo": float(stats.pearsonr(dice["r_hop"], loo)[0]),
+        "spearman_loo_vs_noise": float(stats.spearmanr(loo, noise)[0]),
+        "spearman_dice_vs_noise": float(stats.spearmanr(dice["r_hop"], noise)[0]),
+        "pass": bool(sp_r >= min_sp), "tracking_wall_s": result.wall_s,
+        "reciprocity": {"edges": edges, "nodes": per_node},
+    }
+
+
+def run(session: Session) -> dict | None:
+    cfg = session.cfg
+    counts = [int(n) for n in cfg.contribution.node_counts]
+    for n in counts:  # every setting valid before any training
+        tracking, runs = setting_configs(cfg, n)
+        noise_levels(cfg, n)
+        session.build(tracking)
+        session.build(runs[-1])
+    session.say(f"contribution: node counts {counts}; per count one tracking run with "
+                f"{cfg.steps} × nodes events and nodes + 1 leave-one-out runs")
+    if cfg.get("dry_run", False):
+        session.say("contribution: dry run — every run is valid, nothing trained")
+        return None
+    if session.out is None:
+        prepare_output(session)
+    settings = []
+    for n in counts:
+        s = run_setting(session, cfg, n)
+        if s is not None:
+            settings.append(s)
+            session.say(f"{n} nodes: Spearman(DICE-E, leave-one-out) = "
+                        f"{s['spearman_r_hop_vs_loo']:.4f} (one-hop view "
+                        f"{s['spearman_one_hop_vs_loo']:.4f})")
+    if session.rank != 0:
+        return None
+    min_sp = float(cfg.contribution.min_spearman)
+    summary = {"settings": settings,
+               "targets": {"min_spearman": min_sp, "all_pass": all(s["pass"] for s in settings)}}
+    out = session.out
+    write_csv(out / "nodes.csv", NODE_COLUMNS, node_rows(settings))
+    write_csv(out / "edges.csv", EDGE_COLUMNS,
+              [(s["nodes"], e["j"], e["k"], e["given_j_to_k"], e["given_k_to_j"],
+                e["reciprocity_jk"]) for s in settings for e in s["reciprocity"]["edges"]])
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    pictures = plots(out, settings) if cfg.get("plots", True) else []
+    write_atomic(out / "report.md", report_md(cfg, summary, pictures))
+    session.say(f"contribution: target {'met' if summary['targets']['all_pass'] else 'NOT met'}"
+                f"; report: {out / 'report.md'}")
+    return summary
+
+
+def node_rows(settings: list[dict]) -> list[tuple]:
+    out = []
+    for s in settings:
+        r = s["reciprocity"]["nodes"]
+        for j in range(s["nodes"]):
+            out.append((s["nodes"], j, s["label_noise"][j], s["dice_r_hop"][j],
+                        s["dice_one_hop"][j], s["loo"][j], s["rank_dice"][j], s["rank_loo"][j],
+                        r["given"][j], r["received"][j], r["reciprocity"][j], r["balance"][j]))
+    return out
+
+
+# ---- report ----------------------------------------------------------------------------------
+def _f(v: object, fmt: str = ".4g") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return format(v, fmt) if isinstance(v, float) else str(v)
+
+
+def report_md(cfg: DictConfig, summary: dict, pictures: list[str]) -> str:
+    t = summary["targets"]
+    lines = [
+        "# Node contributions: DICE-E against leave-one-node-out",
+        "",
+        f"`{cfg.data.name}`, `{cfg.model.name}`, lr {cfg.optim.lr:g}, batch {cfg.batch_size}, "
+        f"{cfg.steps} steps on `{cfg.topology.name}`. Node k's labels are wrong for a fraction "
+        "p_k of its samples. DICE-E contribution C_j = Σ_t Σ_{s≤r} Σ_k E[(j,t,B_j^t),s,k] (one "
+        "whole-batch event per node and step); leave-one-out LOO_j = L(θ^T) − L(θ̃^T) with "
+        "θ̃ the run where node j gossips but takes no gradient step. Negative = helped; "
+        "rank 1 = most helpful.",
+        "",
+        f"**Target** Spearman(C, LOO) ≥ {t['min_spearman']}: "
+        + ("met." if t["all_pass"] else "NOT met."),
+        "",
+        "| nodes | Spearman r-hop | Spearman one-hop | Pearson r-hop | Spearman(LOO, noise) | "
+        "Spearman(C, noise) | final probe loss |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in summary["settings"]:
+        lines.append(f"| {s['nodes']} | {s['spearman_r_hop_vs_loo']:.4f} | "
+                     f"{s['spearman_one_hop_vs_loo']:.4f} | {s['pearson_r_hop_vs_loo']:.4f} | "
+                     f"{s['spearman_loo_vs_noise']:.4f} | {s['spearman_dice_vs_noise']:.4f} | "
+                     f"{s['final_probe_loss']:.4f} |")
+    for s in summary["settings"]:
+        r = s["reciprocity"]["nodes"]
+        lines += ["", f"### {s['nodes']} nodes ({s['events']} events, r = {s['hops']})", "",
+                  "| node | label noise | C (r-hop) | C (one-hop) | LOO | rank C | rank LOO | "
+                  "given | received | ρ_j | β_j |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for j in range(s["nodes"]):
+            lines.append(f"| {j} | {s['label_noise'][j]:.0%} | {s['dice_r_hop'][j]:.4g} | "
+                         f"{s['dice_one_hop'][j]:.4g} | {s['loo'][j]:.4g} | "
+                         f"{s['rank_dice'][j]} | {s['rank_loo'][j]} | {r['given'][j]:.3g} | "
+                         f"{r['received'][j]:.3g} | {_f(r['reciprocity'][j], '.3g')} | "
+                         f"{_f(r['balance'][j], '.3f')} |")
+    lines += [
+        "",
+        "## Reciprocity",
+        "",
+        "b_{j→k} = −Σ_t E[(j,t),1,k] is the benefit node j's batches gave out-neighbour k one "
+        "gossip round later (accumulated proximal influence, Definition 4). Per edge "
+        "ρ_{jk} = b_{k→j} / b_{j→k} (what j got back per unit given; in `edges.csv`); per node "
+        "given_j = Σ_k b_{j→k}, received_j = Σ_k b_{k→j}, ρ_j = received_j / given_j and "
+        "β_j = (received − given) / (|received| + |given|) ∈ [−1, 1]. Clean nodes give about "
+        "what they get (ρ ≈ 1, β ≈ 0); noisy nodes take more than they give (β → +1, and "
+        "ρ < 0 once their data harms their neighbours).",
+        "",
+    ]
+    for pic in pictures:
+        lines += [f"![{pic}]({pic})", ""]
+    lines += ["Files: `summary.json`, `nodes.csv`, `edges.csv`, `config.yaml`.", ""]
+    return "\n".join(lines)
+
+
+def plots(out: Path, settings: list[dict]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(settings), figsize=(5.5 * len(settings), 8.4),
+                             squeeze=False)
+    for col, s in enumerate(settings):
+        noise = np.array(s["label_noise"])
+        ax = axes[0][col]
+        sc = ax.scatter(s["loo"], s["dice_r_hop"], c=noise, cmap="plasma", s=40)
+        for j in range(s["nodes"]):
+            ax.annotate(str(j), (s["loo"][j], s["dice_r_hop"][j]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.axvline(0, color="grey", lw=0.5)
+        ax.set(xlabel="leave-one-out LOO_j", ylabel="DICE-E contribution C_j",
+               title=f"{s['nodes']} nodes: Spearman {s['spearman_r_hop_vs_loo']:.3f}")
+        fig.colorbar(sc, ax=ax, label="label noise p_j")
+        ax = axes[1][col]
+        r = s["reciprocity"]["nodes"]
+        x = np.arange(s["nodes"])
+        ax.bar(x - 0.2, r["given"], 0.4, label="given Σ_k b_{j→k}")
+        ax.bar(x + 0.2, r["received"], 0.4, label="received Σ_k b_{k→j}")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set(xlabel="node j (label noise grows →)", ylabel="benefit (−proximal DICE-E)",
+               title="reciprocity: what each node gives and receives", xticks=x)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "contribution.png", dpi=110)
+    plt.close(fig)
+    return ["contribution.png"]
+
