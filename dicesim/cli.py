@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass
@@ -149,6 +150,24 @@ def _hydra_main(cfg: DictConfig) -> None:
     execute(cfg)
 
 
+def check_composes(argv: list[str]) -> None:
+    """Compose the config once up front so a typo or bad syntax is one line, exit 2.
+    Command lines with Hydra's own flags (-m, --cfg, …) go straight to Hydra."""
+    if any(a.startswith("-") for a in argv):
+        return
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=argv)
+    except Exception as err:  # Hydra's override and composition errors
+        fail(" ".join(str(err).split()))
+    driver = cfg.get("driver")
+    if driver and importlib.util.find_spec(f"dicesim.experiments.{driver}") is None:
+        fail(f"driver={driver}: no such experiment driver in dicesim/experiments")
+
+
 def main() -> None:
     check_group_choices(sys.argv[1:])
+    check_composes(sys.argv[1:])
     _hydra_main()

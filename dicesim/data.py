@@ -98,8 +98,8 @@ def _digits() -> Source:
 
 def _synthetic(cfg: Mapping, seed: int) -> Source:
     task = cfg.get("task", "classification")
-    n, d = int(cfg.get("n_samples", 2000)), int(cfg.get("n_features", 20))
-    classes, noise = int(cfg.get("n_classes", 4)), float(cfg.get("noise", 0.1))
+    n, d = _num(cfg, "n_samples", 2000, int), _num(cfg, "n_features", 20, int)
+    classes, noise = _num(cfg, "n_classes", 4, int), _num(cfg, "noise", 0.1, float)
     if task not in ("classification", "regression"):
         raise ConfigError(f"data.task={task} is unknown; choose classification or regression")
     if n < 2 or d < 1 or noise < 0:
@@ -167,12 +167,23 @@ def _torchvision(name: str, root: Path) -> Source:
 # --------------------------------------------------------------------------- loading
 
 
+def _num(cfg: Mapping, key: str, default: object, kind: type) -> int | float:
+    """data.<key> as int or float, or a one-line ConfigError naming it."""
+    value = cfg.get(key, default)
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or (kind is int and not float(value).is_integer()):
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"data.{key}={value}: must be {what}")
+    return kind(value)
+
+
 def _limit(ids: np.ndarray, key: str, cfg: Mapping, rng: np.random.Generator) -> np.ndarray:
     """Seeded subset of at most cfg[key] ids (all of them when the key is null)."""
     cap = cfg.get(key)
     if cap is None:
         return ids
-    if int(cap) < 1:
+    cap = _num(cfg, key, None, int)
+    if cap < 1:
         raise ConfigError(f"data.{key}={cap} must be >= 1 or null")
     return ids if int(cap) >= len(ids) else rng.choice(ids, int(cap), replace=False)
 
@@ -193,9 +204,9 @@ def load_dataset(cfg: Mapping, seed: int) -> Dataset:
         x, y, official_test, num_classes, scale = _torchvision(name, root)
 
     rng = np.random.default_rng(seed)
-    n, probe_size = len(y), int(cfg.get("probe_size", 200))
+    n, probe_size = len(y), _num(cfg, "probe_size", 200, int)
     if official_test is None:
-        test_size = float(cfg.get("test_size", 0.2))
+        test_size = _num(cfg, "test_size", 0.2, float)
         if not 0 < test_size < 1:
             raise ConfigError(f"data.test_size={test_size} must be a fraction in (0, 1)")
         n_test = max(1, round(test_size * n))

@@ -46,30 +46,43 @@ class RunSettings:
     progress: bool
 
 
+def number(cfg: Mapping, key: str, kind: type = float, default: object = None,
+           minimum: float | None = None) -> int | float:
+    """cfg[key] (a dotted key) as int or float, or a ConfigError naming it."""
+    value: object = cfg
+    for part in key.split("."):
+        value = value.get(part, default) if isinstance(value, Mapping) else default
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        ok = ok and float(value).is_integer()
+    if not ok:
+        raise ConfigError(f"{key}={value}: must be {'an integer' if kind is int else 'a number'}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{key}={value}: must be at least {minimum}")
+    return kind(value)
+
+
 def run_settings(cfg: Mapping) -> RunSettings:
     def positive_int(key: str) -> int:
-        value = cfg.get(key)
-        if not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{key}={value}: must be a positive integer")
-        return value
+        return number(cfg, key, int, minimum=1)
 
     dtype = cfg.get("dtype", "float32")
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype}: choose float32 or float64")
-    lr = float(cfg["optim"]["lr"])
     if cfg["optim"].get("name", "sgd") != "sgd":
         raise ConfigError(f"optim.name={cfg['optim']['name']}: only sgd is implemented")
+    lr = number(cfg, "optim.lr")
     if not lr > 0:
         raise ConfigError(f"optim.lr={lr}: must be positive")
     init = cfg.get("init", "same")
     if init not in ("same", "per_node"):
         raise ConfigError(f"init={init}: choose same (one initial θ for all nodes) or per_node")
-    timeout = float(cfg.get("timeout_s", 60))
+    timeout = number(cfg, "timeout_s", default=60)
     if timeout <= 0:
         raise ConfigError(f"timeout_s={timeout}: must be positive")
     return RunSettings(
         nodes=positive_int("nodes"), steps=positive_int("steps"),
-        batch_size=positive_int("batch_size"), seed=int(cfg.get("seed", 0)), lr=lr,
+        batch_size=positive_int("batch_size"), seed=number(cfg, "seed", int, 0), lr=lr,
         dtype=DTYPES[dtype], eval_every=positive_int("eval_every"), init=init,
         timeout_s=timeout, progress=bool(cfg.get("progress", True)),
     )
@@ -140,6 +153,11 @@ class Simulation:
         self.layout = Layout(s.nodes, world, rank)
         self.topology: Topology = build_topology(cfg["topology"], s.nodes, s.seed)
         self.data: Dataset = load_dataset(cfg["data"], s.seed)
+        per_node = len(self.data.y_train) // s.nodes
+        if s.batch_size > per_node:
+            raise ConfigError(
+                f"batch_size={s.batch_size} is larger than a node's local data ({per_node} "
+                f"samples with {s.nodes} nodes); lower batch_size or use fewer nodes")
         labels = self.data.y_train.numpy() if self.data.num_classes else np.zeros(
             len(self.data.y_train), dtype=np.int64)
         dcfg = cfg["data"]
@@ -151,9 +169,10 @@ class Simulation:
         self.attack: Attack = build_attack(cfg.get("attack"), s.nodes, s.steps, s.seed)
         icfg = cfg.get("influence") or {}
         self.influence = InfluenceSettings(
-            hops=int(icfg.get("hops", 1)), ground_truth=bool(icfg.get("ground_truth", True)),
+            hops=number(cfg, "influence.hops", int, 1),
+            ground_truth=bool(icfg.get("ground_truth", True)),
             curvature=bool(icfg.get("curvature", True)), proximal=bool(icfg.get("proximal", False)),
-            flush_every=int(icfg.get("flush_every", 50)),
+            flush_every=number(cfg, "influence.flush_every", int, 50, minimum=1),
         )
         self.events: list[Event] = build_events(
             icfg, nodes=s.nodes, steps=s.steps, batch_size=s.batch_size, parts=self.parts,
@@ -161,7 +180,7 @@ class Simulation:
         removals = (cfg.get("counterfactual") or {}).get("remove") or []
         self.removals = build_events({"events": list(removals), "hops": 0}, nodes=s.nodes,
                                      steps=s.steps, batch_size=s.batch_size, parts=self.parts,
-                                     seed=s.seed)
+                                     seed=s.seed, key="counterfactual.remove")
         self.q = self._node_weights(icfg.get("node_weights"))
         self.defense: Defense = build_defense(cfg.get("defense"), self.attack.nodes, s.nodes,
                                               self.layout.local_nodes, self.influence.proximal)

@@ -15,7 +15,7 @@ outside R_s has δ = δ̂ = 0, so only reached rows travel.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,6 +52,7 @@ class Event:
     reach: list[np.ndarray] = field(default_factory=list)  # R_0 … R_r (global, sorted)
     delta: Tensor | None = None  # δ rows of local nodes in R_s
     dhat: Tensor | None = None  # δ̂ rows of local nodes in R_s
+    rows: list[tuple] = field(default_factory=list)  # this rank's rows, until it finishes
 
     @property
     def n_removed(self) -> int:
@@ -82,36 +83,56 @@ def reach_sets(topology: Topology, source: int, step: int, hops: int) -> list[np
 
 
 def build_events(cfg: Mapping, *, nodes: int, steps: int, batch_size: int,
-                 parts: list[np.ndarray], seed: int) -> list[Event]:
+                 parts: list[np.ndarray], seed: int, key: str = "influence.events"
+                 ) -> list[Event]:
     """Events from `influence.events`: an int N (N sampled events) or a list of
     {node, step, samples} with samples = all | [global ids] | k (k random samples)."""
-    hops = int(cfg.get("hops", 1))
-    if not 0 <= hops <= MAX_HOPS:
-        raise ConfigError(f"influence.hops={hops}: must be between 0 and {MAX_HOPS}")
+    hops = cfg.get("hops", 1)
+    if not isinstance(hops, int) or not 0 <= hops <= MAX_HOPS:
+        raise ConfigError(f"influence.hops={hops}: must be an integer from 0 to {MAX_HOPS}")
     spec = cfg.get("events", 0)
     rng = np.random.default_rng([seed, 7919])
     raw: list[tuple[int, int, object]] = []
-    if isinstance(spec, int | np.integer):
+    if isinstance(spec, bool) or not isinstance(spec, int | Sequence) or isinstance(spec, str):
+        raise ConfigError(f"{key}={spec}: give a number of events to sample or a list of "
+                          "{node, step, samples}")
+    if isinstance(spec, int):
         if spec < 0:
-            raise ConfigError(f"influence.events={spec}: must be >= 0 or a list of events")
+            raise ConfigError(f"{key}={spec}: must be >= 0 or a list of events")
+        if spec and hops > steps:
+            raise ConfigError(f"influence.hops={hops} reaches past the last step (steps={steps});"
+                              " lower influence.hops or raise steps")
         lo, hi = cfg.get("step_range", None) or (0, steps - hops)
-        if spec and (hops >= steps + 1 or hi < lo):
-            raise ConfigError(
-                f"influence.hops={hops} reaches past the last step (steps={steps}); "
-                "lower influence.hops or raise steps"
-            )
+        if spec and not 0 <= lo <= hi <= steps - hops:
+            raise ConfigError(f"influence.step_range=[{lo}, {hi}]: needs 0 <= lo <= hi <= "
+                              f"steps - hops = {steps - hops}")
         removal = cfg.get("removal", "batch")
+        if removal not in ("batch", "single") and not (
+                isinstance(removal, int) and 1 <= removal <= batch_size):
+            raise ConfigError(f"influence.removal={removal}: choose batch, single or a number "
+                              f"of samples from 1 to batch_size={batch_size}")
         samples = "all" if removal == "batch" else 1 if removal == "single" else int(removal)
         for _ in range(int(spec)):
             raw.append((int(rng.integers(nodes)), int(rng.integers(lo, hi + 1)), samples))
         raw.sort(key=lambda e: (e[1], e[0]))
     else:
-        for item in spec:
-            item = dict(item)
-            raw.append((int(item["node"]), int(item["step"]), item.get("samples", "all")))
+        for i, item in enumerate(spec):
+            if not isinstance(item, Mapping) or not {"node", "step"} <= set(item):
+                raise ConfigError(f"{key}[{i}]={item}: an event needs node and step, e.g. "
+                                  "{node: 3, step: 10, samples: all}")
+            node, step, samples = item["node"], item["step"], item.get("samples", "all")
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (node, step)):
+                raise ConfigError(f"{key}[{i}]: node and step must be integers")
+            ok = samples in ("all", None) or (isinstance(samples, int) and samples > 0) or (
+                isinstance(samples, Sequence) and not isinstance(samples, str)
+                and all(isinstance(v, int) for v in samples))
+            if not ok:
+                raise ConfigError(f"{key}[{i}]: samples={samples} must be all, a number k or "
+                                  "a list of training sample ids")
+            raw.append((node, step, samples))
     events = []
     for index, (node, step, samples) in enumerate(raw):
-        where = f"influence event {index} (node={node}, step={step})"
+        where = f"{key}[{index}] (node={node}, step={step})"
         if not 0 <= node < nodes:
             raise ConfigError(f"{where}: node {node} is outside the graph (0..{nodes - 1})")
         if not 0 <= step < steps:
@@ -209,15 +230,15 @@ class InfluenceTracker:
             for i, k in enumerate(local + base):
                 qk = self.q[k]
                 gt = float(qk * g_terms[offset + i]) if self.s.ground_truth else None
-                self.rows.append((e.index, e.source, e.step, e.n_removed, s, int(k),
-                                  float(qk * e_terms[offset + i]), gt))
+                e.rows.append((e.index, e.source, e.step, e.n_removed, s, int(k),
+                               float(qk * e_terms[offset + i]), gt))
             offset += len(local)
         self._retire(t)
 
     def _retire(self, t: int) -> None:
         for e in self.active:
             if self._hop(e, t) >= self.s.hops:
-                e.delta = e.dhat = None
+                self._finish(e)
         self.active = [e for e in self.active if self._hop(e, t) < self.s.hops]
 
     def _record_proximal(self, t: int, probe_grad: Tensor) -> None:
@@ -271,11 +292,16 @@ class InfluenceTracker:
         if self.s.ground_truth:
             half = theta[i:i + 1] + update[i:i + 1]
             gt = float(qj * loss_gap(self.model, half, source, probe)[0])
-        self.rows.append((e.index, e.source, e.step, e.n_removed, 0, e.source, dice_e, gt))
+        e.rows.append((e.index, e.source, e.step, e.n_removed, 0, e.source, dice_e, gt))
         if self.s.hops > 0:
             self.active.append(e)
         else:
-            e.delta = e.dhat = None
+            self._finish(e)
+
+    def _finish(self, e: Event) -> None:
+        """An event's rows leave the tracker only once all its hops are recorded."""
+        self.rows += e.rows
+        e.rows, e.delta, e.dhat = [], None, None
 
     def _propagate(self, t: int, theta: Tensor, update: Tensor, x: Tensor, y: Tensor,
                    w: Tensor, base: int) -> None:
