@@ -92,10 +92,6 @@ def test_unknown_group_name(group, capsys):
 
 # ---------------------------------------------------------------- in-process validation
 
-def xfail(reason: str):
-    return pytest.mark.xfail(strict=True, reason=f"not caught cleanly yet: {reason}")
-
-
 # (id, overrides, keyword the one-line message must contain, [extra substring])
 IN_PROCESS = [
     ("file-negative", ["topology=file", "topology.path={negative}"], "topology.path", "negative"),
@@ -199,7 +195,6 @@ SUBPROCESS = {  # id: (overrides, keyword)
 }
 if not HAS_GPU:
     SUBPROCESS["nccl-without-gpu"] = (["backend=nccl"], "backend=nccl")
-SUBPROCESS_XFAIL: dict[str, str] = {}
 
 
 class Commands:
@@ -257,11 +252,7 @@ def commands(tmp_path_factory, matrices):
     cmds.close()
 
 
-SUBPROCESS_PARAMS = [
-    pytest.param(name, id=name,
-                 marks=[xfail(SUBPROCESS_XFAIL[name])] if name in SUBPROCESS_XFAIL else [])
-    for name in SUBPROCESS
-]
+SUBPROCESS_PARAMS = [pytest.param(name, id=name) for name in SUBPROCESS]
 
 
 @pytest.mark.parametrize("name", SUBPROCESS_PARAMS)
