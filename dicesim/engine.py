@@ -284,7 +284,7 @@ class Simulation:
             w = torch.ones(n_loc, s.batch_size, dtype=s.dtype, device=dev)
             for i, k in enumerate(local):
                 if (k, t) in removals:
-                    w[i, torch.as_tensor(removals[(k, t)])] = 0.0
+                    w[i, torch.as_tensor(removals[(k, t)], device=dev)] = 0.0
 
             grad, loss = model.grads(theta, x, y, w)
             train_loss = loss.detach().cpu()

@@ -279,7 +279,8 @@ class InfluenceTracker:
         # Source: δ̂^{t+½} = O(θ;B) − O(θ;B∖S). For SGD that is −η ∇L_S(θ_j^t) exactly, the
         # gradient being linear in the sample weights; δ^{t+½} is the same difference.
         w_removed = torch.zeros_like(w[i])
-        w_removed[torch.as_tensor(e.positions)] = w[i][torch.as_tensor(e.positions)]
+        pos = torch.as_tensor(e.positions, device=w.device)
+        w_removed[pos] = w[i][pos]
         g_removed, _ = self.model.grads(theta[i:i + 1], x[i:i + 1], y[i:i + 1], w_removed[None])
         source = self.update_of(e.step, np.array([e.source]), -self.lr * g_removed)
         e.dhat = source.clone()
