@@ -209,7 +209,7 @@ def render_sbatch(
         "",
         "set -euo pipefail",
         "# Rendezvous on the first host of the allocation; the job id keeps jobs apart.",
-        'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
+        "HOSTS=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\"); HEAD=${HOSTS%%$'\\n'*}",
         "# Recent SLURM no longer passes --cpus-per-task from sbatch on to srun.",
         'export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"',
         f'echo "dicesim: $SLURM_NNODES machine(s) x {spec.procs} rank(s),'

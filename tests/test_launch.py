@@ -144,7 +144,7 @@ def test_sbatch_two_machines_eight_gpus():
                  "#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --mem=0",
                  "#SBATCH --exclusive"):
         assert line in lines
-    assert 'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in lines
+    assert "HOSTS=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\"); HEAD=${HOSTS%%$'\\n'*}" in lines
     srun = shlex.split(_srun_line(script))
     for flag in ("--nnodes=$SLURM_NNODES", "--nproc_per_node=8", "--rdzv_backend=c10d",
                  "--rdzv_endpoint=$HEAD:29611", "--rdzv_id=$SLURM_JOB_ID"):
