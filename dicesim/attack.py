@@ -54,7 +54,8 @@ class Attack:
         if not hit.any():
             return update
         factor = torch.ones(len(nodes), dtype=update.dtype, device=update.device)
-        factor[torch.as_tensor(hit, device=update.device)] = 0.0 if self.kind == "free_rider" else self.scale
+        hit_rows = torch.as_tensor(hit, device=update.device)
+        factor[hit_rows] = 0.0 if self.kind == "free_rider" else self.scale
         return update * factor[:, None]
 
 

@@ -144,7 +144,8 @@ def test_sbatch_two_machines_eight_gpus():
                  "#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --mem=0",
                  "#SBATCH --exclusive"):
         assert line in lines
-    assert "HOSTS=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\"); HEAD=${HOSTS%%$'\\n'*}" in lines
+    first_host = "HOSTS=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\"); HEAD=${HOSTS%%$'\\n'*}"
+    assert first_host in lines
     srun = shlex.split(_srun_line(script))
     for flag in ("--nnodes=$SLURM_NNODES", "--nproc_per_node=8", "--rdzv_backend=c10d",
                  "--rdzv_endpoint=$HEAD:29611", "--rdzv_id=$SLURM_JOB_ID"):
