@@ -24,7 +24,7 @@ from dicesim.comm import Channel, Comm, Layout, check_layout, peers
 from dicesim.data import Dataset, batch_ids, check_batch_size, load_dataset, partition
 from dicesim.defense import Defense, build_defense
 from dicesim.errors import ConfigError
-from dicesim.model import FlatModel, build_model
+from dicesim.model import FlatModel, Probe, build_model
 from dicesim.topology import Topology, build_topology
 from dicesim.tracker import Event, InfluenceSettings, InfluenceTracker, build_events
 
@@ -163,6 +163,7 @@ class Simulation:
         dcfg = cfg["data"]
         self.parts = partition(labels, s.nodes, dcfg.get("partition", "iid"),
                                float(dcfg.get("alpha", 1.0)), s.seed, min_size=s.batch_size)
+        self.node_probe_ids = self._split_node_probes(cfg["data"])
         check_batch_size(self.parts, s.batch_size)
         self.model: FlatModel = build_model(cfg["model"], self.data.input_shape,
                                             self.data.num_classes)
@@ -186,6 +187,27 @@ class Simulation:
                                               self.layout.local_nodes, self.influence.proximal)
         self.observers: list[Callable[[StepView], None]] = []
         self.on_flush: Callable[[RunResult], None] | None = None
+
+    def _split_node_probes(self, dcfg: Mapping) -> np.ndarray | None:
+        """data.probe=per_node: Z'_k = data.node_probe_size samples held out of node k's own
+        data (a local validation split) instead of the shared probe set."""
+        mode = dcfg.get("probe", "shared")
+        if mode not in ("shared", "per_node"):
+            raise ConfigError(f"data.probe={mode}: choose shared or per_node")
+        if mode == "shared":
+            return None
+        m = number(dcfg, "node_probe_size", int, 16, minimum=1)
+        smallest = min(len(p) for p in self.parts)
+        if m + self.run.batch_size > smallest:
+            raise ConfigError(
+                f"data.node_probe_size={m}: with batch_size={self.run.batch_size} it needs "
+                f"{m + self.run.batch_size} samples per node, the smallest node has {smallest}")
+        probes = []
+        for k, ids in enumerate(self.parts):
+            pick = np.random.default_rng([self.run.seed, k, 271828]).choice(len(ids), m, False)
+            probes.append(np.sort(ids[pick]))
+            self.parts[k] = np.delete(ids, pick)
+        return np.stack(probes)
 
     def _node_weights(self, given: object) -> np.ndarray:
         n = self.run.nodes
@@ -225,7 +247,12 @@ class Simulation:
             ids = np.concatenate([self.parts[k] for k in self.attack.nodes])
             xb, yb = self.attack.poison(data.x_train, data.y_train, ids, data.num_classes, s.seed)
             x_bad, y_bad = xb.to(dev, s.dtype), yb.to(dev, ydt)
-        probe = (data.x_probe.to(dev, s.dtype), data.y_probe.to(dev, ydt))
+        if self.node_probe_ids is None:
+            probe = Probe(data.x_probe.to(dev, s.dtype), data.y_probe.to(dev, ydt))
+        else:  # Z'_k of each local node, stacked: [local nodes, m, ...]
+            ids = torch.as_tensor(self.node_probe_ids[local])
+            probe = Probe(data.x_train[ids].to(dev, s.dtype), data.y_train[ids].to(dev, ydt),
+                          per_node=True)
         test = (data.x_test.to(dev, s.dtype), data.y_test.to(dev, ydt))
         removals = {(e.source, e.step): e.positions for e in self.removals}
         attacked = np.isin(local, self.attack.nodes)
@@ -263,7 +290,8 @@ class Simulation:
                 probe_grad = theta.new_zeros(theta.shape)
                 probe_loss = theta.new_zeros(n_loc)
                 if len(rows):
-                    probe_grad[rows], probe_loss[rows] = model.probe_grads(theta[rows], *probe)
+                    probe_grad[rows], probe_loss[rows] = model.probe_grads(theta[rows],
+                                                                           *probe.at(rows))
                 tracker.record(t, theta, probe_grad, probe_loss, probe)
                 if tracker.last_proximal is not None:
                     self.defense.observe(t - 1, tracker.last_proximal)
@@ -330,9 +358,9 @@ class Simulation:
             result.test_acc = [a for g in gathered for a in g[1]]
         return result
 
-    def _metrics(self, t: int, theta: Tensor, train_loss: Tensor, probe: tuple[Tensor, Tensor],
+    def _metrics(self, t: int, theta: Tensor, train_loss: Tensor, probe: Probe,
                  comm: Comm, result: RunResult, final: bool) -> None:
-        loss, acc = self.model.probe_eval(theta, *probe)
+        loss, acc = self.model.probe_eval(theta, probe.x, probe.y, probe.per_node)
         mean = comm.all_sum(theta.sum(0)) / self.run.nodes  # θ̄
         dist = (theta - mean).norm(dim=1)
         rows = [(t, int(k), float(train_loss[i]) if not final else math.nan, float(loss[i]),

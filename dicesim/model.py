@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -116,26 +117,50 @@ class FlatModel:
     def probe_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         return self.sample_losses(theta, x, y).mean()
 
-    def probe_eval(self, theta: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Probe loss L'(θ) and accuracy per row; x, y shared by every row."""
+    # x, y: one probe set for every row, or (per_row=True) one per row, stacked
+    def probe_eval(self, theta: Tensor, x: Tensor, y: Tensor,
+                   per_row: bool = False) -> tuple[Tensor, Tensor]:
+        """Probe loss L'(θ) and accuracy per row."""
 
-        def one(th: Tensor) -> tuple[Tensor, Tensor]:
-            out = self.forward(th, x)
+        def one(th: Tensor, xx: Tensor, yy: Tensor) -> tuple[Tensor, Tensor]:
+            out = self.forward(th, xx)
             if self.regression:
-                loss = ((out.squeeze(-1) - y) ** 2).mean()
+                loss = ((out.squeeze(-1) - yy) ** 2).mean()
                 return loss, -loss
-            loss = nn.functional.cross_entropy(out, y)
-            return loss, (out.argmax(-1) == y).to(out.dtype).mean()
+            loss = nn.functional.cross_entropy(out, yy)
+            return loss, (out.argmax(-1) == yy).to(out.dtype).mean()
 
-        return vmap(one)(theta)
+        return vmap(one, in_dims=_probe_dims(per_row))(theta, x, y)
 
-    def probe_grads(self, theta: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """∇L'(θ) and L'(θ) per row on a probe set shared by every row."""
-        g = grad_and_value(self.probe_loss)
-        return vmap(g, in_dims=(0, None, None))(theta, x, y)
+    def probe_grads(self, theta: Tensor, x: Tensor, y: Tensor,
+                    per_row: bool = False) -> tuple[Tensor, Tensor]:
+        """∇L'(θ) and L'(θ) per row."""
+        return vmap(grad_and_value(self.probe_loss), in_dims=_probe_dims(per_row))(theta, x, y)
 
-    def probe_losses(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        return vmap(self.probe_loss, in_dims=(0, None, None))(theta, x, y)
+    def probe_losses(self, theta: Tensor, x: Tensor, y: Tensor, per_row: bool = False) -> Tensor:
+        return vmap(self.probe_loss, in_dims=_probe_dims(per_row))(theta, x, y)
+
+
+def _probe_dims(per_row: bool) -> tuple[int, int | None, int | None]:
+    return (0, 0, 0) if per_row else (0, None, None)
+
+
+@dataclass
+class Probe:
+    """The probe sets Z'_k of a rank's nodes: one shared set (x: [m, ...]) or, with
+    per_node, one per local node (x: [local nodes, m, ...])."""
+
+    x: Tensor
+    y: Tensor
+    per_node: bool = False
+
+    def at(self, rows: Tensor | int) -> tuple[Tensor, Tensor, bool]:
+        """(x, y, per_row) for the parameter rows of these local nodes."""
+        if not self.per_node:
+            return self.x, self.y, False
+        if isinstance(rows, int):
+            return self.x[rows:rows + 1], self.y[rows:rows + 1], True
+        return self.x[rows], self.y[rows], True
 
 
 def build_model(cfg: Mapping, input_shape: Sequence[int], num_classes: int) -> FlatModel:

@@ -25,7 +25,7 @@ from torch import Tensor
 from dicesim.comm import Channel, Layout, mix
 from dicesim.data import batch_ids
 from dicesim.errors import ConfigError
-from dicesim.model import FlatModel
+from dicesim.model import FlatModel, Probe
 from dicesim.topology import Topology
 
 MAX_HOPS = 8
@@ -60,18 +60,18 @@ class Event:
 
 
 def loss_gap(model: FlatModel, theta: Tensor, delta: Tensor,
-             probe: tuple[Tensor, Tensor]) -> Tensor:
+             probe: tuple[Tensor, Tensor, bool]) -> Tensor:
     """L'(θ) − L'(θ − δ) per row, evaluated in float64 whatever the run's dtype.
 
     In float32 the two losses (~1) carry rounding errors of ~1e-7 each, as large as the
     gap of a single sample's removal a few hops away; δ itself is carried to full
     relative precision, so only this evaluation needs the wider type."""
-    x, y = probe
+    x, y, per_row = probe
     wide = torch.float64
-    y = y.to(wide) if y.is_floating_point() else y
+    x, y = x.to(wide), (y.to(wide) if y.is_floating_point() else y)
     theta, delta = theta.to(wide), delta.to(wide)
-    return (model.probe_losses(theta, x.to(wide), y)
-            - model.probe_losses(theta - delta, x.to(wide), y))
+    return (model.probe_losses(theta, x, y, per_row)
+            - model.probe_losses(theta - delta, x, y, per_row))
 
 
 def reach_sets(topology: Topology, source: int, step: int, hops: int) -> list[np.ndarray]:
@@ -207,7 +207,7 @@ class InfluenceTracker:
 
     # ---- at θ^t: record hop s = t − t_e ≥ 1 -------------------------------------------------
     def record(self, t: int, theta: Tensor, probe_grad: Tensor, probe_loss: Tensor,
-               probe: tuple[Tensor, Tensor]) -> None:
+               probe: Probe) -> None:
         """E[e,s,k] = q_k ∇L'_k(θ_k^t)ᵀ δ̂_k^t
         G[e,s,k] = q_k (L'_k(θ_k^t) − L'_k(θ_k^t − δ_k^t))"""
         if self.s.proximal and t > 0:
@@ -223,7 +223,7 @@ class InfluenceTracker:
         e_terms = (probe_grad[flat_idx] * dhat).sum(1)
         if self.s.ground_truth:
             delta = torch.cat([e.delta for e in due])
-            g_terms = loss_gap(self.model, theta[flat_idx], delta, probe)
+            g_terms = loss_gap(self.model, theta[flat_idx], delta, probe.at(flat_idx))
         offset = 0
         for e, local in zip(due, idx, strict=True):
             s = self._hop(e, t)
@@ -260,7 +260,7 @@ class InfluenceTracker:
 
     # ---- the local step at t ---------------------------------------------------------------
     def local_step(self, t: int, theta: Tensor, update: Tensor, probe_grad: Tensor | None,
-                   batch: tuple[Tensor, Tensor, Tensor], probe: tuple[Tensor, Tensor]) -> None:
+                   batch: tuple[Tensor, Tensor, Tensor], probe: Probe) -> None:
         x, y, w = batch
         base = self.layout.rank * self.layout.nodes_per_rank
         self._propagate(t, theta, update, x, y, w, base)
@@ -268,7 +268,7 @@ class InfluenceTracker:
             self._start(self.pending.pop(0), theta, update, probe_grad, x, y, w, base, probe)
 
     def _start(self, e: Event, theta: Tensor, update: Tensor, probe_grad: Tensor | None,
-               x: Tensor, y: Tensor, w: Tensor, base: int, probe: tuple[Tensor, Tensor]) -> None:
+               x: Tensor, y: Tensor, w: Tensor, base: int, probe: Probe) -> None:
         if not self.layout.is_local(e.source):
             e.dhat = theta.new_zeros(0, self.model.P)  # its rows arrive by gossip
             e.delta = theta.new_zeros(0, self.model.P) if self.s.ground_truth else None
@@ -292,7 +292,7 @@ class InfluenceTracker:
         gt = None
         if self.s.ground_truth:
             half = theta[i:i + 1] + update[i:i + 1]
-            gt = float(qj * loss_gap(self.model, half, source, probe)[0])
+            gt = float(qj * loss_gap(self.model, half, source, probe.at(i))[0])
         e.rows.append((e.index, e.source, e.step, e.n_removed, 0, e.source, dice_e, gt))
         if self.s.hops > 0:
             self.active.append(e)

@@ -104,14 +104,17 @@ def test_propagated_estimate_equals_sum_over_walks(curvature):
 
 
 # ---- ground truth equals two separate runs -------------------------------------------------
-def test_ground_truth_equals_two_separate_runs():
+@pytest.mark.parametrize("probe", ["shared", "per_node"])
+def test_ground_truth_equals_two_separate_runs(probe):
     """G[e,s,k] (s ≥ 1) from shadow rows = q_k (L'_k of the real run − L'_k of a complete
-    counterfactual run with the removal applied from the start)."""
+    counterfactual run with the removal applied from the start); L'_k on the shared probe
+    set or on node k's own held-out split."""
+    base = (*SMALL_MLP, f"data.probe={probe}")
     events = [{"node": 2, "step": 1}, {"node": 0, "step": 2, "samples": [0]}]
-    sim0 = Simulation(make_config(*SMALL_MLP))
+    sim0 = Simulation(make_config(*base))
     ids = _batch_ids(sim0, 0, 2)
     events[1]["samples"] = [int(ids[3]), int(ids[5])]
-    overrides = (*SMALL_MLP, "topology=ring", "influence.hops=3", events_arg(events))
+    overrides = (*base, "topology=ring", "influence.hops=3", events_arg(events))
     sim, result = execute(*overrides)
     real = _probe_losses(result)
     checked = 0
@@ -119,7 +122,7 @@ def test_ground_truth_equals_two_separate_runs():
         samples = e.get("samples", "all")
         samples = f"[{','.join(map(str, samples))}]" if isinstance(samples, list) else samples
         removal = f"counterfactual.remove=[{{node:{e['node']},step:{e['step']},samples:{samples}}}]"
-        _, cf_result = execute(*SMALL_MLP, "topology=ring", "influence.events=0", removal)
+        _, cf_result = execute(*base, "topology=ring", "influence.events=0", removal)
         cf = _probe_losses(cf_result)
         for (ev, s, k), (_, G) in table(result.influence).items():
             if ev != index or s == 0:
@@ -202,7 +205,7 @@ def test_influence_table_does_not_depend_on_ranks(tmp_path):
     events = [{"node": 0, "step": 1}, {"node": 3, "step": 2, "samples": 2},
               {"node": 1, "step": 2}]
     overrides = (*SMALL_MLP, "topology=hub", "influence.hops=3", "influence.proximal=true",
-                 events_arg(events))
+                 "data.probe=per_node", events_arg(events))
     _, result = execute(*overrides)
     single = table(result.influence)
     for ranks in (2, 4):
