@@ -484,7 +484,9 @@ def by_hop_curves(out: Path, name: str, cases: list[dict], title: str) -> str:
                     color=colour, label=case["label"])
         a2.semilogy(hops, re, style, marker="o", ms=3, color=colour, label=case["label"])
     a1.axhline(0.01, color="red", lw=0.8, ls=":", label="Spearman = 0.99")
-    a1.set(xlabel="hop s", ylabel="1 − Spearman(E, G)", title=title)
+    for ax in (a1, a2):
+        ax.set_xticks(range(max(c["hops"] for c in cases) + 1))
+    a1.set(xlabel="hop s", ylabel="1 − Spearman(E, G)  (1e-8: Spearman = 1)", title=title)
     a2.set(xlabel="hop s", ylabel="rel_err = Σ|E − G| / Σ|G|", title="relative error")
     a1.legend(fontsize=6)
     fig.tight_layout()
@@ -512,7 +514,8 @@ def sweep_curves(out: Path, cases: list[dict]) -> str:
                         label=f"lr {c['lr']:g}, B {c['batch_size']}, n {c['nodes']}"
                         if c["curvature"] else None)
         ax.axhline(0.01, color="red", lw=0.8, ls=":")
-        ax.set(title=f"{topo} (dashed: no curvature)", xlabel="hop s")
+        ax.set(title=f"{topo} (dashed: no curvature)", xlabel="hop s",
+               xticks=range(max(c["hops"] for c in mine) + 1))
         ax.legend(fontsize=6)
     axes[0][0].set_ylabel("1 − Spearman(E, G)")
     fig.tight_layout()

@@ -284,9 +284,9 @@ def report_md(cfg: DictConfig, summary: dict, pictures: list[str]) -> str:
         "gossip round later (accumulated proximal influence, Definition 4). Per edge "
         "ρ_{jk} = b_{k→j} / b_{j→k} (what j got back per unit given; in `edges.csv`); per node "
         "given_j = Σ_k b_{j→k}, received_j = Σ_k b_{k→j}, ρ_j = received_j / given_j and "
-        "β_j = (received − given) / (|received| + |given|) ∈ [−1, 1]. Clean nodes give about "
-        "what they get (ρ ≈ 1, β ≈ 0); noisy nodes take more than they give (β → +1, and "
-        "ρ < 0 once their data harms their neighbours).",
+        "β_j = (received − given) / (|received| + |given|) ∈ [−1, 1]: β ≈ 0 trades evenly, "
+        "β > 0 takes more than it gives (β = 1: gives nothing, or harms), β < 0 gives more "
+        "than it gets back. ρ < 0 means one side's data harms the other.",
         "",
     ]
     for pic in pictures:

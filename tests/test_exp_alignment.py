@@ -1,0 +1,50 @@
+"""`make alignment`: the config composes and a tiny case aligns DICE-E with DICE-GT."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import make_config
+
+from dicesim.cli import open_session
+from dicesim.experiments import alignment
+
+TINY = ("experiment=alignment", "nodes=6", "steps=12", "batch_size=8", "model.hidden=[16]",
+        "data.probe_size=60", "influence.events=20", "alignment.precision.events=6",
+        "alignment.precision.hops=3", "alignment.min_spearman=0.95",
+        "alignment.core=[{topology:ring,lr:0.05,hops:2,removal:batch,check:true},"
+        "{topology:ring,lr:0.05,hops:2,removal:single,check:true},"
+        "{topology:ring,lr:0.05,hops:2,removal:batch,curvature:false}]")
+
+
+def test_config_composes_with_the_issue_3_cases():
+    cfg = make_config("experiment=alignment")
+    assert cfg.driver == "alignment" and cfg.nodes == 16 and cfg.batch_size == 32
+    assert cfg.dtype == "float32" and cfg.influence.events == 200
+    assert list(cfg.model.hidden) == [64] and cfg.model.activation == "tanh"
+    labels = [c.label for c in alignment.core_cases(cfg)]
+    assert "exponential/lr0.2/r8/batch/no-curvature" in labels
+    assert len(alignment.sweep_cases(cfg)) == 5 * 2 * 2 * 2 * 2
+
+
+def test_tiny_alignment_run(tmp_path):
+    cfg = make_config(*TINY)
+    session = open_session(cfg)
+    session.out = tmp_path
+    summary = alignment.run(session)
+    batch, single, no_curv = summary["cases"]
+    for case in (batch, single):
+        assert case["alignment"]["hop_1"]["spearman"] >= 0.95
+        assert case["alignment"]["hop_1"]["rel_err"] < 0.05
+    assert summary["targets"]["all_pass"]
+    assert no_curv["label"] in summary["targets"]["curvature_gap"]
+    # hop 0 and hop 1 do not depend on the curvature factor: identical numbers
+    assert no_curv["alignment"]["hop_1"] == batch["alignment"]["hop_1"]
+    # float32 ground truth agrees with float64's far better than E agrees with G
+    for hop in summary["precision"]["by_hop"].values():
+        assert hop["gt_noise"] < 0.1 * hop["rel_err_float64"]
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["targets"] == summary["targets"]
+    for name in ("alignment.csv", "report.md", "scatter.png", "spearman_vs_hop.png"):
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "cases" / "ring__lr0.05__r2__single" / "influence.csv").is_file()
