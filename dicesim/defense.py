@@ -3,16 +3,20 @@
 - none:          θ_k ← Σ_l W[k,l] θ_l  (plain gossip)
 - dice:          influence-guided collaborator selection. Each honest receiver k sums the
                  proximal influence of each in-neighbour j (Definition 4, measured by k
-                 itself) over a sliding window; an in-neighbour whose windowed influence
-                 is harmful (> threshold: it raised k's probe loss) gets weight 0 and the
-                 row is renormalized, so W stays row-stochastic. Needs influence.proximal.
+                 itself) over the last `window` steps in which k mixed j's parameters; an
+                 in-neighbour whose windowed influence is harmful (> threshold: it raised k's
+                 probe loss) gets weight 0 and the row is renormalized, so W stays
+                 row-stochastic. A dropped in-neighbour is no longer mixed, hence no longer
+                 measured: its verdict stands (no re-admission on an empty window).
+                 Needs influence.proximal.
 - trimmed_mean:  coordinate-wise trimmed mean over self and in-neighbours (robust baseline);
                  drops the `trim` largest and smallest values per coordinate.
+- oracle:        the upper bound of any selection rule: honest receivers give every attacked
+                 node weight 0 from step 0 (it is told who they are) and renormalize.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -23,7 +27,7 @@ from torch import Tensor
 from dicesim.comm import Channel, mix
 from dicesim.errors import ConfigError
 
-DEFENSES = ("none", "dice", "trimmed_mean")
+DEFENSES = ("none", "dice", "trimmed_mean", "oracle")
 
 
 @dataclass
@@ -35,31 +39,48 @@ class Defense:
     trim: int = 1
     honest: np.ndarray = field(default_factory=lambda: np.array([], dtype=np.int64))
     local: np.ndarray = field(default_factory=lambda: np.array([], dtype=np.int64))
-    _recent: deque = field(default_factory=deque)  # per step: [local k, sender j] influence
     dropped: np.ndarray | None = None  # [local k, all j] bool
+    _values: np.ndarray | None = None  # [local k, j, window] the last measured influences
+    _count: np.ndarray | None = None  # [local k, j] how many were measured so far
+    _mixed: np.ndarray | None = None  # [local k, j] W^t[k,j] > 0 of the last weights() call
 
     def observe(self, t: int, proximal: np.ndarray) -> None:
-        """Proximal influence of step t (rows: local receivers, columns: senders)."""
+        """Proximal influence of step t (rows: local receivers, columns: senders). The engine
+        calls it after weights() of step t, so `_mixed` says which pairs k mixed at t."""
         if self.kind != "dice":
             return
-        self._recent.append(proximal)
-        if len(self._recent) > self.window:
-            self._recent.popleft()
+        if self._values is None:
+            self._values = np.zeros((*proximal.shape, self.window))
+            self._count = np.zeros(proximal.shape, dtype=np.int64)
+        assert self._count is not None
+        measured = self._mixed if self._mixed is not None else np.ones(proximal.shape, bool)
+        measured = measured.copy()
+        measured[np.arange(len(self.local)), self.local] = False  # k ≠ j
+        k, j = np.nonzero(measured)
+        self._values[k, j, self._count[k, j] % self.window] = proximal[k, j]
+        self._count[k, j] += 1
         if t + 1 < self.warmup:
             return
-        score = np.sum(self._recent, axis=0)
+        score = self._values.sum(axis=2)  # Σ of the last `window` measured values
         honest = np.isin(self.local, self.honest)[:, None]
-        self.dropped = (score > self.threshold) & honest
+        self.dropped = (score > self.threshold) & (self._count > 0) & honest
 
     def weights(self, W: np.ndarray) -> np.ndarray:
         """W with this rank's rows adjusted (rows of other ranks' nodes left as they are)."""
-        if self.kind != "dice" or self.dropped is None or not self.dropped.any():
+        if self.kind == "oracle" and self.dropped is None:
+            attacked = ~np.isin(np.arange(W.shape[1]), self.honest)
+            self.dropped = np.isin(self.local, self.honest)[:, None] & attacked[None, :]
+        if self.kind not in ("dice", "oracle") or self.dropped is None or not self.dropped.any():
+            self._mixed = W[self.local] > 0
             return W
         W = W.copy()
         rows = W[self.local]
         rows[self.dropped] = 0.0
-        rows /= rows.sum(axis=1, keepdims=True)  # self-weight > 0 keeps every row non-empty
+        empty = rows.sum(axis=1) == 0  # every in-neighbour cut and no self-weight: keep θ_k
+        rows[np.flatnonzero(empty), self.local[empty]] = 1.0
+        rows /= rows.sum(axis=1, keepdims=True)
         W[self.local] = rows
+        self._mixed = rows > 0
         return W
 
     def aggregate(self, W: np.ndarray, channel: Channel) -> Tensor:

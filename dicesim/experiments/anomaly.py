@@ -1,0 +1,369 @@
+"""`make anomaly`: catch misbehaving nodes by the proximal influence their neighbours measure.
+
+One run per (attack, topology), with influence.proximal=true. Over the scoring steps 𝒯
+(t ≥ attack.start; the last `anomaly.window` of them when set) each honest receiver k
+scores each in-neighbour j, higher = more suspicious:
+
+  dice          mean_{t∈𝒯} I_t(j→k) / (q_k W^t[k,j]) = ∇L'_k(θ_k^{t+1})ᵀ Δ_j^t
+                (proximal influence, Definition 4, per unit of mixing weight; > 0: harmful)
+  update_norm   mean ‖Δ_j^t‖
+  neg_cosine    mean −cos(Δ_j^t, Δ_k^t)                  (k's own update as the reference)
+  probe_loss    mean L'_k(θ_j^{t+½}) − L'_k(θ_k^{t+½})   (k's probe loss of j's parameters)
+
+The baselines use what k receives at the same steps (a StepView observer). ROC-AUC is over
+pairs (k, j) with label "j is attacked"; at node level s_j = mean over j's honest
+out-neighbours k of s_kj, and precision is taken at m = the number of attacked nodes.
+Each rank's observer sees its own receivers; rank 0 gathers them, so this runs under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from sklearn.metrics import roc_auc_score
+from torch import Tensor
+from torch.nn.functional import cosine_similarity
+
+from dicesim.attack import ATTACKS
+from dicesim.cli import Session, fail, prepare_output
+from dicesim.engine import RunResult, Simulation, StepView
+from dicesim.experiments import CONFIG_DIR, group_option, variant
+from dicesim.report import write_atomic, write_csv
+
+METHODS = ("dice", "update_norm", "neg_cosine", "probe_loss")
+LABELS = {"dice": "DICE proximal influence", "update_norm": "update norm",
+          "neg_cosine": "−cosine to own update", "probe_loss": "probe loss of neighbour"}
+Pair = tuple[int, int]  # (receiver k, sender j)
+
+
+@dataclass
+class Case:
+    attack: str
+    topology: str
+    sim: Simulation
+    outcome: dict = field(default_factory=dict)
+
+
+def scoring_steps(sim: Simulation, window: int | None) -> range:
+    """𝒯: steps from attack.start on, only the last `window` of the run when set."""
+    first = sim.attack.start if window is None else max(sim.attack.start, sim.run.steps - window)
+    return range(first, sim.run.steps)
+
+
+class BaselineSignals:
+    """StepView observer: per (honest local receiver k, in-neighbour j) the running sums of
+    ‖Δ_j‖, −cos(Δ_j, Δ_k) and L'_k(θ_j^{t+½}) − L'_k(θ_k^{t+½}) over the scoring steps
+    (L'_k on k's own probe set Z'_k when data.probe=per_node)."""
+
+    def __init__(self, sim: Simulation, steps: range):
+        self.sim, self.steps = sim, steps
+        self.honest = np.setdiff1d(sim.layout.local_nodes, sim.attack.nodes)
+        self.sums: dict[Pair, np.ndarray] = {}
+        self.counts: dict[Pair, int] = defaultdict(int)
+        self._probes: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def probe(self, k: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """Z'_k cast like the engine casts it: x in the run's dtype, y long (or the dtype)."""
+        if k not in self._probes:
+            data, ids = self.sim.data, self.sim.node_probe_ids
+            x, y = (data.x_probe, data.y_probe) if ids is None else (
+                data.x_train[torch.as_tensor(ids[k])], data.y_train[torch.as_tensor(ids[k])])
+            ydt = like.dtype if self.sim.model.regression else torch.long
+            self._probes[k] = (x.to(like.device, like.dtype), y.to(like.device, ydt))
+        return self._probes[k]
+
+    def __call__(self, view: StepView) -> None:
+        if view.t not in self.steps:
+            return
+        assert view.received_updates is not None, "needs influence.proximal=true"
+        half = view.theta + view.update  # θ_k^{t+½} of the local nodes
+        for k in self.honest:
+            i = self.sim.layout.local_index(int(k))
+            nbrs = [int(j) for j in np.flatnonzero(view.W[k] > 0) if j != k]
+            rows = torch.as_tensor(nbrs, device=half.device)
+            updates = view.received_updates[rows]  # Δ_j^t
+            losses = self.sim.model.probe_losses(  # L'_k(θ_j^{t+½}) …, L'_k(θ_k^{t+½})
+                torch.cat([view.received[rows], half[i:i + 1]]), *self.probe(int(k), half))
+            cos = cosine_similarity(updates, view.update[i][None], dim=1)
+            values = torch.stack([updates.norm(dim=1), -cos, losses[:-1] - losses[-1]], dim=1)
+            for j, v in zip(nbrs, values.double().cpu().numpy(), strict=True):
+                self.sums[(int(k), j)] = self.sums.get((int(k), j), 0.0) + v
+                self.counts[(int(k), j)] += 1
+
+    def means(self) -> dict[Pair, np.ndarray]:
+        return {p: s / self.counts[p] for p, s in self.sums.items()}
+
+
+def dice_scores(sim: Simulation, rows: list[tuple], steps: range,
+                per_weight: bool) -> dict[Pair, float]:
+    """Mean proximal influence per (honest receiver k, sender j) over 𝒯, optionally divided
+    by q_k W^t[k,j] (the weight k gave j), so receivers with other weights compare."""
+    attacked = set(sim.attack.nodes.tolist())
+    values: dict[Pair, list[float]] = defaultdict(list)
+    for t, j, k, v in rows:
+        if t in steps and k not in attacked:
+            scale = sim.q[k] * sim.topology.W(t)[k, j] if per_weight else 1.0
+            values[(int(k), int(j))].append(v / scale)
+    return {p: float(np.mean(v)) for p, v in values.items()}
+
+
+def _finite(s: np.ndarray) -> np.ndarray:
+    """Non-finite scores (a diverged run) count as the most (or least) suspicious."""
+    ok = s[np.isfinite(s)]
+    hi, lo = (ok.max() + 1, ok.min() - 1) if len(ok) else (1.0, -1.0)
+    return np.nan_to_num(s, nan=hi, posinf=hi, neginf=lo)
+
+
+def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else None
+
+
+def evaluate(scores: dict[Pair, float], attacked: np.ndarray) -> dict:
+    """ROC-AUC over pairs; node-level ROC-AUC and precision at m = |attacked|."""
+    pairs = sorted(scores)
+    s = _finite(np.array([scores[p] for p in pairs], dtype=float))
+    y = np.isin([j for _, j in pairs], attacked)
+    by_sender: dict[int, list[float]] = defaultdict(list)
+    for (_, j), v in zip(pairs, s, strict=True):
+        by_sender[j].append(v)
+    senders = np.array(sorted(by_sender))
+    node_s = np.array([np.mean(by_sender[j]) for j in senders])
+    node_y = np.isin(senders, attacked)
+    m = len(attacked)
+    top = senders[np.argsort(-node_s, kind="stable")[:m]]
+    return {"roc_auc": _auc(y, s), "node_roc_auc": _auc(node_y, node_s),
+            "precision_at_k": float(np.isin(top, attacked).sum() / m) if m else None,
+            "k": m, "pairs": len(pairs), "attack_pairs": int(y.sum()),
+            "attackers_scored": int(node_y.sum()), "ranking": [int(j) for j in top]}
+
+
+# ---- the driver ---------------------------------------------------------------------------
+def _check(cfg: DictConfig) -> None:
+    spec = cfg.anomaly
+    for a in spec.attacks:
+        if a not in ATTACKS or a == "none":
+            fail(f"anomaly.attacks: {a} is not an attack; choose from "
+                 f"{', '.join(x for x in ATTACKS if x != 'none')}")
+    known = sorted(p.stem for p in (CONFIG_DIR / "topology").glob("*.yaml"))
+    for name in spec.topologies:
+        if name not in known:
+            fail(f"anomaly.topologies: unknown topology {name}; choose from {', '.join(known)}")
+    w = spec.get("window")
+    if w is not None and (not isinstance(w, int) or w < 1):
+        fail(f"anomaly.window={w}: a positive number of steps, or null for every attacked step")
+
+
+def build_cases(session: Session) -> list[Case]:
+    cfg = session.cfg
+    _check(cfg)
+    return [Case(a, topo, session.build(variant(
+        cfg, attack__kind=a, topology=group_option("topology", topo), influence__proximal=True,
+        defense__kind="none")))
+        for topo in cfg.anomaly.topologies for a in cfg.anomaly.attacks]
+
+
+def run_case(session: Session, case: Case, window: int | None, per_weight: bool) -> None:
+    sim = case.sim
+    steps = scoring_steps(sim, window)
+    signals = BaselineSignals(sim, steps)
+    sim.observers.append(signals)
+    t0 = time.perf_counter()
+    result = session.simulate(sim)
+    assert session.comm is not None
+    gathered = session.comm.gather_to_root(signals.means())
+    if session.rank != 0:
+        return
+    baseline = {p: v for part in gathered for p, v in part.items()}
+    scores = {"dice": dice_scores(sim, result.proximal, steps, per_weight)}
+    for i, method in enumerate(METHODS[1:]):
+        scores[method] = {p: float(v[i]) for p, v in baseline.items()}
+    attacked = sim.attack.nodes
+    honest = np.setdiff1d(np.arange(sim.run.nodes), attacked)
+    case.outcome = {
+        "attackers": attacked.tolist(),
+        "honest_test_acc": float(np.mean(np.asarray(result.test_acc)[honest])),
+        "wall_s": time.perf_counter() - t0,
+        "scores": scores,
+        "methods": {m: evaluate(scores[m], attacked) for m in METHODS},
+        "trace": influence_trace(result, sim, steps),
+    }
+
+
+def influence_trace(result: RunResult, sim: Simulation, steps: range) -> dict[str, list]:
+    """Per step: mean proximal influence on honest receivers from attacked / honest senders."""
+    attacked = sim.attack.nodes
+    rows = np.array(result.proximal, dtype=float).reshape(-1, 4)
+    rows = rows[~np.isin(rows[:, 2], attacked)]
+    out: dict[str, list] = {"step": list(range(sim.run.steps)), "attacked": [], "honest": []}
+    for t in out["step"]:
+        at = rows[rows[:, 0] == t]
+        bad = np.isin(at[:, 1], attacked)
+        out["attacked"].append(float(at[bad, 3].mean()) if bad.any() else None)
+        out["honest"].append(float(at[~bad, 3].mean()) if (~bad).any() else None)
+    out["first_scored"] = steps.start
+    return out
+
+
+def run(session: Session) -> dict | None:
+    cfg = session.cfg
+    spec = cfg.anomaly
+    cases = build_cases(session)  # every variant validated before any training
+    session.say(f"dicesim anomaly: {len(cases)} runs ({', '.join(spec.attacks)} × "
+                f"{', '.join(spec.topologies)}), {cfg.nodes} nodes, {cfg.steps} steps")
+    if cfg.get("dry_run", False):
+        session.say("dicesim: dry run — every configuration is valid, nothing trained")
+        return None
+    prepare_output(session)
+    t0 = time.perf_counter()
+    for i, case in enumerate(cases):
+        run_case(session, case, spec.get("window"), bool(spec.get("per_weight", True)))
+        if session.rank == 0:
+            auc = {m: case.outcome["methods"][m]["roc_auc"] for m in METHODS}
+            session.say(f"  [{i + 1}/{len(cases)}] {case.attack:>13} on {case.topology:<12} "
+                        + "  ".join(f"{m} {_fmt(v)}" for m, v in auc.items())
+                        + f"  ({case.outcome['wall_s']:.1f} s)")
+    if session.rank != 0:
+        return None
+    assert session.out is not None
+    summary = summarize(cfg, cases, time.perf_counter() - t0)
+    write_outputs(session.out, cfg, cases, summary)
+    for name, met in summary["targets"].items():
+        session.say(f"  target {name}: {'met' if met else 'MISSED'}")
+    session.say(f"dicesim anomaly: done; report: {session.out / 'report.md'}")
+    return summary
+
+
+# ---- outputs ------------------------------------------------------------------------------
+def summarize(cfg: DictConfig, cases: list[Case], wall_s: float) -> dict:
+    results = []
+    for c in cases:
+        for m in METHODS:
+            r = {k: v for k, v in c.outcome["methods"][m].items() if k != "ranking"}
+            results.append({"attack": c.attack, "topology": c.topology, "method": m, **r})
+    targets = {}
+    for c in cases:
+        if c.attack == "label_flip" and c.topology in ("ring", "exponential"):
+            auc = c.outcome["methods"]["dice"]["roc_auc"]
+            targets[f"label_flip_{c.topology}_dice_roc_auc_ge_0.95"] = bool(
+                auc is not None and auc >= 0.95)
+    return {
+        "experiment": "anomaly", "nodes": int(cfg.nodes), "steps": int(cfg.steps),
+        "data": cfg.data.name, "model": cfg.model.name, "lr": float(cfg.optim.lr),
+        "window": cfg.anomaly.get("window"), "per_weight": bool(cfg.anomaly.per_weight),
+        "attack_start": int(cfg.attack.start), "wall_s": wall_s,
+        "cases": [{"attack": c.attack, "topology": c.topology,
+                   "attackers": c.outcome["attackers"],
+                   "honest_test_acc": c.outcome["honest_test_acc"],
+                   "dice_ranking": c.outcome["methods"]["dice"]["ranking"],
+                   "wall_s": c.outcome["wall_s"]} for c in cases],
+        "results": results, "targets": targets,
+    }
+
+
+def write_outputs(out: Path, cfg: DictConfig, cases: list[Case], summary: dict) -> None:
+    rows = []
+    for c in cases:
+        s, attacked = c.outcome["scores"], set(c.outcome["attackers"])
+        for k, j in sorted(s["dice"]):
+            rows.append((c.attack, c.topology, k, j, int(j in attacked),
+                         *[s[m].get((k, j), float("nan")) for m in METHODS]))
+    write_csv(out / "scores.csv", ("attack", "topology", "receiver", "sender", "attacked",
+                                   *METHODS), rows)
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    pictures = plots(out, cfg, cases) if cfg.get("plots", True) else []
+    write_atomic(out / "report.md", report_md(summary, pictures))
+
+
+def _fmt(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def report_md(summary: dict, pictures: list[str]) -> str:
+    window = summary["window"] or f"every step from {summary['attack_start']}"
+    lines = [
+        "# Anomaly detection by proximal influence",
+        "",
+        f"{summary['nodes']} nodes, {summary['steps']} steps, `{summary['model']}` on "
+        f"`{summary['data']}`, lr {summary['lr']:g}. Each honest node scores each in-neighbour "
+        f"by the proximal influence it measured (window: {window}; "
+        f"{'per unit of mixing weight' if summary['per_weight'] else 'as measured'}), "
+        "against baselines computed from the same received messages. Higher = more suspicious.",
+        "",
+        "ROC-AUC over (honest receiver, in-neighbour) pairs; P@m = precision of the m "
+        "highest-scored senders (score averaged over their honest receivers), m = number "
+        "of attacked nodes.",
+        "",
+        "| attack | topology | honest test acc | " + " | ".join(
+            f"{LABELS[m]} AUC / P@m" for m in METHODS) + " |",
+        "|---|---|---|" + "---|" * len(METHODS),
+    ]
+    by = {(r["attack"], r["topology"], r["method"]): r for r in summary["results"]}
+    for c in summary["cases"]:
+        cells = [f"{_fmt(by[(c['attack'], c['topology'], m)]['roc_auc'])} / "
+                 f"{_fmt(by[(c['attack'], c['topology'], m)]['precision_at_k'])}"
+                 for m in METHODS]
+        lines.append(f"| {c['attack']} | {c['topology']} | {c['honest_test_acc']:.3f} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "Targets:", ""]
+    for name, met in summary["targets"].items():
+        lines.append(f"- {name}: **{'met' if met else 'missed'}**")
+    lines.append("")
+    for pic in pictures:
+        lines += [f"![{pic}]({pic})", ""]
+    lines += ["Files: `summary.json`, `scores.csv` (every pair's score by every method), "
+              "`config.yaml`.", ""]
+    return "\n".join(lines)
+
+
+def plots(out: Path, cfg: DictConfig, cases: list[Case]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(cases) + 2), 4))
+    width = 0.8 / len(METHODS)
+    for i, m in enumerate(METHODS):
+        auc = [c.outcome["methods"][m]["roc_auc"] for c in cases]
+        ax.bar(np.arange(len(cases)) + (i - (len(METHODS) - 1) / 2) * width,
+               [np.nan if a is None else a for a in auc], width, label=LABELS[m])
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.axhline(0.95, color="black", lw=0.8, ls="--", label="target 0.95")
+    ax.set_xticks(np.arange(len(cases)), [f"{c.attack}\n{c.topology}" for c in cases],
+                  fontsize=8)
+    ax.set(ylabel="ROC-AUC (pairs)", ylim=(0, 1.05), title="which neighbour is attacked?")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out / "roc_auc.png", dpi=110)
+    plt.close(fig)
+
+    ex = list(cfg.anomaly.get("example") or ["label_flip", "ring"])
+    case = next((c for c in cases if [c.attack, c.topology] == ex), cases[0])
+    attacked = set(case.outcome["attackers"])
+    dice = case.outcome["scores"]["dice"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for (_, j), v in dice.items():
+        axes[0].scatter(j, v, color="C3" if j in attacked else "C0", s=18, alpha=0.8)
+    axes[0].axhline(0, color="grey", lw=0.8)
+    axes[0].set(xlabel="sender j (red: attacked)", ylabel="score ∇L'_kᵀΔ_j (mean over steps)",
+                title=f"DICE score per (receiver, sender): {case.attack} on {case.topology}")
+    tr = case.outcome["trace"]
+    for key, color in (("attacked", "C3"), ("honest", "C0")):
+        vals = [np.nan if v is None else v for v in tr[key]]
+        axes[1].plot(tr["step"], vals, color=color, lw=1, label=f"from {key} senders")
+    axes[1].axvline(tr["first_scored"], color="grey", lw=0.8, ls="--")
+    axes[1].axhline(0, color="grey", lw=0.8)
+    axes[1].set(xlabel="step t", ylabel="mean proximal influence on honest k",
+                title="> 0: raised the receiver's probe loss")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out / "scores.png", dpi=110)
+    plt.close(fig)
+    return ["roc_auc.png", "scores.png"]
