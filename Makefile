@@ -27,7 +27,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check dicesim tests launch
-	$(PY) -m pytest -q -x
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -x
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

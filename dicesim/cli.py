@@ -171,3 +171,10 @@ def main() -> None:
     check_group_choices(sys.argv[1:])
     check_composes(sys.argv[1:])
     _hydra_main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Everything is written and the process group destroyed. Gloo's worker threads can
+        # still abort the interpreter's finalization (SIGABRT, "terminate called without an
+        # active exception"), so a rank of a distributed run leaves without it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
