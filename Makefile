@@ -36,10 +36,10 @@ lint: $(STAMP)
 	$(PY) -m ruff check dicesim tests launch
 
 bench: $(STAMP)
-	$(PY) -m dicesim.bench.engine
+	@$(PY) -m dicesim.bench.engine $(ARGS)
 
 bench-influence: $(STAMP)
-	$(PY) -m dicesim.bench.influence
+	@$(PY) -m dicesim.bench.influence $(ARGS)
 
 # One target per experiment; ARGS passes extra Hydra overrides, e.g. ARGS='data=fashion_mnist'.
 alignment cascade anomaly collaborators contribution: $(STAMP)

@@ -10,6 +10,11 @@ Prints ONE JSON object on stdout; progress on stderr. Extra rows that explain th
 numbers: `one_process_warm` (the same run in this process after a warm-up run, i.e.
 without torch.func's one-off first-call cost that `wall_s` of a fresh process includes)
 and `one_process_1thread` (one process restricted to one thread, as each torchrun rank is).
+
+The machine may be shared: before each measurement the bench waits (up to --max-wait-s)
+for idle CPUs, records `others_cpu_share` (CPU other processes used meanwhile) and runs a
+configuration again (up to --retries) while that share exceeded 10 %; `clean` says
+whether the reported run was undisturbed.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import time
 
 from dicesim.bench import (
     QUIET,
-    default_threads,
+    attempt_until_clean,
+    best_clean,
     emit,
     loadavg,
     pick,
@@ -40,28 +46,21 @@ def overrides(nodes: int, steps: int, batch_size: int, hidden: int, topology: st
             "influence.events=0", *QUIET]
 
 
-def best_of(runs: list[dict]) -> dict:
-    """The least-disturbed of repeated runs (highest throughput); all rates kept."""
-    best = dict(max(runs, key=lambda r: r["node_steps_per_s"]))
-    if len(runs) > 1:
-        best["all_node_steps_per_s"] = [round(r["node_steps_per_s"], 1) for r in runs]
-    return best
-
-
-def measure(label: str, ovr: list[str], ranks: int, threads: int, repeats: int) -> dict:
-    runs = []
-    for i in range(repeats):
-        say(f"{label}: run {i + 1}/{repeats} ({ranks} rank(s), {threads} thread(s) each)")
+def measure(label: str, ovr: list[str], ranks: int, threads: int, repeats: int,
+            retries: int, max_wait_s: float) -> dict:
+    def once() -> dict:
         summary = run_dicesim(ovr, ranks=ranks, threads=threads)
         summary["threads"] = threads
-        runs.append(pick(summary, *FIELDS))
         say(f"{label}: {summary['node_steps_per_s']:.0f} node-steps/s, "
             f"gossip {100 * summary['gossip_share']:.1f} %")
-    return best_of(runs)
+        return pick(summary, *FIELDS)
+
+    say(f"{label} ({ranks} rank(s), {threads} thread(s) each)")
+    return best_clean(attempt_until_clean(once, repeats, retries, max_wait_s, label))
 
 
-def dense_vmap_baseline(ovr: list[str], threads: int, repeats: int = 3,
-                        warmup_steps: int = 20) -> dict:
+def dense_vmap_baseline(ovr: list[str], threads: int, repeats: int, retries: int,
+                        max_wait_s: float, warmup_steps: int = 20) -> dict:
     """The same dynamics as a bare loop: θ [n, P]; per step gather the batches (ids
     precomputed), g = vmap(grad(mean batch loss)), θ ← W^t (θ − η g)."""
     import numpy as np
@@ -99,29 +98,34 @@ def dense_vmap_baseline(ovr: list[str], threads: int, repeats: int = 3,
             theta = Ws[t % period] @ (theta - s.lr * g)
         return theta
 
-    loop(warmup_steps)
-    walls = []
-    for _ in range(repeats):
+    def once() -> dict:
         t0 = time.perf_counter()
         loop(T)
-        walls.append(time.perf_counter() - t0)
-    best = min(walls)
-    return {"node_steps_per_s": rate(n, T, best), "wall_s": best, "threads": threads,
-            "all_node_steps_per_s": [round(rate(n, T, w), 1) for w in walls]}
+        wall = time.perf_counter() - t0
+        return {"node_steps_per_s": rate(n, T, wall), "wall_s": wall, "threads": threads}
+
+    loop(warmup_steps)
+    return best_clean(attempt_until_clean(once, repeats, retries, max_wait_s, "dense loop"))
 
 
-def engine_warm(ovr: list[str], threads: int, repeats: int = 2) -> dict:
-    """The one-process engine in this process, after one warm-up run."""
+def engine_warm(ovr: list[str], threads: int, repeats: int, retries: int,
+                max_wait_s: float) -> dict:
+    """The one-process engine in this process, after one warm-up run: the step loop
+    without torch.func's one-off first-call cost."""
     import torch
 
     torch.set_num_threads(threads)
-    results = run_in_process(ovr, repeats=repeats, warmup=1)
-    best = min(results, key=lambda r: r.wall_s)
     nodes = int(next(o for o in ovr if o.startswith("nodes=")).split("=")[1])
     steps = int(next(o for o in ovr if o.startswith("steps=")).split("=")[1])
-    return {"node_steps_per_s": rate(nodes, steps, best.wall_s), "wall_s": best.wall_s,
-            "gossip_share": best.gossip_s / max(best.wall_s, 1e-12), "threads": threads,
-            "all_node_steps_per_s": [round(rate(nodes, steps, r.wall_s), 1) for r in results]}
+    run_in_process(ovr, repeats=0, warmup=1)
+
+    def once() -> dict:
+        r = run_in_process(ovr, repeats=1, warmup=0)[0]
+        return {"node_steps_per_s": rate(nodes, steps, r.wall_s), "wall_s": r.wall_s,
+                "gossip_share": r.gossip_s / max(r.wall_s, 1e-12), "threads": threads}
+
+    return best_clean(attempt_until_clean(once, repeats, retries, max_wait_s,
+                                          "one process, warm"))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -134,9 +138,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--topology", default="ring")
     p.add_argument("--repeats", type=int, default=1,
                    help="fresh-process runs per configuration (the fastest is reported)")
+    p.add_argument("--retries", type=int, default=4,
+                   help="extra runs of a configuration while none ran without other "
+                        "processes taking over 10 %% of the CPUs")
     p.add_argument("--rank-threads", type=int, default=None,
                    help="OMP_NUM_THREADS of each torchrun rank (default: what torchrun "
                         "itself sets, 1, unless OMP_NUM_THREADS is already set)")
+    p.add_argument("--max-wait-s", type=float, default=60.0,
+                   help="before each measurement wait up to this long for other processes "
+                        "to leave the CPUs idle (0: never wait)")
     p.add_argument("--quick", action="store_true",
                    help="skip the nodes-ranks × 1 node configuration and the diagnostic rows")
     a = p.parse_args(argv)
@@ -144,26 +154,37 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--nodes={a.nodes}: needs an even number (the 2-rank configuration)")
 
     ovr = overrides(a.nodes, a.steps, a.batch_size, a.hidden, a.topology)
+    import torch
+
     load_before = loadavg()
-    one_threads = default_threads()
+    # what a fresh `python -m dicesim` with this environment uses (nobody set it here yet)
+    one_threads = torch.get_num_threads()
     env_threads = os.environ.get("OMP_NUM_THREADS")
     rank_threads = a.rank_threads or (int(env_threads) if env_threads else 1)
     say(f"{a.nodes} nodes, mlp [{a.hidden}], {a.topology}, {a.steps} steps; "
         f"{os.cpu_count()} CPUs, load {load_before}")
 
     out: dict = {"bench": "engine"}
-    out["one_process"] = measure("one process", ovr, 1, one_threads, a.repeats)
-    out["ranks_2x8"] = measure(f"2 ranks x {a.nodes // 2}", ovr, 2, rank_threads, a.repeats)
+
+    retries = 0 if a.quick else a.retries
+
+    def run(label: str, ranks: int, threads: int, repeats: int = a.repeats) -> dict:
+        return measure(label, ovr, ranks, threads, repeats, retries, a.max_wait_s)
+
+    out["one_process"] = run("one process", 1, one_threads)
+    out["ranks_2x8"] = run(f"2 ranks x {a.nodes // 2}", 2, rank_threads)
     out["ranks_16x1"] = None
     if not a.quick:
-        out["ranks_16x1"] = measure(f"{a.nodes} ranks x 1", ovr, a.nodes, rank_threads, 1)
+        out["ranks_16x1"] = run(f"{a.nodes} ranks x 1", a.nodes, rank_threads, repeats=1)
     say("dense vmap baseline (in this process)")
-    out["dense_vmap_baseline"] = dense_vmap_baseline(ovr, one_threads,
-                                                     repeats=1 if a.quick else 3)
+    in_process_repeats = 1 if a.quick else 3
+    out["dense_vmap_baseline"] = dense_vmap_baseline(ovr, one_threads, in_process_repeats,
+                                                     retries, a.max_wait_s)
     say("one process, warm (in this process)")
-    out["one_process_warm"] = engine_warm(ovr, one_threads, repeats=1 if a.quick else 2)
+    out["one_process_warm"] = engine_warm(ovr, one_threads, in_process_repeats, retries,
+                                          a.max_wait_s)
     if not a.quick:
-        out["one_process_1thread"] = measure("one process, 1 thread", ovr, 1, 1, a.repeats)
+        out["one_process_1thread"] = run("one process, 1 thread", 1, 1)
 
     one = out["one_process"]["node_steps_per_s"]
     dense = out["dense_vmap_baseline"]["node_steps_per_s"]
@@ -184,10 +205,13 @@ def main(argv: list[str] | None = None) -> dict:
         "gossip_share_16_ranks_le_0.25": (None if sixteen is None
                                           else sixteen["gossip_share"] <= 0.25),
     }
+    out["all_measurements_clean"] = all(
+        v.get("clean", True) for v in out.values() if isinstance(v, dict) and "clean" in v)
     out["settings"] = {
         "nodes": a.nodes, "steps": a.steps, "batch_size": a.batch_size, "model": "mlp",
         "hidden": [a.hidden], "data": "digits", "topology": a.topology,
-        "repeats": a.repeats, "quick": a.quick, "cpus": os.cpu_count(),
+        "repeats": a.repeats, "retries": retries, "quick": a.quick, "max_wait_s": a.max_wait_s,
+        "cpus": os.cpu_count(),
         "torch_threads_default": one_threads, "rank_threads": rank_threads,
         "python": platform.python_version(), "torch": _torch_version(),
         "loadavg_before": load_before, "loadavg_after": loadavg(),
