@@ -103,24 +103,28 @@ class Comm:
             dist.destroy_process_group()
 
     # ---- one exchange per step -----------------------------------------------------------
-    def exchange(self, layout: Layout, channels: list[Channel], send_to: list[int],
-                 recv_from: list[int]) -> None:
-        """Fill every channel's `available` with its local rows and the rows of `recv_from`."""
-        width_of = [c.rows.shape[1] if c.rows.ndim == 2 else 0 for c in channels]
-        for c, wdt in zip(channels, width_of, strict=True):
-            c.available = torch.zeros(len(c.nodes), wdt, dtype=c.rows.dtype, device=self.device)
-            c.available[torch.as_tensor(c.local_mask(layout), device=self.device)] = c.rows
-        if self.world == 1 or not (send_to or recv_from):
+    def exchange(self, layout: Layout, channels: list[Channel], route: Route) -> None:
+        """Fill every channel's `available`: its local rows, and from each peer the rows of
+        the peer's nodes that this rank's nodes receive from (`route`)."""
+        for c in channels:
+            local = c.local_mask(layout)
+            if local.all():  # nothing to receive into: use the rows as they are
+                c.available = c.rows
+                continue
+            c.available = c.rows.new_zeros(len(c.nodes), c.rows.shape[1])
+            c.available[torch.as_tensor(local, device=self.device)] = c.rows
+        if self.world == 1 or not (route.send or route.recv):
             return
         dtype = channels[0].rows.dtype
-        send_buf = torch.cat([c.rows.reshape(-1) for c in channels])
-        recv_bufs = {}
-        for peer in recv_from:
-            size = sum(int((layout.owner(c.nodes) == peer).sum()) * w
-                       for c, w in zip(channels, width_of, strict=True))
+        ops, recv_bufs = [], {}
+        for peer, wanted in route.send.items():
+            parts = [c.rows[torch.as_tensor(wanted[c.nodes[c.local_mask(layout)]],
+                                            device=self.device)].reshape(-1) for c in channels]
+            ops.append(dist.P2POp(dist.isend, torch.cat(parts), peer))
+        for peer, wanted in route.recv.items():
+            size = sum(int(wanted[c.nodes].sum()) * c.rows.shape[1] for c in channels)
             recv_bufs[peer] = torch.empty(size, dtype=dtype, device=self.device)
-        ops = [dist.P2POp(dist.isend, send_buf, peer) for peer in send_to]
-        ops += [dist.P2POp(dist.irecv, buf, peer) for peer, buf in recv_bufs.items()]
+            ops.append(dist.P2POp(dist.irecv, recv_bufs[peer], peer))
         try:
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
@@ -132,13 +136,13 @@ class Comm:
             ) from err
         for peer, buf in recv_bufs.items():
             offset = 0
-            for c, w in zip(channels, width_of, strict=True):
-                mask = layout.owner(c.nodes) == peer
-                count = int(mask.sum())
+            for c in channels:
+                mask = route.recv[peer][c.nodes]
+                count, width = int(mask.sum()), c.rows.shape[1]
                 if count:
-                    block = buf[offset:offset + count * w].view(count, w)
+                    block = buf[offset:offset + count * width].view(count, width)
                     c.available[torch.as_tensor(mask, device=self.device)] = block
-                offset += count * w
+                offset += count * width
 
     # ---- collectives used outside the step loop -----------------------------------------
     def all_sum(self, x: Tensor) -> Tensor:
@@ -158,31 +162,46 @@ class Comm:
             dist.barrier()
 
 
-def mix(W: np.ndarray, out_nodes: np.ndarray, channel: Channel) -> Tensor:
+def mix(W: np.ndarray, out_nodes: np.ndarray, channel: Channel,
+        weights: Tensor | None = None) -> Tensor:
     """Gossip: rows Σ_l W[k, l] · v_l for k in out_nodes, l over the channel's nodes.
 
     Nodes outside `channel.nodes` carry zero (a perturbation that has not reached
-    them), so only those columns of W are needed."""
+    them), so only those columns of W are needed. `weights`, if given, is that block
+    of W already as a tensor (the engine caches it per step of the topology's period)."""
     assert channel.available is not None
-    Wsub = W[np.ix_(out_nodes, channel.nodes)]
-    Wt = torch.as_tensor(Wsub, dtype=channel.available.dtype, device=channel.available.device)
-    return Wt @ channel.available
+    if weights is None:
+        weights = torch.as_tensor(W[np.ix_(out_nodes, channel.nodes)],
+                                  dtype=channel.available.dtype,
+                                  device=channel.available.device)
+    return weights @ channel.available
 
 
-def peers(W: np.ndarray, layout: Layout) -> tuple[list[int], list[int]]:
-    """(ranks to send to, ranks to receive from) under W: a rank sends to every rank that
-    hosts an out-neighbour of one of its nodes. Both lists are computed identically on
-    every rank, so each send meets its receive."""
+@dataclass(frozen=True)
+class Route:
+    """Who sends what under one W, as masks over all nodes. send[peer]: this rank's nodes
+    that some node on `peer` receives from; recv[peer]: the peer's nodes that some node
+    here receives from. Both sides compute them from the same W, so each send meets its
+    receive and only rows that are mixed travel (a ring of blocks sends its edge rows)."""
+
+    send: dict[int, np.ndarray]
+    recv: dict[int, np.ndarray]
+
+
+def route(W: np.ndarray, layout: Layout) -> Route:
     owner = layout.owner(np.arange(layout.nodes))
-    edge = (W > 0)  # edge[k, l]: l sends to k
-    send_to, recv_from = set(), set()
+    edge = W > 0  # edge[k, l]: l sends to k
     mine = owner == layout.rank
+    heard_here = edge[mine].any(axis=0)  # senders that my nodes receive from
+    send, recv = {}, {}
     for other in range(layout.world):
         if other == layout.rank:
             continue
         theirs = owner == other
-        if edge[np.ix_(theirs, mine)].any():
-            send_to.add(other)
-        if edge[np.ix_(mine, theirs)].any():
-            recv_from.add(other)
-    return sorted(send_to), sorted(recv_from)
+        to_them = mine & edge[theirs].any(axis=0)
+        if to_them.any():
+            send[other] = to_them
+        from_them = theirs & heard_here
+        if from_them.any():
+            recv[other] = from_them
+    return Route(send, recv)

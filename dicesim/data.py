@@ -7,6 +7,7 @@ has global id i (its row in `x_train`); partitions and batches are lists of thes
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from collections.abc import Mapping
@@ -303,8 +304,16 @@ def batch_ids(local_ids: np.ndarray, batch_size: int, step: int, seed: int,
         raise ConfigError(f"batch_size={batch_size} must be in [1, {len(local_ids)}] "
                           f"(node {node}'s local data)")
     epoch, k = divmod(step, len(local_ids) // batch_size)
-    perm = np.random.default_rng([seed, node, epoch]).permutation(len(local_ids))
+    perm = _epoch_order(len(local_ids), seed, node, epoch)
     return local_ids[perm[k * batch_size:(k + 1) * batch_size]]
+
+
+@functools.lru_cache(maxsize=4096)
+def _epoch_order(n: int, seed: int, node: int, epoch: int) -> np.ndarray:
+    """One epoch's order of a node's n samples (cached: every batch of the epoch reads it)."""
+    perm = np.random.default_rng([seed, node, epoch]).permutation(n)
+    perm.flags.writeable = False
+    return perm
 
 
 def node_probe_split(local_ids: np.ndarray, fraction: float, seed: int,

@@ -83,9 +83,10 @@ class Defense:
         self._mixed = rows > 0
         return W
 
-    def aggregate(self, W: np.ndarray, channel: Channel) -> Tensor:
+    def aggregate(self, W: np.ndarray, channel: Channel, weights: Tensor | None = None) -> Tensor:
+        """θ^{t+1} of this rank's nodes; `weights` = W[local, :] as a tensor, if cached."""
         if self.kind != "trimmed_mean":
-            return mix(W, self.local, channel)
+            return mix(W, self.local, channel, weights)
         assert channel.available is not None
         out = []
         for k in self.local:

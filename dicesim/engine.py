@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from dicesim.attack import Attack, build_attack
-from dicesim.comm import Channel, Comm, Layout, check_layout, peers
+from dicesim.comm import Channel, Comm, Layout, Route, check_layout, route
 from dicesim.data import Dataset, batch_ids, check_batch_size, load_dataset, partition
 from dicesim.defense import Defense, build_defense
 from dicesim.errors import ConfigError
@@ -275,7 +275,10 @@ class Simulation:
                                        self.q, s.lr, self.attack.update)
             tracker.W_of = W_of
         result = RunResult()
-        peer_cache: dict[int, tuple[list[int], list[int]]] = {}
+        all_nodes = np.arange(s.nodes)
+        self._warm_up(theta, x_train, y_train, probe, tracker is not None)
+        routes: dict[int, Route] = {}  # per step of the topology's period
+        mixing: dict[int, Tensor] = {}  # W^t[local, :] as a tensor, while no defense alters it
         every = max(1, s.steps // 10)
         train_loss = torch.full((n_loc,), float("nan"))
         t0 = time.perf_counter()
@@ -323,15 +326,18 @@ class Simulation:
 
             tg = time.perf_counter()
             key = t % self.topology.period
-            if key not in peer_cache:  # peers follow the topology; a defense only re-weights
-                peer_cache[key] = peers(self.topology.W(t), lay)
-            W = effective[t] = self.defense.weights(self.topology.W(t))
+            base_W = self.topology.W(t)
+            if key not in routes:  # routes follow the topology; a defense only re-weights
+                routes[key] = route(base_W, lay)
+                mixing[key] = torch.as_tensor(base_W[local], dtype=s.dtype, device=dev)
+            W = effective[t] = self.defense.weights(base_W)
             effective.pop(t - 2, None)
-            channels = [Channel(np.arange(s.nodes), half)]
+            channels = [Channel(all_nodes, half)]
             if tracker is not None:
                 channels += tracker.channels(t, update)
-            comm.exchange(lay, channels, *peer_cache[key])
-            theta_next = self.defense.aggregate(W, channels[0])  # θ^{t+1}
+            comm.exchange(lay, channels, routes[key])
+            cached = mixing[key] if W is base_W else None
+            theta_next = self.defense.aggregate(W, channels[0], cached)  # θ^{t+1}
             result.gossip_s += time.perf_counter() - tg
             if self.observers:
                 view = StepView(t, W, local, theta, update, channels[0].available,
@@ -357,6 +363,18 @@ class Simulation:
             result.final_params = torch.cat([g[0] for g in gathered])
             result.test_acc = [a for g in gathered for a in g[1]]
         return result
+
+    def _warm_up(self, theta: Tensor, x: Tensor, y: Tensor, probe: Probe, hvp: bool) -> None:
+        """torch.func's first calls cost about a second (tracing, dispatch caches); make
+        them before the clock starts so wall_s and node-steps/s measure the steady state."""
+        B = self.run.batch_size
+        xb, yb = x[None, :B], y[None, :B]
+        w = torch.ones(1, B, dtype=theta.dtype, device=theta.device)
+        self.model.grads(theta[:1], xb, yb, w)
+        self.model.probe_eval(theta[:1], *probe.at(torch.arange(1)))
+        if hvp:
+            self.model.probe_grads(theta[:1], *probe.at(torch.arange(1)))
+            self.model.hvps(theta[:1], theta[:1], xb, yb, w)
 
     def _metrics(self, t: int, theta: Tensor, train_loss: Tensor, probe: Probe,
                  comm: Comm, result: RunResult, final: bool) -> None:
