@@ -16,7 +16,7 @@ ARGS       ?=
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	@if [ "$(TORCH_SPEC)" != "skip" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	@if [ "$(TORCH_SPEC)" != "skip" ]; then $(PY) -m pip install -q $(TORCH_SPEC); fi
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
