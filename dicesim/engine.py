@@ -286,15 +286,22 @@ class Simulation:
         for t in range(s.steps + 1):
             final = t == s.steps
             evaluate = final or t % s.eval_every == 0
-            probe_grad = probe_loss = None
+            if not final:
+                inject_fault(comm.rank, t)
+                x, y, w = self._batch(t, x_train, y_train, x_bad, y_bad, attacked, removals)
+            grad = probe_grad = probe_loss = None
             if tracker is not None:
                 # ∇L'_k(θ_k^t), L'_k(θ_k^t) for the rows the tracker reads (zero elsewhere)
-                rows = torch.as_tensor(tracker.probe_rows(t), dtype=torch.long, device=dev)
-                probe_grad = theta.new_zeros(theta.shape)
-                probe_loss = theta.new_zeros(n_loc)
-                if len(rows):
-                    probe_grad[rows], probe_loss[rows] = model.probe_grads(theta[rows],
-                                                                           *probe.at(rows))
+                rows = tracker.probe_rows(t)
+                if len(rows) == n_loc and not final:  # every row: one pass for both gradients
+                    grad, loss, probe_grad, probe_loss = model.grads_and_probe_grads(
+                        theta, x, y, w, *probe.at(torch.arange(n_loc, device=dev)))
+                else:
+                    probe_grad = theta.new_zeros(theta.shape)
+                    probe_loss = theta.new_zeros(n_loc)
+                    if len(rows):
+                        r = torch.as_tensor(rows, dtype=torch.long, device=dev)
+                        probe_grad[r], probe_loss[r] = model.probe_grads(theta[r], *probe.at(r))
                 tracker.record(t, theta, probe_grad, probe_loss, probe)
                 if tracker.last_proximal is not None:
                     self.defense.observe(t - 1, tracker.last_proximal)
@@ -303,21 +310,8 @@ class Simulation:
             if final:
                 break
 
-            inject_fault(comm.rank, t)
-            # B_k^t for every local node: ids [n_loc, B]; removals zero a sample's weight
-            ids = np.stack([batch_ids(self.parts[k], s.batch_size, t, s.seed, k)
-                            for k in local])
-            ti = torch.as_tensor(ids, device=dev)
-            x, y = x_train[ti], y_train[ti]
-            if x_bad is not None and self.attack.active(t) and attacked.any():
-                hit = torch.as_tensor(attacked, device=dev)
-                x[hit], y[hit] = x_bad[ti[hit]], y_bad[ti[hit]]
-            w = torch.ones(n_loc, s.batch_size, dtype=s.dtype, device=dev)
-            for i, k in enumerate(local):
-                if (k, t) in removals:
-                    w[i, torch.as_tensor(removals[(k, t)], device=dev)] = 0.0
-
-            grad, loss = model.grads(theta, x, y, w)
+            if grad is None:
+                grad, loss = model.grads(theta, x, y, w)
             train_loss = loss.detach().cpu()
             update = self.attack.update(t, local, -s.lr * grad)  # Δ_k^t
             if tracker is not None:
@@ -363,6 +357,24 @@ class Simulation:
             result.final_params = torch.cat([g[0] for g in gathered])
             result.test_acc = [a for g in gathered for a in g[1]]
         return result
+
+    def _batch(self, t: int, x_train: Tensor, y_train: Tensor, x_bad: Tensor | None,
+               y_bad: Tensor | None, attacked: np.ndarray,
+               removals: dict[tuple[int, int], np.ndarray]) -> tuple[Tensor, Tensor, Tensor]:
+        """B_k^t of every local node as x [n_loc, B, ...], y, and sample weights w (a
+        counterfactual removal zeroes a sample's weight; poisoned nodes read poisoned data)."""
+        s, local = self.run, self.layout.local_nodes
+        ids = np.stack([batch_ids(self.parts[k], s.batch_size, t, s.seed, k) for k in local])
+        ti = torch.as_tensor(ids, device=x_train.device)
+        x, y = x_train[ti], y_train[ti]
+        if x_bad is not None and self.attack.active(t) and attacked.any():
+            hit = torch.as_tensor(attacked, device=x.device)
+            x[hit], y[hit] = x_bad[ti[hit]], y_bad[ti[hit]]
+        w = torch.ones(len(local), s.batch_size, dtype=s.dtype, device=x.device)
+        for i, k in enumerate(local):
+            if (k, t) in removals:
+                w[i, torch.as_tensor(removals[(k, t)], device=x.device)] = 0.0
+        return x, y, w
 
     def _warm_up(self, theta: Tensor, x: Tensor, y: Tensor, probe: Probe, hvp: bool) -> None:
         """torch.func's first calls cost about a second (tracing, dispatch caches); make

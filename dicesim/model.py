@@ -137,6 +137,21 @@ class FlatModel:
         """∇L'(θ) and L'(θ) per row."""
         return vmap(grad_and_value(self.probe_loss), in_dims=_probe_dims(per_row))(theta, x, y)
 
+    def grads_and_probe_grads(self, theta: Tensor, x: Tensor, y: Tensor, w: Tensor,
+                              xp: Tensor, yp: Tensor, per_row: bool = False
+                              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """`grads` and `probe_grads` at the same θ rows in one vmapped call (proximal
+        influence needs both for every node at every step)."""
+        batch_grad = grad_and_value(self.weighted_loss)
+        probe_grad = grad_and_value(self.probe_loss)
+
+        def both(th: Tensor, xx: Tensor, yy: Tensor, ww: Tensor, xq: Tensor,
+                 yq: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            return (*batch_grad(th, xx, yy, ww), *probe_grad(th, xq, yq))
+
+        dims = (0, 0, 0, 0, *_probe_dims(per_row)[1:])
+        return vmap(both, in_dims=dims)(theta, x, y, w, xp, yp)
+
     def probe_losses(self, theta: Tensor, x: Tensor, y: Tensor, per_row: bool = False) -> Tensor:
         return vmap(self.probe_loss, in_dims=_probe_dims(per_row))(theta, x, y)
 
