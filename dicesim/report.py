@@ -136,6 +136,11 @@ def write_all(out: Path, sim: Simulation, result: RunResult, plots: bool = True)
     return summary
 
 
+def footer(pictures: list[str], files: str) -> list[str]:
+    """The end of every report.md: the pictures, then a line naming the run's files."""
+    return [line for pic in pictures for line in (f"![{pic}]({pic})", "")] + [files, ""]
+
+
 def _fmt(v: object) -> str:
     if v is None:
         return "–"
@@ -181,8 +186,6 @@ def report_md(sim: Simulation, summary: dict, pictures: list[str]) -> str:
         for hop, v in summary["hop_totals"].items():
             lines.append(f"| {hop} | {v['mean_abs_e']:.3g} | {v['mean_abs_gt']:.3g} |")
         lines.append("")
-    for pic in pictures:
-        lines += [f"![{pic}]({pic})", ""]
-    lines += ["Files: `metrics.csv` (per step and node), `influence.csv` (per event, hop and "
-              "node), `summary.json`, `config.yaml`.", ""]
+    lines += footer(pictures, "Files: `metrics.csv` (per step and node), `influence.csv` "
+                              "(per event, hop and node), `summary.json`, `config.yaml`.")
     return "\n".join(lines)

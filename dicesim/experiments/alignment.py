@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dicesim.cli import Session, fail, prepare_output
 from dicesim.experiments import group_option, variant
-from dicesim.report import alignment, alignment_blocks, write_atomic, write_csv
+from dicesim.report import alignment, alignment_blocks, footer, write_atomic, write_csv
 from dicesim.tracker import INFLUENCE_COLUMNS
 
 TABLE_COLUMNS = ("set", "label", "topology", "lr", "batch_size", "nodes", "removal", "hops",
@@ -308,10 +308,9 @@ def report_md(summary: dict, pictures: list[str]) -> str:
                          f"{_f(v['sign_agreement_float32'], 4)} | "
                          f"{_f(v['sign_agreement_float64'], 4)} |")
         lines.append("")
-    for pic in pictures:
-        lines += [f"![{pic}]({pic})", ""]
-    lines += ["Files: `summary.json`, `alignment.csv` (every case × view), "
-              "`cases/<case>/influence.csv` (every (event, hop, node) entry), `config.yaml`.", ""]
+    lines += footer(pictures, "Files: `summary.json`, `alignment.csv` (every case × view), "
+                              "`cases/<case>/influence.csv` (every (event, hop, node) entry), "
+                              "`config.yaml`.")
     return "\n".join(lines)
 
 

@@ -35,7 +35,7 @@ from dicesim.attack import ATTACKS
 from dicesim.cli import Session, fail, prepare_output
 from dicesim.engine import RunResult, Simulation, StepView
 from dicesim.experiments import CONFIG_DIR, group_option, variant
-from dicesim.report import write_atomic, write_csv
+from dicesim.report import footer, write_atomic, write_csv
 
 METHODS = ("dice", "update_norm", "neg_cosine", "probe_loss")
 LABELS = {"dice": "DICE proximal influence", "update_norm": "update norm",
@@ -315,10 +315,8 @@ def report_md(summary: dict, pictures: list[str]) -> str:
     for name, met in summary["targets"].items():
         lines.append(f"- {name}: **{'met' if met else 'missed'}**")
     lines.append("")
-    for pic in pictures:
-        lines += [f"![{pic}]({pic})", ""]
-    lines += ["Files: `summary.json`, `scores.csv` (every pair's score by every method), "
-              "`config.yaml`.", ""]
+    lines += footer(pictures, "Files: `summary.json`, `scores.csv` (every pair's score by "
+                              "every method), `config.yaml`.")
     return "\n".join(lines)
 
 

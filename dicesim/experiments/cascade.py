@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from dicesim.cli import Session, prepare_output
 from dicesim.experiments import variant
 from dicesim.experiments.alignment import topology_options
-from dicesim.report import hop_totals, write_atomic, write_csv
+from dicesim.report import footer, hop_totals, write_atomic, write_csv
 from dicesim.topology import Topology
 
 TOTAL_COLUMNS = ("run", "hop", "mean_abs_total_e", "mean_abs_total_gt", "mean_abs_entry_e",
@@ -238,9 +238,8 @@ def report_md(summary: Mapping, pictures: list[str]) -> str:
         lines.append(f"| {s} | {h:.4g} | {lf:.4g} | {h / lf if lf else math.nan:.3g} | "
                      f"{wm:.3g} |")
     lines.append("")
-    for pic in pictures:
-        lines += [f"![{pic}]({pic})", ""]
-    lines += ["Files: `summary.json`, `cascade.csv` (per run and hop), `config.yaml`.", ""]
+    lines += footer(pictures, "Files: `summary.json`, `cascade.csv` (per run and hop), "
+                              "`config.yaml`.")
     return "\n".join(lines)
 
 

@@ -29,7 +29,7 @@ from scipy.sparse.csgraph import connected_components
 from dicesim.cli import Session, fail, prepare_output
 from dicesim.engine import RunResult, Simulation
 from dicesim.experiments import CONFIG_DIR, group_option, variant
-from dicesim.report import write_atomic
+from dicesim.report import footer, write_atomic
 
 # condition → (attacked?, defense.kind)
 CONDITIONS = {"no_attack": (False, "none"), "no_defense": (True, "none"),
@@ -231,9 +231,7 @@ def report_md(summary: dict, pictures: list[str]) -> str:
     for name, met in summary["targets"].items():
         lines.append(f"- {name}: **{'met' if met else 'missed'}**")
     lines.append("")
-    for pic in pictures:
-        lines += [f"![{pic}]({pic})", ""]
-    lines += ["Files: `summary.json`, `config.yaml`.", ""]
+    lines += footer(pictures, "Files: `summary.json`, `config.yaml`.")
     return "\n".join(lines)
 
 

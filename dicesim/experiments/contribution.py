@@ -38,7 +38,7 @@ from dicesim.cli import Session, fail, prepare_output
 from dicesim.engine import Simulation
 from dicesim.experiments import variant
 from dicesim.experiments.alignment import topology_options
-from dicesim.report import write_atomic, write_csv
+from dicesim.report import footer, write_atomic, write_csv
 
 NODE_COLUMNS = ("nodes", "node", "label_noise", "dice_r_hop", "dice_one_hop", "loo",
                 "rank_dice", "rank_loo", "given", "received", "reciprocity", "balance")
@@ -289,9 +289,7 @@ def report_md(cfg: DictConfig, summary: dict, pictures: list[str]) -> str:
         "than it gets back. ρ < 0 means one side's data harms the other.",
         "",
     ]
-    for pic in pictures:
-        lines += [f"![{pic}]({pic})", ""]
-    lines += ["Files: `summary.json`, `nodes.csv`, `edges.csv`, `config.yaml`.", ""]
+    lines += footer(pictures, "Files: `summary.json`, `nodes.csv`, `edges.csv`, `config.yaml`.")
     return "\n".join(lines)
 
 
