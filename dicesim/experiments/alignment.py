@@ -386,9 +386,6 @@ def summarize(cfg: DictConfig, results: list[dict], rows_of: dict[str, list[tupl
 
 # ---- figures ---------------------------------------------------------------------------------
 def plots(out: Path, cases: list[dict], rows_of: dict[str, list[tuple]]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
     pictures = []
     core = [c for c in cases if c["set"] == "core"]
     sweep = [c for c in cases if c["set"] == "sweep"]
@@ -420,7 +417,7 @@ def scatter_grid(out: Path, stem: str, cases: list[dict], rows_of: dict[str, lis
                  max_hop: int | None = 8) -> list[str]:
     """Rows = cases, columns = one_hop, hop_0 … hop_R: E against G on symmetric-log axes
     (linear within the smallest 10 % of |G|), the diagonal E = G dashed."""
-    import matplotlib.pyplot as plt
+    from dicesim.plots import plt  # the Agg backend, chosen there
 
     if max_hop is None:  # sweep pages: one_hop, hop 1 and the last hop only
         columns = ["one_hop", "hop_1", f"hop_{max(c['hops'] for c in cases)}"]
@@ -468,7 +465,7 @@ def _hop_series(case: dict, metric: str) -> tuple[list[int], list[float]]:
 
 def by_hop_curves(out: Path, name: str, cases: list[dict], title: str) -> str:
     """1 − Spearman and rel_err against hop s (log scale: every value is near 1 or 0)."""
-    import matplotlib.pyplot as plt
+    from dicesim.plots import plt  # the Agg backend, chosen there
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.4))
     colours = plt.cm.tab10(np.linspace(0, 1, 10))
@@ -496,7 +493,7 @@ def by_hop_curves(out: Path, name: str, cases: list[dict], title: str) -> str:
 
 def sweep_curves(out: Path, cases: list[dict]) -> str:
     """One panel per topology: 1 − Spearman against hop for every sweep case."""
-    import matplotlib.pyplot as plt
+    from dicesim.plots import plt  # the Agg backend, chosen there
 
     topologies = list(dict.fromkeys(c["topology"] for c in cases))
     fig, axes = plt.subplots(1, len(topologies), figsize=(4 * len(topologies), 3.8),

@@ -321,10 +321,7 @@ def report_md(summary: dict, pictures: list[str]) -> str:
 
 
 def plots(out: Path, cfg: DictConfig, cases: list[Case]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from dicesim.plots import plt  # the Agg backend, chosen there
 
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(cases) + 2), 4))
     width = 0.8 / len(METHODS)

@@ -245,14 +245,11 @@ def report_md(summary: Mapping, pictures: list[str]) -> str:
 
 # ---- figures ---------------------------------------------------------------------------------
 def plots(out: Path, runs: dict[str, dict], hv: dict, c: DictConfig) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
     return [decay_plot(out, runs, hv), graph_plot(out, runs, hv, list(c.draw))]
 
 
 def decay_plot(out: Path, runs: dict[str, dict], hv: dict) -> str:
-    import matplotlib.pyplot as plt
+    from dicesim.plots import plt  # the Agg backend, chosen there
 
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.6))
     colours = plt.cm.tab10(np.linspace(0, 1, 10))
@@ -316,9 +313,10 @@ def _is_torus(union: np.ndarray, rows: int, cols: int) -> bool:
 
 
 def graph_plot(out: Path, runs: dict[str, dict], hv: dict, draw: list[str]) -> str:
-    import matplotlib.pyplot as plt
     import networkx as nx
     from matplotlib.colors import LogNorm
+
+    from dicesim.plots import plt  # the Agg backend, chosen there
 
     panels = [(label, runs[label]["_topology"], np.array(runs[label]["received"]), None)
               for label in draw if label in runs]

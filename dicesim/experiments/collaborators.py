@@ -236,10 +236,7 @@ def report_md(summary: dict, pictures: list[str]) -> str:
 
 
 def plots(out: Path, runs: list[Run]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from dicesim.plots import plt  # the Agg backend, chosen there
 
     topologies = list(dict.fromkeys(r.topology for r in runs))
     fig, axes = plt.subplots(1, 1 + len(topologies), figsize=(5 + 4.5 * len(topologies), 4))

@@ -294,10 +294,7 @@ def report_md(cfg: DictConfig, summary: dict, pictures: list[str]) -> str:
 
 
 def plots(out: Path, settings: list[dict]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from dicesim.plots import plt  # the Agg backend, chosen there
 
     fig, axes = plt.subplots(2, len(settings), figsize=(5.5 * len(settings), 8.4),
                              squeeze=False)
