@@ -40,9 +40,13 @@ class Layout:
         return self.nodes // self.world
 
     @property
+    def first(self) -> int:
+        """The first node of this rank's block: node k is local row k − first."""
+        return self.rank * self.nodes_per_rank
+
+    @property
     def local_nodes(self) -> np.ndarray:
-        m = self.nodes_per_rank
-        return np.arange(self.rank * m, (self.rank + 1) * m)
+        return np.arange(self.first, self.first + self.nodes_per_rank)
 
     def owner(self, node: int | np.ndarray) -> int | np.ndarray:
         return node // self.nodes_per_rank
@@ -51,7 +55,7 @@ class Layout:
         return self.owner(node) == self.rank
 
     def local_index(self, node: int) -> int:
-        return node - self.rank * self.nodes_per_rank
+        return node - self.first
 
 
 def check_layout(nodes: int, world: int) -> None:
@@ -106,8 +110,10 @@ class Comm:
     def exchange(self, layout: Layout, channels: list[Channel], route: Route) -> None:
         """Fill every channel's `available`: its local rows, and from each peer the rows of
         the peer's nodes that this rank's nodes receive from (`route`)."""
+        local_nodes = []  # per channel, its nodes on this rank (the order of c.rows)
         for c in channels:
             local = c.local_mask(layout)
+            local_nodes.append(c.nodes[local])
             if local.all():  # nothing to receive into: use the rows as they are
                 c.available = c.rows
                 continue
@@ -118,8 +124,8 @@ class Comm:
         dtype = channels[0].rows.dtype
         ops, recv_bufs = [], {}
         for peer, wanted in route.send.items():
-            parts = [c.rows[torch.as_tensor(wanted[c.nodes[c.local_mask(layout)]],
-                                            device=self.device)].reshape(-1) for c in channels]
+            parts = [c.rows[torch.as_tensor(wanted[mine], device=self.device)].reshape(-1)
+                     for c, mine in zip(channels, local_nodes, strict=True)]
             ops.append(dist.P2POp(dist.isend, torch.cat(parts), peer))
         for peer, wanted in route.recv.items():
             size = sum(int(wanted[c.nodes].sum()) * c.rows.shape[1] for c in channels)
@@ -156,10 +162,6 @@ class Comm:
         out = [None] * self.world if self.rank == 0 else None
         dist.gather_object(obj, out, dst=0)
         return out
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
 
 
 def mix(W: np.ndarray, out_nodes: np.ndarray, channel: Channel,

@@ -65,9 +65,8 @@ def alignment_blocks(rows: list[tuple]) -> dict:
         if hop == 0 or (hop == 1 and node != src):
             one_hop[ev][0] += e
             one_hop[ev][1] += g
-    if any(h == 1 for h in by_hop) or by_hop:
-        pairs = np.array(list(one_hop.values()))
-        blocks["one_hop"] = alignment(pairs[:, 0], pairs[:, 1])
+    pairs = np.array(list(one_hop.values()))
+    blocks["one_hop"] = alignment(pairs[:, 0], pairs[:, 1])
     for hop in sorted(by_hop):
         pairs = np.array(by_hop[hop])
         blocks[f"hop_{hop}"] = alignment(pairs[:, 0], pairs[:, 1])

@@ -196,7 +196,7 @@ class InfluenceTracker:
     def probe_rows(self, t: int) -> np.ndarray:
         """Local row indices whose ∇L'_k(θ_k^t) the tracker uses at t: reached nodes of
         events being recorded, sources of events starting, every node for proximal."""
-        base = self.layout.rank * self.layout.nodes_per_rank
+        base = self.layout.first
         if self.s.proximal and t > 0:
             return np.arange(self.layout.nodes_per_rank)
         rows = [self._local(e.reach[self._hop(e, t)]) - base
@@ -213,7 +213,7 @@ class InfluenceTracker:
         if self.s.proximal and t > 0:
             self._record_proximal(t, probe_grad)
         due = [e for e in self.active if self._hop(e, t) >= 1]
-        base = self.layout.rank * self.layout.nodes_per_rank
+        base = self.layout.first
         idx = [self._local(e.reach[self._hop(e, t)]) - base for e in due]
         if sum(map(len, idx)) == 0:
             self._retire(t)
@@ -262,20 +262,19 @@ class InfluenceTracker:
     def local_step(self, t: int, theta: Tensor, update: Tensor, probe_grad: Tensor | None,
                    batch: tuple[Tensor, Tensor, Tensor], probe: Probe) -> None:
         x, y, w = batch
-        base = self.layout.rank * self.layout.nodes_per_rank
-        self._propagate(t, theta, update, x, y, w, base)
+        self._propagate(t, theta, update, x, y, w)
         while self.pending and self.pending[0].step == t:
-            self._start(self.pending.pop(0), theta, update, probe_grad, x, y, w, base, probe)
+            self._start(self.pending.pop(0), theta, update, probe_grad, x, y, w, probe)
 
     def _start(self, e: Event, theta: Tensor, update: Tensor, probe_grad: Tensor | None,
-               x: Tensor, y: Tensor, w: Tensor, base: int, probe: Probe) -> None:
+               x: Tensor, y: Tensor, w: Tensor, probe: Probe) -> None:
         if not self.layout.is_local(e.source):
             e.dhat = theta.new_zeros(0, self.model.P)  # its rows arrive by gossip
             e.delta = theta.new_zeros(0, self.model.P) if self.s.ground_truth else None
             if self.s.hops > 0:
                 self.active.append(e)  # other ranks' rows of it arrive by gossip
             return
-        i = e.source - base
+        i = self.layout.local_index(e.source)
         # Source: δ̂^{t+½} = O(θ;B) − O(θ;B∖S). For SGD that is −η ∇L_S(θ_j^t) exactly, the
         # gradient being linear in the sample weights; δ^{t+½} is the same difference.
         w_removed = torch.zeros_like(w[i])
@@ -305,13 +304,14 @@ class InfluenceTracker:
         e.rows, e.delta, e.dhat = [], None, None
 
     def _propagate(self, t: int, theta: Tensor, update: Tensor, x: Tensor, y: Tensor,
-                   w: Tensor, base: int) -> None:
+                   w: Tensor) -> None:
         """Local step of every reached row of events at hop 1 ≤ s < r:
         δ ← δ + Δ(θ_k) − Δ(θ_k − δ)  (shadow stepped on the same batch, exact);
         δ̂ ← δ̂ − η H_k(θ_k^t) δ̂        (one HVP per row; identity without curvature)."""
         moving = [e for e in self.active if 1 <= self._hop(e, t) < self.s.hops]
         if not moving:
             return
+        base = self.layout.first
         locals_ = [self._local(e.reach[self._hop(e, t)]) - base for e in moving]
         idx = np.concatenate(locals_)
         if len(idx) == 0:
