@@ -325,5 +325,12 @@ def node_probe_split(local_ids: np.ndarray, fraction: float, seed: int,
     if not 0 < fraction < 1 or k >= n:
         raise ConfigError(f"per-node probe fraction={fraction} must be in (0, 1) and leave "
                           f"node {node} ({n} samples) training data")
-    perm = np.random.default_rng([seed, node, _NODE_PROBE_STREAM]).permutation(n)
-    return np.sort(local_ids[perm[k:]]), np.sort(local_ids[perm[:k]])
+    return hold_out(local_ids, k, seed, node)
+
+
+def hold_out(local_ids: np.ndarray, count: int, seed: int,
+             node: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train_ids, probe_ids) with `count` of a node's ids held out, both sorted."""
+    local_ids = np.asarray(local_ids)
+    perm = np.random.default_rng([seed, node, _NODE_PROBE_STREAM]).permutation(len(local_ids))
+    return np.sort(local_ids[perm[count:]]), np.sort(local_ids[perm[:count]])

@@ -21,7 +21,14 @@ from torch import Tensor
 
 from dicesim.attack import Attack, build_attack
 from dicesim.comm import Channel, Comm, Layout, Route, check_layout, route
-from dicesim.data import Dataset, batch_ids, check_batch_size, load_dataset, partition
+from dicesim.data import (
+    Dataset,
+    batch_ids,
+    check_batch_size,
+    hold_out,
+    load_dataset,
+    partition,
+)
 from dicesim.defense import Defense, build_defense
 from dicesim.errors import ConfigError
 from dicesim.model import FlatModel, Probe, build_model
@@ -204,9 +211,8 @@ class Simulation:
                 f"{m + self.run.batch_size} samples per node, the smallest node has {smallest}")
         probes = []
         for k, ids in enumerate(self.parts):
-            pick = np.random.default_rng([self.run.seed, k, 271828]).choice(len(ids), m, False)
-            probes.append(np.sort(ids[pick]))
-            self.parts[k] = np.delete(ids, pick)
+            self.parts[k], probe_ids = hold_out(ids, m, self.run.seed, k)
+            probes.append(probe_ids)
         return np.stack(probes)
 
     def _node_weights(self, given: object) -> np.ndarray:
