@@ -32,19 +32,10 @@ def _batch(sim: Simulation, node: int, t: int) -> tuple[Tensor, Tensor, Tensor]:
 def dense_run(sim: Simulation) -> tuple[list[Tensor], Tensor]:
     """Per-step probe losses [n] for t = 0..T and the final parameters [n, P]."""
     s, model = sim.run, sim.model
-    theta = model.flat_init(s.seed, s.dtype).repeat(s.nodes, 1)
     ydt = s.dtype if model.regression else torch.long
     xp, yp = sim.data.x_probe.to(s.dtype), sim.data.y_probe.to(ydt)
-    losses = []
-    for t in range(s.steps):
-        losses.append(model.probe_losses(theta, xp, yp))
-        batches = [_batch(sim, k, t) for k in range(s.nodes)]
-        x, y, w = (torch.stack(parts) for parts in zip(*batches, strict=True))
-        g, _ = model.grads(theta, x, y, w)
-        W = torch.tensor(sim.topology.W(t), dtype=s.dtype)
-        theta = W @ (theta - s.lr * g)
-    losses.append(model.probe_losses(theta, xp, yp))
-    return losses, theta
+    trajectory = dense_trajectory(sim)
+    return [model.probe_losses(theta, xp, yp) for theta in trajectory], trajectory[-1]
 
 
 def dense_trajectory(sim: Simulation) -> list[Tensor]:
