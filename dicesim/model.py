@@ -64,6 +64,44 @@ def build_module(cfg: Mapping, input_shape: Sequence[int], num_classes: int) -> 
     raise ConfigError(f"model.name={name}: unknown model; choose one of {', '.join(MODELS)}")
 
 
+# σ'(z) written in terms of a = σ(z) (and z where a alone does not determine it)
+_ACTIVATION_SLOPES = {
+    nn.Tanh: lambda a, z: 1 - a * a,
+    nn.Sigmoid: lambda a, z: a * (1 - a),
+    nn.ReLU: lambda a, z: (z > 0).to(a.dtype),
+}
+
+
+@dataclass(frozen=True)
+class DenseLayer:
+    """y = act(x Wᵀ + b) with W = θ[w_at : w_at + out·inp] viewed [out, inp], b after it."""
+
+    w_at: int
+    out: int
+    inp: int
+    act: type[nn.Module] | None
+
+
+def dense_layers(module: nn.Module) -> list[DenseLayer] | None:
+    """The layer list of a Flatten → (Linear → activation)* → Linear stack with
+    activations whose slope `_ACTIVATION_SLOPES` knows, else None."""
+    if not isinstance(module, nn.Sequential) or not isinstance(module[0], nn.Flatten):
+        return None
+    layers, at, mods = [], 0, list(module)[1:]
+    while mods:
+        lin = mods.pop(0)
+        if not isinstance(lin, nn.Linear) or lin.bias is None:
+            return None
+        act = None
+        if mods:
+            act = type(mods.pop(0))
+            if act not in _ACTIVATION_SLOPES:
+                return None
+        layers.append(DenseLayer(at, lin.out_features, lin.in_features, act))
+        at += lin.weight.numel() + lin.out_features
+    return layers if layers[-1].act is None and all(l.act for l in layers[:-1]) else None
+
+
 class FlatModel:
     """A module evaluated functionally from a flat parameter vector θ ∈ R^P."""
 
@@ -75,6 +113,9 @@ class FlatModel:
         self.shapes = [p.shape for p in params.values()]
         self.numels = [p.numel() for p in params.values()]
         self.P = sum(self.numels)
+        # logreg, linear and mlp take their batch gradients by hand-written backprop over
+        # batched matmuls (about 2× faster than vmap(grad) for the engine's small rows)
+        self.dense = dense_layers(module)
 
     def flat_init(self, seed: int, dtype: torch.dtype) -> Tensor:
         torch.manual_seed(seed)
@@ -103,7 +144,48 @@ class FlatModel:
     # ---- row-vectorized maths over a [rows, P] tensor ---------------------------------------
     def grads(self, theta: Tensor, x: Tensor, y: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
         """∇_θ and value of the weighted batch loss, one row per parameter row."""
+        if self.dense is not None:
+            return self.dense_grads(theta, x, y, w)
         return vmap(grad_and_value(self.weighted_loss))(theta, x, y, w)
+
+    def dense_grads(self, theta: Tensor, x: Tensor, y: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+        """`grads` for a `dense_layers` stack: forward and backward by batched matmuls.
+
+        theta [R, P], x [R, B, ...], y [R, B], w [R, B]; per row the loss is
+        (1/B) Σ_i w_i ℓ_i with ℓ the squared error or the cross-entropy."""
+        rows, batch = y.shape
+        h = x.reshape(rows, batch, -1)
+        inputs, weights, outputs = [], [], []  # per layer: its input, W [R, out, inp], act(z)
+        for layer in self.dense:
+            b_at = layer.w_at + layer.out * layer.inp
+            W = theta[:, layer.w_at: b_at].view(rows, layer.out, layer.inp)
+            b = theta[:, b_at: b_at + layer.out]
+            inputs.append(h)
+            weights.append(W)
+            z = torch.baddbmm(b.unsqueeze(1), h, W.transpose(1, 2))  # z = h Wᵀ + b
+            h = layer.act()(z) if layer.act else z
+            outputs.append((h, z))
+        scale = (w / batch).unsqueeze(-1)  # ∂L/∂ℓ_i = w_i / B
+        if self.regression:
+            err = h.squeeze(-1) - y
+            loss = (err * err * w).sum(1) / batch
+            dz = 2 * err.unsqueeze(-1) * scale  # ∂L/∂z for ℓ = (z − y)²
+        else:
+            log_p = torch.log_softmax(h, -1)
+            nll = -log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+            loss = (nll * w).sum(1) / batch
+            dz = log_p.exp()
+            dz.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(nll, -1.0).unsqueeze(-1))
+            dz = dz * scale  # ∂L/∂z = (softmax(z) − onehot(y)) w_i / B
+        pieces: list[Tensor] = []
+        for i in reversed(range(len(self.dense))):
+            if i < len(self.dense) - 1:
+                a, z = outputs[i]
+                dz = dz * _ACTIVATION_SLOPES[self.dense[i].act](a, z)
+            pieces += [dz.sum(1), torch.bmm(dz.transpose(1, 2), inputs[i]).flatten(1)]  # ∂b, ∂W
+            if i:
+                dz = torch.bmm(dz, weights[i])  # ∂L/∂(layer input)
+        return torch.cat(pieces[::-1], 1), loss
 
     def hvps(self, theta: Tensor, v: Tensor, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
         """H(θ) v for the weighted batch loss at θ (forward-over-reverse), one per row."""
