@@ -110,45 +110,38 @@ class Comm:
     def exchange(self, layout: Layout, channels: list[Channel], route: Route) -> None:
         """Fill every channel's `available`: its local rows, and from each peer the rows of
         the peer's nodes that this rank's nodes receive from (`route`)."""
-        local_nodes = []  # per channel, its nodes on this rank (the order of c.rows)
-        for c in channels:
-            local = c.local_mask(layout)
-            local_nodes.append(c.nodes[local])
-            if local.all():  # nothing to receive into: use the rows as they are
-                c.available = c.rows
-                continue
-            c.available = c.rows.new_zeros(len(c.nodes), c.rows.shape[1])
-            c.available[torch.as_tensor(local, device=self.device)] = c.rows
+        self.post(layout, channels, route).wait()
+
+    def post(self, layout: Layout, channels: list[Channel], route: Route) -> PendingExchange:
+        """Start the exchange: the rows `route` sends leave now, so only those rows of
+        each channel need their values yet; the others may still be written until
+        `wait()`, which fills `available` (the engine computes interior nodes meanwhile)."""
+        owned = [c.local_mask(layout) for c in channels]
+        pending = PendingExchange(self, channels, owned, route)
         if self.world == 1 or not (route.send or route.recv):
-            return
-        dtype = channels[0].rows.dtype
-        ops, recv_bufs = [], {}
+            return pending
+        ops = []
         for peer, wanted in route.send.items():
-            parts = [c.rows[torch.as_tensor(wanted[mine], device=self.device)].reshape(-1)
-                     for c, mine in zip(channels, local_nodes, strict=True)]
+            parts = [c.rows[torch.as_tensor(wanted[c.nodes[mine]], device=self.device)]
+                     for c, mine in zip(channels, owned, strict=True)]
+            parts = [p.reshape(-1) for p in parts]
             ops.append(dist.P2POp(dist.isend, torch.cat(parts), peer))
         for peer, wanted in route.recv.items():
             size = sum(int(wanted[c.nodes].sum()) * c.rows.shape[1] for c in channels)
-            recv_bufs[peer] = torch.empty(size, dtype=dtype, device=self.device)
-            ops.append(dist.P2POp(dist.irecv, recv_bufs[peer], peer))
+            pending.received[peer] = torch.empty(size, dtype=channels[0].rows.dtype,
+                                                 device=self.device)
+            ops.append(dist.P2POp(dist.irecv, pending.received[peer], peer))
         try:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
-        except RuntimeError as err:  # gloo/nccl raise on timeout or a closed connection
-            self.broken = True
-            raise PeerError(
-                f"rank {self.rank}: a peer rank died or did not answer within "
-                f"timeout_s={self.timeout_s:g} s during the parameter exchange ({err})"
-            ) from err
-        for peer, buf in recv_bufs.items():
-            offset = 0
-            for c in channels:
-                mask = route.recv[peer][c.nodes]
-                count, width = int(mask.sum()), c.rows.shape[1]
-                if count:
-                    block = buf[offset:offset + count * width].view(count, width)
-                    c.available[torch.as_tensor(mask, device=self.device)] = block
-                offset += count * width
+            pending.works = dist.batch_isend_irecv(ops)
+        except RuntimeError as err:
+            raise self._peer_error(err) from err
+        return pending
+
+    def _peer_error(self, err: RuntimeError) -> PeerError:
+        self.broken = True
+        return PeerError(
+            f"rank {self.rank}: a peer rank died or did not answer within "
+            f"timeout_s={self.timeout_s:g} s during the parameter exchange ({err})")
 
     # ---- collectives used outside the step loop -----------------------------------------
     def all_sum(self, x: Tensor) -> Tensor:
@@ -162,6 +155,41 @@ class Comm:
         out = [None] * self.world if self.rank == 0 else None
         dist.gather_object(obj, out, dst=0)
         return out
+
+
+@dataclass
+class PendingExchange:
+    """An exchange in flight (`Comm.post`)."""
+
+    comm: Comm
+    channels: list[Channel]
+    owned: list[np.ndarray]  # per channel: which of its nodes are this rank's
+    route: Route
+    works: list = field(default_factory=list)
+    received: dict[int, Tensor] = field(default_factory=dict)  # peer → its flat buffer
+
+    def wait(self) -> None:
+        device = self.comm.device
+        try:
+            for work in self.works:
+                work.wait()
+        except RuntimeError as err:  # gloo/nccl raise on timeout or a closed connection
+            raise self.comm._peer_error(err) from err
+        for c, local in zip(self.channels, self.owned, strict=True):
+            if local.all():  # nothing to receive into: use the rows as they are
+                c.available = c.rows
+                continue
+            c.available = c.rows.new_zeros(len(c.nodes), c.rows.shape[1])
+            c.available[torch.as_tensor(local, device=device)] = c.rows
+        for peer, buf in self.received.items():
+            offset = 0
+            for c in self.channels:
+                mask = self.route.recv[peer][c.nodes]
+                count, width = int(mask.sum()), c.rows.shape[1]
+                if count:
+                    block = buf[offset:offset + count * width].view(count, width)
+                    c.available[torch.as_tensor(mask, device=device)] = block
+                offset += count * width
 
 
 def mix(W: np.ndarray, out_nodes: np.ndarray, channel: Channel,
@@ -188,6 +216,18 @@ class Route:
 
     send: dict[int, np.ndarray]
     recv: dict[int, np.ndarray]
+
+
+def send_first(route: Route, layout: Layout) -> list[np.ndarray]:
+    """This rank's local rows in the order to compute them: [rows some peer receives,
+    the rest], or one group when either part is empty (nothing to overlap)."""
+    sent = np.zeros(layout.nodes, dtype=bool)
+    for mask in route.send.values():
+        sent |= mask
+    boundary = sent[layout.local_nodes]
+    if boundary.all() or not boundary.any():
+        return [np.arange(layout.nodes_per_rank)]
+    return [np.flatnonzero(boundary), np.flatnonzero(~boundary)]
 
 
 def route(W: np.ndarray, layout: Layout) -> Route:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from dicesim.attack import Attack, build_attack
-from dicesim.comm import Channel, Comm, Layout, Route, check_layout, route
+from dicesim.comm import Channel, Comm, Layout, Route, check_layout, route, send_first
 from dicesim.data import (
     Dataset,
     batch_ids,
@@ -307,6 +307,7 @@ class Simulation:
         self._warm_up(theta, x_train, y_train, probe, tracker is not None)
         routes: dict[int, Route] = {}  # per step of the topology's period
         mixing: dict[int, Tensor] = {}  # W^t[local, :] as a tensor, while no defense alters it
+        groups: dict[int, list[np.ndarray]] = {}  # local rows in the order they are stepped
         every = max(1, s.steps // 10)
         train_loss = torch.full((n_loc,), float("nan"))
         t0 = time.perf_counter()
@@ -338,26 +339,45 @@ class Simulation:
             if final:
                 break
 
-            if grad is None:
-                grad, loss = model.grads(theta, x, y, w)
-            train_loss = loss.detach().cpu()
-            update = self.attack.update(t, local, -s.lr * grad)  # Δ_k^t
-            if tracker is not None:
-                tracker.local_step(t, theta, update, probe_grad, (x, y, w), probe)
-            half = theta + update  # θ^{t+½}
-
-            tg = time.perf_counter()
             key = t % self.topology.period
             base_W = self.topology.W(t)
             if key not in routes:  # routes follow the topology; a defense only re-weights
                 routes[key] = route(base_W, lay)
                 mixing[key] = torch.as_tensor(base_W[local], dtype=s.dtype, device=dev)
+                groups[key] = send_first(routes[key], lay)
             W = effective[t] = self.defense.weights(base_W)
             effective.pop(t - 2, None)
-            channels = [Channel(all_nodes, half)]
-            if tracker is not None:
-                channels += tracker.channels(t, update)
-            comm.exchange(lay, channels, routes[key])
+            if grad is None and tracker is None and len(groups[key]) > 1:
+                # the rows peers receive first; the interior ones while those travel
+                update, half = torch.empty_like(theta), torch.empty_like(theta)
+                loss = theta.new_empty(n_loc)
+                channels = [Channel(all_nodes, half)]
+                for i, rows in enumerate(groups[key]):
+                    r = torch.as_tensor(rows, device=dev)
+                    g, loss[r] = model.grads(theta[r], x[r], y[r], w[r])
+                    update[r] = self.attack.update(t, local[rows], -s.lr * g)  # Δ_k^t
+                    half[r] = theta[r] + update[r]  # θ^{t+½}
+                    if i == 0:
+                        tg = time.perf_counter()
+                        pending = comm.post(lay, channels, routes[key])
+                        result.gossip_s += time.perf_counter() - tg
+            else:
+                if grad is None:
+                    grad, loss = model.grads(theta, x, y, w)
+                update = self.attack.update(t, local, -s.lr * grad)  # Δ_k^t
+                if tracker is not None:
+                    tracker.local_step(t, theta, update, probe_grad, (x, y, w), probe)
+                half = theta + update  # θ^{t+½}
+                channels = [Channel(all_nodes, half)]
+                if tracker is not None:
+                    channels += tracker.channels(t, update)
+                tg = time.perf_counter()
+                pending = comm.post(lay, channels, routes[key])
+                result.gossip_s += time.perf_counter() - tg
+            train_loss = loss.detach().cpu()
+
+            tg = time.perf_counter()
+            pending.wait()
             cached = mixing[key] if W is base_W else None
             theta_next = self.defense.aggregate(W, channels[0], cached)  # θ^{t+1}
             result.gossip_s += time.perf_counter() - tg

@@ -7,9 +7,10 @@ import pytest
 import torch
 from conftest import make_config, read_csv, run_dicesim
 
-from dicesim.comm import Comm
+from dicesim.comm import Comm, Layout, route, send_first
 from dicesim.engine import Simulation
 from dicesim.oracle import dense_run
+from dicesim.topology import build_topology
 
 
 def run_in_process(*overrides: str):
@@ -17,15 +18,16 @@ def run_in_process(*overrides: str):
     return sim, sim.execute(Comm("gloo", 60, torch.device("cpu")))
 
 
-@pytest.mark.parametrize(("topology", "rank_counts"), [
-    ("ring", (1, 2, 4)),  # static, symmetric
-    ("hub", (2,)),  # directed: non-symmetric W, two nodes per rank
-    ("one_peer_exponential", (4,)),  # time-varying
+@pytest.mark.parametrize(("topology", "nodes", "rank_counts"), [
+    # static, symmetric; with 2 ranks each has interior nodes stepped while edges travel
+    ("ring", 8, (1, 2, 4)),
+    ("hub", 4, (2,)),  # directed: non-symmetric W, two nodes per rank
+    ("one_peer_exponential", 4, (4,)),  # time-varying
 ])
-def test_ranks_reproduce_dense_oracle(tmp_path, tiny, topology, rank_counts):
+def test_ranks_reproduce_dense_oracle(tmp_path, tiny, topology, nodes, rank_counts):
     """float64: per-step probe losses and final θ of every node match the dense
     simulation θ ← W^t(θ − η∇L) to 1e-9 relative, however nodes are spread over ranks."""
-    overrides = (*tiny, f"topology={topology}", "save_params=true")
+    overrides = (*tiny, f"topology={topology}", f"nodes={nodes}", "save_params=true")
     sim = Simulation(make_config(*overrides))
     losses, theta = dense_run(sim)
     expected = torch.stack(losses).numpy()  # [T+1, n]
@@ -38,6 +40,16 @@ def test_ranks_reproduce_dense_oracle(tmp_path, tiny, topology, rank_counts):
         np.testing.assert_allclose(got, expected, rtol=1e-9, err_msg=f"{ranks} ranks")
         params = torch.load(out / "params.pt")
         torch.testing.assert_close(params, theta, rtol=1e-9, atol=1e-12)
+
+
+def test_edge_rows_are_stepped_first_so_interior_ones_overlap_the_exchange():
+    W = build_topology({"name": "ring"}, 8, 0).W(0)
+    left, right = (send_first(route(W, Layout(8, 2, rank)), Layout(8, 2, rank))
+                   for rank in (0, 1))
+    assert [g.tolist() for g in left] == [[0, 3], [1, 2]]  # nodes 0 and 3 face rank 1
+    assert [g.tolist() for g in right] == [[0, 3], [1, 2]]
+    alone = Layout(8, 1, 0)
+    assert [g.tolist() for g in send_first(route(W, alone), alone)] == [list(range(8))]
 
 
 def test_single_process_matches_oracle_on_time_varying_graph(tiny):
