@@ -9,13 +9,14 @@ same batches and sends them in the same buffers.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -148,7 +149,41 @@ class RunResult:
     final_params: Tensor | None = None  # [nodes, P] on rank 0 (gathered)
     test_acc: list[float] = field(default_factory=list)  # per node, at θ^T
     wall_s: float = 0.0
-    gossip_s: float = 0.0
+    gossip_s: float = 0.0  # wall time of the step loop in exchange and mixing
+    cpu_s: float = 0.0  # CPU time of this process (all threads) in the step loop
+    gossip_cpu_s: float = 0.0  # the part of cpu_s spent on exchange and mixing
+
+
+class StepClock:
+    """Wall and CPU time of the step loop and of its gossip (exchange + mixing) windows.
+
+    On a shared machine the wall time in the exchange is mostly waiting for peers that
+    are not scheduled; the CPU time says what communicating itself costs. Gossip CPU is
+    the main thread's CPU inside the windows plus, on a multi-rank run with one torch
+    thread, every other thread's CPU (there those are gloo's I/O threads)."""
+
+    def __init__(self, comm_threads_are_others: bool):
+        self.others_are_comm = comm_threads_are_others
+        self.wall0, self.cpu0, self.main0 = (time.perf_counter(), time.process_time(),
+                                             time.thread_time())
+        self.gossip_wall = self.gossip_main_cpu = 0.0
+
+    @contextlib.contextmanager
+    def gossip(self) -> Iterator[None]:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        yield
+        self.gossip_wall += time.perf_counter() - wall
+        self.gossip_main_cpu += time.thread_time() - cpu
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.wall0
+
+    def stop(self, result: RunResult) -> None:
+        result.wall_s = self.elapsed()
+        result.cpu_s = time.process_time() - self.cpu0
+        others = result.cpu_s - (time.thread_time() - self.main0)
+        result.gossip_s = self.gossip_wall
+        result.gossip_cpu_s = self.gossip_main_cpu + (others if self.others_are_comm else 0.0)
 
 
 @functools.cache
@@ -310,7 +345,7 @@ class Simulation:
         groups: dict[int, list[np.ndarray]] = {}  # local rows in the order they are stepped
         every = max(1, s.steps // 10)
         train_loss = torch.full((n_loc,), float("nan"))
-        t0 = time.perf_counter()
+        clock = StepClock(comm.world > 1 and torch.get_num_threads() == 1)
 
         for t in range(s.steps + 1):
             final = t == s.steps
@@ -358,9 +393,8 @@ class Simulation:
                     update[r] = self.attack.update(t, local[rows], -s.lr * g)  # Δ_k^t
                     half[r] = theta[r] + update[r]  # θ^{t+½}
                     if i == 0:
-                        tg = time.perf_counter()
-                        pending = comm.post(lay, channels, routes[key])
-                        result.gossip_s += time.perf_counter() - tg
+                        with clock.gossip():
+                            pending = comm.post(lay, channels, routes[key])
             else:
                 if grad is None:
                     grad, loss = model.grads(theta, x, y, w)
@@ -371,16 +405,14 @@ class Simulation:
                 channels = [Channel(all_nodes, half)]
                 if tracker is not None:
                     channels += tracker.channels(t, update)
-                tg = time.perf_counter()
-                pending = comm.post(lay, channels, routes[key])
-                result.gossip_s += time.perf_counter() - tg
+                with clock.gossip():
+                    pending = comm.post(lay, channels, routes[key])
             train_loss = loss.detach().cpu()
 
-            tg = time.perf_counter()
-            pending.wait()
-            cached = mixing[key] if W is base_W else None
-            theta_next = self.defense.aggregate(W, channels[0], cached)  # θ^{t+1}
-            result.gossip_s += time.perf_counter() - tg
+            with clock.gossip():
+                pending.wait()
+                cached = mixing[key] if W is base_W else None
+                theta_next = self.defense.aggregate(W, channels[0], cached)  # θ^{t+1}
             if self.observers:
                 view = StepView(t, W, local, theta, update, channels[0].available,
                                 channels[-1].available if self.influence.proximal else None,
@@ -393,10 +425,10 @@ class Simulation:
                 if (t + 1) % self.influence.flush_every == 0:
                     self._flush(tracker, comm, result)
             if s.progress and comm.rank == 0 and ((t + 1) % every == 0 or t == 0):
-                rate = (t + 1) * s.nodes / (time.perf_counter() - t0)
+                rate = (t + 1) * s.nodes / clock.elapsed()
                 log(f"step {t + 1:>5}/{s.steps}  train_loss {float(train_loss.mean()):.4f}  "
                     f"{rate:,.0f} node-steps/s")
-        result.wall_s = time.perf_counter() - t0
+        clock.stop(result)
         if tracker is not None:
             self._flush(tracker, comm, result)
         acc = self._test_accuracy(theta, test)

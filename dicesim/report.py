@@ -105,6 +105,7 @@ def summarize(sim: Simulation, result: RunResult) -> dict:
         "wall_s": result.wall_s,
         "node_steps_per_s": s.nodes * s.steps / max(result.wall_s, 1e-9),
         "gossip_share": result.gossip_s / max(result.wall_s, 1e-9),
+        "gossip_cpu_share": result.gossip_cpu_s / max(result.cpu_s, 1e-9),
         "final": {
             "probe_loss": float(np.mean([r[3] for r in final])) if final else None,
             "probe_acc": float(np.mean([r[4] for r in final])) if final else None,

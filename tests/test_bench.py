@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_FIELDS = ("node_steps_per_s", "wall_s", "gossip_share", "threads")
+RUN_FIELDS = ("node_steps_per_s", "wall_s", "gossip_share", "gossip_cpu_share", "threads")
 
 
 def bench(module: str, *args: str, timeout: float = 300) -> dict:
@@ -39,6 +39,7 @@ def test_engine_bench_quick():
         for field in RUN_FIELDS:
             assert isinstance(run[field], int | float), (key, field)
         assert run["node_steps_per_s"] > 0 and 0 <= run["gossip_share"] <= 1
+        assert 0 <= run["gossip_cpu_share"] <= 1
     assert out["one_process"]["ranks"] == 1 and out["ranks_2x8"]["ranks"] == 2
     assert out["ranks_2x8"]["nodes_per_rank"] == 2
     assert out["ranks_2x8"]["threads"] == 1  # what torchrun gives each rank
@@ -52,7 +53,8 @@ def test_engine_bench_quick():
         out["one_process"]["node_steps_per_s"] / out["dense_vmap_baseline"]["node_steps_per_s"])
     targets = out["targets"]
     assert set(targets) == {"speedup_2_ranks_ge_1.5", "one_process_within_10pct_of_dense",
-                            "gossip_share_16_ranks_le_0.25"}
+                            "gossip_share_16_ranks_le_0.25",
+                            "gossip_cpu_share_16_ranks_le_0.25"}
     assert isinstance(targets["speedup_2_ranks_ge_1.5"], bool)
     assert targets["gossip_share_16_ranks_le_0.25"] is None
     assert out["settings"]["nodes"] == 4 and out["settings"]["steps"] == 5
@@ -90,6 +92,11 @@ def test_engine_bench_sixteen_ranks_small():
     assert out["ranks_16x1"]["ranks"] == 4 and out["ranks_16x1"]["nodes_per_rank"] == 1
     assert isinstance(out["targets"]["gossip_share_16_ranks_le_0.25"], bool)
     assert out["one_process_1thread"]["threads"] == 1
+    alone = out["one_rank_alone"]
+    assert alone["ranks"] == 1 and alone["nodes_per_rank"] == 2 and alone["threads"] == 1
+    assert out["ratios"]["speedup_2_ranks_bound"] == pytest.approx(
+        2 * alone["node_steps_per_s"] / out["one_process"]["node_steps_per_s"])
+    assert out["dense_loop_engine_gradient"]["node_steps_per_s"] > 0
 
 
 @pytest.mark.slow

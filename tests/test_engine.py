@@ -60,6 +60,12 @@ def test_single_process_matches_oracle_on_time_varying_graph(tiny):
     assert sim.topology.period == 3
 
 
+def test_step_clock_splits_the_loop_into_gossip_and_the_rest(tiny):
+    _, result = run_in_process(*tiny, "steps=20", "nodes=8", "model.hidden=[64]")
+    assert 0 < result.gossip_s < result.wall_s
+    assert 0 < result.gossip_cpu_s < result.cpu_s  # one process: mixing only, on CPU
+
+
 def test_nodes_are_averaged_not_copied(tiny):
     """Gossip mixes: after one step every node's θ differs from its own local step."""
     sim, result = run_in_process(*tiny, "steps=1", "topology=complete")
