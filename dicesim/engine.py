@@ -458,11 +458,15 @@ class Simulation:
 
     def _warm_up(self, theta: Tensor, x: Tensor, y: Tensor, probe: Probe, hvp: bool) -> None:
         """torch.func's first calls cost about a second (tracing, dispatch caches); make
-        them before the clock starts so wall_s and node-steps/s measure the steady state."""
-        B = self.run.batch_size
+        them before the clock starts so wall_s and node-steps/s measure the steady state.
+        The training gradient is taken at the step's own shapes, so its buffers and the
+        thread pool exist before the first step too."""
+        B, rows = self.run.batch_size, len(theta)
         xb, yb = x[None, :B], y[None, :B]
         w = torch.ones(1, B, dtype=theta.dtype, device=theta.device)
-        self.model.grads(theta[:1], xb, yb, w)
+        for _ in range(2):
+            self.model.grads(theta, xb.expand(rows, *xb.shape[1:]),
+                             yb.expand(rows, B), w.expand(rows, B))
         self.model.probe_eval(theta[:1], *probe.at(torch.arange(1)))
         if hvp:
             self.model.probe_grads(theta[:1], *probe.at(torch.arange(1)))
