@@ -138,7 +138,8 @@ def engine_warm(ovr: list[str], threads: int, repeats: int, retries: int,
     def once() -> dict:
         r = run_in_process(ovr, repeats=1, warmup=0)[0]
         return {"node_steps_per_s": rate(nodes, steps, r.wall_s), "wall_s": r.wall_s,
-                "gossip_share": r.gossip_s / max(r.wall_s, 1e-12), "threads": threads}
+                "gossip_share": r.gossip_s / max(r.wall_s, 1e-12),
+                "gossip_cpu_share": r.gossip_cpu_s / max(r.cpu_s, 1e-12), "threads": threads}
 
     return best_clean(attempt_until_clean(once, repeats, retries, max_wait_s,
                                           "one process, warm"))
