@@ -217,6 +217,11 @@ class FlatModel:
     def probe_grads(self, theta: Tensor, x: Tensor, y: Tensor,
                     per_row: bool = False) -> tuple[Tensor, Tensor]:
         """∇L'(θ) and L'(θ) per row."""
+        if self.dense is not None:
+            if not per_row:  # one probe set for every row
+                x, y = x.expand(len(theta), *x.shape), y.expand(len(theta), *y.shape)
+            return self.dense_grads(theta, x, y, torch.ones(y.shape, dtype=theta.dtype,
+                                                           device=theta.device))
         return vmap(grad_and_value(self.probe_loss), in_dims=_probe_dims(per_row))(theta, x, y)
 
     def grads_and_probe_grads(self, theta: Tensor, x: Tensor, y: Tensor, w: Tensor,
@@ -224,6 +229,8 @@ class FlatModel:
                               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """`grads` and `probe_grads` at the same θ rows in one vmapped call (proximal
         influence needs both for every node at every step)."""
+        if self.dense is not None:
+            return (*self.dense_grads(theta, x, y, w), *self.probe_grads(theta, xp, yp, per_row))
         batch_grad = grad_and_value(self.weighted_loss)
         probe_grad = grad_and_value(self.probe_loss)
 

@@ -41,3 +41,15 @@ def test_models_without_a_hand_written_gradient_fall_back_to_torch_func():
     gelu, *_ = _case("mlp", [6], "gelu", 10)
     cnn = build_model({"name": "cnn", "channels": [2]}, (1, 4, 4), 3)
     assert gelu.dense is None and cnn.dense is None
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_dense_probe_gradients_match_torch_func(per_row):
+    model, theta, x, y, w = _case("mlp", [6], "tanh", 10)
+    xp, yp = (x, y) if per_row else (x[0], y[0])
+    fast = model.grads_and_probe_grads(theta, x, y, w, xp, yp, per_row)
+    dims = (0, 0, 0) if per_row else (0, None, None)
+    ref_probe = vmap(grad_and_value(model.probe_loss), in_dims=dims)(theta, xp, yp)
+    ref_batch = vmap(grad_and_value(model.weighted_loss))(theta, x, y, w)
+    for got, want in zip(fast, (*ref_batch, *ref_probe), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
