@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, jvp, vmap
@@ -153,8 +154,15 @@ class FlatModel:
 
         theta [R, P], x [R, B, ...], y [R, B], w [R, B]; per row the loss is
         (1/B) Σ_i w_i ℓ_i with ℓ the squared error or the cross-entropy."""
-        rows, batch = y.shape
-        h = x.reshape(rows, batch, -1)
+        return self._dense_backprop(theta, x, y, w / y.shape[1], [y.shape[1]])[0]
+
+    def _dense_backprop(self, theta: Tensor, x: Tensor, y: Tensor, scale: Tensor,
+                        sizes: list[int]) -> list[tuple[Tensor, Tensor]]:
+        """∇_θ and value of Σ_i scale_i ℓ_i(θ) over each consecutive group of `sizes`
+        samples: one forward and one backward through the layers for all samples, with
+        the weight gradients reduced per group. x [R, Σsizes, ...], scale [R, Σsizes]."""
+        rows, count = y.shape
+        h = x.reshape(rows, count, -1)
         inputs, weights, outputs = [], [], []  # per layer: its input, W [R, out, inp], act(z)
         for layer in self.dense:
             b_at = layer.w_at + layer.out * layer.inp
@@ -165,27 +173,30 @@ class FlatModel:
             z = torch.baddbmm(b.unsqueeze(1), h, W.transpose(1, 2))  # z = h Wᵀ + b
             h = layer.act()(z) if layer.act else z
             outputs.append((h, z))
-        scale = (w / batch).unsqueeze(-1)  # ∂L/∂ℓ_i = w_i / B
         if self.regression:
             err = h.squeeze(-1) - y
-            loss = (err * err * w).sum(1) / batch
-            dz = 2 * err.unsqueeze(-1) * scale  # ∂L/∂z for ℓ = (z − y)²
+            losses = err * err
+            dz = 2 * err.unsqueeze(-1)  # ∂ℓ/∂z for ℓ = (z − y)²
         else:
             log_p = torch.log_softmax(h, -1)
-            nll = -log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-            loss = (nll * w).sum(1) / batch
-            dz = log_p.exp()
-            dz.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(nll, -1.0).unsqueeze(-1))
-            dz = dz * scale  # ∂L/∂z = (softmax(z) − onehot(y)) w_i / B
-        pieces: list[Tensor] = []
+            losses = -log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+            dz = log_p.exp()  # ∂ℓ/∂z = softmax(z) − onehot(y)
+            dz.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(losses, -1.0).unsqueeze(-1))
+        dz = dz * scale.unsqueeze(-1)
+        groups = [slice(a, a + n) for a, n in zip(np.cumsum([0, *sizes[:-1]]), sizes, strict=True)]
+        pieces: list[list[Tensor]] = [[] for _ in groups]
         for i in reversed(range(len(self.dense))):
             if i < len(self.dense) - 1:
                 a, z = outputs[i]
                 dz = dz * _ACTIVATION_SLOPES[self.dense[i].act](a, z)
-            pieces += [dz.sum(1), torch.bmm(dz.transpose(1, 2), inputs[i]).flatten(1)]  # ∂b, ∂W
+            for part, g in zip(pieces, groups, strict=True):  # ∂b, ∂W of each group
+                part += [dz[:, g].sum(1), torch.bmm(dz[:, g].transpose(1, 2),
+                                                    inputs[i][:, g]).flatten(1)]
             if i:
-                dz = torch.bmm(dz, weights[i])  # ∂L/∂(layer input)
-        return torch.cat(pieces[::-1], 1), loss
+                dz = torch.bmm(dz, weights[i])  # ∂/∂(layer input), every sample
+        weighted = losses * scale
+        return [(torch.cat(part[::-1], 1), weighted[:, g].sum(1))
+                for part, g in zip(pieces, groups, strict=True)]
 
     def hvps(self, theta: Tensor, v: Tensor, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
         """H(θ) v for the weighted batch loss at θ (forward-over-reverse), one per row."""
@@ -229,8 +240,14 @@ class FlatModel:
                               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """`grads` and `probe_grads` at the same θ rows in one vmapped call (proximal
         influence needs both for every node at every step)."""
-        if self.dense is not None:
-            return (*self.dense_grads(theta, x, y, w), *self.probe_grads(theta, xp, yp, per_row))
+        if self.dense is not None:  # one pass over the batch and the probe samples together
+            if not per_row:
+                xp, yp = xp.expand(len(theta), *xp.shape), yp.expand(len(theta), *yp.shape)
+            B, m = y.shape[1], yp.shape[1]
+            (g, loss), (pg, probe_loss) = self._dense_backprop(
+                theta, torch.cat([x, xp], 1), torch.cat([y, yp], 1),
+                torch.cat([w / B, w.new_full((len(theta), m), 1 / m)], 1), [B, m])
+            return g, loss, pg, probe_loss
         batch_grad = grad_and_value(self.weighted_loss)
         probe_grad = grad_and_value(self.probe_loss)
 
