@@ -4,7 +4,8 @@ Step t on every rank, vectorized over its block of nodes:
   local step  θ_k^{t+½} = θ_k^t + Δ_k^t,  Δ_k^t = −η ∇L(θ_k^t; B_k^t)
   gossip      θ_k^{t+1} = Σ_l W^t[k,l] θ_l^{t+½}   (one buffer per peer rank)
 The influence tracker rides along: it records at θ^t, steps its rows with the
-same batches and sends them in the same buffers.
+same batches and sends them in the same buffers. Without it, the rows that peers
+mix are stepped first and their exchange posted; interior rows step while it travels.
 """
 
 from __future__ import annotations
@@ -382,7 +383,7 @@ class Simulation:
                 groups[key] = send_first(routes[key], lay)
             W = effective[t] = self.defense.weights(base_W)
             effective.pop(t - 2, None)
-            if grad is None and tracker is None and len(groups[key]) > 1:
+            if tracker is None and len(groups[key]) > 1:
                 # the rows peers receive first; the interior ones while those travel
                 update, half = torch.empty_like(theta), torch.empty_like(theta)
                 loss = theta.new_empty(n_loc)
