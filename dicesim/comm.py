@@ -121,10 +121,10 @@ class Comm:
         if self.world == 1 or not (route.send or route.recv):
             return pending
         ops = []
+        local_nodes = [c.nodes[mine] for c, mine in zip(channels, owned, strict=True)]
         for peer, wanted in route.send.items():
-            parts = [c.rows[torch.as_tensor(wanted[c.nodes[mine]], device=self.device)]
-                     for c, mine in zip(channels, owned, strict=True)]
-            parts = [p.reshape(-1) for p in parts]
+            parts = [c.rows[torch.as_tensor(wanted[nodes], device=self.device)].reshape(-1)
+                     for c, nodes in zip(channels, local_nodes, strict=True)]
             ops.append(dist.P2POp(dist.isend, torch.cat(parts), peer))
         for peer, wanted in route.recv.items():
             size = sum(int(wanted[c.nodes].sum()) * c.rows.shape[1] for c in channels)

@@ -163,8 +163,8 @@ class StepClock:
     the main thread's CPU inside the windows plus, on a multi-rank run with one torch
     thread, every other thread's CPU (there those are gloo's I/O threads)."""
 
-    def __init__(self, comm_threads_are_others: bool):
-        self.others_are_comm = comm_threads_are_others
+    def __init__(self, others_are_comm: bool):
+        self.others_are_comm = others_are_comm  # count threads other than this one as gossip
         self.wall0, self.cpu0, self.main0 = (time.perf_counter(), time.process_time(),
                                              time.thread_time())
         self.gossip_wall = self.gossip_main_cpu = 0.0
@@ -465,9 +465,8 @@ class Simulation:
         B, rows = self.run.batch_size, len(theta)
         xb, yb = x[None, :B], y[None, :B]
         w = torch.ones(1, B, dtype=theta.dtype, device=theta.device)
-        for _ in range(2):
-            self.model.grads(theta, xb.expand(rows, *xb.shape[1:]),
-                             yb.expand(rows, B), w.expand(rows, B))
+        self.model.grads(theta, xb.expand(rows, *xb.shape[1:]), yb.expand(rows, B),
+                         w.expand(rows, B))
         self.model.probe_eval(theta[:1], *probe.at(torch.arange(1)))
         if hvp:
             self.model.probe_grads(theta[:1], *probe.at(torch.arange(1)))

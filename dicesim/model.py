@@ -229,8 +229,7 @@ class FlatModel:
                     per_row: bool = False) -> tuple[Tensor, Tensor]:
         """∇L'(θ) and L'(θ) per row."""
         if self.dense is not None:
-            if not per_row:  # one probe set for every row
-                x, y = x.expand(len(theta), *x.shape), y.expand(len(theta), *y.shape)
+            x, y = _per_row(len(theta), x, y, per_row)
             return self.dense_grads(theta, x, y, torch.ones(y.shape, dtype=theta.dtype,
                                                            device=theta.device))
         return vmap(grad_and_value(self.probe_loss), in_dims=_probe_dims(per_row))(theta, x, y)
@@ -241,8 +240,7 @@ class FlatModel:
         """`grads` and `probe_grads` at the same θ rows in one vmapped call (proximal
         influence needs both for every node at every step)."""
         if self.dense is not None:  # one pass over the batch and the probe samples together
-            if not per_row:
-                xp, yp = xp.expand(len(theta), *xp.shape), yp.expand(len(theta), *yp.shape)
+            xp, yp = _per_row(len(theta), xp, yp, per_row)
             B, m = y.shape[1], yp.shape[1]
             (g, loss), (pg, probe_loss) = self._dense_backprop(
                 theta, torch.cat([x, xp], 1), torch.cat([y, yp], 1),
@@ -260,6 +258,11 @@ class FlatModel:
 
     def probe_losses(self, theta: Tensor, x: Tensor, y: Tensor, per_row: bool = False) -> Tensor:
         return vmap(self.probe_loss, in_dims=_probe_dims(per_row))(theta, x, y)
+
+
+def _per_row(rows: int, x: Tensor, y: Tensor, per_row: bool) -> tuple[Tensor, Tensor]:
+    """A probe set as one per parameter row: shared ones are expanded (a view)."""
+    return (x, y) if per_row else (x.expand(rows, *x.shape), y.expand(rows, *y.shape))
 
 
 def _probe_dims(per_row: bool) -> tuple[int, int | None, int | None]:
