@@ -13,9 +13,11 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dicesim.checkpoint import Checkpoints, find_resume
 from dicesim.comm import Comm, PeerError
-from dicesim.engine import RunResult, Simulation, local_rank, resolve_device
+from dicesim.engine import Simulation, local_rank, resolve_device
 from dicesim.errors import ConfigError
+from dicesim.trainer import RunResult
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("topology", "data", "model", "optim", "influence", "attack", "defense", "experiment")
@@ -72,11 +74,12 @@ class Session:
             fail(str(err))
             raise  # unreachable: fail exits
 
-    def simulate(self, sim: Simulation) -> RunResult:
+    def simulate(self, sim: Simulation, on_flush=None, checkpoints=None) -> RunResult:
         if self.comm is None:
             self.comm = Comm(self.backend, sim.run.timeout_s, self.device)
         try:
-            return sim.execute(self.comm, log=self.say)
+            return sim.execute(self.comm, log=self.say, checkpoints=checkpoints,
+                               on_flush=on_flush)
         except PeerError as err:
             fail(str(err), code=3)
             raise
@@ -96,12 +99,38 @@ def open_session(cfg: DictConfig) -> Session:
     return Session(cfg, world, rank, device, backend)
 
 
-def prepare_output(session: Session) -> None:
+def prepare_output(session: Session, folder: Path | None = None) -> None:
     if session.rank == 0:
-        session.out = run_dir(session.cfg)
+        session.out = folder if folder is not None else run_dir(session.cfg)
         session.out.mkdir(parents=True, exist_ok=True)
         (session.out / "config.yaml").write_text(OmegaConf.to_yaml(session.cfg, resolve=True))
         session.say(f"dicesim: writing to {session.out}")
+
+
+def plan_checkpoints(session: Session, sim: Simulation) -> tuple[Checkpoints | None,
+                                                                 Path | None]:
+    """(what saves and loads checkpoints, the run directory when resuming): `resume=DIR`
+    continues DIR's newest checkpoint in DIR; `resume=auto` continues the run directory's
+    own if it has one and starts fresh otherwise."""
+    cfg = session.cfg
+    ck = cfg.get("checkpoint") or {}
+    every, keep, resume = ck.get("every", 0), ck.get("keep", 2), cfg.get("resume")
+    for key, value, least in (("checkpoint.every", every, 0), ("checkpoint.keep", keep, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            fail(f"{key}={value}: must be an integer >= {least}")
+    if resume is not None and not isinstance(resume, str):
+        fail(f"resume={resume}: give the run directory to continue, or auto")
+    if not every and resume is None:
+        return None, None
+    folder = Path(cfg.out_dir) if resume in (None, "auto") else Path(resume)
+    try:
+        source = None if resume is None else find_resume(folder, cfg, session.world,
+                                                         explicit=resume != "auto")
+    except ConfigError as err:
+        fail(str(err))
+    if source is not None:
+        session.say(f"dicesim: resuming from {source}")
+    return Checkpoints(None, every, keep, cfg, session.world, source), folder if source else None
 
 
 def execute(cfg: DictConfig) -> dict | None:
@@ -120,14 +149,18 @@ def execute(cfg: DictConfig) -> dict | None:
     if cfg.get("dry_run", False):
         session.say("dicesim: dry run — configuration is valid, nothing trained")
         return None
-    prepare_output(session)
+    checkpoints, folder = plan_checkpoints(session, sim)
+    prepare_output(session, folder)
+    if checkpoints is not None:
+        checkpoints.folder = session.out
+    on_flush = None
     if session.rank == 0 and sim.tracking:
         from dicesim.report import write_influence
 
         # finished events reach disk as they are gathered: a crash keeps them
-        sim.on_flush = lambda partial: write_influence(session.out, partial)
+        on_flush = lambda partial: write_influence(session.out, partial)  # noqa: E731
     try:
-        result = session.simulate(sim)
+        result = session.simulate(sim, on_flush=on_flush, checkpoints=checkpoints)
     finally:
         session.close()
     if session.rank != 0:

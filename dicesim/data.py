@@ -334,3 +334,19 @@ def hold_out(local_ids: np.ndarray, count: int, seed: int,
     local_ids = np.asarray(local_ids)
     perm = np.random.default_rng([seed, node, _NODE_PROBE_STREAM]).permutation(len(local_ids))
     return np.sort(local_ids[perm[count:]]), np.sort(local_ids[perm[:count]])
+
+
+NOISE_STREAM = 7_368_787  # keeps the label-corruption RNG apart from every other stream
+
+
+def flip_labels(y: torch.Tensor, parts: list[np.ndarray], noise: np.ndarray, classes: int,
+                seed: int) -> torch.Tensor:
+    """`data.label_noise`: round(p_k · |D_k|) of node k's samples get a wrong label (seeded
+    per node, always another class); a copy of y."""
+    y = y.clone()
+    for k, ids in enumerate(parts):
+        rng = np.random.default_rng([seed, k, NOISE_STREAM])
+        chosen = rng.choice(ids, size=int(round(noise[k] * len(ids))), replace=False)
+        shift = torch.as_tensor(rng.integers(1, classes, size=len(chosen)))
+        y[chosen] = (y[chosen] + shift) % classes  # never the true class
+    return y

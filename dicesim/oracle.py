@@ -1,6 +1,7 @@
 """Independent dense references the tests check the distributed engine against.
 
-`dense_run`   — all nodes as one [n, P] matrix, θ ← W^t (θ − η ∇L), no ranks, no channels.
+`dense_run`   — all nodes as one [n, P] matrix, θ ← W^t (θ − η ∇L), no ranks, no channels;
+                the local step is torch.optim.SGD's, not dicesim's.
 `walk_sum`    — DICE-E for one event as the paper's Theorem 1 writes it: an explicit
                 sum over every walk j → k_1 → … → k_s with its product of W entries and
                 curvature factors (I − η H), one HVP chain per walk.
@@ -47,7 +48,11 @@ def dense_trajectory(sim: Simulation) -> list[Tensor]:
         x, y, w = (torch.stack(p) for p in zip(*[_batch(sim, k, t) for k in range(s.nodes)],
                                                  strict=True))
         g, _ = sim.model.grads(theta, x, y, w)
-        theta = torch.tensor(sim.topology.W(t), dtype=s.dtype) @ (theta - s.lr * g)
+        half = theta.clone()  # θ^{t+½} by torch's own SGD step
+        optimizer = torch.optim.SGD([half], lr=s.lr)
+        half.grad = g
+        optimizer.step()
+        theta = torch.tensor(sim.topology.W(t), dtype=s.dtype) @ half
         out.append(theta)
     return out
 

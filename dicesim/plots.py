@@ -11,8 +11,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dicesim.engine import RunResult, Simulation  # noqa: E402
+from dicesim.engine import Simulation  # noqa: E402
 from dicesim.report import hop_totals  # noqa: E402
+from dicesim.trainer import RunResult  # noqa: E402
 
 
 def training_curves(out: Path, result: RunResult) -> str:

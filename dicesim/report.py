@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from scipy import stats
 
-from dicesim.engine import METRIC_COLUMNS, RunResult, Simulation
-from dicesim.tracker import INFLUENCE_COLUMNS, PROXIMAL_COLUMNS
+from dicesim.engine import Simulation
+from dicesim.events import INFLUENCE_COLUMNS, PROXIMAL_COLUMNS
+from dicesim.trainer import METRIC_COLUMNS, RunResult
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -54,23 +55,23 @@ def alignment(e: np.ndarray, g: np.ndarray) -> dict:
 
 def alignment_blocks(rows: list[tuple]) -> dict:
     """one_hop (Definition 2: E[e,0,j] + Σ_{k≠j} E[e,1,k] per event), hop_<s>, all."""
-    rows = [r for r in rows if r[7] is not None]
+    rows = [r for r in rows if r.dice_gt is not None]
     if not rows:
         return {}
     blocks: dict[str, dict] = {}
     one_hop: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
     by_hop: dict[int, list[tuple]] = defaultdict(list)
-    for ev, src, _step, _n, hop, node, e, g in rows:
-        by_hop[hop].append((e, g))
-        if hop == 0 or (hop == 1 and node != src):
-            one_hop[ev][0] += e
-            one_hop[ev][1] += g
+    for r in rows:
+        by_hop[r.hop].append((r.dice_e, r.dice_gt))
+        if r.hop == 0 or (r.hop == 1 and r.node != r.source):
+            one_hop[r.event][0] += r.dice_e
+            one_hop[r.event][1] += r.dice_gt
     pairs = np.array(list(one_hop.values()))
     blocks["one_hop"] = alignment(pairs[:, 0], pairs[:, 1])
     for hop in sorted(by_hop):
         pairs = np.array(by_hop[hop])
         blocks[f"hop_{hop}"] = alignment(pairs[:, 0], pairs[:, 1])
-    pairs = np.array([(r[6], r[7]) for r in rows])
+    pairs = np.array([(r.dice_e, r.dice_gt) for r in rows])
     blocks["all"] = alignment(pairs[:, 0], pairs[:, 1])
     return blocks
 
@@ -78,9 +79,9 @@ def alignment_blocks(rows: list[tuple]) -> dict:
 def hop_totals(rows: list[tuple]) -> dict[int, dict[str, float]]:
     """Mean over events of Σ_k |E[e,s,k]| (and of |G|) per hop s: the cascade's decay."""
     per: dict[tuple[int, int], list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for ev, _src, _step, _n, hop, _node, e, g in rows:
-        per[(ev, hop)][0] += e
-        per[(ev, hop)][1] += g if g is not None else math.nan
+    for r in rows:
+        per[(r.event, r.hop)][0] += r.dice_e
+        per[(r.event, r.hop)][1] += r.dice_gt if r.dice_gt is not None else math.nan
     out: dict[int, dict[str, float]] = {}
     for hop in sorted({h for _, h in per}):
         vals = np.array([v for (_, h), v in per.items() if h == hop])
@@ -91,7 +92,7 @@ def hop_totals(rows: list[tuple]) -> dict[int, dict[str, float]]:
 
 # ---- writing -------------------------------------------------------------------------------
 def write_influence(out: Path, result: RunResult) -> None:
-    rows = sorted(result.influence, key=lambda r: (r[0], r[4], r[5]))
+    rows = sorted(result.influence, key=lambda r: (r.event, r.hop, r.node))
     write_csv(out / "influence.csv", INFLUENCE_COLUMNS, rows)
     if result.proximal:
         write_csv(out / "proximal.csv", PROXIMAL_COLUMNS, sorted(result.proximal))
@@ -99,7 +100,7 @@ def write_influence(out: Path, result: RunResult) -> None:
 
 def summarize(sim: Simulation, result: RunResult) -> dict:
     s = sim.run
-    final = [r for r in result.metrics if r[0] == s.steps]
+    final = [r for r in result.metrics if r.step == s.steps]
     summary = {
         **sim.describe(),
         "wall_s": result.wall_s,
@@ -107,10 +108,10 @@ def summarize(sim: Simulation, result: RunResult) -> dict:
         "gossip_share": result.gossip_s / max(result.wall_s, 1e-9),
         "gossip_cpu_share": result.gossip_cpu_s / max(result.cpu_s, 1e-9),
         "final": {
-            "probe_loss": float(np.mean([r[3] for r in final])) if final else None,
-            "probe_acc": float(np.mean([r[4] for r in final])) if final else None,
+            "probe_loss": float(np.mean([r.probe_loss for r in final])) if final else None,
+            "probe_acc": float(np.mean([r.probe_acc for r in final])) if final else None,
             "test_acc": float(np.mean(result.test_acc)) if result.test_acc else None,
-            "consensus_dist": float(np.mean([r[5] for r in final])) if final else None,
+            "consensus_dist": float(np.mean([r.consensus_dist for r in final])) if final else None,
         },
     }
     if result.influence:

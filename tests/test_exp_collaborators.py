@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from hydra import compose, initialize_config_dir
 
-from dicesim.defense import build_defense
+from dicesim.aggregate import build_aggregator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def test_tiny_run_dice_cuts_the_attacker(tmp_path: Path) -> None:
 
 def test_dice_selection_verdict_stands_and_rows_stay_stochastic() -> None:
     W = np.full((3, 3), 1 / 3)
-    d = build_defense({"kind": "dice", "window": 2, "warmup": 1}, attacked=np.array([2]),
+    d = build_aggregator({"kind": "dice", "window": 2, "warmup": 1}, attacked=np.array([2]),
                       nodes=3, local=np.arange(3), proximal=True)
     assert d.weights(W) is W
     d.observe(0, np.array([[0.0, -1.0, 2.0], [-1.0, 0.0, 3.0], [1.0, 1.0, 0.0]]))
@@ -61,6 +61,6 @@ def test_dice_selection_verdict_stands_and_rows_stay_stochastic() -> None:
         d.observe(t, np.array([[0.0, -1.0, 0.0], [-1.0, 0.0, 0.0], [1.0, 1.0, 0.0]]))
         cut = d.weights(W)
     assert cut[0, 2] == cut[1, 2] == 0.0 and cut[0, 1] == cut[1, 0] == 0.5
-    oracle = build_defense({"kind": "oracle"}, attacked=np.array([2]), nodes=3,
+    oracle = build_aggregator({"kind": "oracle"}, attacked=np.array([2]), nodes=3,
                            local=np.arange(3), proximal=False)
     assert np.allclose(oracle.weights(W), cut)

@@ -3,11 +3,11 @@ leave-one-node-out and by its accumulated DICE-E."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from conftest import make_config
 
 from dicesim.cli import open_session
+from dicesim.engine import Simulation
 from dicesim.experiments import contribution
 
 TINY = ("experiment=contribution", "steps=30", "batch_size=16", "model.hidden=[16]",
@@ -23,10 +23,8 @@ def test_config_composes():
 
 
 def test_labels_are_corrupted_in_the_right_amount():
-    cfg = make_config(*TINY, "nodes=5")
-    sim = contribution.Simulation(cfg)
-    clean = sim.data.y_train.clone()
-    contribution.corrupt_labels(sim, np.array([0.0, 0.25, 0.5, 0.75, 1.0]))
+    clean = Simulation(make_config(*TINY, "nodes=5")).data.y_train
+    sim = Simulation(make_config(*TINY, "nodes=5", "data.label_noise=[0,0.25,0.5,0.75,1]"))
     for k, ids in enumerate(sim.parts):
         wrong = (sim.data.y_train[ids] != clean[ids]).float().mean().item()
         assert wrong == pytest.approx(0.25 * k, abs=0.5 / len(ids))

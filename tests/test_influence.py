@@ -27,7 +27,7 @@ def execute(*overrides: str):
 
 def table(rows) -> dict[tuple[int, int, int], tuple[float, float | None]]:
     """(event, hop, node) → (E, G)."""
-    return {(r[0], r[4], r[5]): (r[6], r[7]) for r in rows}
+    return {(r.event, r.hop, r.node): (r.dice_e, r.dice_gt) for r in rows}
 
 
 def events_arg(events: list[dict]) -> str:
@@ -104,12 +104,16 @@ def test_propagated_estimate_equals_sum_over_walks(curvature):
 
 
 # ---- ground truth equals two separate runs -------------------------------------------------
-@pytest.mark.parametrize("probe", ["shared", "per_node"])
-def test_ground_truth_equals_two_separate_runs(probe):
+@pytest.mark.parametrize(("probe", "defended"), [("shared", False), ("per_node", False),
+                                                 ("shared", True)])
+def test_ground_truth_equals_two_separate_runs(probe, defended):
     """G[e,s,k] (s ≥ 1) from shadow rows = q_k (L'_k of the real run − L'_k of a complete
     counterfactual run with the removal applied from the start); L'_k on the shared probe
-    set or on node k's own held-out split."""
+    set or on node k's own held-out split; also under the oracle cut of an attacked node,
+    where the shadows must mix with W^t as the aggregator mixes, not the plain graph."""
     base = (*SMALL_MLP, f"data.probe={probe}")
+    if defended:
+        base += ("attack=scaled_update", "attack.nodes=[1]", "defense=oracle")
     events = [{"node": 2, "step": 1}, {"node": 0, "step": 2, "samples": [0]}]
     sim0 = Simulation(make_config(*base))
     ids = _batch_ids(sim0, 0, 2)
@@ -141,11 +145,11 @@ def _batch_ids(sim: Simulation, node: int, step: int) -> np.ndarray:
 
 
 def _probe_losses(result) -> np.ndarray:
-    steps = max(r[0] for r in result.metrics) + 1
-    nodes = max(r[1] for r in result.metrics) + 1
+    steps = max(r.step for r in result.metrics) + 1
+    nodes = max(r.node for r in result.metrics) + 1
     out = np.zeros((steps, nodes))
     for r in result.metrics:
-        out[r[0], r[1]] = r[3]
+        out[r.step, r.node] = r.probe_loss
     return out
 
 
@@ -175,8 +179,8 @@ def test_estimator_error_shrinks_quadratically_in_the_learning_rate():
     for lr in (0.2, 0.1, 0.05):
         _, result = execute(*SMALL_MLP, "topology=ring", "influence.hops=3", f"optim.lr={lr}",
                             events_arg(events))
-        E = np.array([r[6] for r in result.influence])
-        G = np.array([r[7] for r in result.influence])
+        E = np.array([r.dice_e for r in result.influence])
+        G = np.array([r.dice_gt for r in result.influence])
         sums.append((np.abs(E - G).sum(), np.abs(G).sum()))
     for (err_big, g_big), (err_small, g_small) in zip(sums, sums[1:], strict=False):
         assert 3.0 < err_big / err_small < 5.0
@@ -189,7 +193,7 @@ def test_proximal_influence_equals_hop_one_estimate():
     _, result = execute(*SMALL_MLP, "topology=hub", "influence.hops=1", "influence.proximal=true",
                         events_arg(events))
     rows = table(result.influence)
-    prox = {(r[0], r[1], r[2]): r[3] for r in result.proximal}
+    prox = {(r.step, r.sender, r.receiver): r.value for r in result.proximal}
     assert len(prox) == sum(1 for r in result.proximal)
     checked = 0
     for (ev, s, k), (E, _) in rows.items():

@@ -36,8 +36,7 @@ from dicesim.bench import (
     say,
 )
 
-TRACKER_METHODS = ("probe_rows", "probe_grads_needed", "record", "local_step", "channels",
-                   "after_gossip", "take_rows")
+TRACKER_METHODS = ("probe_rows", "at_theta", "local_step", "channels", "after_gossip")
 
 
 # ---- proximal influence vs plain training --------------------------------------------------
@@ -128,26 +127,20 @@ def timed_tracker_run(overrides: list[str]) -> tuple[object, float, float]:
     Counted: every tracker method (source gradient, HVPs, mixing δ̂, recording) and the
     probe gradients the engine computes for the tracker's rows. Not counted: copying the
     δ̂ rows into the step's exchange buffers (part of the gossip)."""
-    import dicesim.engine as engine_module
-
     watch = Stopwatch()
-    base = engine_module.InfluenceTracker
 
-    class TimedTracker(base):  # type: ignore[misc, valid-type]
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
+    def time_trackers(parts) -> None:
+        for tracker in parts.trackers:
             for name in TRACKER_METHODS:
-                if hasattr(self, name):
-                    setattr(self, name, watch.wrap(getattr(self, name)))
+                if hasattr(tracker, name):
+                    setattr(tracker, name, watch.wrap(getattr(tracker, name)))
+        parts.sources = watch.wrap(parts.sources)
 
     def observe(sim) -> None:
         sim.model.probe_grads = watch.wrap(sim.model.probe_grads)
+        sim.on_parts.append(time_trackers)
 
-    engine_module.InfluenceTracker = TimedTracker
-    try:
-        result = run_in_process(overrides, repeats=1, warmup=0, observe=observe)[0]
-    finally:
-        engine_module.InfluenceTracker = base
+    result = run_in_process(overrides, repeats=1, warmup=0, observe=observe)[0]
     return result, watch.seconds, result.wall_s
 
 
@@ -170,8 +163,8 @@ def propagation_case(nodes: int, hops: int, event_step: int, hidden: int, dtype:
                      repeats: int, retries: int, max_wait_s: float) -> dict:
     from dicesim.bench import compose
     from dicesim.engine import Simulation
+    from dicesim.events import INFLUENCE_COLUMNS, reach_sets
     from dicesim.oracle import dense_trajectory, walk_sum
-    from dicesim.tracker import INFLUENCE_COLUMNS, reach_sets
 
     steps = event_step + hops
     source = 0

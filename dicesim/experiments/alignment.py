@@ -30,9 +30,9 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from dicesim.cli import Session, fail, prepare_output
+from dicesim.events import INFLUENCE_COLUMNS
 from dicesim.experiments import group_option, variant
 from dicesim.report import alignment, alignment_blocks, footer, write_atomic, write_csv
-from dicesim.tracker import INFLUENCE_COLUMNS
 
 TABLE_COLUMNS = ("set", "label", "topology", "lr", "batch_size", "nodes", "removal", "hops",
                  "curvature", "dtype", "view", "n", "pearson", "spearman", "sign_agreement",
@@ -154,12 +154,12 @@ def precision_report(rows32: list[tuple], rows64: list[tuple]) -> dict:
     gt_noise = Σ|G32 − G64| / Σ|G64| (how far float32 DICE-GT is from float64's),
     e_noise  = Σ|E32 − E64| / Σ|E64|, and the estimator's own error rel_err in both
     dtypes. gt_noise ≪ rel_err means float32 ground truth is precise enough to judge E."""
-    key = {(r[0], r[4], r[5]): r for r in rows64}
+    key = {(r.event, r.hop, r.node): r for r in rows64}
     by_hop: dict[int, list[tuple]] = defaultdict(list)
     for r in rows32:
-        other = key.get((r[0], r[4], r[5]))
+        other = key.get((r.event, r.hop, r.node))
         if other is not None:
-            by_hop[r[4]].append((r[6], r[7], other[6], other[7]))
+            by_hop[r.hop].append((r.dice_e, r.dice_gt, other.dice_e, other.dice_gt))
     out = {}
     for hop in sorted(by_hop):
         e32, g32, e64, g64 = np.array(by_hop[hop]).T
@@ -349,7 +349,7 @@ def run(session: Session) -> dict | None:
         folder = session.out / "cases" / slug(case.label)
         folder.mkdir(parents=True, exist_ok=True)
         write_csv(folder / "influence.csv", INFLUENCE_COLUMNS,
-                  sorted(rows, key=lambda r: (r[0], r[4], r[5])))
+                  sorted(rows, key=lambda r: (r.event, r.hop, r.node)))
     if session.rank != 0:
         return None
     summary = summarize(cfg, results, rows_of)
@@ -401,16 +401,16 @@ def plots(out: Path, cases: list[dict], rows_of: dict[str, list[tuple]]) -> list
 
 def _view_pairs(rows: list[tuple], view: str) -> np.ndarray:
     """(G, E) pairs of one view."""
-    rows = [r for r in rows if r[7] is not None]
+    rows = [r for r in rows if r.dice_gt is not None]
     if view == "one_hop":
         acc: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
-        for ev, src, _t, _n, hop, node, e, g in rows:
-            if hop == 0 or (hop == 1 and node != src):
-                acc[ev][0] += g
-                acc[ev][1] += e
+        for r in rows:
+            if r.hop == 0 or (r.hop == 1 and r.node != r.source):
+                acc[r.event][0] += r.dice_gt
+                acc[r.event][1] += r.dice_e
         return np.array(list(acc.values())).reshape(-1, 2)
     hop = int(view[4:])
-    return np.array([(r[7], r[6]) for r in rows if r[4] == hop]).reshape(-1, 2)
+    return np.array([(r.dice_gt, r.dice_e) for r in rows if r.hop == hop]).reshape(-1, 2)
 
 
 def scatter_grid(out: Path, stem: str, cases: list[dict], rows_of: dict[str, list[tuple]],

@@ -10,10 +10,11 @@ scores each in-neighbour j, higher = more suspicious:
   neg_cosine    mean −cos(Δ_j^t, Δ_k^t)                  (k's own update as the reference)
   probe_loss    mean L'_k(θ_j^{t+½}) − L'_k(θ_k^{t+½})   (k's probe loss of j's parameters)
 
-The baselines use what k receives at the same steps (a StepView observer). ROC-AUC is over
-pairs (k, j) with label "j is attacked"; at node level s_j = mean over j's honest
-out-neighbours k of s_kj, and precision is taken at m = the number of attacked nodes.
-Each rank's observer sees its own receivers; rank 0 gathers them, so this runs under torchrun.
+The baselines use what k receives at the same steps (BaselineSignals, a tracker of the
+run). ROC-AUC is over pairs (k, j) with label "j is attacked"; at node level s_j = mean
+over j's honest out-neighbours k of s_kj, and precision is taken at m = the number of
+attacked nodes. Each rank's tracker sees its own receivers; rank 0 gathers them, so this
+runs under torchrun.
 """
 
 from __future__ import annotations
@@ -28,14 +29,16 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from sklearn.metrics import roc_auc_score
-from torch import Tensor
 from torch.nn.functional import cosine_similarity
 
 from dicesim.attack import ATTACKS
 from dicesim.cli import Session, fail, prepare_output
-from dicesim.engine import RunResult, Simulation, StepView
+from dicesim.comm import Channel
+from dicesim.engine import RunParts, Simulation
 from dicesim.experiments import CONFIG_DIR, group_option, variant
 from dicesim.report import footer, write_atomic, write_csv
+from dicesim.trackers import Tracker
+from dicesim.trainer import RunResult, Step
 
 METHODS = ("dice", "update_norm", "neg_cosine", "probe_loss")
 LABELS = {"dice": "DICE proximal influence", "update_norm": "update norm",
@@ -57,41 +60,38 @@ def scoring_steps(sim: Simulation, window: int | None) -> range:
     return range(first, sim.run.steps)
 
 
-class BaselineSignals:
-    """StepView observer: per (honest local receiver k, in-neighbour j) the running sums of
-    ‖Δ_j‖, −cos(Δ_j, Δ_k) and L'_k(θ_j^{t+½}) − L'_k(θ_k^{t+½}) over the scoring steps
-    (L'_k on k's own probe set Z'_k when data.probe=per_node)."""
+class BaselineSignals(Tracker):
+    """Per (honest local receiver k, in-neighbour j) the running sums of ‖Δ_j‖,
+    −cos(Δ_j, Δ_k) and L'_k(θ_j^{t+½}) − L'_k(θ_k^{t+½}) over the scoring steps (L'_k on
+    k's own probe set Z'_k when data.probe=per_node). It sends every node's update Δ_j
+    with the parameters and reads the received θ^{t+½} and W^t as mixed off the Step."""
 
-    def __init__(self, sim: Simulation, steps: range):
-        self.sim, self.steps = sim, steps
+    def __init__(self, parts: RunParts, steps: range):
+        sim = parts.sim
+        self.parts, self.steps, self.layout = parts, steps, sim.layout
         self.honest = np.setdiff1d(sim.layout.local_nodes, sim.attack.nodes)
         self.sums: dict[Pair, np.ndarray] = {}
         self.counts: dict[Pair, int] = defaultdict(int)
-        self._probes: dict[int, tuple[Tensor, Tensor]] = {}
 
-    def probe(self, k: int, like: Tensor) -> tuple[Tensor, Tensor]:
-        """Z'_k cast like the engine casts it: x in the run's dtype, y long (or the dtype)."""
-        if k not in self._probes:
-            data, ids = self.sim.data, self.sim.node_probe_ids
-            x, y = (data.x_probe, data.y_probe) if ids is None else (
-                data.x_train[torch.as_tensor(ids[k])], data.y_train[torch.as_tensor(ids[k])])
-            ydt = like.dtype if self.sim.model.regression else torch.long
-            self._probes[k] = (x.to(like.device, like.dtype), y.to(like.device, ydt))
-        return self._probes[k]
+    def channels(self, step: Step) -> list[Channel]:
+        return [Channel(np.arange(self.layout.nodes), step.update)]
 
-    def __call__(self, view: StepView) -> None:
-        if view.t not in self.steps:
+    def after_gossip(self, step: Step, received: list[Channel]) -> None:
+        if step.t not in self.steps:
             return
-        assert view.received_updates is not None, "needs influence.proximal=true"
-        half = view.theta + view.update  # θ_k^{t+½} of the local nodes
+        model, probe = self.parts.model, self.parts.probe
+        half = step.half  # θ_k^{t+½} of the local nodes
         for k in self.honest:
-            i = self.sim.layout.local_index(int(k))
-            nbrs = [int(j) for j in np.flatnonzero(view.W[k] > 0) if j != k]
+            i = self.layout.local_index(int(k))
+            nbrs = [int(j) for j in np.flatnonzero(step.W[k] > 0) if j != k]
             rows = torch.as_tensor(nbrs, device=half.device)
-            updates = view.received_updates[rows]  # Δ_j^t
-            losses = self.sim.model.probe_losses(  # L'_k(θ_j^{t+½}) …, L'_k(θ_k^{t+½})
-                torch.cat([view.received[rows], half[i:i + 1]]), *self.probe(int(k), half))
-            cos = cosine_similarity(updates, view.update[i][None], dim=1)
+            updates = received[0].available[rows]  # Δ_j^t
+            x, y, per_node = probe.at(i)
+            if per_node:
+                x, y = x[0], y[0]
+            losses = model.probe_losses(  # L'_k(θ_j^{t+½}) …, L'_k(θ_k^{t+½})
+                torch.cat([step.received[rows], half[i:i + 1]]), x, y)
+            cos = cosine_similarity(updates, step.update[i][None], dim=1)
             values = torch.stack([updates.norm(dim=1), -cos, losses[:-1] - losses[-1]], dim=1)
             for j, v in zip(nbrs, values.double().cpu().numpy(), strict=True):
                 self.sums[(int(k), j)] = self.sums.get((int(k), j), 0.0) + v
@@ -172,12 +172,13 @@ def build_cases(session: Session) -> list[Case]:
 def run_case(session: Session, case: Case, window: int | None, per_weight: bool) -> None:
     sim = case.sim
     steps = scoring_steps(sim, window)
-    signals = BaselineSignals(sim, steps)
-    sim.observers.append(signals)
+    made: list[BaselineSignals] = []
+    sim.extra_trackers.append(lambda parts: made.append(BaselineSignals(parts, steps))
+                              or made[-1])
     t0 = time.perf_counter()
     result = session.simulate(sim)
     assert session.comm is not None
-    gathered = session.comm.gather_to_root(signals.means())
+    gathered = session.comm.gather_to_root(made[0].means())
     if session.rank != 0:
         return
     baseline = {p: v for part in gathered for p, v in part.items()}

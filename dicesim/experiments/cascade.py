@@ -24,6 +24,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from dicesim.cli import Session, prepare_output
+from dicesim.events import InfluenceRow
 from dicesim.experiments import variant
 from dicesim.experiments.alignment import topology_options
 from dicesim.report import footer, hop_totals, write_atomic, write_csv
@@ -74,21 +75,23 @@ def mean_walk_mass(topology: Topology, events: list[tuple[int, int]], hops: int)
     return list(np.mean([walk_mass(topology, j, t, hops) for j, t in events], axis=0))
 
 
-def event_totals(rows: list[tuple], col: int = 6) -> dict[int, dict[int, float]]:
-    """event → hop → Σ_k value (col 6: DICE-E, col 7: DICE-GT)."""
+def event_totals(rows: list[InfluenceRow], column: str = "dice_e"
+                 ) -> dict[int, dict[int, float]]:
+    """event → hop → Σ_k value of one estimator column (dice_e, dice_gt)."""
     out: dict[int, dict[int, float]] = defaultdict(lambda: defaultdict(float))
     for r in rows:
-        if r[col] is not None:
-            out[r[0]][r[4]] += r[col]
+        value = getattr(r, column)
+        if value is not None:
+            out[r.event][r.hop] += value
     return out
 
 
 def hub_versus_leaf(rows: list[tuple], hub: int, leaf: int, hops: int) -> dict:
     """Paired comparison: per step, Σ_{s≥1} |Σ_k E[e,s,k]| of the hub's event and the leaf's."""
-    src_step = {r[0]: (r[1], r[2]) for r in rows}
+    src_step = {r.event: (r.source, r.step) for r in rows}
     result: dict = {"hub": hub, "leaf": leaf}
-    for name, col in (("dice_e", 6), ("dice_gt", 7)):
-        tot = event_totals(rows, col)
+    for name in ("dice_e", "dice_gt"):
+        tot = event_totals(rows, name)
         per = {src_step[ev]: [abs(tot[ev][s]) for s in range(hops + 1)] for ev in tot}
         steps = sorted({t for (j, t) in per if j == hub} & {t for (j, t) in per if j == leaf})
         hub_by_hop = np.array([per[(hub, t)] for t in steps])
@@ -183,8 +186,8 @@ def run(session: Session) -> dict | None:
 
 
 def split_received(rows: list[tuple], nodes: int, hub: int, leaf: int) -> dict[str, list]:
-    return {"from_hub": received([r for r in rows if r[1] == hub], nodes).tolist(),
-            "from_leaf": received([r for r in rows if r[1] == leaf], nodes).tolist()}
+    return {"from_hub": received([r for r in rows if r.source == hub], nodes).tolist(),
+            "from_leaf": received([r for r in rows if r.source == leaf], nodes).tolist()}
 
 
 # ---- report ----------------------------------------------------------------------------------

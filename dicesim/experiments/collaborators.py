@@ -27,9 +27,10 @@ from omegaconf import DictConfig
 from scipy.sparse.csgraph import connected_components
 
 from dicesim.cli import Session, fail, prepare_output
-from dicesim.engine import RunResult, Simulation
+from dicesim.engine import Simulation
 from dicesim.experiments import CONFIG_DIR, group_option, variant
 from dicesim.report import footer, write_atomic
+from dicesim.trainer import RunResult
 
 # condition → (attacked?, defense.kind)
 CONDITIONS = {"no_attack": (False, "none"), "no_defense": (True, "none"),
@@ -83,16 +84,14 @@ def run_one(session: Session, run: Run, attacked: np.ndarray) -> None:
     sim = run.sim
     t0 = time.perf_counter()
     result = session.simulate(sim)
-    assert session.comm is not None
-    dropped = sim.defense.dropped
-    gathered = session.comm.gather_to_root((sim.layout.local_nodes, dropped))
     if session.rank != 0:
         return
     n = sim.run.nodes
     final = np.zeros((n, n), dtype=bool)  # final[k, j]: honest k gives in-neighbour j weight 0
-    for local, part in gathered:
-        if part is not None:
-            final[local] = part
+    block = n // len(result.aggregator)
+    for rank, state in enumerate(result.aggregator):  # the aggregators' final states
+        if state["dropped"] is not None:
+            final[rank * block:(rank + 1) * block] = state["dropped"]
     honest = np.setdiff1d(np.arange(n), attacked)
     run.outcome = {
         "honest_test_acc": float(np.mean(np.asarray(result.test_acc)[honest])),
@@ -121,7 +120,7 @@ def edge_drops(sim: Simulation, final: np.ndarray, attacked: np.ndarray) -> dict
 
 def honest_curve(result: RunResult, honest: np.ndarray) -> dict[str, list[float]]:
     """Mean probe accuracy of the honest nodes at every evaluated step."""
-    rows = np.array([(r[0], r[1], r[4]) for r in result.metrics], dtype=float)
+    rows = np.array([(r.step, r.node, r.probe_acc) for r in result.metrics], dtype=float)
     rows = rows[np.isin(rows[:, 1], honest)]
     steps = np.unique(rows[:, 0])
     return {"step": steps.astype(int).tolist(),

@@ -1,7 +1,7 @@
 """`make contribution`: each node's contribution by DICE-E, validated by leave-one-node-out.
 
 Nodes hold data of graded quality: node k's labels are wrong for a fraction p_k of its
-samples (p_k from 0 to `noise_max`, seeded, always a different class).
+samples (p_k from 0 to `noise_max`; the runs get it as `data.label_noise`).
 
 - DICE-E contribution of node j (its data's accumulated r-hop DICE, Definition 3):
     C_j = Σ_t Σ_{s≤r} Σ_k E[(j,t,B_j^t), s, k],
@@ -30,7 +30,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 from omegaconf import DictConfig
 from scipy import stats
 
@@ -43,7 +42,6 @@ from dicesim.report import footer, write_atomic, write_csv
 NODE_COLUMNS = ("nodes", "node", "label_noise", "dice_r_hop", "dice_one_hop", "loo",
                 "rank_dice", "rank_loo", "given", "received", "reciprocity", "balance")
 EDGE_COLUMNS = ("nodes", "j", "k", "given_j_to_k", "given_k_to_j", "reciprocity_jk")
-NOISE_STREAM = 7_368_787  # keeps the label-corruption RNG apart from every other stream
 
 
 # ---- data quality ----------------------------------------------------------------------------
@@ -56,20 +54,6 @@ def noise_levels(cfg: DictConfig, nodes: int) -> np.ndarray:
             fail(f"contribution.noise: needs {nodes} fractions in [0, 1], got {list(given)}")
         return p
     return np.linspace(0.0, float(cfg.contribution.noise_max), nodes)
-
-
-def corrupt_labels(sim: Simulation, noise: np.ndarray) -> None:
-    """Give round(p_k · |D_k|) of node k's samples a wrong label (seeded per node)."""
-    classes = sim.data.num_classes
-    if classes < 2:
-        fail("contribution: label noise needs a classification data set (e.g. data=digits)")
-    y = sim.data.y_train.clone()
-    for k, ids in enumerate(sim.parts):
-        rng = np.random.default_rng([sim.run.seed, k, NOISE_STREAM])
-        chosen = rng.choice(ids, size=int(round(noise[k] * len(ids))), replace=False)
-        shift = torch.as_tensor(rng.integers(1, classes, size=len(chosen)))
-        y[chosen] = (y[chosen] + shift) % classes  # never the true class
-    sim.data.y_train = y
 
 
 # ---- measurements ----------------------------------------------------------------------------
@@ -89,7 +73,7 @@ def dice_contributions(rows: list[tuple], nodes: int) -> dict[str, np.ndarray]:
 
 def final_loss(sim: Simulation, metrics: list[tuple]) -> float:
     """L(θ^T) = Σ_k q_k L'_k(θ_k^T) from the metrics rows (step, node, _, probe_loss, …)."""
-    last = {r[1]: r[3] for r in metrics if r[0] == sim.run.steps}
+    last = {r.node: r.probe_loss for r in metrics if r.step == sim.run.steps}
     return float(sum(sim.q[k] * last[k] for k in range(sim.run.nodes)))
 
 
@@ -127,7 +111,7 @@ def setting_configs(cfg: DictConfig, nodes: int) -> tuple[DictConfig, list[DictC
     c = cfg.contribution
     steps, hops = int(cfg.steps), int(c.hops)
     common = {"topology": topology_options(cfg, cfg.topology.name), "nodes": nodes,
-              "counterfactual__remove": []}
+              "counterfactual__remove": [], "data__label_noise": noise_levels(cfg, nodes).tolist()}
     events = [{"node": j, "step": t, "samples": "all"} for t in range(steps)
               for j in range(nodes)]
     # r extra steps let the last events' cascades finish; nothing before T changes
@@ -147,12 +131,10 @@ def run_setting(session: Session, cfg: DictConfig, nodes: int) -> dict | None:
     noise = noise_levels(cfg, nodes)
     tracking_cfg, loo_cfgs = setting_configs(cfg, nodes)
     sim = session.build(tracking_cfg)
-    corrupt_labels(sim, noise)
     result = session.simulate(sim)
     losses = []
     for conf in loo_cfgs:
         loo_sim = session.build(conf)
-        corrupt_labels(loo_sim, noise)
         res = session.simulate(loo_sim)
         if session.rank == 0:
             losses.append(final_loss(loo_sim, res.metrics))

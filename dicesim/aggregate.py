@@ -1,4 +1,7 @@
-"""How an honest receiver combines what its in-neighbours send.
+"""The aggregator: how an honest receiver combines what its in-neighbours send.
+
+Its `weights(W^t)` is W^t *as mixed*; the trainer hands that matrix to every tracker, so
+the ground truth and the estimators follow the defended dynamics, not the plain graph.
 
 - none:          θ_k ← Σ_l W[k,l] θ_l  (plain gossip)
 - dice:          influence-guided collaborator selection. Each honest receiver k sums the
@@ -31,7 +34,7 @@ DEFENSES = ("none", "dice", "trimmed_mean", "oracle")
 
 
 @dataclass
-class Defense:
+class Aggregator:
     kind: str = "none"
     window: int = 20
     threshold: float = 0.0
@@ -45,8 +48,9 @@ class Defense:
     _mixed: np.ndarray | None = None  # [local k, j] W^t[k,j] > 0 of the last weights() call
 
     def observe(self, t: int, proximal: np.ndarray) -> None:
-        """Proximal influence of step t (rows: local receivers, columns: senders). The engine
-        calls it after weights() of step t, so `_mixed` says which pairs k mixed at t."""
+        """Proximal influence of step t (rows: local receivers, columns: senders), as the
+        proximal tracker published it at θ^{t+1}; called before weights() of step t + 1,
+        so `_mixed` still says which pairs k mixed at t."""
         if self.kind != "dice":
             return
         if self._values is None:
@@ -71,7 +75,8 @@ class Defense:
             attacked = ~np.isin(np.arange(W.shape[1]), self.honest)
             self.dropped = np.isin(self.local, self.honest)[:, None] & attacked[None, :]
         if self.kind not in ("dice", "oracle") or self.dropped is None or not self.dropped.any():
-            self._mixed = W[self.local] > 0
+            if self.kind == "dice":
+                self._mixed = W[self.local] > 0
             return W
         W = W.copy()
         rows = W[self.local]
@@ -83,7 +88,7 @@ class Defense:
         self._mixed = rows > 0
         return W
 
-    def aggregate(self, W: np.ndarray, channel: Channel, weights: Tensor | None = None) -> Tensor:
+    def combine(self, W: np.ndarray, channel: Channel, weights: Tensor | None = None) -> Tensor:
         """θ^{t+1} of this rank's nodes; `weights` = W[local, :] as a tensor, if cached."""
         if self.kind != "trimmed_mean":
             return mix(W, self.local, channel, weights)
@@ -100,8 +105,18 @@ class Defense:
         return torch.stack(out)
 
 
-def build_defense(cfg: Mapping | None, attacked: np.ndarray, nodes: int, local: np.ndarray,
-                  proximal: bool) -> Defense:
+    # ---- checkpoint ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"dropped": self.dropped, "values": self._values, "count": self._count,
+                "mixed": self._mixed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dropped, self._values = state["dropped"], state["values"]
+        self._count, self._mixed = state["count"], state["mixed"]
+
+
+def build_aggregator(cfg: Mapping | None, attacked: np.ndarray, nodes: int, local: np.ndarray,
+                     proximal: bool) -> Aggregator:
     cfg = cfg or {}
     kind = cfg.get("kind", "none")
     if kind not in DEFENSES:
@@ -110,7 +125,7 @@ def build_defense(cfg: Mapping | None, attacked: np.ndarray, nodes: int, local: 
     if kind == "dice" and not proximal:
         raise ConfigError("defense.kind=dice scores neighbours by proximal influence; "
                           "set influence.proximal=true")
-    d = Defense(kind, int(cfg.get("window", 20)), float(cfg.get("threshold", 0.0)),
+    d = Aggregator(kind, int(cfg.get("window", 20)), float(cfg.get("threshold", 0.0)),
                 int(cfg.get("warmup", 10)), int(cfg.get("trim", 1)),
                 np.setdiff1d(np.arange(nodes), attacked), local)
     if d.window < 1 or d.trim < 0:

@@ -1,0 +1,262 @@
+"""What is analysed: events (node j's batch at step t, minus S), how far each reaches, and
+the typed influence rows every estimator writes into.
+
+An event e = (j, t, S) removes S from B_j^t (DESIGN §2). R_s is the set of nodes the
+perturbation reaches after s gossip rounds: R_0 = {j}, R_{s+1} = out-neighbours of R_s
+under W^{t+s}, self-loops included. The `EventBook` is the one schedule every tracker
+follows: which events start, which are at which hop, which rows of this rank they touch,
+and when an event is finished (all its hops recorded, its rows ready to leave the rank).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dicesim.comm import Layout
+from dicesim.data import batch_ids
+from dicesim.errors import ConfigError
+from dicesim.topology import Topology
+
+MAX_HOPS = 8
+
+
+class InfluenceRow(NamedTuple):
+    """One (event, hop, node) of influence.csv; one column per estimator."""
+
+    event: int
+    source: int  # j
+    step: int  # t
+    n_removed: int  # |S|
+    hop: int  # s
+    node: int  # k
+    dice_e: float | None  # E[e,s,k]
+    dice_gt: float | None  # G[e,s,k] (None: not requested)
+
+
+class ProximalRow(NamedTuple):
+    """Proximal influence of `sender`'s batch at `step` on out-neighbour `receiver`."""
+
+    step: int
+    sender: int
+    receiver: int
+    value: float
+
+
+INFLUENCE_COLUMNS = InfluenceRow._fields
+PROXIMAL_COLUMNS = ProximalRow._fields
+ESTIMATOR_COLUMNS = ("dice_e", "dice_gt")  # the columns trackers fill
+
+
+@dataclass
+class Event:
+    index: int
+    source: int  # j
+    step: int  # t
+    positions: np.ndarray  # positions in B_j^t that are removed (S)
+    sample_ids: np.ndarray  # their global training ids
+    reach: list[np.ndarray] = field(default_factory=list)  # R_0 … R_r (global, sorted)
+
+    @property
+    def n_removed(self) -> int:
+        return len(self.positions)
+
+    def hop(self, t: int) -> int:
+        return t - self.step
+
+
+def reach_sets(topology: Topology, source: int, step: int, hops: int) -> list[np.ndarray]:
+    sets = [np.array([source])]
+    for s in range(hops):
+        W = topology.W(step + s)
+        sets.append(np.flatnonzero((W[:, sets[-1]] > 0).any(axis=1)))
+    return sets
+
+
+def build_events(cfg: Mapping, *, nodes: int, steps: int, batch_size: int,
+                 parts: list[np.ndarray], seed: int, key: str = "influence.events"
+                 ) -> list[Event]:
+    """Events from `influence.events`: an int N (N sampled events) or a list of
+    {node, step, samples} with samples = all | [global ids] | k (k random samples)."""
+    hops = cfg.get("hops", 1)
+    if not isinstance(hops, int) or not 0 <= hops <= MAX_HOPS:
+        raise ConfigError(f"influence.hops={hops}: must be an integer from 0 to {MAX_HOPS}")
+    spec = cfg.get("events", 0)
+    rng = np.random.default_rng([seed, 7919])
+    raw: list[tuple[int, int, object]] = []
+    if isinstance(spec, bool) or not isinstance(spec, int | Sequence) or isinstance(spec, str):
+        raise ConfigError(f"{key}={spec}: give a number of events to sample or a list of "
+                          "{node, step, samples}")
+    if isinstance(spec, int):
+        if spec < 0:
+            raise ConfigError(f"{key}={spec}: must be >= 0 or a list of events")
+        if spec and hops > steps:
+            raise ConfigError(f"influence.hops={hops} reaches past the last step (steps={steps});"
+                              " lower influence.hops or raise steps")
+        lo, hi = cfg.get("step_range", None) or (0, steps - hops)
+        if spec and not 0 <= lo <= hi <= steps - hops:
+            raise ConfigError(f"influence.step_range=[{lo}, {hi}]: needs 0 <= lo <= hi <= "
+                              f"steps - hops = {steps - hops}")
+        removal = cfg.get("removal", "batch")
+        if removal not in ("batch", "single") and not (
+                isinstance(removal, int) and 1 <= removal <= batch_size):
+            raise ConfigError(f"influence.removal={removal}: choose batch, single or a number "
+                              f"of samples from 1 to batch_size={batch_size}")
+        samples = "all" if removal == "batch" else 1 if removal == "single" else int(removal)
+        for _ in range(int(spec)):
+            raw.append((int(rng.integers(nodes)), int(rng.integers(lo, hi + 1)), samples))
+        raw.sort(key=lambda e: (e[1], e[0]))
+    else:
+        for i, item in enumerate(spec):
+            if not isinstance(item, Mapping) or not {"node", "step"} <= set(item):
+                raise ConfigError(f"{key}[{i}]={item}: an event needs node and step, e.g. "
+                                  "{node: 3, step: 10, samples: all}")
+            node, step, samples = item["node"], item["step"], item.get("samples", "all")
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (node, step)):
+                raise ConfigError(f"{key}[{i}]: node and step must be integers")
+            ok = samples in ("all", None) or (isinstance(samples, int) and samples > 0) or (
+                isinstance(samples, Sequence) and not isinstance(samples, str)
+                and all(isinstance(v, int) for v in samples))
+            if not ok:
+                raise ConfigError(f"{key}[{i}]: samples={samples} must be all, a number k or "
+                                  "a list of training sample ids")
+            raw.append((node, step, samples))
+    events = []
+    for index, (node, step, samples) in enumerate(raw):
+        where = f"{key}[{index}] (node={node}, step={step})"
+        if not 0 <= node < nodes:
+            raise ConfigError(f"{where}: node {node} is outside the graph (0..{nodes - 1})")
+        if not 0 <= step < steps:
+            raise ConfigError(f"{where}: step {step} is outside the run (0..{steps - 1})")
+        if step + hops > steps:
+            raise ConfigError(
+                f"{where}: influence.hops={hops} reaches step {step + hops}, past the last "
+                f"step {steps}; lower influence.hops or pick an earlier step"
+            )
+        ids = batch_ids(parts[node], batch_size, step, seed, node)
+        if samples == "all" or samples is None:
+            pos = np.arange(len(ids))
+        elif isinstance(samples, int | np.integer):
+            if not 1 <= samples <= len(ids):
+                raise ConfigError(f"{where}: samples={samples} must be in 1..{len(ids)}")
+            pos = np.sort(np.random.default_rng([seed, index, 104729]).choice(
+                len(ids), size=int(samples), replace=False))
+        else:
+            wanted = np.asarray(list(samples), dtype=np.int64)
+            missing = np.setdiff1d(wanted, ids)
+            if len(missing):
+                raise ConfigError(
+                    f"{where}: sample ids {missing.tolist()} are not in that batch; "
+                    f"its ids are {sorted(ids.tolist())}"
+                )
+            pos = np.flatnonzero(np.isin(ids, wanted))
+        events.append(Event(index, node, step, pos, ids[pos]))
+    return events
+
+
+class EventBook:
+    """The schedule of events on one rank and the table their rows are written into.
+
+    Trackers read the schedule (which events start at t, which are at which hop, the
+    local rows they reach) and write their column of each (event, hop, node) with
+    `put`. The trainer calls `retire(t)` once every tracker is done with θ^t; an event's
+    rows leave the rank (`take_rows`) only once all its hops are written."""
+
+    def __init__(self, events: list[Event], hops: int, layout: Layout, topology: Topology):
+        self.hops = hops
+        self.layout = layout
+        for e in events:
+            e.reach = reach_sets(topology, e.source, e.step, hops)
+        self.events = sorted(events, key=lambda e: (e.step, e.index))
+        self.by_index = {e.index: e for e in self.events}
+        self.started = 0  # events[:started] have started
+        self.active: list[Event] = []  # started, hops still to record
+        self.cells: dict[int, dict[tuple[int, int], dict[str, float]]] = {}  # e → (s, k) → cols
+        self.finished: list[InfluenceRow] = []
+
+    # ---- the schedule ------------------------------------------------------------------------
+    def starting(self, t: int) -> list[Event]:
+        out = []
+        i = self.started
+        while i < len(self.events) and self.events[i].step == t:
+            out.append(self.events[i])
+            i += 1
+        return out
+
+    def at_hops(self, t: int, lo: int, hi: int) -> list[Event]:
+        """Active events whose hop at t is in [lo, hi]."""
+        return [e for e in self.active if lo <= e.hop(t) <= hi]
+
+    def local_rows(self, e: Event, s: int) -> np.ndarray:
+        """Local row indices of this rank's nodes in R_s."""
+        nodes = e.reach[s]
+        return nodes[self.layout.owner(nodes) == self.layout.rank] - self.layout.first
+
+    def probe_rows(self, t: int) -> np.ndarray:
+        """Local rows whose ∇L'_k(θ_k^t) the estimators read at t: reached nodes of events
+        at hops 1..r and sources of events starting at t."""
+        rows = [self.local_rows(e, e.hop(t)) for e in self.at_hops(t, 1, self.hops)]
+        rows += [self.local_rows(e, 0) for e in self.starting(t)]
+        return np.unique(np.concatenate(rows)) if rows else np.array([], dtype=np.int64)
+
+    def start(self, t: int) -> list[Event]:
+        """Mark the events of step t started; returns them."""
+        new = self.starting(t)
+        self.started += len(new)
+        for e in new:
+            self.cells[e.index] = {}
+            if self.hops > 0:
+                self.active.append(e)
+        return new
+
+    # ---- the table ---------------------------------------------------------------------------
+    def put(self, e: Event, s: int, node: int, column: str, value: float) -> None:
+        self.cells[e.index].setdefault((s, node), {})[column] = value
+
+    def retire(self, t: int) -> None:
+        """At the end of step t: events whose last hop (θ^{t_e + r}) is written finish."""
+        done = [i for i in self.cells if self.by_index[i].step + self.hops <= t]
+        for i in sorted(done):
+            e = self.by_index[i]
+            for (s, k), cols in sorted(self.cells.pop(i).items()):
+                self.finished.append(InfluenceRow(
+                    e.index, e.source, e.step, e.n_removed, s, k,
+                    cols.get("dice_e"), cols.get("dice_gt")))
+        self.active = [e for e in self.active if e.step + self.hops > t]
+
+    def take_rows(self) -> list[InfluenceRow]:
+        rows, self.finished = self.finished, []
+        return rows
+
+    # ---- checkpoint --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"started": self.started, "active": [e.index for e in self.active],
+                "cells": {i: [(s, k, sorted(c.items())) for (s, k), c in cells.items()]
+                          for i, cells in self.cells.items()},
+                "finished": [tuple(r) for r in self.finished]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.started = int(state["started"])
+        self.active = [self.by_index[i] for i in state["active"]]
+        self.cells = {int(i): {(s, k): dict(c) for s, k, c in cells}
+                      for i, cells in state["cells"].items()}
+        self.finished = [InfluenceRow(*r) for r in state["finished"]]
+
+
+def loss_gap(model, theta: Tensor, delta: Tensor, probe: tuple[Tensor, Tensor, bool]) -> Tensor:
+    """L'(θ) − L'(θ − δ) per row, evaluated in float64 whatever the run's dtype.
+
+    In float32 the two losses (~1) carry rounding errors of ~1e-7 each, as large as the
+    gap of a single sample's removal a few hops away; δ itself is carried to full
+    relative precision, so only this evaluation needs the wider type."""
+    x, y, per_row = probe
+    wide = torch.float64
+    x, y = x.to(wide), (y.to(wide) if y.is_floating_point() else y)
+    theta, delta = theta.to(wide), delta.to(wide)
+    return (model.probe_losses(theta, x, y, per_row)
+            - model.probe_losses(theta - delta, x, y, per_row))

@@ -1,0 +1,120 @@
+"""Trackers: parts that follow the run step by step and measure influence.
+
+The trainer calls every tracker in list order at four points of step t, each time with
+the same `Step` record (dicesim.trainer):
+
+  at_theta(step)        θ^t is known (and ∇L'_k(θ_k^t) of the rows from `probe_rows(t)`)
+  local_step(step)      the update Δ^t and θ^{t+½} are known
+  channels(step)        the rows this tracker sends with the parameters at t
+  after_gossip(step, received)  W^t as mixed and the tracker's own channels, exchanged
+
+A tracker sees only the Step and what it declared; no tracker reads another's state.
+Influence values go into the shared EventBook (one column per estimator), proximal rows
+into the tracker's own list; both leave the rank through `take_rows`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch import Tensor
+
+from dicesim.comm import Channel, Layout, mix
+from dicesim.events import Event, EventBook, ProximalRow
+
+NO_ROWS = np.array([], dtype=np.int64)
+
+
+class Tracker:
+    """The do-nothing part every tracker extends."""
+
+    def probe_rows(self, t: int) -> np.ndarray:
+        return NO_ROWS
+
+    def at_theta(self, step) -> None:
+        pass
+
+    def local_step(self, step) -> None:
+        pass
+
+    def channels(self, step) -> list[Channel]:
+        return []
+
+    def after_gossip(self, step, received: list[Channel]) -> None:
+        pass
+
+    def take_proximal(self) -> list[ProximalRow]:
+        return []
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class PerturbationTracker(Tracker):
+    """Carries one perturbation row per reached local node of every active event and
+    gossips it like the parameters: v^{τ+1}_k = Σ_l W^τ[k,l] v_l^{τ+½}, k in R_{s+1}.
+    Subclasses say how the row starts (hop 0), steps (1 ≤ s < r) and is recorded."""
+
+    column = ""
+
+    def __init__(self, book: EventBook, layout: Layout):
+        self.book = book
+        self.layout = layout
+        self.rows: dict[int, Tensor] = {}  # event index → [local nodes of R_s, P]
+
+    def probe_rows(self, t: int) -> np.ndarray:
+        return self.book.probe_rows(t)
+
+    def channels(self, step) -> list[Channel]:
+        return [Channel(e.reach[e.hop(step.t)], self.rows[e.index])
+                for e in self.gossiping(step.t)]
+
+    def gossiping(self, t: int) -> list[Event]:
+        return self.book.at_hops(t, 0, self.book.hops - 1)
+
+    def after_gossip(self, step, received: list[Channel]) -> None:
+        for e, ch in zip(self.gossiping(step.t), received, strict=True):
+            out = e.reach[e.hop(step.t) + 1]
+            out = out[self.layout.owner(out) == self.layout.rank]
+            self.rows[e.index] = mix(step.W, out, ch)
+        self._drop_finished(step.t)
+
+    def _drop_finished(self, t: int) -> None:
+        """Rows are needed until the last hop is recorded, at θ^{t_e + r}."""
+        for i in [i for i in self.rows if self.book.by_index[i].step + self.book.hops <= t]:
+            del self.rows[i]
+
+    def start_rows(self, step, e: Event) -> Tensor:
+        """The exact source perturbation δ_j^{t+½} of a local event, or no rows if the
+        source lives on another rank (its rows arrive by gossip)."""
+        source = step.sources.get(e.index)
+        if source is None:
+            return step.theta.new_zeros(0, step.theta.shape[1])
+        return source.clone()
+
+    def moving(self, t: int) -> tuple[list[Event], list[np.ndarray]]:
+        """Events at hops 1 ≤ s < r and their local rows: those step with the node."""
+        events = self.book.at_hops(t, 1, self.book.hops - 1)
+        return events, [self.book.local_rows(e, e.hop(t)) for e in events]
+
+    def recorded(self, t: int) -> tuple[list[Event], list[np.ndarray]]:
+        """Events at hops 1 ≤ s ≤ r and their local rows: recorded at θ^t."""
+        events = self.book.at_hops(t, 1, self.book.hops)
+        return events, [self.book.local_rows(e, e.hop(t)) for e in events]
+
+    def write(self, events: list[Event], idx: list[np.ndarray], values: Tensor,
+              q: np.ndarray, t: int) -> None:
+        offset, base = 0, self.layout.first
+        for e, local in zip(events, idx, strict=True):
+            for i, k in enumerate(local + base):
+                self.book.put(e, e.hop(t), int(k), self.column,
+                              float(q[k] * values[offset + i]))
+            offset += len(local)
+
+    def state_dict(self) -> dict:
+        return {"rows": dict(self.rows)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = {int(i): v for i, v in state["rows"].items()}

@@ -1,0 +1,312 @@
+"""The step loop: one `Step` record per step, passed through a fixed list of parts.
+
+Step t on every rank, vectorized over its block of nodes (DESIGN §1, §3):
+  1. θ^t known: trackers record (`at_theta`); the aggregator observes what they published
+     (proximal influence of step t − 1); metrics every `eval_every` steps.
+  2. W^t as mixed = aggregator.weights(W^t of the topology).
+  3. local step: Δ^t = optimizer.update(∇L(θ^t; B^t)), θ^{t+½} = θ^t + Δ^t; trackers step
+     their rows (`local_step`).
+  4. gossip: the parameter rows and every tracker's declared rows travel in one buffer per
+     peer rank; θ^{t+1} = aggregator.combine(W^t, received); trackers mix theirs.
+Without trackers, the rows that peers mix are stepped first and their exchange posted;
+interior rows step while it travels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dicesim.comm import Channel, Comm, Route, route, send_first
+from dicesim.events import Event, InfluenceRow, ProximalRow
+
+
+class MetricRow(NamedTuple):
+    step: int
+    node: int
+    train_loss: float  # L(θ_k^{t−1}; B_k^{t−1}), the last step's batch (nan at t = T)
+    probe_loss: float  # L'_k(θ_k^t)
+    probe_acc: float
+    consensus_dist: float  # ‖θ_k^t − θ̄^t‖
+
+
+METRIC_COLUMNS = MetricRow._fields
+Batch = tuple[Tensor, Tensor, Tensor]  # x [rows, B, ...], y [rows, B], sample weights w [rows, B]
+
+
+@dataclass
+class Step:
+    """What the parts of step t see (rows of this rank's nodes)."""
+
+    t: int
+    theta: Tensor  # θ^t
+    batch: Batch | None = None  # B^t (None at t = T)
+    W: np.ndarray | None = None  # W^t as mixed (after the aggregator)
+    probe_grad: Tensor | None = None  # ∇L'_k(θ_k^t) of the rows trackers asked for, else 0
+    probe_loss: Tensor | None = None
+    grad: Tensor | None = None  # ∇L(θ^t; B^t), when the probe pass computed it too
+    loss: Tensor | None = None  # L(θ^t; B^t) with it
+    update: Tensor | None = None  # Δ^t
+    half: Tensor | None = None  # θ^{t+½}
+    received: Tensor | None = None  # θ^{t+½} of every node received (zero rows elsewhere)
+    started: list[Event] = field(default_factory=list)  # events removing data at t
+    sources: dict[int, Tensor] = field(default_factory=dict)  # local event → δ_j^{t+½}
+    proximal: np.ndarray | None = None  # [local k, sender j] of step t − 1 (published)
+
+
+@dataclass
+class RunResult:
+    metrics: list[MetricRow] = field(default_factory=list)
+    influence: list[InfluenceRow] = field(default_factory=list)
+    proximal: list[ProximalRow] = field(default_factory=list)
+    final_params: Tensor | None = None  # [nodes, P] on rank 0 (gathered)
+    test_acc: list[float] = field(default_factory=list)  # per node, at θ^T
+    aggregator: list[dict] = field(default_factory=list)  # per rank (rank 0): final state
+    wall_s: float = 0.0
+    gossip_s: float = 0.0  # wall time of the step loop in exchange and mixing
+    cpu_s: float = 0.0  # CPU time of this process (all threads) in the step loop
+    gossip_cpu_s: float = 0.0  # the part of cpu_s spent on exchange and mixing
+    start_step: int = 0  # > 0 when resumed from a checkpoint
+
+    def state_dict(self) -> dict:
+        return {name: [tuple(r) for r in getattr(self, name)]  # plain tuples: weights_only
+                for name in ("metrics", "influence", "proximal")}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.metrics = [MetricRow(*r) for r in state["metrics"]]
+        self.influence = [InfluenceRow(*r) for r in state["influence"]]
+        self.proximal = [ProximalRow(*r) for r in state["proximal"]]
+
+
+class StepClock:
+    """Wall and CPU time of the step loop and of its gossip (exchange + mixing) windows.
+
+    On a shared machine the wall time in the exchange is mostly waiting for peers that
+    are not scheduled; the CPU time says what communicating itself costs. Gossip CPU is
+    the main thread's CPU inside the windows plus, on a multi-rank run with one torch
+    thread, every other thread's CPU (there those are gloo's I/O threads)."""
+
+    def __init__(self, others_are_comm: bool):
+        self.others_are_comm = others_are_comm  # count threads other than this one as gossip
+        self.wall0, self.cpu0, self.main0 = (time.perf_counter(), time.process_time(),
+                                             time.thread_time())
+        self.gossip_wall = self.gossip_main_cpu = 0.0
+
+    @contextlib.contextmanager
+    def gossip(self) -> Iterator[None]:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        yield
+        self.gossip_wall += time.perf_counter() - wall
+        self.gossip_main_cpu += time.thread_time() - cpu
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.wall0
+
+    def stop(self, result: RunResult) -> None:
+        result.wall_s = self.elapsed()
+        result.cpu_s = time.process_time() - self.cpu0
+        others = result.cpu_s - (time.thread_time() - self.main0)
+        result.gossip_s = self.gossip_wall
+        result.gossip_cpu_s = self.gossip_main_cpu + (others if self.others_are_comm else 0.0)
+
+
+class Trainer:
+    """Runs a built Simulation's parts over this rank's nodes; see the module docstring."""
+
+    def __init__(self, sim, comm: Comm, log: Callable[[str], None] = print):
+        from dicesim.engine import inject_fault  # test hook, kept beside the engine
+
+        self.sim, self.comm, self.log, self.inject_fault = sim, comm, log, inject_fault
+        self.parts = sim.parts_for(comm.device)
+        self.result = RunResult()
+        self.train_loss = torch.full((sim.layout.nodes_per_rank,), float("nan"))
+        self.start = 0  # the first step to run (a resumed run starts later)
+        self.theta = self.parts.theta0
+        self.checkpoints = None  # set by the caller: dicesim.checkpoint.Checkpoints
+        self.on_flush: Callable[[RunResult], None] | None = None
+
+    # ---- checkpoint ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        p = self.parts
+        return {"step": self.start, "theta": self.theta, "train_loss": self.train_loss,
+                "optimizer": p.optimizer.state_dict(), "aggregator": p.aggregator.state_dict(),
+                "book": p.book.state_dict() if p.book is not None else None,
+                "trackers": [tr.state_dict() for tr in p.trackers],
+                "result": self.result.state_dict() if self.comm.rank == 0 else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        p = self.parts
+        self.start = int(state["step"])
+        self.theta = state["theta"].to(self.comm.device)
+        self.train_loss = state["train_loss"]
+        p.optimizer.load_state_dict(state["optimizer"])
+        p.aggregator.load_state_dict(state["aggregator"])
+        if p.book is not None:
+            p.book.load_state_dict(state["book"])
+        for tr, s in zip(p.trackers, state["trackers"], strict=True):
+            tr.load_state_dict(s)
+        if state["result"] is not None:
+            self.result.load_state_dict(state["result"])
+        self.result.start_step = self.start
+
+    # ---- the run -------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        sim, comm, p = self.sim, self.comm, self.parts
+        s, lay, dev = sim.run, sim.layout, comm.device
+        model, optimizer, aggregator, trackers, book = (p.model, p.optimizer, p.aggregator,
+                                                        p.trackers, p.book)
+        local, n_loc = lay.local_nodes, lay.nodes_per_rank
+        all_nodes = np.arange(s.nodes)
+        result = self.result
+        sim.warm_up(p, bool(trackers))
+        routes: dict[int, Route] = {}  # per step of the topology's period
+        mixing: dict[int, Tensor] = {}  # W^t[local, :] as a tensor, while no aggregator alters it
+        groups: dict[int, list[np.ndarray]] = {}  # local rows in the order they are stepped
+        every = max(1, s.steps // 10)
+        clock = StepClock(comm.world > 1 and torch.get_num_threads() == 1)
+        theta = self.theta
+
+        for t in range(self.start, s.steps + 1):
+            final = t == s.steps
+            step = Step(t, theta)
+            if not final:
+                self.inject_fault(comm.rank, t)
+                step.batch = p.batch(t)
+            if trackers:
+                self._probe_grads(step)
+                for tr in trackers:
+                    tr.at_theta(step)
+                if step.proximal is not None:
+                    aggregator.observe(t - 1, step.proximal)
+            if final or t % s.eval_every == 0:
+                self._metrics(t, theta, final)
+            if final:
+                if book is not None:
+                    book.retire(t)
+                break
+
+            key = t % sim.topology.period
+            base_W = sim.topology.W(t)
+            if key not in routes:  # routes follow the topology; an aggregator only re-weights
+                routes[key] = route(base_W, lay)
+                mixing[key] = torch.as_tensor(base_W[local], dtype=s.dtype, device=dev)
+                groups[key] = send_first(routes[key], lay)
+            step.W = aggregator.weights(base_W)
+            x, y, w = step.batch
+            if not trackers and len(groups[key]) > 1:
+                # the rows peers receive first; the interior ones while those travel
+                update, half = torch.empty_like(theta), torch.empty_like(theta)
+                loss = theta.new_empty(n_loc)
+                channels = [Channel(all_nodes, half)]
+                for i, rows in enumerate(groups[key]):
+                    r = torch.as_tensor(rows, device=dev)
+                    g, loss[r] = model.grads(theta[r], x[r], y[r], w[r])
+                    update[r] = optimizer.update(t, local[rows], g)  # Δ_k^t
+                    half[r] = theta[r] + update[r]  # θ^{t+½}
+                    if i == 0:
+                        with clock.gossip():
+                            pending = comm.post(lay, channels, routes[key])
+                step.update, step.half = update, half
+            else:
+                grad, loss = step.grad, step.loss
+                if grad is None:
+                    grad, loss = model.grads(theta, x, y, w)
+                step.update = optimizer.update(t, local, grad)  # Δ_k^t
+                step.half = theta + step.update  # θ^{t+½}
+                if book is not None:
+                    step.started = book.start(t)
+                    step.sources = p.sources(step)
+                for tr in trackers:
+                    tr.local_step(step)
+                channels = [Channel(all_nodes, step.half)]
+                spans = []
+                for tr in trackers:
+                    mine = tr.channels(step)
+                    spans.append((len(channels), len(channels) + len(mine)))
+                    channels += mine
+                with clock.gossip():
+                    pending = comm.post(lay, channels, routes[key])
+            self.train_loss = loss.detach().cpu()
+
+            with clock.gossip():
+                pending.wait()
+                cached = mixing[key] if step.W is base_W else None
+                theta_next = aggregator.combine(step.W, channels[0], cached)  # θ^{t+1}
+            step.received = channels[0].available
+            for tr, (a, b) in zip(trackers, spans if trackers else [], strict=True):
+                tr.after_gossip(step, channels[a:b])
+            theta = self.theta = theta_next
+            self.start = t + 1
+            if book is not None:
+                book.retire(t)
+            flush = trackers and (t + 1) % sim.influence.flush_every == 0
+            if self.checkpoints is not None and self.checkpoints.due(t + 1):
+                self._flush()
+                self.checkpoints.save(self, t + 1)
+            elif flush:
+                self._flush()
+            if s.progress and comm.rank == 0 and ((t + 1) % every == 0 or t == 0):
+                rate = (t + 1 - result.start_step) * s.nodes / clock.elapsed()
+                self.log(f"step {t + 1:>5}/{s.steps}  train_loss "
+                         f"{float(self.train_loss.mean()):.4f}  {rate:,.0f} node-steps/s")
+        clock.stop(result)
+        if trackers:
+            self._flush()
+        acc = sim.test_accuracy(model, theta, p.test)
+        gathered = comm.gather_to_root((theta.cpu(), acc, aggregator.state_dict()))
+        if comm.rank == 0:
+            result.final_params = torch.cat([g[0] for g in gathered])
+            result.test_acc = [a for g in gathered for a in g[1]]
+            result.aggregator = [g[2] for g in gathered]
+        return result
+
+    def _probe_grads(self, step: Step) -> None:
+        """∇L'_k(θ_k^t), L'_k(θ_k^t) of the rows some tracker reads (zero elsewhere); when
+        every row is read on a training step, one pass gives the batch gradient too."""
+        p, theta, t = self.parts, step.theta, step.t
+        n_loc, dev = len(theta), theta.device
+        rows = np.unique(np.concatenate([tr.probe_rows(t) for tr in p.trackers]))
+        if len(rows) == n_loc and step.batch is not None:
+            x, y, w = step.batch
+            step.grad, step.loss, step.probe_grad, step.probe_loss = (
+                p.model.grads_and_probe_grads(theta, x, y, w,
+                                              *p.probe.at(torch.arange(n_loc, device=dev))))
+            return
+        step.probe_grad = theta.new_zeros(theta.shape)
+        step.probe_loss = theta.new_zeros(n_loc)
+        if len(rows):
+            r = torch.as_tensor(rows, dtype=torch.long, device=dev)
+            step.probe_grad[r], step.probe_loss[r] = p.model.probe_grads(theta[r], *p.probe.at(r))
+
+    def _metrics(self, t: int, theta: Tensor, final: bool) -> None:
+        sim, comm, p = self.sim, self.comm, self.parts
+        loss, acc = p.model.probe_eval(theta, p.probe.x, p.probe.y, p.probe.per_node)
+        mean = comm.all_sum(theta.sum(0)) / sim.run.nodes  # θ̄
+        dist = (theta - mean).norm(dim=1)
+        tl = self.train_loss
+        rows = [MetricRow(t, int(k), float(tl[i]) if not final else math.nan, float(loss[i]),
+                          float(acc[i]), float(dist[i]))
+                for i, k in enumerate(sim.layout.local_nodes)]
+        gathered = comm.gather_to_root(rows)
+        if comm.rank == 0:
+            self.result.metrics += [r for part in gathered for r in part]
+
+    def _flush(self) -> None:
+        p = self.parts
+        rows = p.book.take_rows() if p.book is not None else []
+        prox = [r for tr in p.trackers for r in tr.take_proximal()]
+        gathered = self.comm.gather_to_root((rows, prox))
+        if self.comm.rank == 0:
+            for rows, prox in gathered:
+                self.result.influence += rows
+                self.result.proximal += prox
+            if self.on_flush is not None:
+                self.on_flush(self.result)
