@@ -17,6 +17,7 @@ from dicesim.checkpoint import Checkpoints, find_resume
 from dicesim.comm import Comm, PeerError
 from dicesim.engine import Simulation, local_rank, resolve_device
 from dicesim.errors import ConfigError
+from dicesim.events import ESTIMATORS
 from dicesim.trainer import RunResult
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -172,9 +173,15 @@ def execute(cfg: DictConfig) -> dict | None:
     f = summary["final"]
     session.say(f"dicesim: done in {summary['wall_s']:.1f} s ({summary['node_steps_per_s']:.0f} "
                 f"node-steps/s); test accuracy {f['test_acc']:.4f}; report: {out / 'report.md'}")
-    for view, block in summary.get("alignment", {}).items():
-        session.say(f"  {view:>8}: n={block['n']} spearman={block['spearman']} "
-                    f"pearson={block['pearson']} rel_err={block['rel_err']}")
+    for name, blocks in summary.get("alignment", {}).items():
+        if name not in ESTIMATORS:
+            continue
+        for view, block in blocks.items():
+            session.say(f"  {name:>8} {view:>8}: n={block['n']} spearman={block['spearman']} "
+                        f"pearson={block['pearson']} rel_err={block['rel_err']}")
+    warning = (summary.get("reliability") or {}).get("warning")
+    if warning:
+        print(f"dicesim: warning: {warning}", file=sys.stderr, flush=True)
     return summary
 
 

@@ -31,7 +31,7 @@ from dicesim.data import (
     partition,
 )
 from dicesim.errors import ConfigError
-from dicesim.events import Event, EventBook, build_events
+from dicesim.events import ESTIMATORS, Event, EventBook, build_events
 from dicesim.model import FlatModel, Probe, build_model
 from dicesim.optim import SGD
 from dicesim.topology import Topology, build_topology
@@ -156,6 +156,7 @@ class Simulation:
         self.layout = Layout(s.nodes, world, rank)
         self.topology: Topology = build_topology(cfg["topology"], s.nodes, s.seed)
         self.data: Dataset = load_dataset(cfg["data"], s.seed)
+        self._scale_inputs(cfg["data"].get("input_scale", 1.0))
         per_node = len(self.data.y_train) // s.nodes
         if s.batch_size > per_node:
             raise ConfigError(
@@ -175,13 +176,14 @@ class Simulation:
         icfg = cfg.get("influence") or {}
         self.influence = InfluenceSettings(
             hops=number(cfg, "influence.hops", int, 1),
-            ground_truth=bool(icfg.get("ground_truth", True)),
             curvature=bool(icfg.get("curvature", True)), proximal=bool(icfg.get("proximal", False)),
             flush_every=number(cfg, "influence.flush_every", int, 50, minimum=1),
+            estimators=self._estimators(icfg.get("estimators", list(ESTIMATORS))),
         )
         self.events: list[Event] = build_events(
             icfg, nodes=s.nodes, steps=s.steps, batch_size=s.batch_size, parts=self.parts,
             seed=s.seed)
+        self.influence.ground_truth = self._spot_checks(icfg.get("ground_truth", True))
         removals = (cfg.get("counterfactual") or {}).get("remove") or []
         self.removals = build_events({"events": list(removals), "hops": 0}, nodes=s.nodes,
                                      steps=s.steps, batch_size=s.batch_size, parts=self.parts,
@@ -216,6 +218,15 @@ class Simulation:
             probes.append(probe_ids)
         return np.stack(probes)
 
+    def _scale_inputs(self, scale: object) -> None:
+        """data.input_scale=c multiplies every input (after standardization) by c: η‖x‖²
+        grows by c², the knob that decides how far first-order influence is off."""
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
+            raise ConfigError(f"data.input_scale={scale}: must be a positive number")
+        if scale != 1:
+            d = self.data
+            d.x_train, d.x_probe, d.x_test = d.x_train * scale, d.x_probe * scale, d.x_test * scale
+
     def _add_label_noise(self, given: object) -> None:
         """data.label_noise=[p_0, …]: node k's training labels are wrong for a fraction p_k
         of its samples (data of graded quality, e.g. `make contribution`)."""
@@ -233,6 +244,33 @@ class Simulation:
             raise ConfigError("data.label_noise needs a classification data set (e.g. "
                               "data=digits)")
         self.data.y_train = flip_labels(self.data.y_train, self.parts, p, classes, self.run.seed)
+
+    @staticmethod
+    def _estimators(given: object) -> tuple[str, ...]:
+        names = [given] if isinstance(given, str) else given
+        try:
+            names = tuple(names)
+        except TypeError:
+            names = ()
+        if not names or any(n not in ESTIMATORS for n in names) or len(set(names)) < len(names):
+            raise ConfigError(f"influence.estimators={given}: a list of distinct estimators "
+                              f"from {', '.join(ESTIMATORS)}, e.g. [dice_e, dice_mid]")
+        return names
+
+    def _spot_checks(self, given: object) -> set[int] | None:
+        """influence.ground_truth: true (every event), false (none) or K (K of the events,
+        drawn at random: a measured error bar for a long run). The event indices, or None
+        for every event."""
+        n = len(self.events)
+        if isinstance(given, bool):
+            return None if given else set()
+        if not isinstance(given, int) or not 0 <= given <= max(n, 0):
+            raise ConfigError(f"influence.ground_truth={given}: true, false or a number of "
+                              f"events to spot-check from 0 to influence.events ({n})")
+        if given >= n:
+            return None
+        rng = np.random.default_rng([self.run.seed, 5381])
+        return {int(i) for i in rng.choice(n, size=given, replace=False)}
 
     def _node_weights(self, given: object) -> np.ndarray:
         n = self.run.nodes
@@ -296,10 +334,15 @@ class Simulation:
 @dataclass
 class InfluenceSettings:
     hops: int = 1
-    ground_truth: bool = True
     curvature: bool = True
     proximal: bool = False
     flush_every: int = 50
+    estimators: tuple[str, ...] = ESTIMATORS
+    ground_truth: set[int] | None = None  # events with ground truth; None: every event
+
+    @property
+    def any_ground_truth(self) -> bool:
+        return self.ground_truth is None or bool(self.ground_truth)
 
 
 class RunParts:
@@ -308,6 +351,7 @@ class RunParts:
 
     def __init__(self, sim: Simulation, device: torch.device):
         from dicesim.trackers.dice_e import DiceE
+        from dicesim.trackers.dice_mid import DiceMid
         from dicesim.trackers.ground_truth import GroundTruth
         from dicesim.trackers.proximal import Proximal
 
@@ -345,11 +389,15 @@ class RunParts:
         self.book = EventBook(sim.events, inf.hops, lay, sim.topology) if sim.events else None
         self.trackers: list[Tracker] = []
         if self.book is not None:
-            if inf.ground_truth:
+            if inf.any_ground_truth:
                 self.trackers.append(GroundTruth(self.book, lay, self.model, self.probe, sim.q,
-                                                 self.optimizer))
-            self.trackers.append(DiceE(self.book, lay, self.model, sim.q, self.optimizer,
-                                       inf.curvature))
+                                                 self.optimizer, inf.ground_truth))
+            if "dice_e" in inf.estimators:
+                self.trackers.append(DiceE(self.book, lay, self.model, sim.q, self.optimizer,
+                                           inf.curvature))
+            if "dice_mid" in inf.estimators:
+                self.trackers.append(DiceMid(self.book, lay, self.model, self.probe, sim.q,
+                                             self.optimizer, inf.curvature))
         if inf.proximal:
             self.trackers.append(Proximal(lay, sim.q))
         self.trackers += [make(self) for make in sim.extra_trackers]

@@ -35,8 +35,9 @@ class InfluenceRow(NamedTuple):
     n_removed: int  # |S|
     hop: int  # s
     node: int  # k
-    dice_e: float | None  # E[e,s,k]
-    dice_gt: float | None  # G[e,s,k] (None: not requested)
+    dice_e: float | None  # E[e,s,k], the paper's estimator (None: switched off)
+    dice_gt: float | None  # G[e,s,k] (None: not requested for this event)
+    dice_mid: float | None = None  # the midpoint estimator (None: switched off)
 
 
 class ProximalRow(NamedTuple):
@@ -50,7 +51,7 @@ class ProximalRow(NamedTuple):
 
 INFLUENCE_COLUMNS = InfluenceRow._fields
 PROXIMAL_COLUMNS = ProximalRow._fields
-ESTIMATOR_COLUMNS = ("dice_e", "dice_gt")  # the columns trackers fill
+ESTIMATORS = ("dice_e", "dice_mid")  # estimator columns a user can switch on and off
 
 
 @dataclass
@@ -98,19 +99,19 @@ def build_events(cfg: Mapping, *, nodes: int, steps: int, batch_size: int,
         if spec and hops > steps:
             raise ConfigError(f"influence.hops={hops} reaches past the last step (steps={steps});"
                               " lower influence.hops or raise steps")
-        lo, hi = cfg.get("step_range", None) or (0, steps - hops)
-        if spec and not 0 <= lo <= hi <= steps - hops:
+        last = min(steps - hops, steps - 1)  # an event at t needs t + r <= T and t < T
+        lo, hi = cfg.get("step_range", None) or (0, last)
+        if spec and not 0 <= lo <= hi <= last:
             raise ConfigError(f"influence.step_range=[{lo}, {hi}]: needs 0 <= lo <= hi <= "
-                              f"steps - hops = {steps - hops}")
+                              f"{last} (the last step an event can start at with "
+                              f"influence.hops={hops})")
         removal = cfg.get("removal", "batch")
         if removal not in ("batch", "single") and not (
                 isinstance(removal, int) and 1 <= removal <= batch_size):
             raise ConfigError(f"influence.removal={removal}: choose batch, single or a number "
                               f"of samples from 1 to batch_size={batch_size}")
         samples = "all" if removal == "batch" else 1 if removal == "single" else int(removal)
-        for _ in range(int(spec)):
-            raw.append((int(rng.integers(nodes)), int(rng.integers(lo, hi + 1)), samples))
-        raw.sort(key=lambda e: (e[1], e[0]))
+        raw = sample_events(rng, int(spec), nodes, lo, hi, batch_size, samples, key)
     else:
         for i, item in enumerate(spec):
             if not isinstance(item, Mapping) or not {"node", "step"} <= set(item):
@@ -139,7 +140,9 @@ def build_events(cfg: Mapping, *, nodes: int, steps: int, batch_size: int,
                 f"step {steps}; lower influence.hops or pick an earlier step"
             )
         ids = batch_ids(parts[node], batch_size, step, seed, node)
-        if samples == "all" or samples is None:
+        if isinstance(samples, Position):
+            pos = np.array([samples.index])
+        elif samples == "all" or samples is None:
             pos = np.arange(len(ids))
         elif isinstance(samples, int | np.integer):
             if not 1 <= samples <= len(ids):
@@ -157,6 +160,35 @@ def build_events(cfg: Mapping, *, nodes: int, steps: int, batch_size: int,
             pos = np.flatnonzero(np.isin(ids, wanted))
         events.append(Event(index, node, step, pos, ids[pos]))
     return events
+
+
+class Position(NamedTuple):
+    """One sampled position in a batch (single-sample events drawn without replacement)."""
+
+    index: int
+
+
+def sample_events(rng: np.random.Generator, count: int, nodes: int, lo: int, hi: int,
+                  batch_size: int, samples: object, key: str) -> list[tuple[int, int, object]]:
+    """`count` distinct events, drawn without replacement: distinct (node, step) pairs for
+    batch and k-sample removals (no two events share a sample), distinct (node, step,
+    position) for single samples. Sorted by (step, node, position)."""
+    steps = hi - lo + 1
+    pairs = nodes * steps
+    single = samples == 1
+    universe = pairs * batch_size if single else pairs
+    if count > universe:
+        what = (f"{universe} (node, step, sample) triples" if single else
+                f"{universe} (node, step) pairs")
+        raise ConfigError(f"{key}={count}: only {what} exist with {nodes} nodes and steps "
+                          f"{lo}..{hi}; ask for at most {universe} events")
+    if count == 0:
+        return []
+    drawn = np.sort(rng.choice(universe, size=count, replace=False))
+    pair, position = (drawn // batch_size, drawn % batch_size) if single else (drawn, None)
+    step, node = lo + pair // nodes, pair % nodes
+    return [(int(node[i]), int(step[i]),
+             Position(int(position[i])) if single else samples) for i in range(count)]
 
 
 class EventBook:
@@ -226,7 +258,7 @@ class EventBook:
             for (s, k), cols in sorted(self.cells.pop(i).items()):
                 self.finished.append(InfluenceRow(
                     e.index, e.source, e.step, e.n_removed, s, k,
-                    cols.get("dice_e"), cols.get("dice_gt")))
+                    cols.get("dice_e"), cols.get("dice_gt"), cols.get("dice_mid")))
         self.active = [e for e in self.active if e.step + self.hops > t]
 
     def take_rows(self) -> list[InfluenceRow]:

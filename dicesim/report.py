@@ -15,7 +15,7 @@ import torch
 from scipy import stats
 
 from dicesim.engine import Simulation
-from dicesim.events import INFLUENCE_COLUMNS, PROXIMAL_COLUMNS
+from dicesim.events import ESTIMATORS, INFLUENCE_COLUMNS, PROXIMAL_COLUMNS, InfluenceRow
 from dicesim.trainer import METRIC_COLUMNS, RunResult
 
 
@@ -53,41 +53,83 @@ def alignment(e: np.ndarray, g: np.ndarray) -> dict:
     return out
 
 
-def alignment_blocks(rows: list[tuple]) -> dict:
-    """one_hop (Definition 2: E[e,0,j] + Σ_{k≠j} E[e,1,k] per event), hop_<s>, all."""
-    rows = [r for r in rows if r.dice_gt is not None]
+def view_pairs(rows: list[InfluenceRow], a: str, b: str) -> dict[str, np.ndarray]:
+    """Paired values of columns a and b per view: one_hop (Definition 2: the hop-0 term plus
+    Σ_{k≠j} of hop 1, per event), hop_<s> and all; rows where either is missing are left
+    out. Each view is an array [n, 2]."""
+    rows = [r for r in rows if getattr(r, a) is not None and getattr(r, b) is not None]
     if not rows:
         return {}
-    blocks: dict[str, dict] = {}
     one_hop: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
     by_hop: dict[int, list[tuple]] = defaultdict(list)
     for r in rows:
-        by_hop[r.hop].append((r.dice_e, r.dice_gt))
+        pair = (getattr(r, a), getattr(r, b))
+        by_hop[r.hop].append(pair)
         if r.hop == 0 or (r.hop == 1 and r.node != r.source):
-            one_hop[r.event][0] += r.dice_e
-            one_hop[r.event][1] += r.dice_gt
-    pairs = np.array(list(one_hop.values()))
-    blocks["one_hop"] = alignment(pairs[:, 0], pairs[:, 1])
-    for hop in sorted(by_hop):
-        pairs = np.array(by_hop[hop])
-        blocks[f"hop_{hop}"] = alignment(pairs[:, 0], pairs[:, 1])
-    pairs = np.array([(r.dice_e, r.dice_gt) for r in rows])
-    blocks["all"] = alignment(pairs[:, 0], pairs[:, 1])
-    return blocks
+            one_hop[r.event][0] += pair[0]
+            one_hop[r.event][1] += pair[1]
+    views = {"one_hop": np.array(list(one_hop.values())).reshape(-1, 2)}
+    views.update({f"hop_{hop}": np.array(by_hop[hop]) for hop in sorted(by_hop)})
+    views["all"] = np.array([(getattr(r, a), getattr(r, b)) for r in rows])
+    return views
 
 
-def hop_totals(rows: list[tuple]) -> dict[int, dict[str, float]]:
-    """Mean over events of Σ_k |E[e,s,k]| (and of |G|) per hop s: the cascade's decay."""
-    per: dict[tuple[int, int], list[float]] = defaultdict(lambda: [0.0, 0.0])
+def alignment_blocks(rows: list[InfluenceRow], estimator: str = "dice_e") -> dict:
+    """Alignment of one estimator column with DICE-GT in every view."""
+    return {view: alignment(p[:, 0], p[:, 1])
+            for view, p in view_pairs(rows, estimator, "dice_gt").items()}
+
+
+RELIABILITY_LIMIT = 0.05
+
+
+def second_order_share(rows: list[InfluenceRow]) -> dict[str, float | None]:
+    """ρ = Σ|dice_mid − dice_e| / Σ|dice_mid| per view: how much of the influence the
+    first-order estimator misses. Needs no ground truth."""
+    out: dict[str, float | None] = {}
+    for view, p in view_pairs(rows, "dice_mid", "dice_e").items():
+        denom = np.abs(p[:, 0]).sum()
+        out[view] = float(np.abs(p[:, 0] - p[:, 1]).sum() / denom) if denom > 0 else None
+    return out
+
+
+def reliability(rows: list[InfluenceRow]) -> dict | None:
+    """The second-order share per view and, above RELIABILITY_LIMIT in any view, one
+    warning line for the end of the run and the top of report.md."""
+    shares = second_order_share(rows)
+    if not shares:
+        return None
+    worst_view, worst = max(((v, s) for v, s in shares.items() if s is not None),
+                            key=lambda vs: vs[1], default=(None, 0.0))
+    warning = None
+    if worst > RELIABILITY_LIMIT:
+        warning = (f"first-order DICE-E is off by ~{100 * worst:.0f} % at these settings "
+                   f"(second-order share {worst:.3f} in view {worst_view}); use the dice_mid "
+                   "column or lower optim.lr")
+    return {"second_order_share": shares, "limit": RELIABILITY_LIMIT, "max": worst,
+            "max_view": worst_view, "warning": warning}
+
+
+def hop_totals(rows: list[InfluenceRow]) -> dict[int, dict[str, float]]:
+    """Mean over events of |Σ_k value| per hop s and estimator: the cascade's decay."""
+    columns = ("dice_e", "dice_gt", "dice_mid")
+    per: dict[tuple[int, int], np.ndarray] = defaultdict(lambda: np.zeros(3))
     for r in rows:
-        per[(r.event, r.hop)][0] += r.dice_e
-        per[(r.event, r.hop)][1] += r.dice_gt if r.dice_gt is not None else math.nan
+        per[(r.event, r.hop)] += [math.nan if v is None else v
+                                  for v in (getattr(r, c) for c in columns)]
     out: dict[int, dict[str, float]] = {}
     for hop in sorted({h for _, h in per}):
         vals = np.array([v for (_, h), v in per.items() if h == hop])
-        out[hop] = {"mean_abs_e": float(np.mean(np.abs(vals[:, 0]))),
-                    "mean_abs_gt": float(np.mean(np.abs(vals[:, 1])))}
+        means = np.mean(np.abs(vals), axis=0)
+        out[hop] = {name: float(m) if np.isfinite(m) else None  # None: column switched off
+                    for name, m in zip(("mean_abs_e", "mean_abs_gt", "mean_abs_mid"), means,
+                                       strict=True)}
     return out
+
+
+def views(alignment_summary: dict) -> dict[str, dict]:
+    """The view blocks of summary['alignment'] (not its per-estimator sub-dicts)."""
+    return {k: v for k, v in alignment_summary.items() if k not in ESTIMATORS}
 
 
 # ---- writing -------------------------------------------------------------------------------
@@ -115,8 +157,13 @@ def summarize(sim: Simulation, result: RunResult) -> dict:
         },
     }
     if result.influence:
-        summary["alignment"] = alignment_blocks(result.influence)
+        per = {name: alignment_blocks(result.influence, name)
+               for name in sim.influence.estimators}
+        per = {name: blocks for name, blocks in per.items() if blocks}
+        if per:  # views of the first estimator on top (dice_e by default), then each one's
+            summary["alignment"] = {**next(iter(per.values())), **per}
         summary["hop_totals"] = {str(k): v for k, v in hop_totals(result.influence).items()}
+        summary["reliability"] = reliability(result.influence)
     return summary
 
 
@@ -170,22 +217,38 @@ def report_md(sim: Simulation, summary: dict, pictures: list[str]) -> str:
         f"| node-steps/s | {summary['node_steps_per_s']:.1f} |",
         "",
     ]
+    warning = (summary.get("reliability") or {}).get("warning")
+    if warning:
+        lines[1:1] = ["", f"> **Warning:** {warning}."]
     if "alignment" in summary:
+        per = {k: v for k, v in summary["alignment"].items() if k in ESTIMATORS}
         lines += [
-            "## DICE-E against the exact ground truth",
+            "## The estimators against the exact ground truth",
             "",
             f"{summary['events']} events followed for {summary['hops']} hop(s). Influence = loss "
-            "with the data − loss without it (negative: the data helped).",
+            "with the data − loss without it (negative: the data helped). `dice_e` is the "
+            "paper's first-order DICE-E, `dice_mid` its midpoint rule.",
             "",
-            "| view | n | Pearson | Spearman | sign agreement | rel. error |",
-            "|---|---|---|---|---|---|",
+            "| estimator | view | n | Pearson | Spearman | sign agreement | rel. error |",
+            "|---|---|---|---|---|---|---|",
         ]
-        for view, b in summary["alignment"].items():
-            lines.append(f"| {view} | {b['n']} | {_fmt(b['pearson'])} | {_fmt(b['spearman'])} | "
-                         f"{_fmt(b['sign_agreement'])} | {_fmt(b['rel_err'])} |")
-        lines += ["", "| hop | mean \\|Σ_k E\\| | mean \\|Σ_k GT\\| |", "|---|---|---|"]
+        for name, blocks in per.items():
+            for view, b in blocks.items():
+                lines.append(f"| {name} | {view} | {b['n']} | {_fmt(b['pearson'])} | "
+                             f"{_fmt(b['spearman'])} | {_fmt(b['sign_agreement'])} | "
+                             f"{_fmt(b['rel_err'])} |")
+    if "hop_totals" in summary:
+        lines += ["", "| hop | mean \\|Σ_k E\\| | mean \\|Σ_k mid\\| | mean \\|Σ_k GT\\| |",
+                  "|---|---|---|---|"]
         for hop, v in summary["hop_totals"].items():
-            lines.append(f"| {hop} | {v['mean_abs_e']:.3g} | {v['mean_abs_gt']:.3g} |")
+            lines.append(f"| {hop} | {_fmt(v['mean_abs_e'])} | {_fmt(v['mean_abs_mid'])} | "
+                         f"{_fmt(v['mean_abs_gt'])} |")
+        rel = summary.get("reliability")
+        if rel:
+            shares = ", ".join(f"{view} {_fmt(v)}" for view, v in
+                               rel["second_order_share"].items())
+            lines += ["", f"Second-order share ρ = Σ\\|dice_mid − dice_e\\| / Σ\\|dice_mid\\| "
+                          f"(no ground truth needed; warning above {rel['limit']}): {shares}."]
         lines.append("")
     lines += footer(pictures, "Files: `metrics.csv` (per step and node), `influence.csv` "
                               "(per event, hop and node), `summary.json`, `config.yaml`.")

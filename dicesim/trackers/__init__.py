@@ -59,10 +59,17 @@ class PerturbationTracker(Tracker):
 
     column = ""
 
-    def __init__(self, book: EventBook, layout: Layout):
+    def __init__(self, book: EventBook, layout: Layout, only: set[int] | None = None):
         self.book = book
         self.layout = layout
+        self.only = only  # the events this tracker follows (None: every event)
         self.rows: dict[int, Tensor] = {}  # event index → [local nodes of R_s, P]
+
+    def _mine(self, events: list[Event]) -> list[Event]:
+        return events if self.only is None else [e for e in events if e.index in self.only]
+
+    def starting(self, step) -> list[Event]:
+        return self._mine(step.started)
 
     def probe_rows(self, t: int) -> np.ndarray:
         return self.book.probe_rows(t)
@@ -72,7 +79,7 @@ class PerturbationTracker(Tracker):
                 for e in self.gossiping(step.t)]
 
     def gossiping(self, t: int) -> list[Event]:
-        return self.book.at_hops(t, 0, self.book.hops - 1)
+        return self._mine(self.book.at_hops(t, 0, self.book.hops - 1))
 
     def after_gossip(self, step, received: list[Channel]) -> None:
         for e, ch in zip(self.gossiping(step.t), received, strict=True):
@@ -96,12 +103,12 @@ class PerturbationTracker(Tracker):
 
     def moving(self, t: int) -> tuple[list[Event], list[np.ndarray]]:
         """Events at hops 1 ≤ s < r and their local rows: those step with the node."""
-        events = self.book.at_hops(t, 1, self.book.hops - 1)
+        events = self._mine(self.book.at_hops(t, 1, self.book.hops - 1))
         return events, [self.book.local_rows(e, e.hop(t)) for e in events]
 
     def recorded(self, t: int) -> tuple[list[Event], list[np.ndarray]]:
         """Events at hops 1 ≤ s ≤ r and their local rows: recorded at θ^t."""
-        events = self.book.at_hops(t, 1, self.book.hops)
+        events = self._mine(self.book.at_hops(t, 1, self.book.hops))
         return events, [self.book.local_rows(e, e.hop(t)) for e in events]
 
     def write(self, events: list[Event], idx: list[np.ndarray], values: Tensor,

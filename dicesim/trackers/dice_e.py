@@ -45,7 +45,7 @@ class DiceE(PerturbationTracker):
             new = dhat + self.optimizer.tangent(t, flat + self.layout.first, hv)
             for e, part in zip(events, new.split([len(i) for i in idx]), strict=True):
                 self.rows[e.index] = part
-        for e in step.started:
+        for e in self.starting(step):
             self.rows[e.index] = self.start_rows(step, e)
             if e.index in step.sources:  # s = 0: E = q_j ∇L'_j(θ_j^t)ᵀ δ̂
                 i = self.layout.local_index(e.source)

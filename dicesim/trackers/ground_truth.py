@@ -21,8 +21,8 @@ class GroundTruth(PerturbationTracker):
     column = "dice_gt"
 
     def __init__(self, book: EventBook, layout: Layout, model: FlatModel, probe: Probe,
-                 q: np.ndarray, optimizer):
-        super().__init__(book, layout)
+                 q: np.ndarray, optimizer, only: set[int] | None = None):
+        super().__init__(book, layout, only)
         self.model, self.probe, self.q, self.optimizer = model, probe, q, optimizer
 
     def at_theta(self, step) -> None:
@@ -47,7 +47,7 @@ class GroundTruth(PerturbationTracker):
             new = delta + step.update[ti] - shadow_update  # δ + Δ(θ) − Δ(θ − δ)
             for e, part in zip(events, new.split([len(i) for i in idx]), strict=True):
                 self.rows[e.index] = part
-        for e in step.started:
+        for e in self.starting(step):
             self.rows[e.index] = self.start_rows(step, e)
             if e.index in step.sources:  # s = 0: G = q_j (L'_j(θ_j^{t+½}) − L'_j(θ̃_j^{t+½}))
                 i = self.layout.local_index(e.source)
