@@ -14,7 +14,9 @@ TINY = ("experiment=alignment", "nodes=6", "steps=12", "batch_size=8", "model.hi
         "alignment.precision.hops=3", "alignment.min_spearman=0.95",
         "alignment.core=[{topology:ring,lr:0.05,hops:2,removal:batch,check:true},"
         "{topology:ring,lr:0.05,hops:2,removal:single,check:true},"
-        "{topology:ring,lr:0.05,hops:2,removal:batch,curvature:false}]")
+        "{topology:ring,lr:0.05,hops:2,removal:batch,curvature:false}]",
+        "alignment.hard=[{topology:ring,lr:0.3,hops:2,removal:batch}]",
+        "alignment.mid_min_spearman=[{lr:0.2,min:0.9}]")
 
 
 def test_config_composes_with_the_issue_3_cases():
@@ -32,11 +34,19 @@ def test_tiny_alignment_run(tmp_path):
     session = open_session(cfg)
     session.out = tmp_path
     summary = alignment.run(session)
-    batch, single, no_curv = summary["cases"]
+    batch, single, no_curv, hard = summary["cases"]
     for case in (batch, single):
         assert case["alignment"]["hop_1"]["spearman"] >= 0.95
         assert case["alignment"]["hop_1"]["rel_err"] < 0.05
-    assert summary["targets"]["all_pass"]
+        # the midpoint rule is never worse than the first-order estimator here
+        for view, block in case["alignment_mid"].items():
+            assert block["rel_err"] <= case["alignment"][view]["rel_err"]
+    assert hard["set"] == "hard" and hard["lr"] == 0.3
+    assert hard["alignment_mid"]["all"]["rel_err"] < hard["alignment"]["all"]["rel_err"]
+    assert set(summary["targets"]["midpoint"]) == {batch["label"], single["label"],
+                                                   hard["label"]}
+    assert summary["targets"]["all_pass"], summary["targets"]
+    assert summary["calibration"]["n"] > 10
     assert no_curv["label"] in summary["targets"]["curvature_gap"]
     # hop 0 and hop 1 do not depend on the curvature factor: identical numbers
     assert no_curv["alignment"]["hop_1"] == batch["alignment"]["hop_1"]
@@ -45,6 +55,7 @@ def test_tiny_alignment_run(tmp_path):
         assert hop["gt_noise"] < 0.1 * hop["rel_err_float64"]
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written["targets"] == summary["targets"]
-    for name in ("alignment.csv", "report.md", "scatter.png", "spearman_vs_hop.png"):
+    for name in ("alignment.csv", "report.md", "scatter.png", "spearman_vs_hop.png",
+                 "calibration.png"):
         assert (tmp_path / name).is_file(), name
     assert (tmp_path / "cases" / "ring__lr0.05__r2__single" / "influence.csv").is_file()
