@@ -92,6 +92,40 @@ def summarize_pairs(attempts: list[dict], steps: int) -> dict:
     }
 
 
+# ---- the midpoint estimator against DICE-E -------------------------------------------------
+def midpoint_case(nodes: int, steps: int, hidden: int, events: int, hops: int, dtype: str,
+                  repeats: int, retries: int, max_wait_s: float) -> dict:
+    """Tracker time of dice_mid alone against dice_e alone (no ground truth), same events:
+    the cost per event-hop of one extra probe gradient and one HVP per reached row. The
+    probe gradients the trainer takes for DICE-E's rows count as DICE-E's."""
+    def overrides(estimator: str) -> list[str]:
+        return ["experiment=demo", f"nodes={nodes}", f"steps={steps}", "topology=ring",
+                f"model.hidden=[{hidden}]", f"influence.events={events}",
+                f"influence.hops={hops}", "influence.ground_truth=false",
+                f"influence.estimators=[{estimator}]", f"dtype={dtype}", *QUIET]
+
+    run_in_process(overrides("dice_mid"), repeats=0, warmup=1)  # torch.func's first calls
+
+    def pair() -> dict:
+        _, e_s, _ = timed_tracker_run(overrides("dice_e"))
+        _, mid_s, _ = timed_tracker_run(overrides("dice_mid"))
+        return {"dice_e_s": e_s, "dice_mid_s": mid_s, "ratio": mid_s / e_s}
+
+    attempts = attempt_until_clean(pair, repeats, retries, max_wait_s, "dice_mid vs dice_e")
+    clean = [a for a in attempts if (a.get("others_cpu_share") or 0) <= CLEAN]
+    pool = clean or attempts
+    best_e, best_mid = min(a["dice_e_s"] for a in pool), min(a["dice_mid_s"] for a in pool)
+    event_hops = events * hops
+    out = {"nodes": nodes, "steps": steps, "hidden": [hidden], "events": events, "hops": hops,
+           "dice_e_ms_per_event_hop": 1e3 * best_e / event_hops,
+           "dice_mid_ms_per_event_hop": 1e3 * best_mid / event_hops,
+           "ratio": best_mid / best_e, "clean": bool(clean),
+           "attempts": [round(a["ratio"], 3) for a in attempts]}
+    say(f"dice_mid: {out['ratio']:.2f}x dice_e per event-hop "
+        f"({out['dice_mid_ms_per_event_hop']:.2f} ms vs {out['dice_e_ms_per_event_hop']:.2f} ms)")
+    return out
+
+
 # ---- propagated r-hop estimate vs the walk sum ---------------------------------------------
 class Stopwatch:
     """Accumulates time spent in wrapped calls; nested wrapped calls count once."""
@@ -274,6 +308,8 @@ def main(argv: list[str] | None = None) -> dict:
         out["proximal"][f"mlp_{hidden}"] = proximal_case(
             a.nodes, a.steps, hidden, repeats, retries, fresh=not a.quick, dtype=a.dtype,
             max_wait_s=a.max_wait_s)
+    out["midpoint"] = midpoint_case(a.nodes, 60, a.hidden[0], 40, 3, a.dtype, repeats,
+                                    retries, a.max_wait_s)
     out["propagated_vs_walks"] = propagation_case(
         a.nodes, a.hops, a.event_step, a.walk_hidden, a.dtype, repeats, retries,
         a.max_wait_s)
@@ -286,6 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
         **{f"proximal_step_le_2x_plain_mlp_{h}": out["proximal"][f"mlp_{h}"]["warm"]["ratio"]
            <= 2.0 for h in a.hidden[1:]},
         "propagated_ge_10x_faster_than_walks": walks["speedup"] >= 10.0,
+        "dice_mid_le_1.6x_dice_e_per_event_hop": out["midpoint"]["ratio"] <= 1.6,
         f"propagated_equals_walk_sum_rel_{tol:g}": walks["max_rel_diff"] <= tol,
     }
     out["settings"] = {

@@ -71,9 +71,6 @@ class PerturbationTracker(Tracker):
     def starting(self, step) -> list[Event]:
         return self._mine(step.started)
 
-    def probe_rows(self, t: int) -> np.ndarray:
-        return self.book.probe_rows(t)
-
     def channels(self, step) -> list[Channel]:
         return [Channel(e.reach[e.hop(step.t)], self.rows[e.index])
                 for e in self.gossiping(step.t)]

@@ -25,6 +25,9 @@ class DiceE(PerturbationTracker):
         super().__init__(book, layout)
         self.model, self.q, self.optimizer, self.curvature = model, q, optimizer, curvature
 
+    def probe_rows(self, t: int) -> np.ndarray:
+        return self.book.probe_rows(t)  # ∇L'_k(θ_k^t) of the rows it records or starts
+
     def at_theta(self, step) -> None:
         events, idx = self.recorded(step.t)
         if sum(map(len, idx)) == 0:
