@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dicesim.engine import Simulation  # noqa: E402
+from dicesim.events import InfluenceRow  # noqa: E402
 from dicesim.report import hop_totals  # noqa: E402
 from dicesim.trainer import RunResult  # noqa: E402
 
@@ -42,20 +43,31 @@ def training_curves(out: Path, result: RunResult) -> str:
     return "training.png"
 
 
-def scatter_by_hop(out: Path, rows: list[tuple]) -> str | None:
-    rows = [r for r in rows if r[7] is not None]
+ESTIMATOR_STYLE = {"dice_e": ("DICE-E (first order)", "tab:blue", "o"),
+                   "dice_mid": ("dice_mid (midpoint)", "tab:orange", "x")}
+
+
+def scatter_by_hop(out: Path, rows: list[InfluenceRow]) -> str | None:
+    """Each estimator against DICE-GT, one panel per hop, the diagonal dashed."""
+    rows = [r for r in rows if r.dice_gt is not None]
     if not rows:
         return None
-    hops = sorted({r[4] for r in rows})
-    fig, axes = plt.subplots(1, len(hops), figsize=(3.6 * len(hops), 3.6), squeeze=False)
+    hops = sorted({r.hop for r in rows})
+    fig, axes = plt.subplots(1, len(hops), figsize=(3.6 * len(hops), 3.8), squeeze=False)
     for ax, hop in zip(axes[0], hops, strict=True):
-        pairs = np.array([(r[7], r[6]) for r in rows if r[4] == hop])
-        ax.scatter(pairs[:, 0], pairs[:, 1], s=6, alpha=0.6)
-        lo, hi = pairs.min(), pairs.max()
+        at_hop = [r for r in rows if r.hop == hop]
+        gt = np.array([r.dice_gt for r in at_hop])
+        for name, (label, colour, marker) in ESTIMATOR_STYLE.items():
+            values = [getattr(r, name) for r in at_hop]
+            if any(v is None for v in values):
+                continue
+            rho = np.corrcoef(gt, values)[0, 1] if len(gt) > 1 else float("nan")
+            ax.scatter(gt, values, s=8, alpha=0.6, color=colour, marker=marker,
+                       label=f"{label}: Pearson {rho:.3f}")
+        lo, hi = gt.min(), gt.max()
         ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
-        rho = np.corrcoef(pairs.T)[0, 1] if len(pairs) > 1 else float("nan")
-        ax.set(title=f"hop {hop}  (n={len(pairs)}, Pearson {rho:.3f})", xlabel="DICE-GT",
-               ylabel="DICE-E")
+        ax.set(title=f"hop {hop}  (n={len(gt)})", xlabel="DICE-GT", ylabel="estimate")
+        ax.legend(fontsize=6)
         ax.ticklabel_format(style="sci", scilimits=(-2, 2))
     fig.tight_layout()
     fig.savefig(out / "alignment.png", dpi=110)
@@ -63,16 +75,17 @@ def scatter_by_hop(out: Path, rows: list[tuple]) -> str | None:
     return "alignment.png"
 
 
-def cascade_decay(out: Path, rows: list[tuple]) -> str | None:
+def cascade_decay(out: Path, rows: list[InfluenceRow]) -> str | None:
     totals = hop_totals(rows)
     if len(totals) < 2:
         return None
     hops = list(totals)
     fig, ax = plt.subplots(figsize=(5, 3.8))
-    ax.semilogy(hops, [totals[h]["mean_abs_e"] for h in hops], "o-", label="DICE-E")
-    gt = [totals[h]["mean_abs_gt"] for h in hops]
-    if not np.isnan(gt).all():
-        ax.semilogy(hops, gt, "s--", label="DICE-GT")
+    for key, style, label in (("mean_abs_e", "o-", "DICE-E"), ("mean_abs_mid", "x-", "dice_mid"),
+                              ("mean_abs_gt", "s--", "DICE-GT")):
+        values = [totals[h][key] for h in hops]
+        if all(v is not None for v in values):
+            ax.semilogy(hops, values, style, label=label)
     ax.set(xlabel="hop s", ylabel="mean over events of |Σ_k influence|",
            title="the cascade's decay with distance", xticks=hops)
     ax.legend()

@@ -36,7 +36,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from dicesim.cli import Session, fail, prepare_output
-from dicesim.events import INFLUENCE_COLUMNS
+from dicesim.events import INFLUENCE_COLUMNS, InfluenceRow
 from dicesim.experiments import group_option, variant
 from dicesim.report import (
     alignment,
@@ -176,7 +176,7 @@ def _ordered(blocks: dict) -> dict:
     return {"one_hop": blocks["one_hop"], **{k: blocks[k] for k in hops}, "all": blocks["all"]}
 
 
-def ordered_blocks(rows: list[tuple], estimator: str = "dice_e") -> dict[str, dict]:
+def ordered_blocks(rows: list[InfluenceRow], estimator: str = "dice_e") -> dict[str, dict]:
     return _ordered(alignment_blocks(rows, estimator))
 
 
@@ -516,7 +516,7 @@ def plots(out: Path, cases: list[dict], rows_of: dict[str, list[tuple]]) -> list
     return pictures
 
 
-def _view_pairs(rows: list[tuple], view: str) -> np.ndarray:
+def _view_pairs(rows: list[InfluenceRow], view: str) -> np.ndarray:
     """(G, E) pairs of one view."""
     rows = [r for r in rows if r.dice_gt is not None]
     if view == "one_hop":

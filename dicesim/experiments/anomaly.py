@@ -35,6 +35,7 @@ from dicesim.attack import ATTACKS
 from dicesim.cli import Session, fail, prepare_output
 from dicesim.comm import Channel
 from dicesim.engine import RunParts, Simulation
+from dicesim.events import ProximalRow
 from dicesim.experiments import CONFIG_DIR, group_option, variant
 from dicesim.report import footer, write_atomic, write_csv
 from dicesim.trackers import Tracker
@@ -101,16 +102,17 @@ class BaselineSignals(Tracker):
         return {p: s / self.counts[p] for p, s in self.sums.items()}
 
 
-def dice_scores(sim: Simulation, rows: list[tuple], steps: range,
+def dice_scores(sim: Simulation, rows: list[ProximalRow], steps: range,
                 per_weight: bool) -> dict[Pair, float]:
     """Mean proximal influence per (honest receiver k, sender j) over 𝒯, optionally divided
     by q_k W^t[k,j] (the weight k gave j), so receivers with other weights compare."""
     attacked = set(sim.attack.nodes.tolist())
     values: dict[Pair, list[float]] = defaultdict(list)
-    for t, j, k, v in rows:
+    for r in rows:
+        t, j, k = r.step, r.sender, r.receiver
         if t in steps and k not in attacked:
             scale = sim.q[k] * sim.topology.W(t)[k, j] if per_weight else 1.0
-            values[(int(k), int(j))].append(v / scale)
+            values[(int(k), int(j))].append(r.value / scale)
     return {p: float(np.mean(v)) for p, v in values.items()}
 
 

@@ -35,15 +35,15 @@ TOTAL_COLUMNS = ("run", "hop", "mean_abs_total_e", "mean_abs_total_gt", "mean_ab
 
 
 # ---- measurements ----------------------------------------------------------------------------
-def decay(rows: list[tuple]) -> dict[int, dict[str, float]]:
+def decay(rows: list[InfluenceRow]) -> dict[int, dict[str, float]]:
     """Per hop s: hop_totals (mean over events of |Σ_k E| and |Σ_k G|), the mean |E[e,s,k]|
     over reached (event, node) entries, and the mean number of nodes reached."""
     totals = hop_totals(rows)
     entries: dict[int, list[float]] = defaultdict(list)
     reached: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))
-    for ev, _src, _t, _n, hop, _node, e, _g in rows:
-        entries[hop].append(abs(e))
-        reached[hop][ev] += 1
+    for r in rows:
+        entries[r.hop].append(abs(r.dice_e))
+        reached[r.hop][r.event] += 1
     return {hop: {"mean_abs_total_e": totals[hop]["mean_abs_e"],
                   "mean_abs_total_gt": totals[hop]["mean_abs_gt"],
                   "mean_abs_entry_e": float(np.mean(entries[hop])),
@@ -51,12 +51,12 @@ def decay(rows: list[tuple]) -> dict[int, dict[str, float]]:
             for hop in totals}
 
 
-def received(rows: list[tuple], nodes: int) -> np.ndarray:
+def received(rows: list[InfluenceRow], nodes: int) -> np.ndarray:
     """Σ_e Σ_{s≥1} |E[e,s,k]| per node k, over events whose source is not k."""
     out = np.zeros(nodes)
-    for _ev, src, _t, _n, hop, node, e, _g in rows:
-        if hop >= 1 and node != src:
-            out[node] += abs(e)
+    for r in rows:
+        if r.hop >= 1 and r.node != r.source:
+            out[r.node] += abs(r.dice_e)
     return out
 
 
@@ -86,7 +86,7 @@ def event_totals(rows: list[InfluenceRow], column: str = "dice_e"
     return out
 
 
-def hub_versus_leaf(rows: list[tuple], hub: int, leaf: int, hops: int) -> dict:
+def hub_versus_leaf(rows: list[InfluenceRow], hub: int, leaf: int, hops: int) -> dict:
     """Paired comparison: per step, Σ_{s≥1} |Σ_k E[e,s,k]| of the hub's event and the leaf's."""
     src_step = {r.event: (r.source, r.step) for r in rows}
     result: dict = {"hub": hub, "leaf": leaf}
@@ -185,7 +185,7 @@ def run(session: Session) -> dict | None:
     return summary
 
 
-def split_received(rows: list[tuple], nodes: int, hub: int, leaf: int) -> dict[str, list]:
+def split_received(rows: list[InfluenceRow], nodes: int, hub: int, leaf: int) -> dict[str, list]:
     return {"from_hub": received([r for r in rows if r.source == hub], nodes).tolist(),
             "from_leaf": received([r for r in rows if r.source == leaf], nodes).tolist()}
 

@@ -35,6 +35,7 @@ from scipy import stats
 
 from dicesim.cli import Session, fail, prepare_output
 from dicesim.engine import Simulation
+from dicesim.events import InfluenceRow
 from dicesim.experiments import variant
 from dicesim.experiments.alignment import topology_options
 from dicesim.report import footer, write_atomic, write_csv
@@ -57,17 +58,17 @@ def noise_levels(cfg: DictConfig, nodes: int) -> np.ndarray:
 
 
 # ---- measurements ----------------------------------------------------------------------------
-def dice_contributions(rows: list[tuple], nodes: int) -> dict[str, np.ndarray]:
+def dice_contributions(rows: list[InfluenceRow], nodes: int) -> dict[str, np.ndarray]:
     """r-hop (Σ over every hop and node) and one-hop (Definition 2) sums per source node,
     and the accumulated proximal influence P[j, k] = Σ_t E[(j,t), 1, k], k ≠ j."""
     r_hop, one_hop = np.zeros(nodes), np.zeros(nodes)
     proximal = np.zeros((nodes, nodes))
-    for _ev, src, _t, _n, hop, node, e, _g in rows:
-        r_hop[src] += e
-        if hop == 0 or (hop == 1 and node != src):
-            one_hop[src] += e
-        if hop == 1 and node != src:
-            proximal[src, node] += e
+    for r in rows:
+        r_hop[r.source] += r.dice_e
+        if r.hop == 0 or (r.hop == 1 and r.node != r.source):
+            one_hop[r.source] += r.dice_e
+        if r.hop == 1 and r.node != r.source:
+            proximal[r.source, r.node] += r.dice_e
     return {"r_hop": r_hop, "one_hop": one_hop, "proximal": proximal}
 
 
@@ -117,7 +118,7 @@ def setting_configs(cfg: DictConfig, nodes: int) -> tuple[DictConfig, list[DictC
     # r extra steps let the last events' cascades finish; nothing before T changes
     tracking = variant(cfg, **common, steps=steps + hops, eval_every=steps + hops,
                        influence__events=events, influence__hops=hops,
-                       influence__ground_truth=False,
+                       influence__ground_truth=False, influence__estimators=["dice_e"],
                        influence__curvature=bool(c.curvature), influence__proximal=False)
     runs = [variant(cfg, **common, steps=steps, eval_every=steps, influence__events=0)]
     for j in range(nodes):
