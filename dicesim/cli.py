@@ -13,17 +13,29 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dicesim import rundir
 from dicesim.comm import Comm, PeerError
 from dicesim.engine import RunResult, Simulation, local_rank, resolve_device
 from dicesim.errors import ConfigError
+from dicesim.stopping import (
+    EXIT_PEER,
+    SIGNAL_CODES,
+    SIGNALS,
+    Guard,
+    Stopped,
+    exit_with,
+    on_signal,
+    record_pid,
+    record_status,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("topology", "data", "model", "optim", "influence", "attack", "defense", "experiment")
 
 
 def fail(message: str, code: int = 2) -> None:
-    print(f"dicesim: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
+    """One line and exit `code`; in a multi-rank run only rank 0 prints it."""
+    exit_with(message, code)
 
 
 def check_group_choices(argv: list[str]) -> None:
@@ -37,14 +49,32 @@ def check_group_choices(argv: list[str]) -> None:
             fail(f"{key}={value}: unknown {key}; choose one of {', '.join(choices)}")
 
 
-def run_dir(cfg: DictConfig) -> Path:
+def run_target(cfg: DictConfig) -> rundir.Target:
+    """Where this run writes (precedence in dicesim/rundir.py): out_dir, else Hydra's
+    hydra.run.dir / sweep job directory when given, else the unique default name."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
-    if hc.mode == RunMode.MULTIRUN:
-        return Path(hc.runtime.output_dir)
-    return Path(cfg.out_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    return rundir.choose(str(cfg.out_dir), list(hc.overrides.task), list(hc.overrides.hydra),
+                         hydra_run_dir=None if multirun else hc.runtime.output_dir,
+                         job_dir=hc.runtime.output_dir if multirun else None,
+                         job_num=hc.job.num if multirun else None)
+
+
+def guard_for(cfg: DictConfig, world: int, rank: int) -> Guard:
+    """The divergence rule of one run: abort_on_nonfinite, divergence_factor (null: off)."""
+    abort = cfg.get("abort_on_nonfinite", True)
+    if not isinstance(abort, bool):
+        raise ConfigError(f"abort_on_nonfinite={abort}: choose true or false")
+    factor = cfg.get("divergence_factor", 1e6)
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, int | float)
+                               or not factor > 1):
+        raise ConfigError(f"divergence_factor={factor}: a number > 1 (a loss above it times "
+                          "the node's step-0 training loss stops the run), or null for off")
+    return Guard(world, rank, abort_on_nonfinite=abort,
+                 divergence_factor=None if factor is None else float(factor))
 
 
 @dataclass
@@ -67,23 +97,53 @@ class Session:
     def build(self, cfg: DictConfig) -> Simulation:
         """A validated simulation; a bad setting ends the command with exit 2."""
         try:
-            return Simulation(cfg, self.world, self.rank)
+            sim = Simulation(cfg, self.world, self.rank)
+            guard_for(cfg, self.world, self.rank)
+            return sim
         except ConfigError as err:
             fail(str(err))
             raise  # unreachable: fail exits
 
     def simulate(self, sim: Simulation) -> RunResult:
-        if self.comm is None:
-            self.comm = Comm(self.backend, sim.run.timeout_s, self.device)
+        """Run one simulation. A peer failure ends this rank (exit 3, one line); a signal
+        or a diverged loss raises Stopped on every rank at the same step."""
         try:
+            if self.comm is None:
+                self.comm = Comm(self.backend, sim.run.timeout_s, self.device)
+            self.comm.guard = guard_for(sim.cfg, self.world, self.rank)
             return sim.execute(self.comm, log=self.say)
         except PeerError as err:
-            fail(str(err), code=3)
-            raise
+            peer_failed(err)
+            raise  # unreachable
 
     def close(self) -> None:
         if self.comm is not None:
-            self.comm.close()
+            try:
+                self.comm.close()
+            except PeerError as err:
+                peer_failed(err)
+
+
+def peer_failed(err: PeerError) -> None:
+    """Exit 3 with the rank's own line: each rank saw the failure from its side."""
+    exit_with(str(err), EXIT_PEER, everyone=True)
+
+
+def stopped(session: Session, stop: Stopped, sim: Simulation | None) -> None:
+    """A signal or a diverged loss stopped every rank at the same step: leave together,
+    write what is finished (rank 0), run the signal hooks, exit with one line."""
+    session.close()
+    if session.rank == 0 and session.out is not None and sim is not None:
+        from dicesim.report import write_all
+
+        status = {"status": "interrupted" if stop.reason == "signal" else "diverged",
+                  "stopped_at": stop.step}
+        write_all(session.out, sim, stop.result, plots=False, status=status)
+    if stop.reason == "signal":
+        for hook in on_signal:
+            hook(stop.detail, stop.step)
+    exit_with(stop.message(session.out), stop.code,
+              prefix="" if stop.reason == "signal" else "error: ")
 
 
 def open_session(cfg: DictConfig) -> Session:
@@ -96,23 +156,74 @@ def open_session(cfg: DictConfig) -> Session:
     return Session(cfg, world, rank, device, backend)
 
 
-def prepare_output(session: Session) -> None:
+def prepare_output(session: Session, resume: bool = False) -> None:
+    """Rank 0 claims the run directory (dicesim/rundir.py) and writes config.yaml; a
+    directory that cannot be used ends the run with one line, exit 2."""
     if session.rank == 0:
-        session.out = run_dir(session.cfg)
-        session.out.mkdir(parents=True, exist_ok=True)
-        (session.out / "config.yaml").write_text(OmegaConf.to_yaml(session.cfg, resolve=True))
+        cfg = session.cfg
+        try:
+            session.out = rundir.claim(run_target(cfg), bool(cfg.get("overwrite", False)),
+                                       resume=resume)
+            resolved = OmegaConf.to_container(cfg, resolve=True)
+            resolved["out_dir"] = str(session.out)
+            rundir.write_config(session.out, OmegaConf.to_yaml(resolved), resume=resume)
+        except ConfigError as err:
+            fail(str(err))
         session.say(f"dicesim: writing to {session.out}")
 
 
+#: (world size, ranks per machine) while `python -m dicesim.preflight` checks a launch
+PREFLIGHT: tuple[int, int] | None = None
+
+
+def preflight(cfg: DictConfig) -> None:
+    """What every rank would check at start, done once before torchrun starts them: the
+    device of the highest local rank, the simulation (or every run of an experiment driver)
+    for the launch's world size, and the run directory. Prints nothing when all is well;
+    otherwise one line, exit 2. Writes nothing."""
+    import contextlib
+    import io
+
+    assert PREFLIGHT is not None
+    world, procs = PREFLIGHT
+    try:
+        device, backend = resolve_device(cfg, procs - 1)
+    except ConfigError as err:
+        fail(str(err))
+    session = Session(cfg, world, 0, device, backend)
+    dry = bool(cfg.get("dry_run", False))
+    with contextlib.redirect_stdout(io.StringIO()):
+        driver = cfg.get("driver")
+        if driver:
+            cfg.dry_run = True  # drivers check every run they would make, then stop
+            importlib.import_module(f"dicesim.experiments.{driver}").run(session)
+        else:
+            session.build(cfg)
+    if not dry:
+        try:
+            rundir.probe(run_target(cfg), bool(cfg.get("overwrite", False)))
+        except ConfigError as err:
+            fail(str(err))
+
+
 def execute(cfg: DictConfig) -> dict | None:
+    if PREFLIGHT is not None:
+        preflight(cfg)
+        return None
     session = open_session(cfg)
+    record_pid()
     driver = cfg.get("driver")
     if driver:
         module = importlib.import_module(f"dicesim.experiments.{driver}")
         try:
-            return module.run(session)
-        finally:
-            session.close()
+            summary = module.run(session)
+        except PeerError as err:
+            peer_failed(err)
+        except Stopped as stop:
+            stopped(session, stop, None)
+        session.close()
+        finish_signalled(session)
+        return summary
     sim = session.build(cfg)
     plan = sim.describe()
     session.say("dicesim: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -128,14 +239,17 @@ def execute(cfg: DictConfig) -> dict | None:
         sim.on_flush = lambda partial: write_influence(session.out, partial)
     try:
         result = session.simulate(sim)
-    finally:
-        session.close()
+    except Stopped as stop:
+        stopped(session, stop, sim)
+    session.close()
     if session.rank != 0:
+        finish_signalled(session)
         return None
     from dicesim.report import write_all
 
     out = session.out
     summary = write_all(out, sim, result, plots=bool(cfg.get("plots", True)))
+    finish_signalled(session)
     f = summary["final"]
     session.say(f"dicesim: done in {summary['wall_s']:.1f} s ({summary['node_steps_per_s']:.0f} "
                 f"node-steps/s); test accuracy {f['test_acc']:.4f}; report: {out / 'report.md'}")
@@ -143,6 +257,18 @@ def execute(cfg: DictConfig) -> dict | None:
         session.say(f"  {view:>8}: n={block['n']} spearman={block['spearman']} "
                     f"pearson={block['pearson']} rel_err={block['rel_err']}")
     return summary
+
+
+def finish_signalled(session: Session) -> None:
+    """A signal that arrived after the last agreed stop point: the run is complete (its
+    outputs are written); still end with the signal's exit code and one line."""
+    if SIGNALS.received is not None:
+        where = f"; outputs are complete in {session.out}" if session.out is not None else ""
+        exit_with(f"interrupted after the last step ({SIGNAL_NAMES[SIGNALS.received]}){where}",
+                  SIGNAL_CODES[SIGNALS.received], prefix="")
+
+
+SIGNAL_NAMES = {sig: sig.name for sig in SIGNAL_CODES}
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
@@ -168,6 +294,7 @@ def check_composes(argv: list[str]) -> None:
 
 
 def main() -> None:
+    SIGNALS.install()  # Ctrl-C / SIGTERM: stop at an agreed step, flush, one line (130/143)
     check_group_choices(sys.argv[1:])
     check_composes(sys.argv[1:])
     _hydra_main()
@@ -175,6 +302,7 @@ def main() -> None:
         # Everything is written and the process group destroyed. Gloo's worker threads can
         # still abort the interpreter's finalization (SIGABRT, "terminate called without an
         # active exception"), so a rank of a distributed run leaves without it.
+        record_status(0, "")  # under dicesim.launch: this rank finished
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

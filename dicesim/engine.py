@@ -372,6 +372,10 @@ class Simulation:
                     self.defense.observe(t - 1, tracker.last_proximal)
             if evaluate:
                 self._metrics(t, theta, train_loss, probe, comm, result, final)
+            if comm.stop_here():  # robust: a signal or a diverged loss; all ranks stop at t
+                if tracker is not None:
+                    self._flush(tracker, comm, result)
+                comm.stop(t, result)
             if final:
                 break
 
@@ -409,6 +413,7 @@ class Simulation:
                 with clock.gossip():
                     pending = comm.post(lay, channels, routes[key])
             train_loss = loss.detach().cpu()
+            comm.guard.observe(t, local, train_loss, "training")  # robust: divergence check
 
             with clock.gossip():
                 pending.wait()
@@ -475,6 +480,7 @@ class Simulation:
     def _metrics(self, t: int, theta: Tensor, train_loss: Tensor, probe: Probe,
                  comm: Comm, result: RunResult, final: bool) -> None:
         loss, acc = self.model.probe_eval(theta, probe.x, probe.y, probe.per_node)
+        comm.guard.observe(t, self.layout.local_nodes, loss, "probe")  # robust: divergence check
         mean = comm.all_sum(theta.sum(0)) / self.run.nodes  # θ̄
         dist = (theta - mean).norm(dim=1)
         rows = [(t, int(k), float(train_loss[i]) if not final else math.nan, float(loss[i]),
@@ -500,14 +506,9 @@ class Simulation:
 def inject_fault(rank: int, t: int) -> None:
     """Test hook: DICESIM_FAULT=hang:RANK:STEP or die:RANK:STEP makes that rank stop
     answering (or exit) at that step, to check that its peers give up cleanly."""
-    spec = os.environ.get("DICESIM_FAULT")
-    if not spec:
-        return
-    kind, fault_rank, step = spec.split(":")
-    if int(fault_rank) == rank and int(step) == t:
-        if kind == "die":
-            os._exit(1)
-        time.sleep(10**6)
+    from dicesim.faults import inject  # robust: KIND:RANK:STEP[:PHASE], see dicesim/faults.py
+
+    inject(rank, t, "step")
 
 
 def local_rank() -> int:
