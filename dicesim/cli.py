@@ -137,7 +137,12 @@ def stopped(session: Session, stop: Stopped, sim: Simulation | None) -> None:
         from dicesim.report import write_all
 
         status = {"status": "interrupted" if stop.reason == "signal" else "diverged",
-                  "stopped_at": stop.step}
+                  "stopped_at": stop.step,
+                  "node_steps_per_s": sim.run.nodes * stop.step / max(stop.result.wall_s, 1e-9)}
+        if stop.reason == "diverged":
+            f = stop.detail
+            status["first_nonfinite"] = {"step": f.step, "node": f.node,
+                                         "metric": f"{f.what}_loss", "value": f.value}
         write_all(session.out, sim, stop.result, plots=False, status=status)
     if stop.reason == "signal":
         for hook in on_signal:
@@ -251,8 +256,14 @@ def execute(cfg: DictConfig) -> dict | None:
     summary = write_all(out, sim, result, plots=bool(cfg.get("plots", True)))
     finish_signalled(session)
     f = summary["final"]
+    acc = "–" if f["test_acc"] is None else f"{f['test_acc']:.4f}"
     session.say(f"dicesim: done in {summary['wall_s']:.1f} s ({summary['node_steps_per_s']:.0f} "
-                f"node-steps/s); test accuracy {f['test_acc']:.4f}; report: {out / 'report.md'}")
+                f"node-steps/s); test accuracy {acc}; report: {out / 'report.md'}")
+    if summary.get("diverged"):
+        bad = summary.get("first_nonfinite") or {}
+        print(f"dicesim: warning: the run diverged (first non-finite {bad.get('metric')} at "
+              f"step {bad.get('step')} on node {bad.get('node')}); summary.json marks it "
+              "(diverged, nonfinite)", file=sys.stderr, flush=True)
     for view, block in summary.get("alignment", {}).items():
         session.say(f"  {view:>8}: n={block['n']} spearman={block['spearman']} "
                     f"pearson={block['pearson']} rel_err={block['rel_err']}")

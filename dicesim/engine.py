@@ -373,6 +373,7 @@ class Simulation:
             if evaluate:
                 self._metrics(t, theta, train_loss, probe, comm, result, final)
             if comm.stop_here():  # robust: a signal or a diverged loss; all ranks stop at t
+                clock.stop(result)
                 if tracker is not None:
                     self._flush(tracker, comm, result)
                 comm.stop(t, result)
