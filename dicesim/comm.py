@@ -15,6 +15,7 @@ import datetime
 import os
 import re
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,6 +27,8 @@ from torch import Tensor
 from dicesim.errors import ConfigError
 from dicesim.faults import inject
 from dicesim.stopping import Guard, Stopped
+
+STARTUP_TIMEOUT_S = 300  # the longest wait for every rank to arrive (or timeout_s if longer)
 
 
 class PeerError(RuntimeError):
@@ -126,27 +129,35 @@ class Comm:
         self.exchanges = 0  # exchanges posted so far (= the step of the next one)
         self.gathers = 0
         self.peers: list[tuple[str, int]] = []  # (host, pid) of every rank
+        self.group = None  # the run's process group (timeout_s); None: the default one
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL collectives use the current device
         if self.world > 1 and not dist.is_initialized():
             try:
+                # ranks reach this after loading data and model, which can take a while on
+                # a busy machine: forming the group waits longer than a step may
                 dist.init_process_group(
-                    backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
-                    device_id=None)
+                    backend=backend, device_id=None,
+                    timeout=datetime.timedelta(seconds=max(timeout_s, STARTUP_TIMEOUT_S)))
             except RuntimeError as err:
-                raise self._peer_error(err, "start-up (forming the process group)") from err
+                raise self._peer_error(err, "start-up (forming the process group)",
+                                       limit=max(timeout_s, STARTUP_TIMEOUT_S)) from err
             self.initialized_here = True
         if self.world > 1:
+            # every operation of the run goes through a group with timeout_s as its limit
+            self.group = self._collective(
+                dist.new_group, None, datetime.timedelta(seconds=timeout_s), backend,
+                phase="start-up (forming the process group)")
             peers: list = [None] * self.world
             self._collective(dist.all_gather_object, peers, (socket.gethostname(), os.getpid()),
-                             phase="start-up")
+                             self.group, phase="start-up")
             self.peers = peers
 
     def close(self) -> None:
         """Leave together: a rank tearing gloo down while a peer still talks to it aborts."""
         if self.initialized_here and dist.is_initialized() and not self.broken:
             inject(self.rank, 0, "barrier")
-            self._collective(dist.barrier, phase="closing barrier")
+            self._collective(dist.barrier, self.group, phase="closing barrier")
             dist.destroy_process_group()
 
     def stop(self, t: int, result: object) -> None:
@@ -198,12 +209,12 @@ class Comm:
         for peer, wanted in route.send.items():
             parts = [c.rows[torch.as_tensor(wanted[nodes], device=self.device)].reshape(-1)
                      for c, nodes in zip(channels, local_nodes, strict=True)]
-            ops.append(dist.P2POp(dist.isend, torch.cat(parts), peer))
+            ops.append(dist.P2POp(dist.isend, torch.cat(parts), peer, self.group))
         for peer, wanted in route.recv.items():
             size = sum(int(wanted[c.nodes].sum()) * c.rows.shape[1] for c in channels)
             pending.received[peer] = torch.empty(size, dtype=channels[0].rows.dtype,
                                                  device=self.device)
-            ops.append(dist.P2POp(dist.irecv, pending.received[peer], peer))
+            ops.append(dist.P2POp(dist.irecv, pending.received[peer], peer, self.group))
         pending.peers = [op.peer for op in ops]
         try:
             pending.works = dist.batch_isend_irecv(ops)
@@ -211,16 +222,26 @@ class Comm:
             raise self._peer_error(err, f"exchange of step {pending.step}") from err
         return pending
 
-    def _peer_error(self, err: BaseException, phase: str, peer: int | None = None) -> PeerError:
+    def _peer_error(self, err: BaseException, phase: str, peer: int | None = None,
+                    limit: float | None = None) -> PeerError:
         """One line: this rank, the peer if known, the true cause, the phase."""
         self.broken = True
         cause = failure_cause(err)
         suspects = self._suspects() if self.peers else {}
+        deadline = time.monotonic() + 1.0
+        while cause == "closed" and self.peers and "exited" not in suspects.values() \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)  # a killed peer's sockets close a moment before it is gone
+            suspects = self._suspects()
         if peer is None and len(suspects) == 1:
-            peer = next(iter(suspects))
+            (r, state), = suspects.items()
+            # a closed connection comes from a rank that exited, a timeout from a silent one
+            if (cause, state) in (("closed", "exited"), ("timeout", "stopped")):
+                peer = r
         who = f"rank {peer}" if peer is not None else "a peer rank"
         if cause == "timeout":
-            what = f"no answer from {who} within timeout_s={self.timeout_s:g} s"
+            what = (f"no answer from {who} within timeout_s={self.timeout_s:g} s" if limit is None
+                    else f"no answer from {who} within {limit:g} s")
         elif cause == "closed":
             what = f"{who} closed the connection (connection closed or reset)"
         else:
@@ -241,7 +262,8 @@ class Comm:
         if self.world == 1:
             return x
         flat = torch.cat([x.reshape(-1), self.guard.slots(x)])
-        self._collective(dist.all_reduce, flat, phase=f"metrics all_reduce at step "
+        self._collective(dist.all_reduce, flat, dist.ReduceOp.SUM, self.group,
+                         phase=f"metrics all_reduce at step "
                                                       f"{self.guard.t}")
         self.guard.agree(flat[x.numel():])
         x.copy_(flat[:x.numel()].view_as(x))
@@ -253,7 +275,8 @@ class Comm:
         if self.world == 1:
             return [obj]
         out = [None] * self.world if self.rank == 0 else None
-        self._collective(dist.gather_object, obj, out, 0, phase="gather to rank 0 (metrics rows, "
+        self._collective(dist.gather_object, obj, out, 0, self.group,
+                         phase="gather to rank 0 (metrics rows, "
                          "influence rows or final parameters)")
         return out
 

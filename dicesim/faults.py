@@ -9,6 +9,9 @@ KIND: ``die`` (exit 1), ``kill`` (SIGKILL itself), ``stop`` (SIGSTOP itself: hun
 - ``gather``: at this rank's N-th gather to rank 0 (0-based: metrics rows, influence
   flushes, the final parameters, in the order the run makes them);
 - ``barrier``: at the closing barrier (N is ignored).
+
+With DICESIM_FAULT_MARK=FILE the rank writes the time of the fault (time.time()) there
+first, so a test can measure how long the others take to stop.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ def inject(rank: int, n: int, phase: str = "step") -> None:
     want = rest[0] if rest else "step"
     if want != phase or int(fault_rank) != rank or (phase != "barrier" and int(step) != n):
         return
+    mark = os.environ.get("DICESIM_FAULT_MARK")
+    if mark:
+        with open(mark, "w") as f:
+            f.write(repr(time.time()))
     if kind == "die":
         os._exit(1)
     if kind == "kill":

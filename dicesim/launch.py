@@ -39,7 +39,7 @@ MODULE = "dicesim"
 TORCHRUN = ("-m", "torch.distributed.run")
 QUIET_TORCHRUN = ("-m", "dicesim.torchrun")  # same arguments; see dicesim/torchrun.py
 STATUS_ENV = "DICESIM_STATUS_DIR"  # where ranks leave their pid and exit line (stopping.py)
-GRACE_S = 2.0  # after a rank failed: how long its peers get to leave before being killed
+GRACE_S = 1.0  # after a rank failed: how long its peers get to leave before being killed
 
 __all__ = [
     "LaunchError",
@@ -434,6 +434,13 @@ class Supervisor:
                 except OSError:
                     pass
 
+    def _signal_group(self, signum: int) -> None:
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, signum)
+        except OSError:
+            pass
+
     def _on_signal(self, signum: int, frame: object) -> None:
         assert self.proc is not None
         if self.forwarded is None:
@@ -464,14 +471,19 @@ class Supervisor:
             self.proc = subprocess.Popen(self.cmd, env=env, start_new_session=True)
             while True:
                 try:
-                    self.proc.wait(timeout=0.2)
+                    self.proc.wait(timeout=0.1)
                     break
                 except subprocess.TimeoutExpired:
                     pass
                 if self.failed_at is None and self._failure_seen():
                     self.failed_at = time.monotonic()
-                elif self.failed_at is not None and time.monotonic() - self.failed_at > GRACE_S:
-                    self._kill_ranks()  # a hung or stopped rank would keep torchrun 30 s
+                elif self.failed_at is not None:
+                    waited = time.monotonic() - self.failed_at
+                    if waited > GRACE_S:
+                        self._kill_ranks()  # a hung or stopped rank would keep torchrun 30 s
+                    if waited > GRACE_S + 2:  # torchrun itself lingering: end it too
+                        self._signal_group(signal.SIGKILL if waited > GRACE_S + 4
+                                           else signal.SIGTERM)
             self._kill_ranks()  # nothing outlives the launch
             code, line = self._outcome(self.proc.returncode)
         finally:
@@ -500,6 +512,8 @@ class Supervisor:
             return code, f"dicesim: interrupted ({name}) before the ranks could stop in step"
         for wanted in (4, 2, 3, 130, 143):
             hits = sorted(r for r, s in failing.items() if s["code"] == wanted)
+            if hits and wanted == 3:  # the first rank to see a peer fail saw it most directly
+                hits.sort(key=lambda r: failing[r].get("time", 0.0))
             if hits:
                 return wanted, failing[hits[0]]["line"]
         if failing:

@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +70,8 @@ def record_status(code: int, line: str) -> bool:
     rank, _ = _rank_world()
     tmp = where / f".status.{rank}.{os.getpid()}.tmp"
     try:
-        tmp.write_text(json.dumps({"rank": rank, "code": code, "line": line}))
+        tmp.write_text(json.dumps({"rank": rank, "code": code, "line": line,
+                                   "time": time.time()}))
         os.replace(tmp, where / f"status.{rank}")
     except OSError:
         return False
