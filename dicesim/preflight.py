@@ -9,6 +9,7 @@ PROCS − 1, the run directory) and writes nothing.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from dicesim import cli
 
@@ -20,8 +21,25 @@ def main() -> None:
         print("usage: python -m dicesim.preflight WORLD PROCS [overrides]", file=sys.stderr)
         sys.exit(2)
     cli.PREFLIGHT = (world, procs)
-    sys.argv = [sys.argv[0], *sys.argv[3:]]
-    cli.main()
+    overrides = sys.argv[3:]
+    sys.argv = [sys.argv[0], *overrides]
+    # Hydra creates hydra.run.dir before dicesim runs; a check must not leave it behind
+    made = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.lstrip("+~") == "hydra.run.dir" and value and "$" not in value:
+            p = Path(value).absolute()
+            while not p.exists() and p.parent != p:
+                made.append(p)
+                p = p.parent
+    try:
+        cli.main()
+    finally:
+        for p in made:  # deepest first, and only while empty
+            try:
+                p.rmdir()
+            except OSError:
+                break
 
 
 if __name__ == "__main__":

@@ -174,23 +174,28 @@ def write_config(path: Path, text: str, resume: bool = False) -> None:
 
 def probe(target: Target, overwrite: bool, resume: bool = False) -> None:
     """Check, without leaving anything behind, that `claim` would succeed (the launcher's
-    pre-flight check). Directories made to test writability are removed again."""
-    path = target.path if not target.unique else target.path.parent
+    pre-flight check): the refusal rule, and a real mkdir where the run would write (removed
+    again; os.access says little when running as root)."""
+    path = target.path
     what = target.source if target.source != "default" else "out_dir"
-    if path.exists():
-        if not path.is_dir():
-            raise RunDirError(f"{what}={path}: exists and is not a directory")
-        if not target.unique:
-            if not overwrite and not resume:
-                refuse_existing_outputs(path, False, resume)
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise RunDirError(f"{what}={path}: the directory is not writable")
-        return
-    missing = [path]
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"{what}={path}: exists and is not a directory")
+    if path.exists() and not target.unique and not overwrite and not resume:
+        refuse_existing_outputs(path, False)
+    if path.exists():  # a directory made here, or a sibling for a suffixed default name
+        test = (path.with_name(f".{path.name}.probe-{os.getpid()}") if target.unique
+                else path / f".probe-{os.getpid()}")
+    else:
+        test = path
+    missing = [test]
     while not missing[-1].parent.exists() and missing[-1].parent != missing[-1]:
         missing.append(missing[-1].parent)
     try:
-        _mkdirs(path, what)
+        try:
+            test.mkdir(parents=True)
+        except OSError as err:
+            raise RunDirError(f"{what}={path}: cannot create the directory ({err.strerror}); "
+                              "choose a writable out_dir") from err
     finally:
         for p in missing:  # deepest first
             try:

@@ -25,8 +25,9 @@ from dicesim.stopping import SIGNALS, Guard
 
 SMALL = ["nodes=4", "batch_size=8", "data.probe_size=40", "progress=false", "plots=false",
          "data.max_train=400"]
-LONG = [*SMALL, "progress=true", "model.hidden=[8]", "steps=100000", "eval_every=10", "influence.hops=1",
-        "influence.flush_every=10", "influence.events=[{node:0,step:2},{node:1,step:5}]"]
+LONG = [*SMALL, "progress=true", "model.hidden=[8]", "steps=100000", "eval_every=10",
+        "influence.hops=1", "influence.flush_every=10",
+        "influence.events=[{node:0,step:2},{node:1,step:5}]"]
 DIVERGING = [*SMALL, "data=synthetic_regression", "model=linear", "optim.lr=5", "steps=40",
              "eval_every=5", "influence.events=4", "influence.hops=1", "influence.flush_every=5"]
 
