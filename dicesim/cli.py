@@ -157,7 +157,7 @@ def open_session(cfg: DictConfig) -> Session:
     try:
         device, backend = resolve_device(cfg, local_rank())
     except ConfigError as err:
-        fail(str(err))
+        exit_with(str(err), 2, everyone=True)  # may differ per rank (its own GPU): all print
     return Session(cfg, world, rank, device, backend)
 
 
