@@ -72,7 +72,7 @@ def guard_for(cfg: DictConfig, world: int, rank: int) -> Guard:
     if factor is not None and (isinstance(factor, bool) or not isinstance(factor, int | float)
                                or not factor > 1):
         raise ConfigError(f"divergence_factor={factor}: a number > 1 (a loss above it times "
-                          "the node's step-0 training loss stops the run), or null for off")
+                          "the node's first training loss stops the run), or null for off")
     return Guard(world, rank, abort_on_nonfinite=abort,
                  divergence_factor=None if factor is None else float(factor))
 
@@ -309,11 +309,11 @@ def main() -> None:
     check_group_choices(sys.argv[1:])
     check_composes(sys.argv[1:])
     _hydra_main()
+    record_status(0, "")  # under dicesim.launch: this rank finished
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Everything is written and the process group destroyed. Gloo's worker threads can
         # still abort the interpreter's finalization (SIGABRT, "terminate called without an
         # active exception"), so a rank of a distributed run leaves without it.
-        record_status(0, "")  # under dicesim.launch: this rank finished
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

@@ -337,7 +337,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         try:
             if not args.no_preflight:
-                code = preflight(spec)
+                try:
+                    code = preflight(spec)
+                except KeyboardInterrupt:
+                    _fail("interrupted (SIGINT) while checking the configuration; nothing was "
+                          "started")
+                    return 130
                 if code:
                     return code
             quiet = [spec.python, *QUIET_TORCHRUN, *cmd[1 + len(TORCHRUN):]]
@@ -372,6 +377,18 @@ def preflight(spec: LaunchSpec) -> int:
            *spec.effective_overrides()]
     return subprocess.run(cmd, env=_clean_env(), stdout=subprocess.DEVNULL,
                           check=False).returncode
+
+
+def _end_with_parent() -> None:
+    """In the torchrun child: SIGTERM it when the launcher dies (even by SIGKILL), so that
+    it stops its ranks instead of running on unsupervised (Linux; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _alive(pid: int) -> bool:
@@ -468,7 +485,8 @@ class Supervisor:
         previous = {sig: signal.signal(sig, self._on_signal)
                     for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            self.proc = subprocess.Popen(self.cmd, env=env, start_new_session=True)
+            self.proc = subprocess.Popen(self.cmd, env=env, start_new_session=True,
+                                         preexec_fn=_end_with_parent)
             while True:
                 try:
                     self.proc.wait(timeout=0.1)

@@ -6,7 +6,8 @@
   130 / 143 with one line. A second signal exits at once.
 - Divergence: :class:`Guard` watches every node's training loss (each step) and probe loss
   (each evaluation). A loss that is not finite, or larger than ``divergence_factor`` times
-  the node's step-0 training loss (floored at 1e-6), stops the run with exit 4 when
+  the node's first positive training loss (normally step 0's; a node whose whole batch is
+  removed has loss 0 until it trains), stops the run with exit 4 when
   ``abort_on_nonfinite`` is true.
 - Agreement: with several ranks the flags travel with the metrics ``all_reduce`` that every
   rank makes at the same steps (``eval_every``): each rank writes its own slots of a small
@@ -84,7 +85,7 @@ def exit_with(message: str, code: int, everyone: bool = False, prefix: str = "er
     the status directory and the launcher prints one line for the run."""
     rank, world = _rank_world()
     line = f"dicesim: {prefix}{message}"
-    if world > 1 and record_status(code, line):
+    if record_status(code, line):  # under the launcher, which prints one line for the run
         pass
     elif world == 1 or rank == 0 or everyone:
         print(line, file=sys.stderr, flush=True)
@@ -149,24 +150,23 @@ class Guard:
     divergence_factor: float | None = 1e6
     t: int = -1  # the step of the latest observation (the metrics pass sets it)
     first: Finding | None = None  # this rank's first diverged loss
-    initial: dict[int, float] = field(default_factory=dict)  # node → step-0 training loss
+    initial: dict[int, float] = field(default_factory=dict)  # node → first positive loss
     agreed: tuple[str, object] | None = None  # ("signal", signum) | ("diverged", Finding)
 
     def observe(self, t: int, nodes, losses: torch.Tensor, what: str) -> None:
         """Check this rank's losses of step t (`nodes` are their global ids)."""
         self.t = t
         values = losses.detach().double().cpu().tolist()
-        if what == "training" and t == 0:
+        if what == "training":  # the reference: a node's first positive, finite loss
             for k, v in zip(nodes, values, strict=True):
-                self.initial[int(k)] = v
+                if int(k) not in self.initial and math.isfinite(v) and v > 0:
+                    self.initial[int(k)] = v
         if self.first is not None:
             return
         for k, v in zip(nodes, values, strict=True):
             limit = None
             if self.divergence_factor is not None and int(k) in self.initial:
-                base = self.initial[int(k)]
-                if math.isfinite(base):
-                    limit = self.divergence_factor * max(abs(base), 1e-6)
+                limit = self.divergence_factor * self.initial[int(k)]
             if not math.isfinite(v) or (limit is not None and v > limit):
                 self.first = Finding(t, int(k), what, v)
                 return
