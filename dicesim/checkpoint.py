@@ -29,6 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dicesim.errors import ConfigError
+from dicesim.faults import inject
 
 # keys that do not change any number the run writes (where, how verbose, how checkpointed)
 NOT_RESULTS = {"name", "out_dir", "progress", "plots", "dry_run", "timeout_s", "checkpoint",
@@ -132,7 +133,7 @@ class Checkpoints:
         tmp.mkdir()
         for rank, state in enumerate(gathered):
             _fsync_write(tmp / f"rank{rank}.pt", lambda f, s=state: torch.save(s, f))
-            trainer.inject_fault(0, step, "checkpoint")  # tests: die halfway through
+            inject(0, step, "checkpoint")  # tests: die halfway through
         meta = {"step": step, "ranks": self.world, "settings": self.settings}
         _fsync_write(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
         if final.exists():  # a rerun of the same step (after a resume): replace it

@@ -13,11 +13,23 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dicesim.checkpoint import Checkpoints, find_resume
+from dicesim import rundir
+from dicesim.checkpoint import Checkpoints, find_resume, result_settings
 from dicesim.comm import Comm, PeerError
 from dicesim.engine import Simulation, local_rank, resolve_device
 from dicesim.errors import ConfigError
 from dicesim.events import ESTIMATORS
+from dicesim.stopping import (
+    EXIT_PEER,
+    SIGNAL_CODES,
+    SIGNALS,
+    Guard,
+    Stopped,
+    exit_with,
+    on_signal,
+    record_pid,
+    record_status,
+)
 from dicesim.trainer import RunResult
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -25,8 +37,8 @@ GROUPS = ("topology", "data", "model", "optim", "influence", "attack", "defense"
 
 
 def fail(message: str, code: int = 2) -> None:
-    print(f"dicesim: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
+    """One line and exit `code`; in a multi-rank run only rank 0 prints it."""
+    exit_with(message, code)
 
 
 def check_group_choices(argv: list[str]) -> None:
@@ -40,14 +52,32 @@ def check_group_choices(argv: list[str]) -> None:
             fail(f"{key}={value}: unknown {key}; choose one of {', '.join(choices)}")
 
 
-def run_dir(cfg: DictConfig) -> Path:
+def run_target(cfg: DictConfig) -> rundir.Target:
+    """Where this run writes (precedence in dicesim/rundir.py): out_dir, else Hydra's
+    hydra.run.dir / sweep job directory when given, else the unique default name."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
-    if hc.mode == RunMode.MULTIRUN:
-        return Path(hc.runtime.output_dir)
-    return Path(cfg.out_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    return rundir.choose(str(cfg.out_dir), list(hc.overrides.task), list(hc.overrides.hydra),
+                         hydra_run_dir=None if multirun else hc.runtime.output_dir,
+                         job_dir=hc.runtime.output_dir if multirun else None,
+                         job_num=hc.job.num if multirun else None)
+
+
+def guard_for(cfg: DictConfig, world: int, rank: int) -> Guard:
+    """The divergence rule of one run: abort_on_nonfinite, divergence_factor (null: off)."""
+    abort = cfg.get("abort_on_nonfinite", True)
+    if not isinstance(abort, bool):
+        raise ConfigError(f"abort_on_nonfinite={abort}: choose true or false")
+    factor = cfg.get("divergence_factor", 1e6)
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, int | float)
+                               or not factor > 1):
+        raise ConfigError(f"divergence_factor={factor}: a number > 1 (a loss above it times "
+                          "the node's first training loss stops the run), or null for off")
+    return Guard(world, rank, abort_on_nonfinite=abort,
+                 divergence_factor=None if factor is None else float(factor))
 
 
 @dataclass
@@ -70,24 +100,59 @@ class Session:
     def build(self, cfg: DictConfig) -> Simulation:
         """A validated simulation; a bad setting ends the command with exit 2."""
         try:
-            return Simulation(cfg, self.world, self.rank)
+            sim = Simulation(cfg, self.world, self.rank)
+            guard_for(cfg, self.world, self.rank)
+            return sim
         except ConfigError as err:
             fail(str(err))
             raise  # unreachable: fail exits
 
     def simulate(self, sim: Simulation, on_flush=None, checkpoints=None) -> RunResult:
-        if self.comm is None:
-            self.comm = Comm(self.backend, sim.run.timeout_s, self.device)
+        """Run one simulation. A peer failure ends this rank (exit 3, one line); a signal
+        or a diverged loss raises Stopped on every rank at the same step."""
         try:
+            if self.comm is None:
+                self.comm = Comm(self.backend, sim.run.timeout_s, self.device)
+            self.comm.guard = guard_for(sim.cfg, self.world, self.rank)
             return sim.execute(self.comm, log=self.say, checkpoints=checkpoints,
                                on_flush=on_flush)
         except PeerError as err:
-            fail(str(err), code=3)
-            raise
+            peer_failed(err)
+            raise  # unreachable
 
     def close(self) -> None:
         if self.comm is not None:
-            self.comm.close()
+            try:
+                self.comm.close()
+            except PeerError as err:
+                peer_failed(err)
+
+
+def peer_failed(err: PeerError) -> None:
+    """Exit 3 with the rank's own line: each rank saw the failure from its side."""
+    exit_with(str(err), EXIT_PEER, everyone=True)
+
+
+def stopped(session: Session, stop: Stopped, sim: Simulation | None) -> None:
+    """A signal or a diverged loss stopped every rank at the same step: leave together,
+    write what is finished (rank 0), run the signal hooks, exit with one line."""
+    session.close()
+    if session.rank == 0 and session.out is not None and sim is not None:
+        from dicesim.report import write_all
+
+        status = {"status": "interrupted" if stop.reason == "signal" else "diverged",
+                  "stopped_at": stop.step,
+                  "node_steps_per_s": sim.run.nodes * stop.step / max(stop.result.wall_s, 1e-9)}
+        if stop.reason == "diverged":
+            f = stop.detail
+            status["first_nonfinite"] = {"step": f.step, "node": f.node,
+                                         "metric": f"{f.what}_loss", "value": f.value}
+        write_all(session.out, sim, stop.result, plots=False, status=status)
+    if stop.reason == "signal":
+        for hook in on_signal:
+            hook(stop.detail, stop.step)
+    exit_with(stop.message(session.out), stop.code,
+              prefix="" if stop.reason == "signal" else "error: ")
 
 
 def open_session(cfg: DictConfig) -> Session:
@@ -96,23 +161,77 @@ def open_session(cfg: DictConfig) -> Session:
     try:
         device, backend = resolve_device(cfg, local_rank())
     except ConfigError as err:
-        fail(str(err))
+        exit_with(str(err), 2, everyone=True)  # may differ per rank (its own GPU): all print
     return Session(cfg, world, rank, device, backend)
 
 
-def prepare_output(session: Session, folder: Path | None = None) -> None:
+def prepare_output(session: Session, resume: bool = False,
+                   plan: RunDirPlan | None = None) -> None:
+    """Rank 0 claims the run directory (dicesim/rundir.py) and writes config.yaml; a
+    directory that cannot be used ends the run with one line, exit 2. `plan` (from
+    plan_checkpoints) names a directory to re-enter or to start this run afresh in."""
     if session.rank == 0:
-        session.out = folder if folder is not None else run_dir(session.cfg)
-        session.out.mkdir(parents=True, exist_ok=True)
-        (session.out / "config.yaml").write_text(OmegaConf.to_yaml(session.cfg, resolve=True))
+        cfg = session.cfg
+        target = run_target(cfg) if plan is None or plan.folder is None else rundir.Target(
+            plan.folder, unique=False, source="resume")
+        overwrite = bool(cfg.get("overwrite", False)) or (plan is not None and plan.replace)
+        resume = resume or (plan is not None and plan.reenter)
+        try:
+            session.out = rundir.claim(target, overwrite, resume=resume)
+            resolved = OmegaConf.to_container(cfg, resolve=True)
+            resolved["out_dir"] = str(session.out)
+            rundir.write_config(session.out, OmegaConf.to_yaml(resolved), resume=resume)
+        except ConfigError as err:
+            fail(str(err))
         session.say(f"dicesim: writing to {session.out}")
 
 
-def plan_checkpoints(session: Session, sim: Simulation) -> tuple[Checkpoints | None,
-                                                                 Path | None]:
-    """(what saves and loads checkpoints, the run directory when resuming): `resume=DIR`
-    continues DIR's newest checkpoint in DIR; `resume=auto` continues the run directory's
-    own if it has one and starts fresh otherwise."""
+#: (world size, ranks per machine) while `python -m dicesim.preflight` checks a launch
+PREFLIGHT: tuple[int, int] | None = None
+
+
+def preflight(cfg: DictConfig) -> None:
+    """What every rank would check at start, done once before torchrun starts them: the
+    device of the highest local rank, the simulation (or every run of an experiment driver)
+    for the launch's world size, and the run directory. Prints nothing when all is well;
+    otherwise one line, exit 2. Writes nothing."""
+    import contextlib
+    import io
+
+    assert PREFLIGHT is not None
+    world, procs = PREFLIGHT
+    try:
+        device, backend = resolve_device(cfg, procs - 1)
+    except ConfigError as err:
+        fail(str(err))
+    session = Session(cfg, world, 0, device, backend)
+    dry = bool(cfg.get("dry_run", False))
+    with contextlib.redirect_stdout(io.StringIO()):
+        driver = cfg.get("driver")
+        if driver:
+            cfg.dry_run = True  # drivers check every run they would make, then stop
+            importlib.import_module(f"dicesim.experiments.{driver}").run(session)
+        else:
+            session.build(cfg)
+    if not dry:
+        try:
+            rundir.probe(run_target(cfg), bool(cfg.get("overwrite", False)))
+        except ConfigError as err:
+            fail(str(err))
+
+
+@dataclass
+class RunDirPlan:
+    folder: Path | None = None  # the directory resume names (None: the usual choice)
+    reenter: bool = False  # continue from its checkpoint: keep what is there
+    replace: bool = False  # resume=auto without a checkpoint: this run's own first attempt
+
+
+def plan_checkpoints(session: Session) -> tuple[Checkpoints | None, RunDirPlan]:
+    """(what saves and loads checkpoints, where the run writes).
+    `resume=DIR` continues DIR's newest checkpoint there; `resume=auto` continues the run
+    directory's own, or starts this run afresh there when it has none (a directory of a
+    run with other settings is refused). Called on every rank; only rank 0 writes."""
     cfg = session.cfg
     ck = cfg.get("checkpoint") or {}
     every, keep, resume = ck.get("every", 0), ck.get("keep", 2), cfg.get("resume")
@@ -122,27 +241,61 @@ def plan_checkpoints(session: Session, sim: Simulation) -> tuple[Checkpoints | N
     if resume is not None and not isinstance(resume, str):
         fail(f"resume={resume}: give the run directory to continue, or auto")
     if not every and resume is None:
-        return None, None
-    folder = Path(cfg.out_dir) if resume in (None, "auto") else Path(resume)
+        return None, RunDirPlan()
+    if resume in (None, "auto"):
+        target = run_target(cfg)
+        folder = None if target.unique else target.path  # a fresh default name: nothing to find
+    else:
+        folder = Path(resume)
+    source, replace = None, False
     try:
-        source = None if resume is None else find_resume(folder, cfg, session.world,
-                                                         explicit=resume != "auto")
+        if resume is not None and folder is not None:
+            source = find_resume(folder, cfg, session.world, explicit=resume != "auto")
+            if source is None and resume == "auto":
+                replace = check_same_run(folder, cfg)
     except ConfigError as err:
         fail(str(err))
     if source is not None:
         session.say(f"dicesim: resuming from {source}")
-    return Checkpoints(None, every, keep, cfg, session.world, source), folder if source else None
+    plan = RunDirPlan(folder if resume is not None else None, source is not None, replace)
+    return Checkpoints(None, every, keep, cfg, session.world, source), plan
+
+
+def check_same_run(folder: Path, cfg: DictConfig) -> bool:
+    """resume=auto found no checkpoint: the directory may hold this run's own first attempt
+    (killed before its first checkpoint), whose outputs it replaces (True); outputs of a
+    run with other settings are refused."""
+    written = folder / "config.yaml"
+    if not written.is_file():
+        return False
+    before = result_settings(OmegaConf.load(written))
+    now = result_settings(cfg)
+    differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if differ:
+        raise ConfigError(f"resume=auto: {folder} holds a run with other settings ({differ[0]}="
+                          f"{before.get(differ[0])!r}, now {now.get(differ[0])!r}) and no "
+                          "checkpoint; choose another out_dir, or overwrite=true")
+    return True
 
 
 def execute(cfg: DictConfig) -> dict | None:
+    if PREFLIGHT is not None:
+        preflight(cfg)
+        return None
     session = open_session(cfg)
+    record_pid()
     driver = cfg.get("driver")
     if driver:
         module = importlib.import_module(f"dicesim.experiments.{driver}")
         try:
-            return module.run(session)
-        finally:
-            session.close()
+            summary = module.run(session)
+        except PeerError as err:
+            peer_failed(err)
+        except Stopped as stop:
+            stopped(session, stop, None)
+        session.close()
+        finish_signalled(session)
+        return summary
     sim = session.build(cfg)
     plan = sim.describe()
     session.say("dicesim: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -150,8 +303,8 @@ def execute(cfg: DictConfig) -> dict | None:
     if cfg.get("dry_run", False):
         session.say("dicesim: dry run — configuration is valid, nothing trained")
         return None
-    checkpoints, folder = plan_checkpoints(session, sim)
-    prepare_output(session, folder)
+    checkpoints, plan = plan_checkpoints(session)
+    prepare_output(session, plan=plan)
     if checkpoints is not None:
         checkpoints.folder = session.out
     on_flush = None
@@ -162,17 +315,26 @@ def execute(cfg: DictConfig) -> dict | None:
         on_flush = lambda partial: write_influence(session.out, partial)  # noqa: E731
     try:
         result = session.simulate(sim, on_flush=on_flush, checkpoints=checkpoints)
-    finally:
-        session.close()
+    except Stopped as stop:
+        stopped(session, stop, sim)
+    session.close()
     if session.rank != 0:
+        finish_signalled(session)
         return None
     from dicesim.report import write_all
 
     out = session.out
     summary = write_all(out, sim, result, plots=bool(cfg.get("plots", True)))
+    finish_signalled(session)
     f = summary["final"]
+    acc = "–" if f["test_acc"] is None else f"{f['test_acc']:.4f}"
     session.say(f"dicesim: done in {summary['wall_s']:.1f} s ({summary['node_steps_per_s']:.0f} "
-                f"node-steps/s); test accuracy {f['test_acc']:.4f}; report: {out / 'report.md'}")
+                f"node-steps/s); test accuracy {acc}; report: {out / 'report.md'}")
+    if summary.get("diverged"):
+        bad = summary.get("first_nonfinite") or {}
+        print(f"dicesim: warning: the run diverged (first non-finite {bad.get('metric')} at "
+              f"step {bad.get('step')} on node {bad.get('node')}); summary.json marks it "
+              "(diverged, nonfinite)", file=sys.stderr, flush=True)
     for name, blocks in summary.get("alignment", {}).items():
         if name not in ESTIMATORS:
             continue
@@ -183,6 +345,18 @@ def execute(cfg: DictConfig) -> dict | None:
     if warning:
         print(f"dicesim: warning: {warning}", file=sys.stderr, flush=True)
     return summary
+
+
+def finish_signalled(session: Session) -> None:
+    """A signal that arrived after the last agreed stop point: the run is complete (its
+    outputs are written); still end with the signal's exit code and one line."""
+    if SIGNALS.received is not None:
+        where = f"; outputs are complete in {session.out}" if session.out is not None else ""
+        exit_with(f"interrupted after the last step ({SIGNAL_NAMES[SIGNALS.received]}){where}",
+                  SIGNAL_CODES[SIGNALS.received], prefix="")
+
+
+SIGNAL_NAMES = {sig: sig.name for sig in SIGNAL_CODES}
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
@@ -208,9 +382,11 @@ def check_composes(argv: list[str]) -> None:
 
 
 def main() -> None:
+    SIGNALS.install()  # Ctrl-C / SIGTERM: stop at an agreed step, flush, one line (130/143)
     check_group_choices(sys.argv[1:])
     check_composes(sys.argv[1:])
     _hydra_main()
+    record_status(0, "")  # under dicesim.launch: this rank finished
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Everything is written and the process group destroyed. Gloo's worker threads can
         # still abort the interpreter's finalization (SIGABRT, "terminate called without an

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
+import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,10 +25,39 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dicesim.errors import ConfigError
+from dicesim.faults import inject
+from dicesim.stopping import Guard, Stopped
+
+STARTUP_TIMEOUT_S = 300  # the longest wait for every rank to arrive (or timeout_s if longer)
 
 
 class PeerError(RuntimeError):
-    """A peer rank died or did not answer within the timeout."""
+    """A peer rank closed its connection (it died) or did not answer within timeout_s.
+    Every collective and the exchange raise it; the CLI ends the rank with exit 3."""
+
+
+def failure_cause(err: BaseException) -> str:
+    """"timeout" or "closed" (connection closed/reset: the peer died), from the backend's
+    message; "error" when it says neither."""
+    text = str(err).lower()
+    if "timed out" in text or "timeout" in text or "deadline" in text:
+        return "timeout"
+    if any(w in text for w in ("closed", "reset", "broken pipe", "refused", "eof",
+                               "connection", "socket")):
+        return "closed"
+    return "error"
+
+
+def process_state(pid: int) -> str | None:
+    """'exited', 'stopped' or 'running' for a pid on this machine (None: cannot tell)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "exited"
+    except (OSError, IndexError):
+        return None
+    return {"Z": "exited", "X": "exited", "T": "stopped", "t": "stopped"}.get(state, "running")
 
 
 @dataclass(frozen=True)
@@ -92,19 +125,68 @@ class Comm:
         self.timeout_s = timeout_s
         self.initialized_here = False
         self.broken = False  # a peer failed: leave without waiting for anyone
+        self.guard = Guard(self.world, self.rank)  # stop flags; the CLI sets one per run
+        self.exchanges = 0  # exchanges posted so far (= the step of the next one)
+        self.gathers = 0
+        self.peers: list[tuple[str, int]] = []  # (host, pid) of every rank
+        self.group = None  # the run's process group (timeout_s); None: the default one
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL collectives use the current device
         if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group(
-                backend=backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=None
-            )
+            try:
+                # ranks reach this after loading data and model, which can take a while on
+                # a busy machine: forming the group waits longer than a step may
+                dist.init_process_group(
+                    backend=backend, device_id=None,
+                    timeout=datetime.timedelta(seconds=max(timeout_s, STARTUP_TIMEOUT_S)))
+            except RuntimeError as err:
+                raise self._peer_error(err, "start-up (forming the process group)",
+                                       limit=max(timeout_s, STARTUP_TIMEOUT_S)) from err
             self.initialized_here = True
+        if self.world > 1:
+            # every operation of the run goes through a group with timeout_s as its limit
+            self.group = self._collective(
+                dist.new_group, None, datetime.timedelta(seconds=timeout_s), backend,
+                phase="start-up (forming the process group)")
+            peers: list = [None] * self.world
+            self._collective(dist.all_gather_object, peers, (socket.gethostname(), os.getpid()),
+                             self.group, phase="start-up")
+            self.peers = peers
 
     def close(self) -> None:
         """Leave together: a rank tearing gloo down while a peer still talks to it aborts."""
         if self.initialized_here and dist.is_initialized() and not self.broken:
-            dist.barrier()
+            inject(self.rank, 0, "barrier")
+            self._collective(dist.barrier, self.group, phase="closing barrier")
             dist.destroy_process_group()
+
+    def stop(self, t: int, result: object) -> None:
+        """Raise Stopped on every rank (the guard's agreed reason) at step t."""
+        assert self.guard.agreed is not None
+        reason, detail = self.guard.agreed
+        raise Stopped(reason, t, detail, result)
+
+    def stop_here(self) -> bool:
+        """Whether every rank stops at this step (a signal or a diverged loss)."""
+        return self.guard.stop_here()
+
+    # ---- the one failure path ------------------------------------------------------------
+    def _collective(self, fn: Callable, *args: object, phase: str) -> object:
+        try:
+            return fn(*args)
+        except RuntimeError as err:  # gloo/nccl raise on timeout or a closed connection
+            raise self._peer_error(err, phase) from err
+
+    def _suspects(self) -> dict[int, str]:
+        """Ranks on this machine that have exited or are stopped."""
+        host = socket.gethostname()
+        out = {}
+        for r, (h, pid) in enumerate(self.peers):
+            if r != self.rank and h == host:
+                state = process_state(pid)
+                if state in ("exited", "stopped"):
+                    out[r] = state
+        return out
 
     # ---- one exchange per step -----------------------------------------------------------
     def exchange(self, layout: Layout, channels: list[Channel], route: Route) -> None:
@@ -117,7 +199,9 @@ class Comm:
         each channel need their values yet; the others may still be written until
         `wait()`, which fills `available` (the engine computes interior nodes meanwhile)."""
         owned = [c.local_mask(layout) for c in channels]
-        pending = PendingExchange(self, channels, owned, route)
+        pending = PendingExchange(self, channels, owned, route, step=self.exchanges)
+        inject(self.rank, self.exchanges, "exchange")
+        self.exchanges += 1
         if self.world == 1 or not (route.send or route.recv):
             return pending
         ops = []
@@ -125,35 +209,75 @@ class Comm:
         for peer, wanted in route.send.items():
             parts = [c.rows[torch.as_tensor(wanted[nodes], device=self.device)].reshape(-1)
                      for c, nodes in zip(channels, local_nodes, strict=True)]
-            ops.append(dist.P2POp(dist.isend, torch.cat(parts), peer))
+            ops.append(dist.P2POp(dist.isend, torch.cat(parts), peer, self.group))
         for peer, wanted in route.recv.items():
             size = sum(int(wanted[c.nodes].sum()) * c.rows.shape[1] for c in channels)
             pending.received[peer] = torch.empty(size, dtype=channels[0].rows.dtype,
                                                  device=self.device)
-            ops.append(dist.P2POp(dist.irecv, pending.received[peer], peer))
+            ops.append(dist.P2POp(dist.irecv, pending.received[peer], peer, self.group))
+        pending.peers = [op.peer for op in ops]
         try:
             pending.works = dist.batch_isend_irecv(ops)
         except RuntimeError as err:
-            raise self._peer_error(err) from err
+            raise self._peer_error(err, f"exchange of step {pending.step}") from err
         return pending
 
-    def _peer_error(self, err: RuntimeError) -> PeerError:
+    def _peer_error(self, err: BaseException, phase: str, peer: int | None = None,
+                    limit: float | None = None) -> PeerError:
+        """One line: this rank, the peer if known, the true cause, the phase."""
         self.broken = True
-        return PeerError(
-            f"rank {self.rank}: a peer rank died or did not answer within "
-            f"timeout_s={self.timeout_s:g} s during the parameter exchange ({err})")
+        cause = failure_cause(err)
+        suspects = self._suspects() if self.peers else {}
+        deadline = time.monotonic() + 1.0
+        while cause == "closed" and self.peers and "exited" not in suspects.values() \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)  # a killed peer's sockets close a moment before it is gone
+            suspects = self._suspects()
+        if peer is None and len(suspects) == 1:
+            (r, state), = suspects.items()
+            # a closed connection comes from a rank that exited, a timeout from a silent one
+            if (cause, state) in (("closed", "exited"), ("timeout", "stopped")):
+                peer = r
+        who = f"rank {peer}" if peer is not None else "a peer rank"
+        if cause == "timeout":
+            what = (f"no answer from {who} within timeout_s={self.timeout_s:g} s" if limit is None
+                    else f"no answer from {who} within {limit:g} s")
+        elif cause == "closed":
+            what = f"{who} closed the connection (connection closed or reset)"
+        else:
+            what = f"communication with {who} failed"
+        notes = [f"rank {r} has exited" if s == "exited" else f"rank {r} is stopped (SIGSTOP?)"
+                 for r, s in sorted(suspects.items())]
+        detail = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", " ".join(str(err).split()))
+        detail = detail.split(". This is typically")[0]
+        detail = detail if len(detail) <= 160 else detail[:157] + "..."
+        note = f"; {', '.join(notes)}" if notes else ""
+        return PeerError(f"rank {self.rank}: {what} during the {phase}{note} [{detail}]")
 
     # ---- collectives used outside the step loop -----------------------------------------
     def all_sum(self, x: Tensor) -> Tensor:
-        if self.world > 1:
-            dist.all_reduce(x)
+        """Σ over ranks of x. The guard's stop flags travel with it (stopping.Guard): after
+        it every rank knows whether all stop at this step."""
+        inject(self.rank, self.guard.t, "metrics")
+        if self.world == 1:
+            return x
+        flat = torch.cat([x.reshape(-1), self.guard.slots(x)])
+        self._collective(dist.all_reduce, flat, dist.ReduceOp.SUM, self.group,
+                         phase=f"metrics all_reduce at step "
+                                                      f"{self.guard.t}")
+        self.guard.agree(flat[x.numel():])
+        x.copy_(flat[:x.numel()].view_as(x))
         return x
 
     def gather_to_root(self, obj: object) -> list[object] | None:
+        inject(self.rank, self.gathers, "gather")
+        self.gathers += 1
         if self.world == 1:
             return [obj]
         out = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(obj, out, dst=0)
+        self._collective(dist.gather_object, obj, out, 0, self.group,
+                         phase="gather to rank 0 (metrics rows, "
+                         "influence rows or final parameters)")
         return out
 
 
@@ -165,16 +289,20 @@ class PendingExchange:
     channels: list[Channel]
     owned: list[np.ndarray]  # per channel: which of its nodes are this rank's
     route: Route
+    step: int = 0
     works: list = field(default_factory=list)
     received: dict[int, Tensor] = field(default_factory=dict)  # peer → its flat buffer
+    peers: list[int] = field(default_factory=list)  # the peer of each work, in order
 
     def wait(self) -> None:
         device = self.comm.device
+        peer = None
         try:
-            for work in self.works:
+            for i, work in enumerate(self.works):
+                peer = self.peers[i] if len(self.peers) == len(self.works) else None
                 work.wait()
         except RuntimeError as err:  # gloo/nccl raise on timeout or a closed connection
-            raise self.comm._peer_error(err) from err
+            raise self.comm._peer_error(err, f"exchange of step {self.step}", peer) from err
         for c, local in zip(self.channels, self.owned, strict=True):
             if local.all():  # nothing to receive into: use the rows as they are
                 c.available = c.rows

@@ -9,8 +9,6 @@ import ctypes
 import ctypes.util
 import functools
 import os
-import signal
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -439,22 +437,6 @@ class RunParts:
                                             w_removed[None])
             out[e.index] = self.optimizer.update(e.step, np.array([e.source]), g_removed)
         return out
-
-
-def inject_fault(rank: int, t: int, phase: str = "step") -> None:
-    """Test hook: DICESIM_FAULT=KIND:RANK:STEP[:PHASE] makes that rank fail at that step:
-    hang (stop answering), die (exit 1) or kill (SIGKILL itself); PHASE says where
-    (step: before the local step, the default; checkpoint: halfway through writing one)."""
-    spec = os.environ.get("DICESIM_FAULT")
-    if not spec:
-        return
-    kind, fault_rank, step, *where = spec.split(":")
-    if int(fault_rank) == rank and int(step) == t and (where[0] if where else "step") == phase:
-        if kind == "die":
-            os._exit(1)
-        if kind == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        time.sleep(10**6)
 
 
 def local_rank() -> int:

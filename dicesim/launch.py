@@ -7,24 +7,39 @@ SLURM scripts can be tested without a cluster. The CLI wraps them::
     python -m dicesim.launch sbatch --machines 2 --gpus 8 --time 02:00:00 -- nodes=64
     python -m dicesim.launch sbatch --machines 2 --procs 16 --submit -- experiment=alignment
 
-`torchrun` runs the command in place of this process unless ``--print`` is given;
-`sbatch` prints the batch script, or with ``--submit`` pipes it to ``sbatch``.
+`torchrun` checks the configuration once (``python -m dicesim.preflight``: a bad setting is
+one line, exit 2, before any rank starts), then runs ``python -m dicesim.torchrun`` (torchrun
+that keeps quiet and returns the failing rank's exit code) and supervises it: a signal is
+passed on once (a second one ends everything at once), a rank that failed, died or stopped
+answering gets its peers and torchrun ended within a few seconds (no process is left
+behind), and the run ends with ONE line and the run's exit code (0, 2 bad input,
+3 a peer failed, 4 diverged, 130/143 interrupted). ``--print`` prints the plain torchrun
+command instead. `sbatch` prints the batch script, or with ``--submit`` pipes it to
+``sbatch``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 MODULE = "dicesim"
 TORCHRUN = ("-m", "torch.distributed.run")
+QUIET_TORCHRUN = ("-m", "dicesim.torchrun")  # same arguments; see dicesim/torchrun.py
+STATUS_ENV = "DICESIM_STATUS_DIR"  # where ranks leave their pid and exit line (stopping.py)
+GRACE_S = 1.0  # after a rank failed: how long its peers get to leave before being killed
 
 __all__ = [
     "LaunchError",
@@ -142,6 +157,14 @@ def torchrun_command(spec: LaunchSpec) -> list[str]:
     return [*cmd, "-m", MODULE, *spec.effective_overrides()]
 
 
+def _control_free(name: str, value: str) -> None:
+    """Refuse newlines and other control characters: in a batch script they would start
+    a new line, i.e. a new command or directive."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise LaunchError(f"{name} {value!r} contains a newline or another control "
+                          "character; it would become its own line of the batch script")
+
+
 def _sbatch_line(option: str) -> str:
     option = option.strip()
     if option.startswith("#SBATCH"):
@@ -169,6 +192,13 @@ def render_sbatch(
     spec.validate()
     if cpus_per_proc < 1:
         raise LaunchError(f"CPUs per process must be >= 1 (got {cpus_per_proc})")
+    for name, value in (("job name", job_name), ("time", time), ("partition", partition),
+                        ("account", account), ("python", spec.python),
+                        ("rendezvous backend", spec.rdzv_backend),
+                        *(("--sbatch option", o) for o in extra_sbatch),
+                        *(("override", o) for o in spec.overrides)):
+        if value is not None:
+            _control_free(name, value)
     for name, value in (("job name", job_name), ("time", time), ("partition", partition),
                         ("account", account)):
         if value is not None and (not value or any(c.isspace() for c in value)):
@@ -248,7 +278,9 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--rdzv-endpoint", default=None,
                     help="HOST[:PORT] of machine 0; needed when --machines > 1")
     tr.add_argument("--print", action="store_true", dest="print_only",
-                    help="print the command instead of running it")
+                    help="print the plain torchrun command instead of running it")
+    tr.add_argument("--no-preflight", action="store_true",
+                    help="skip the one-process check of the configuration before torchrun")
 
     sb = sub.add_parser("sbatch", parents=[common],
                         help="print a SLURM batch script (or --submit it)")
@@ -303,12 +335,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.print_only:
             print(shlex.join(cmd))
             return 0
-        sys.stdout.flush()
         try:
-            os.execvp(cmd[0], cmd)
+            if not args.no_preflight:
+                try:
+                    code = preflight(spec)
+                except KeyboardInterrupt:
+                    _fail("interrupted (SIGINT) while checking the configuration; nothing was "
+                          "started")
+                    return 130
+                if code:
+                    return code
+            quiet = [spec.python, *QUIET_TORCHRUN, *cmd[1 + len(TORCHRUN):]]
+            return Supervisor(quiet).run()
         except OSError as err:
-            return _fail(f"cannot run {cmd[0]!r}: {err.strerror}; pass --python PATH")
-        return 0  # pragma: no cover - execvp does not return
+            return _fail(f"cannot run {spec.python!r}: {err.strerror}; pass --python PATH")
 
     if not args.submit:
         sys.stdout.write(script)
@@ -318,6 +358,195 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail("sbatch not found on PATH; run this on a SLURM login node, "
                      "or drop --submit to print the script")
     return subprocess.run([sbatch], input=script, text=True, check=False).returncode
+
+
+# ------------------------------------------------------------------- pre-flight and supervision
+
+
+def _clean_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", STATUS_ENV):
+        env.pop(key, None)
+    return env
+
+
+def preflight(spec: LaunchSpec) -> int:
+    """Check the configuration in one process for the launch's world size; its one line
+    (if any) goes straight to stderr. Returns its exit code (0: go ahead)."""
+    cmd = [spec.python, "-m", "dicesim.preflight", str(spec.world_size), str(spec.procs),
+           *spec.effective_overrides()]
+    return subprocess.run(cmd, env=_clean_env(), stdout=subprocess.DEVNULL,
+                          check=False).returncode
+
+
+def _end_with_parent() -> None:
+    """In the torchrun child: SIGTERM it when the launcher dies (even by SIGKILL), so that
+    it stops its ranks instead of running on unsupervised (Linux; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True
+
+
+class Supervisor:
+    """Runs the quiet torchrun in its own session and watches the status directory that
+    every rank writes to (stopping.py): pid.R at start, status.R (exit code, line) at the
+    end, and agent.json (failures seen by torchrun)."""
+
+    def __init__(self, cmd: list[str]):
+        self.cmd = cmd
+        self.status = Path(tempfile.mkdtemp(prefix="dicesim-launch-"))
+        self.forwarded: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self.failed_at: float | None = None
+
+    # ---- what the ranks left
+    def _pids(self) -> dict[int, int]:
+        out = {}
+        for p in self.status.glob("pid.*"):
+            try:
+                out[int(p.name.split(".")[1])] = int(p.read_text())
+            except (OSError, ValueError):
+                pass
+        return out
+
+    def _statuses(self) -> dict[int, dict]:
+        out = {}
+        for p in self.status.glob("status.*"):
+            try:
+                out[int(p.name.split(".")[1])] = json.loads(p.read_text())
+            except (OSError, ValueError):
+                pass
+        return out
+
+    def _agent_failures(self) -> dict[int, int]:
+        try:
+            data = json.loads((self.status / "agent.json").read_text())
+            return {int(k): int(v) for k, v in data["failures"].items()}
+        except (OSError, ValueError, KeyError):
+            return {}
+
+    def _kill_ranks(self) -> None:
+        for pid in self._pids().values():
+            if _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)  # also ends a stopped (SIGSTOP) rank
+                except OSError:
+                    pass
+
+    def _signal_group(self, signum: int) -> None:
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, signum)
+        except OSError:
+            pass
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        assert self.proc is not None
+        if self.forwarded is None:
+            self.forwarded = signum
+            try:
+                os.killpg(self.proc.pid, signum)  # torchrun passes it on to every rank
+            except OSError:
+                pass
+            return
+        self._kill_ranks()  # a second signal: end everything now
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+    def _failure_seen(self) -> bool:
+        """A rank failed (exit 2/3, or gone without leaving a status)."""
+        statuses = self._statuses()
+        if any(s.get("code") not in (0, 4, 130, 143) for s in statuses.values()):
+            return True
+        return any(r not in statuses and not _alive(pid) for r, pid in self._pids().items())
+
+    def run(self) -> int:
+        env = {**_clean_env(), STATUS_ENV: str(self.status)}
+        previous = {sig: signal.signal(sig, self._on_signal)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.proc = subprocess.Popen(self.cmd, env=env, start_new_session=True,
+                                         preexec_fn=_end_with_parent)
+            while True:
+                try:
+                    self.proc.wait(timeout=0.1)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if self.failed_at is None and self._failure_seen():
+                    self.failed_at = time.monotonic()
+                elif self.failed_at is not None:
+                    waited = time.monotonic() - self.failed_at
+                    if waited > GRACE_S:
+                        self._kill_ranks()  # a hung or stopped rank would keep torchrun 30 s
+                    if waited > GRACE_S + 2:  # torchrun itself lingering: end it too
+                        self._signal_group(signal.SIGKILL if waited > GRACE_S + 4
+                                           else signal.SIGTERM)
+            self._kill_ranks()  # nothing outlives the launch
+            code, line = self._outcome(self.proc.returncode)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            shutil.rmtree(self.status, ignore_errors=True)
+        if line:
+            print(line, file=sys.stderr, flush=True)
+        return code
+
+    def _outcome(self, torchrun_code: int) -> tuple[int, str]:
+        """The run's exit code and its one line (empty when the run succeeded)."""
+        statuses = self._statuses()
+        failing = {r: s for r, s in statuses.items() if s.get("code")}
+        if self.forwarded is not None:
+            code = 128 + self.forwarded
+            name = signal.Signals(self.forwarded).name
+            mine = [s for _, s in sorted(failing.items()) if s["code"] == code]
+            if 0 in failing and failing[0]["code"] in (code, 4):
+                return failing[0]["code"], failing[0]["line"]
+            if mine:
+                return code, mine[0]["line"]
+            if failing:
+                r, s = min(failing.items())
+                return s["code"], s["line"]
+            return code, f"dicesim: interrupted ({name}) before the ranks could stop in step"
+        for wanted in (4, 2, 3, 130, 143):
+            hits = sorted(r for r, s in failing.items() if s["code"] == wanted)
+            if hits and wanted == 3:  # the first rank to see a peer fail saw it most directly
+                hits.sort(key=lambda r: failing[r].get("time", 0.0))
+            if hits:
+                return wanted, failing[hits[0]]["line"]
+        if failing:
+            r, s = min(failing.items())
+            return s["code"], s["line"] or f"dicesim: error: rank {r} exited with {s['code']}"
+        agent = {r: c for r, c in self._agent_failures().items() if c != 0}
+        if agent:
+            r, c = min(agent.items())
+            if c < 0:
+                return 3, (f"dicesim: error: rank {r} was ended by "
+                           f"{signal.Signals(-c).name}; its peers stopped")
+            return c, f"dicesim: error: rank {r} failed with exit code {c} (its output is above)"
+        if torchrun_code != 0:
+            return torchrun_code, f"dicesim: error: torchrun exited with code {torchrun_code}"
+        return 0, ""
 
 
 if __name__ == "__main__":

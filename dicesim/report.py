@@ -19,14 +19,48 @@ from dicesim.events import ESTIMATORS, INFLUENCE_COLUMNS, PROXIMAL_COLUMNS, Infl
 from dicesim.trainer import METRIC_COLUMNS, RunResult
 
 
+def temp_path(path: Path) -> Path:
+    """A temporary name next to `path`, unique to this process (.NAME.PID.tmp)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = temp_path(path)
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
+def strict(value: object, where: str = "", found: list[str] | None = None) -> object:
+    """`value` with every NaN/±Infinity float replaced by None; their JSON paths are
+    appended to `found` (e.g. "final.probe_loss", "alignment.all.pearson")."""
+    if isinstance(value, dict):
+        return {k: strict(v, f"{where}.{k}" if where else str(k), found)
+                for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict(v, f"{where}[{i}]", found) for i, v in enumerate(value)]
+    if isinstance(value, float | np.floating) and not math.isfinite(float(value)):
+        if found is not None:
+            found.append(where)
+        return None
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def write_json(path: Path, obj: dict) -> dict:
+    """Write strictly valid JSON (no bare NaN/Infinity): non-finite numbers become null
+    and, if there were any, their paths are listed under "nonfinite". Returns what was
+    written."""
+    found: list[str] = []
+    clean = strict(obj, "", found)
+    if found:
+        clean["nonfinite"] = sorted(set(clean.get("nonfinite") or []) | set(found))
+    write_atomic(path, json.dumps(clean, indent=2, allow_nan=False) + "\n")
+    return clean
+
+
 def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Sequence]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
+    tmp = temp_path(path)
     with tmp.open("w", newline="") as f:
         out = csv.writer(f)
         out.writerow(columns)
@@ -167,14 +201,35 @@ def summarize(sim: Simulation, result: RunResult) -> dict:
     return summary
 
 
-def write_all(out: Path, sim: Simulation, result: RunResult, plots: bool = True) -> dict:
+def diverged_rows(result: RunResult, steps: int) -> list[dict]:
+    """Metric rows with a non-finite training or probe loss (the final rows' training loss
+    is NaN by design and not counted)."""
+    bad = []
+    for step, node, train, probe, *_ in result.metrics:
+        for what, v in (("train_loss", train), ("probe_loss", probe)):
+            if what == "train_loss" and step in (0, steps):  # NaN by design there
+                continue
+            if v is not None and not math.isfinite(v):
+                bad.append({"step": step, "node": node, "metric": what})
+    return bad
+
+
+def write_all(out: Path, sim: Simulation, result: RunResult, plots: bool = True,
+              status: dict | None = None) -> dict:
+    """Every output of one run. `status` (e.g. {"status": "interrupted", "stopped_at": 12})
+    goes into summary.json; without it the run is "complete"."""
     write_csv(out / "metrics.csv", METRIC_COLUMNS, sorted(result.metrics))
     if sim.cfg.get("save_params", False) and result.final_params is not None:
         torch.save(result.final_params, out / "params.pt")
     if sim.tracking:
         write_influence(out, result)
     summary = summarize(sim, result)
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    summary.update(status or {"status": "complete"})
+    bad = diverged_rows(result, sim.run.steps)
+    summary["diverged"] = bool(bad) or summary.get("status") == "diverged"
+    if bad:
+        summary["first_nonfinite"] = bad[0]
+    summary = write_json(out / "summary.json", summary)
     pictures = []
     if plots:
         from dicesim import plots as plotting  # matplotlib only when plotting
@@ -195,6 +250,10 @@ def _fmt(v: object) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def _g3(v: float | None) -> str:
+    return "–" if v is None or not math.isfinite(v) else f"{v:.3g}"
 
 
 def report_md(sim: Simulation, summary: dict, pictures: list[str]) -> str:

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from dicesim.comm import Channel, Comm, Route, route, send_first
 from dicesim.events import Event, InfluenceRow, ProximalRow
+from dicesim.faults import inject
 
 
 class MetricRow(NamedTuple):
@@ -122,9 +123,7 @@ class Trainer:
     """Runs a built Simulation's parts over this rank's nodes; see the module docstring."""
 
     def __init__(self, sim, comm: Comm, log: Callable[[str], None] = print):
-        from dicesim.engine import inject_fault  # test hook, kept beside the engine
-
-        self.sim, self.comm, self.log, self.inject_fault = sim, comm, log, inject_fault
+        self.sim, self.comm, self.log = sim, comm, log
         self.parts = sim.parts_for(comm.device)
         self.result = RunResult()
         self.train_loss = torch.full((sim.layout.nodes_per_rank,), float("nan"))
@@ -137,6 +136,7 @@ class Trainer:
     def state_dict(self) -> dict:
         p = self.parts
         return {"step": self.start, "theta": self.theta, "train_loss": self.train_loss,
+                "loss_reference": dict(self.comm.guard.initial),  # the divergence rule's
                 "optimizer": p.optimizer.state_dict(), "aggregator": p.aggregator.state_dict(),
                 "book": p.book.state_dict() if p.book is not None else None,
                 "trackers": [tr.state_dict() for tr in p.trackers],
@@ -147,6 +147,7 @@ class Trainer:
         self.start = int(state["step"])
         self.theta = state["theta"].to(self.comm.device)
         self.train_loss = state["train_loss"]
+        self.comm.guard.initial = {int(k): float(v) for k, v in state["loss_reference"].items()}
         p.optimizer.load_state_dict(state["optimizer"])
         p.aggregator.load_state_dict(state["aggregator"])
         if p.book is not None:
@@ -155,6 +156,9 @@ class Trainer:
             tr.load_state_dict(s)
         if state["result"] is not None:
             self.result.load_state_dict(state["result"])
+            # a checkpoint written when a signal stopped the run at step t holds the
+            # metrics of t, which the resumed loop computes again
+            self.result.metrics = [r for r in self.result.metrics if r.step < self.start]
         self.result.start_step = self.start
 
     # ---- the run -------------------------------------------------------------------------------
@@ -177,8 +181,12 @@ class Trainer:
         for t in range(self.start, s.steps + 1):
             final = t == s.steps
             step = Step(t, theta)
+            if final or t % s.eval_every == 0:
+                self._metrics(t, theta, final)
+            if comm.stop_here():  # a signal or a diverged loss: every rank stops at t
+                self._stop(t, clock)
             if not final:
-                self.inject_fault(comm.rank, t)
+                inject(comm.rank, t, "step")
                 step.batch = p.batch(t)
             if trackers:
                 self._probe_grads(step)
@@ -186,8 +194,6 @@ class Trainer:
                     tr.at_theta(step)
                 if step.proximal is not None:
                     aggregator.observe(t - 1, step.proximal)
-            if final or t % s.eval_every == 0:
-                self._metrics(t, theta, final)
             if final:
                 if book is not None:
                     book.retire(t)
@@ -235,6 +241,7 @@ class Trainer:
                 with clock.gossip():
                     pending = comm.post(lay, channels, routes[key])
             self.train_loss = loss.detach().cpu()
+            comm.guard.observe(t, local, self.train_loss, "training")  # divergence rule
 
             with clock.gossip():
                 pending.wait()
@@ -268,6 +275,18 @@ class Trainer:
             result.aggregator = [g[2] for g in gathered]
         return result
 
+    def _stop(self, t: int, clock: StepClock) -> None:
+        """Every rank stops at step t, before any part has worked on it: the finished rows
+        are flushed and, after a signal, a checkpoint holds the state at the start of t
+        (resume continues exactly); then Stopped is raised (dicesim.stopping)."""
+        clock.stop(self.result)
+        if self.parts.trackers:
+            self._flush()
+        reason, _ = self.comm.guard.agreed
+        if reason == "signal" and self.checkpoints is not None and t > self.result.start_step:
+            self.checkpoints.save(self, t)
+        self.comm.stop(t, self.result)
+
     def _probe_grads(self, step: Step) -> None:
         """∇L'_k(θ_k^t), L'_k(θ_k^t) of the rows some tracker reads (zero elsewhere); when
         every row is read on a training step, one pass gives the batch gradient too."""
@@ -289,6 +308,7 @@ class Trainer:
     def _metrics(self, t: int, theta: Tensor, final: bool) -> None:
         sim, comm, p = self.sim, self.comm, self.parts
         loss, acc = p.model.probe_eval(theta, p.probe.x, p.probe.y, p.probe.per_node)
+        comm.guard.observe(t, sim.layout.local_nodes, loss, "probe")  # divergence rule
         mean = comm.all_sum(theta.sum(0)) / sim.run.nodes  # θ̄
         dist = (theta - mean).norm(dim=1)
         tl = self.train_loss

@@ -168,6 +168,26 @@ def test_sbatch_rejects_bad_fields():
         render_sbatch(LaunchSpec(), cpus_per_proc=0)
 
 
+@pytest.mark.parametrize("field", ["sbatch", "override", "python"])
+def test_sbatch_refuses_control_characters(field):
+    """A newline in any value would become its own line (a command) of the batch script."""
+    kwargs, spec = {}, LaunchSpec()
+    if field == "sbatch":
+        kwargs["extra_sbatch"] = ["--mem=0\necho X"]
+    elif field == "override":
+        spec.overrides = ["name=a\rb"]
+    else:
+        spec.python = "py\x1b"
+    with pytest.raises(LaunchError, match="control character"):
+        render_sbatch(spec, **kwargs)
+
+
+def test_cli_sbatch_newline_is_one_line_exit_2():
+    run = _cli("sbatch", "--sbatch=--mem=0\necho X")
+    assert run.returncode == 2 and run.stdout == ""
+    assert len(run.stderr.splitlines()) == 1 and "control character" in run.stderr
+
+
 def test_rendered_script_runs_under_bash(tmp_path, fake_slurm):
     """bash really runs it: $HEAD expands to the first host, the overrides arrive verbatim."""
     _, env, read_argv = fake_slurm
@@ -226,6 +246,7 @@ def test_slurm_script_on_gpus(fake_slurm, tmp_path):
 
 
 def test_torchrun_sh(tmp_path):
+    """The script goes through dicesim's launcher (pre-flight check, supervision)."""
     record = tmp_path / "argv"
     fake = _exe(tmp_path / "python", f'printf "%s\\0" "$@" > {shlex.quote(str(record))}\n')
     env = {**os.environ, "PYTHON": str(fake)}
@@ -233,7 +254,8 @@ def test_torchrun_sh(tmp_path):
                          text=True)
     assert run.returncode == 0, run.stderr
     assert record.read_text().split("\0")[:-1] == [
-        *TORCHRUN, "--standalone", "--nproc_per_node=3", "-m", "dicesim", *TRICKY]
+        "-m", "dicesim.launch", "torchrun", "--procs", "3", "--python", str(fake), "--",
+        *TRICKY]
     for bad in ([], ["zero"], ["0"]):
         run = subprocess.run([str(TORCHRUN_SH), *bad], env=env, capture_output=True, text=True)
         assert run.returncode == 2 and run.stderr.startswith("usage:")
@@ -275,14 +297,18 @@ def test_cli_torchrun_print_and_exec(tmp_path, capsys):
     assert main(["torchrun", "--procs", "2", "--python", "py", "--print", "--", "a=1 2"]) == 0
     assert capsys.readouterr().out.strip() == (
         "py -m torch.distributed.run --standalone --nproc_per_node=2 -m dicesim 'a=1 2'")
-    # Without --print the command replaces the launcher process.
+    # Without --print: the pre-flight check, then the quiet torchrun under supervision.
     record = tmp_path / "argv"
-    fake = _exe(tmp_path / "python", f'printf "%s\\0" "$@" > {shlex.quote(str(record))}\n')
+    fake = _exe(tmp_path / "python",
+                f'printf "%s\\0" "$@" >> {shlex.quote(str(record))}; printf "\\n" >> '
+                f'{shlex.quote(str(record))}\n')
     run = _cli("torchrun", "--machines", "2", "--rdzv-endpoint", "10.0.0.1", "--python",
                str(fake), "--", "nodes=4")
     assert run.returncode == 0, run.stderr
-    assert record.read_text().split("\0")[:-1] == [
-        *TORCHRUN, "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+    check, torchrun = [line.split("\0")[:-1] for line in record.read_text().splitlines()]
+    assert check == ["-m", "dicesim.preflight", "2", "1", "nodes=4"]
+    assert torchrun == [
+        "-m", "dicesim.torchrun", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
         "--rdzv_endpoint=10.0.0.1:29500", "--rdzv_id=dicesim", "-m", "dicesim", "nodes=4"]
 
 
