@@ -348,6 +348,10 @@ def load(cfg: Mapping) -> DictConfig:
     """The composed config merged onto its schema and validated (struct mode: no new keys).
     Raises ConfigError with one line on any bad setting."""
     try:
+        for key, choices in (("topology.name", TOPOLOGIES), ("data.name", DATASETS)):
+            name = _get(cfg, key)
+            if isinstance(name, str):  # picks the group's schema; other types: the merge
+                _choice(key, name, choices)
         schema = schema_for(cfg)
         _strict_bools(schema, cfg, "")
         try:
@@ -469,6 +473,13 @@ def _explain(err: OmegaConfBaseException, schema: DictConfig, raw: Mapping) -> s
     return _one_line(err)
 
 
+def closest(word: str, valid: Sequence[str]) -> list[str]:
+    """The valid word nearest to a typo: difflib's best match, or one with the same letters
+    (`rl` for `lr`)."""
+    close = difflib.get_close_matches(word, valid, n=1, cutoff=0.6)
+    return close or [v for v in valid if sorted(v) == sorted(word)][:1]
+
+
 def unknown_key(dotted: str, schema: DictConfig) -> str:
     """`nodse: unknown key; did you mean nodes?` (the closest valid key at that level)."""
     parent, _, leaf = dotted.rpartition(".")
@@ -482,7 +493,7 @@ def unknown_key(dotted: str, schema: DictConfig) -> str:
     if not parent:
         valid += list(EXPERIMENT_BLOCKS)
     where = f" in {parent}" if parent else ""
-    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.6)
+    close = closest(leaf, valid)
     if close:
         fix = f"did you mean {parent + '.' if parent else ''}{close[0]}?"
     else:
@@ -500,9 +511,13 @@ def _strict_bools(schema: DictConfig, raw: Any, path: str) -> None:
         return
     hints = typing.get_type_hints(cls)
     for key in list(raw.keys()):
+        dotted = f"{path}{key}"
+        child = schema.get(key) if key in schema else None
+        if isinstance(child, DictConfig):  # a group (experiment blocks have no hint)
+            _strict_bools(child, raw[key], dotted + ".")
+            continue
         if key not in hints:
             continue
-        dotted = f"{path}{key}"
         value = raw[key]
         tp, optional = _unwrap(hints[key])
         if tp is bool:
@@ -513,10 +528,6 @@ def _strict_bools(schema: DictConfig, raw: Any, path: str) -> None:
                 for i, item in enumerate(value):
                     if not isinstance(item, bool):
                         raise ConfigError(f"{dotted}[{i}]={show(item)}: must be true or false")
-        elif isinstance(value, Mapping):
-            child = schema.get(key)
-            if isinstance(child, DictConfig):
-                _strict_bools(child, value, dotted + ".")
 
 
 # ---------------------------------------------------------------- ranges and cross-field rules
@@ -579,7 +590,7 @@ def _events(key: str, items: Sequence[Any], nodes: int, steps: int, hops: int) -
                               f"e.g. {key}=[{{node: 3, step: 10, samples: all}}]")
         for k in item:
             if k not in EVENT_KEYS:
-                close = difflib.get_close_matches(str(k), EVENT_KEYS, n=1)
+                close = closest(str(k), EVENT_KEYS)
                 fix = f"did you mean {close[0]}?" if close else "an event has node, step, samples"
                 raise ConfigError(f"{where}.{k}: unknown key; {fix}")
         for k in ("node", "step"):
@@ -800,7 +811,7 @@ def _validate_alignment(a: DictConfig) -> None:
             raise ConfigError(f"{where}={show(case)}: a case is {{topology, lr, hops, ...}}")
         for k in case:
             if k not in CASE_KEYS:
-                close = difflib.get_close_matches(str(k), CASE_KEYS, n=1)
+                close = closest(str(k), CASE_KEYS)
                 fix = f"did you mean {close[0]}?" if close else f"keys: {', '.join(CASE_KEYS)}"
                 raise ConfigError(f"{where}.{k}: unknown key; {fix}")
         for k in ("topology", "lr", "hops"):
