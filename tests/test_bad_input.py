@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 PREFIX = "dicesim: error:"
 FAST = ("nodes=4", "steps=5", "progress=false", "plots=false")
 HAS_GPU = torch.cuda.is_available()
-TIMEOUT = 60
+TIMEOUT = 120  # the commands start together on a shared 2-core machine
 
 
 def compose_config(*overrides: str):
@@ -192,6 +192,10 @@ SUBPROCESS = {  # id: (overrides, keyword)
     "hops-past-last-step": (["influence.hops=4", "influence.events=[{node:0,step:3}]"],
                             "influence.hops"),
     "unknown-key": (["stpes=5"], "stpes"),
+    "appended-typo": (["+nodse=8"], "did you mean nodes?"),
+    "bool-not-true-false": (["save_params=no"], "save_params=no"),
+    # every sweep point is checked before the first job starts (no sweep directory either)
+    "multirun-bad-point": (["-m", "nodes=8,abc", "hydra.sweep.dir={root}/sweep"], "nodes=abc"),
 }
 if not HAS_GPU:
     SUBPROCESS["nccl-without-gpu"] = (["backend=nccl"], "backend=nccl")
@@ -208,7 +212,7 @@ class Commands:
         self.procs: dict[str, subprocess.Popen] = {}
         self.results: dict[str, tuple[int, str, str]] = {}
         for name, (overrides, _) in SUBPROCESS.items():
-            args = fill(overrides, matrices)
+            args = [a.replace("{root}", str(root)) for a in fill(overrides, matrices)]
             self._start(name, [sys.executable, "-m", "dicesim", *args], env)
         self._start("dry-run", [sys.executable, "-m", "dicesim", "dry_run=true"], env)
         self._start("torchrun-indivisible",
@@ -262,6 +266,7 @@ def test_command_exits_2_with_one_line_and_writes_nothing(name, commands):
     assert code == 2, f"exit code {code}\n{stderr}"
     assert_one_error_line(stderr, SUBPROCESS[name][1])
     assert not commands.out(name).exists()
+    assert not (commands.root / "sweep").exists()
 
 
 TRACEBACK_IN_DICESIM = re.compile(r'File "[^"]*[/\\]dicesim[/\\][^"]*\.py"')
