@@ -165,7 +165,12 @@ def check_composes(argv: list[str]) -> None:
     overrides = [a for a in argv if not a.startswith("-")]
     try:
         points = sweep_points(overrides) if flags else [overrides]
-        compose_checked(points)
+        configs = compose_checked(points)
+        if flags:  # a sweep: the builders' checks too (data, W, batch size) for every point
+            for cfg in configs:
+                if not cfg.driver:
+                    resolve_device(cfg, local_rank())
+                    Simulation(cfg, int(os.environ.get("WORLD_SIZE", "1")), 0)
     except ConfigError as err:
         fail(str(err))
 

@@ -468,6 +468,7 @@ OTHER_CASES = [  # (id, argv, keyword)
     ("multirun-glob", ["-m", "topology=glob(*)"], "topology.path"),
     ("multirun-later-key-wins", ["-m", "nodes=8,16", "nodes=4,0"], "nodes=0"),
     ("multirun-interval", ["--multirun", "optim.lr=interval(0,1)"], "interval"),
+    ("multirun-builder-check", ["-m", "batch_size=8,5000"], "batch_size=5000"),
 ]
 
 
