@@ -42,6 +42,7 @@ INITS = ("same", "per_node")
 TOPOLOGIES = ("ring", "directed_ring", "torus", "exponential", "one_peer_exponential",
               "complete", "star", "erdos_renyi", "small_world", "hub", "file")
 WEIGHT_SCHEMES = ("uniform", "metropolis_hastings")
+DIRECTED = ("directed_ring", "exponential", "one_peer_exponential")  # no metropolis_hastings
 DATASETS = ("digits", "fashion_mnist", "synthetic", "mnist", "cifar10")
 PARTITIONS = ("iid", "dirichlet")
 PROBES = ("shared", "per_node")
@@ -449,13 +450,17 @@ def _field_type(schema: DictConfig, dotted: str) -> tuple[Any, Any]:
         if cls is None or not dataclasses.is_dataclass(cls):
             return Any, None
         hints = typing.get_type_hints(cls)
-        if part not in hints:
-            return Any, None
-        tp = hints[part]
         try:
-            node = node.get(part)  # the schema's default (a DictConfig for a group)
+            child = node.get(part)  # the schema's default (a DictConfig for a group)
         except OmegaConfBaseException:  # e.g. out_dir's ${now:...} outside Hydra
-            return tp, None
+            return hints.get(part, Any), None
+        if isinstance(child, DictConfig):  # a group: its own (option's) dataclass
+            tp = OmegaConf.get_type(child)
+        elif part in hints:
+            tp = hints[part]
+        else:
+            return Any, None
+        node = child
         default = list(node) if isinstance(node, ListConfig) else (
             None if isinstance(node, DictConfig) else node)
     return tp, default
@@ -503,7 +508,8 @@ def unknown_key(dotted: str, schema: DictConfig) -> str:
 
 def _strict_bools(schema: DictConfig, raw: Any, path: str) -> None:
     """OmegaConf would turn yes/no/on/off/1/0 into booleans: a bool key takes only
-    true or false."""
+    true or false. A group given a plain value is refused here too (the merge's own
+    message does not name the key)."""
     if not isinstance(raw, Mapping):
         return
     cls = OmegaConf.get_type(schema)
@@ -514,6 +520,11 @@ def _strict_bools(schema: DictConfig, raw: Any, path: str) -> None:
         dotted = f"{path}{key}"
         child = schema.get(key) if key in schema else None
         if isinstance(child, DictConfig):  # a group (experiment blocks have no hint)
+            if not isinstance(raw[key], Mapping):
+                first = next(iter(child.keys()))
+                raise ConfigError(f"{dotted}={show(raw[key])}: must be a group of keys "
+                                  f"({', '.join(map(str, child.keys()))}); set one with "
+                                  f"{dotted}.{first}=...")
             _strict_bools(child, raw[key], dotted + ".")
             continue
         if key not in hints:
@@ -661,6 +672,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_topology(c.topology, n)
     _validate_data(c.data)
     _validate_model(c.model)
+    _validate_model_data(c.model, c.data)
     _choice("optim.name", c.optim.name, OPTIMIZERS, " (only sgd is implemented)")
     _positive("optim.lr", c.optim.lr, 0.05)
     _validate_influence(c.influence, n, steps, c.batch_size)
@@ -681,14 +693,23 @@ def validate(cfg: DictConfig) -> None:
 def _validate_topology(t: DictConfig, nodes: int) -> None:
     _choice("topology.name", t.name, TOPOLOGIES, " (e.g. topology=ring)")
     _choice("topology.weights", t.weights, WEIGHT_SCHEMES)
+    if t.weights == "metropolis_hastings" and t.name in DIRECTED:
+        raise ConfigError(f"topology.weights=metropolis_hastings needs an undirected graph but "
+                          f"{t.name} is directed; use topology.weights=uniform")
     if t.name == "torus" and t.rows is not None:
         _at_least("topology.rows", t.rows, 1, 4)
+        if nodes % t.rows:
+            raise ConfigError(f"topology.rows={t.rows} does not divide nodes={nodes}; pick a "
+                              "divisor of nodes or leave topology.rows=null")
     if t.name == "star":
         _within("topology.center", t.center, 0, nodes - 1, 0)
     if t.name == "erdos_renyi":
         _within("topology.p", t.p, 0, 1, 0.3, open_low=True)
     if t.name == "small_world":
         _at_least("topology.k", t.k, 2, 4)
+        if nodes > 2 and t.k >= nodes:
+            raise ConfigError(f"topology.k={t.k}: small_world needs 2 <= k < nodes={nodes}; "
+                              f"set topology.k between 2 and {nodes - 1}")
         _within("topology.beta", t.beta, 0, 1, 0.2)
     if t.name == "hub":
         _within("topology.hub", t.hub, 0, nodes - 1, 0)
@@ -730,6 +751,24 @@ def _validate_model(m: DictConfig) -> None:
         if any(w < 1 for w in widths):
             raise ConfigError(f"model.{key}={show(widths)}: layer widths must be positive "
                               f"integers, e.g. model.{key}=[64]")
+
+
+def _validate_model_data(m: DictConfig, d: DictConfig) -> None:
+    """The pairings the names alone decide (the shapes are checked when the data loads)."""
+    regression = d.name == "synthetic" and d.task == "regression"
+    if m.name == "linear" and not regression:
+        raise ConfigError("model.name=linear is linear regression and needs a regression data "
+                          "set; use data=synthetic_regression, or model=logreg for "
+                          "classification")
+    if m.name == "logreg" and regression:
+        raise ConfigError("model.name=logreg needs a classification data set; use model=linear")
+    if regression and d.partition == "dirichlet":
+        raise ConfigError("data.partition=dirichlet needs class labels; use data.partition=iid "
+                          "with regression data")
+    if d.image and d.name == "synthetic":
+        raise ConfigError("data.image=true needs an image dataset; data.name=synthetic is flat")
+    if m.name == "cnn" and not d.image:
+        raise ConfigError("model.name=cnn needs image inputs [C,H,W]; set data.image=true")
 
 
 def _validate_influence(i: DictConfig, nodes: int, steps: int, batch_size: int) -> None:
@@ -789,6 +828,9 @@ def _validate_attack(a: DictConfig, nodes: int, steps: int) -> None:
 
 def _validate_defense(d: DictConfig, proximal: bool) -> None:
     _choice("defense.kind", d.kind, DEFENSES, " (e.g. defense=dice)")
+    if d.kind == "dice" and not proximal:
+        raise ConfigError("defense.kind=dice scores neighbours by proximal influence; "
+                          "set influence.proximal=true")
     _at_least("defense.window", d.window, 1, 20)
     _at_least("defense.warmup", d.warmup, 0, 10)
     _at_least("defense.trim", d.trim, 0, 1)

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 PREFIX = "dicesim: error:"
 FAST = ("nodes=4", "steps=5", "progress=false", "plots=false")
 HAS_GPU = torch.cuda.is_available()
-TIMEOUT = 120  # the commands start together on a shared 2-core machine
+TIMEOUT = 300  # a hang guard: the commands start together on a shared 2-core machine
 
 
 def compose_config(*overrides: str):
@@ -469,6 +469,22 @@ OTHER_CASES = [  # (id, argv, keyword)
     ("multirun-later-key-wins", ["-m", "nodes=8,16", "nodes=4,0"], "nodes=0"),
     ("multirun-interval", ["--multirun", "optim.lr=interval(0,1)"], "interval"),
     ("multirun-builder-check", ["-m", "batch_size=8,5000"], "batch_size=5000"),
+    ("metropolis-on-directed", ["topology=exponential",
+                                "topology.weights=metropolis_hastings"], "topology.weights"),
+    ("torus-rows-not-dividing", ["topology=torus", "nodes=16", "topology.rows=3"],
+     "topology.rows=3"),
+    ("small-world-k-too-big", ["topology=small_world", "nodes=4", "topology.k=4"],
+     "topology.k=4"),
+    ("linear-on-classification", ["model=linear"], "data=synthetic_regression"),
+    ("logreg-on-regression", ["model=logreg", "data=synthetic_regression"], "model=linear"),
+    ("dirichlet-on-regression", ["model=linear", "data=synthetic_regression",
+                                 "data.partition=dirichlet"], "data.partition"),
+    ("image-on-synthetic", ["data=synthetic", "data.image=true"], "data.image"),
+    ("cnn-on-flat", ["model=cnn"], "data.image=true"),
+    ("dice-without-proximal", ["defense=dice"], "influence.proximal"),
+    ("group-given-a-number", ["checkpoint=5"], "checkpoint=5"),
+    ("group-given-null", ["counterfactual=null"], "counterfactual=null"),
+    ("block-given-a-number", ["experiment=alignment", "alignment.full=3"], "alignment.full=3"),
 ]
 
 

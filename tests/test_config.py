@@ -58,6 +58,7 @@ GROUP_OPTIONS = [(g, o) for g in ("topology", "data", "model", "optim", "influen
 def test_every_group_option_keeps_its_values(group, option, tmp_path):
     extra = {("topology", "file"): [f"topology.path={tmp_path / 'W.npy'}"],
              ("model", "cnn"): ["data.image=true"],
+             ("model", "linear"): ["data=synthetic_regression"],
              ("defense", "dice"): ["influence.proximal=true"]}.get((group, option), [])
     with config_dir():
         from hydra import compose
