@@ -166,7 +166,11 @@ def check_composes(argv: list[str]) -> None:
     try:
         points = sweep_points(overrides) if flags else [overrides]
         configs = compose_checked(points)
-        if flags:  # a sweep: the builders' checks too (data, W, batch size) for every point
+        # a sweep that runs here (Hydra's basic launcher): the builders' checks too (data
+        # files, W, batch size, GPUs) for every point. Jobs that another launcher sends to
+        # other machines are checked there, where their data and devices are.
+        local = not any(o.lstrip("+~").startswith("hydra/launcher=") for o in overrides)
+        if flags and local:
             for cfg in configs:
                 if not cfg.driver:
                     resolve_device(cfg, local_rank())

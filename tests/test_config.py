@@ -140,6 +140,8 @@ def test_valid_command_lines_pass_the_up_front_check(capsys, tmp_path):
     check_composes(["-m", "nodes=4,8", "topology=ring,torus", out])
     check_composes(["experiment=alignment", "alignment.sweep=full", out])
     check_composes(["--cfg", "job", "nodes=abc"])  # Hydra's own flags go straight to Hydra
+    # a launcher that sends jobs elsewhere: only the schema here (the data is there)
+    check_composes(["-m", "hydra/launcher=basic", "batch_size=8,5000", out])
     assert capsys.readouterr().err == ""
     assert not (tmp_path / "run").exists()
 
