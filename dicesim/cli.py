@@ -16,6 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from dicesim import rundir
 from dicesim.checkpoint import Checkpoints, find_resume, result_settings
 from dicesim.comm import Comm, PeerError
+from dicesim.config import CONFIG_DIR, check_group_choice, compose_checked, load, sweep_points
+from dicesim.config import GROUPS as GROUPS  # re-exported: the config groups users type
 from dicesim.engine import Simulation, local_rank, resolve_device
 from dicesim.errors import ConfigError
 from dicesim.events import ESTIMATORS
@@ -32,8 +34,8 @@ from dicesim.stopping import (
 )
 from dicesim.trainer import RunResult
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-GROUPS = ("topology", "data", "model", "optim", "influence", "attack", "defense", "experiment")
+# flags after which the command line is still a list of overrides to check (a sweep)
+SWEEP_FLAGS = ("-m", "--multirun")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -44,12 +46,10 @@ def fail(message: str, code: int = 2) -> None:
 def check_group_choices(argv: list[str]) -> None:
     """Unknown group options (`topology=foo`) fail with the valid choices, exit 2."""
     for arg in argv:
-        key, sep, value = arg.lstrip("+~").partition("=")
-        if not sep or key not in GROUPS or "," in value:
-            continue
-        if not (CONFIG_DIR / key / f"{value}.yaml").is_file():
-            choices = sorted(p.stem for p in (CONFIG_DIR / key).glob("*.yaml"))
-            fail(f"{key}={value}: unknown {key}; choose one of {', '.join(choices)}")
+        try:
+            check_group_choice(arg)
+        except ConfigError as err:
+            fail(str(err))
 
 
 def run_target(cfg: DictConfig) -> rundir.Target:
@@ -361,24 +361,36 @@ SIGNAL_NAMES = {sig: sig.name for sig in SIGNAL_CODES}
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    execute(cfg)
+    try:  # the one validation boundary: typed schema, strict booleans, ranges
+        typed = load(cfg)
+    except ConfigError as err:
+        fail(str(err))
+    execute(typed)
 
 
 def check_composes(argv: list[str]) -> None:
-    """Compose the config once up front so a typo or bad syntax is one line, exit 2.
-    Command lines with Hydra's own flags (-m, --cfg, …) go straight to Hydra."""
-    if any(a.startswith("-") for a in argv):
+    """Compose and validate the config up front so that a typo, a wrong type or a bad
+    value is one line, exit 2, before anything runs. With -m every point of the sweep is
+    checked before the first job starts. Command lines with Hydra's other flags (--cfg,
+    --help, …) go straight to Hydra."""
+    flags = [a for a in argv if a.startswith("-")]
+    if any(f not in SWEEP_FLAGS for f in flags):
         return
-    from hydra import compose, initialize_config_dir
-
+    overrides = [a for a in argv if not a.startswith("-")]
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=argv)
-    except Exception as err:  # Hydra's override and composition errors
-        fail(" ".join(str(err).split()))
-    driver = cfg.get("driver")
-    if driver and importlib.util.find_spec(f"dicesim.experiments.{driver}") is None:
-        fail(f"driver={driver}: no such experiment driver in dicesim/experiments")
+        points = sweep_points(overrides) if flags else [overrides]
+        configs = compose_checked(points)
+        # a sweep that runs here (Hydra's basic launcher): the builders' checks too (data
+        # files, W, batch size, GPUs) for every point. Jobs that another launcher sends to
+        # other machines are checked there, where their data and devices are.
+        local = not any(o.lstrip("+~").startswith("hydra/launcher=") for o in overrides)
+        if flags and local:
+            for cfg in configs:
+                if not cfg.driver:
+                    resolve_device(cfg, local_rank())
+                    Simulation(cfg, int(os.environ.get("WORLD_SIZE", "1")), 0)
+    except ConfigError as err:
+        fail(str(err))
 
 
 def main() -> None:

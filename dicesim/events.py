@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from dicesim.comm import Layout
+from dicesim.config import ESTIMATORS  # noqa: F401 - estimator columns, re-exported
 from dicesim.data import batch_ids
 from dicesim.errors import ConfigError
 from dicesim.topology import Topology
@@ -51,7 +52,6 @@ class ProximalRow(NamedTuple):
 
 INFLUENCE_COLUMNS = InfluenceRow._fields
 PROXIMAL_COLUMNS = ProximalRow._fields
-ESTIMATORS = ("dice_e", "dice_mid")  # estimator columns a user can switch on and off
 
 
 @dataclass

@@ -24,7 +24,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from dicesim.cli import GROUPS, check_group_choices
+from dicesim.cli import GROUPS, check_composes, check_group_choices
 from dicesim.engine import Simulation, resolve_device
 from dicesim.errors import ConfigError
 
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 PREFIX = "dicesim: error:"
 FAST = ("nodes=4", "steps=5", "progress=false", "plots=false")
 HAS_GPU = torch.cuda.is_available()
-TIMEOUT = 60
+TIMEOUT = 300  # a hang guard: the commands start together on a shared 2-core machine
 
 
 def compose_config(*overrides: str):
@@ -192,6 +192,10 @@ SUBPROCESS = {  # id: (overrides, keyword)
     "hops-past-last-step": (["influence.hops=4", "influence.events=[{node:0,step:3}]"],
                             "influence.hops"),
     "unknown-key": (["stpes=5"], "stpes"),
+    "appended-typo": (["+nodse=8"], "did you mean nodes?"),
+    "bool-not-true-false": (["save_params=no"], "save_params=no"),
+    # every sweep point is checked before the first job starts (no sweep directory either)
+    "multirun-bad-point": (["-m", "nodes=8,abc", "hydra.sweep.dir={root}/sweep"], "nodes=abc"),
 }
 if not HAS_GPU:
     SUBPROCESS["nccl-without-gpu"] = (["backend=nccl"], "backend=nccl")
@@ -208,7 +212,7 @@ class Commands:
         self.procs: dict[str, subprocess.Popen] = {}
         self.results: dict[str, tuple[int, str, str]] = {}
         for name, (overrides, _) in SUBPROCESS.items():
-            args = fill(overrides, matrices)
+            args = [a.replace("{root}", str(root)) for a in fill(overrides, matrices)]
             self._start(name, [sys.executable, "-m", "dicesim", *args], env)
         self._start("dry-run", [sys.executable, "-m", "dicesim", "dry_run=true"], env)
         self._start("torchrun-indivisible",
@@ -262,6 +266,7 @@ def test_command_exits_2_with_one_line_and_writes_nothing(name, commands):
     assert code == 2, f"exit code {code}\n{stderr}"
     assert_one_error_line(stderr, SUBPROCESS[name][1])
     assert not commands.out(name).exists()
+    assert not (commands.root / "sweep").exists()
 
 
 TRACEBACK_IN_DICESIM = re.compile(r'File "[^"]*[/\\]dicesim[/\\][^"]*\.py"')
@@ -287,3 +292,258 @@ def test_dry_run_of_valid_config_exits_0_and_writes_nothing(commands):
     assert "dry run" in stdout
     assert PREFIX not in stderr
     assert not commands.out("dry-run").exists()
+
+
+# ---------------------------------------------------------------- the typed schema (in-process CLI)
+#
+# Every key of the schema (dicesim/config.py) with a wrong type, a wrong range and a typo,
+# through the CLI's own up-front check (`check_composes`, what `python -m dicesim` runs
+# before Hydra starts): exit code 2, one stderr line naming the key, nothing on stdout,
+# no traceback and no output directory.
+
+N16 = ",".join(["0.0625"] * 15)
+# (key, presets it needs, wrong-type values, wrong-range values); a typo case per key too
+KEYS = [
+    ("name", [], ["[a]"], ["a/b", "''"]),
+    ("nodes", [], ["abc", "1.5"], ["0", "-3"]),
+    ("steps", [], ["abc", "true"], ["0"]),
+    ("batch_size", [], ["1.5"], ["0"]),
+    ("seed", [], ["abc"], ["-1", "4294967296"]),
+    ("dtype", [], ["[1]"], ["float16"]),
+    ("device", [], ["[x]"], ["tpu"]),
+    ("backend", [], ["[x]"], ["mpi"]),
+    ("timeout_s", [], ["abc"], ["0", "-5", "inf"]),
+    ("eval_every", [], ["abc"], ["0"]),
+    ("init", [], ["[x]"], ["random"]),
+    ("progress", [], ["yes", "1"], []),
+    ("dry_run", [], ["no", "0"], []),
+    ("driver", [], ["[x]"], ["..cli", "a/b", "no_such_driver"]),
+    ("plots", [], ["1", "on"], []),
+    ("save_params", [], ["no", "off"], []),
+    ("out_dir", [], ["[1]"], ["''"]),
+    ("overwrite", [], ["yes", "2"], []),
+    ("abort_on_nonfinite", [], ["off", "0"], []),
+    ("divergence_factor", [], ["abc", "[1]"], ["1", "0.5", "-3"]),
+    ("resume", [], ["[x]"], ["/nonexistent/run", "''"]),
+    ("checkpoint.every", [], ["abc"], ["-1"]),
+    ("checkpoint.keep", [], ["abc"], ["0"]),
+    ("counterfactual.remove", [], ["5"], ["[{node:99,step:1}]", "[{node:0,step:999}]"]),
+    ("topology.name", [], ["[x]"], ["foo"]),
+    ("topology.weights", [], ["[x]"], ["bogus"]),
+    ("topology.rows", ["topology=torus"], ["abc"], ["0"]),
+    ("topology.center", ["topology=star"], ["abc"], ["99", "-1"]),
+    ("topology.p", ["topology=erdos_renyi"], ["abc"], ["0", "1.5"]),
+    ("topology.k", ["topology=small_world"], ["abc"], ["1"]),
+    ("topology.beta", ["topology=small_world"], ["abc"], ["2", "-0.5"]),
+    ("topology.hub", ["topology=hub"], ["abc"], ["99"]),
+    ("topology.hub_weight", ["topology=hub"], ["abc"], ["1", "0"]),
+    ("topology.path", ["topology=file"], ["[x]"], ["''"]),
+    ("data.name", [], ["[x]"], ["foo"]),
+    ("data.partition", [], ["[x]"], ["random"]),
+    ("data.alpha", [], ["abc"], ["0", "-1"]),
+    ("data.probe_size", [], ["abc"], ["0"]),
+    ("data.max_train", [], ["abc"], ["0"]),
+    ("data.max_test", [], ["abc"], ["-1"]),
+    ("data.image", [], ["yes", "1"], []),
+    ("data.standardize", [], ["no", "0"], []),
+    ("data.probe", [], ["[x]"], ["bogus"]),
+    ("data.node_probe_size", [], ["abc"], ["0"]),
+    ("data.label_noise", [], ["abc", "[a]"], ["[1.5]", "[-0.1]"]),
+    ("data.input_scale", [], ["abc", "[1]"], ["0", "-2"]),
+    ("data.test_size", [], ["abc"], ["0", "1"]),
+    ("data.root", ["data=fashion_mnist"], ["[x]"], []),
+    ("data.task", ["data=synthetic"], ["[x]"], ["clustering"]),
+    ("data.n_samples", ["data=synthetic"], ["abc"], ["1"]),
+    ("data.n_features", ["data=synthetic"], ["abc"], ["0"]),
+    ("data.n_classes", ["data=synthetic"], ["abc"], ["1"]),
+    ("data.noise", ["data=synthetic"], ["abc"], ["-0.1"]),
+    ("model.name", [], ["[x]"], ["resnet"]),
+    ("model.hidden", [], ["abc", "[a]", "64"], ["[0]", "[]", "[64,-1]"]),
+    ("model.activation", [], ["[x]"], ["swish"]),
+    ("model.channels", ["model=cnn", "data.image=true"], ["abc"], ["[0]"]),
+    ("optim.name", [], ["[x]"], ["adam"]),
+    ("optim.lr", [], ["abc", "true"], ["0", "-0.1", "nan"]),
+    ("influence.events", [], ["foo", "1.5", "true"],
+     ["-1", "[{node:99,step:1}]", "[{node:0,step:999}]", "[{node:0}]", "[5]",
+      "[{node:0,step:1,samples:abc}]", "[{node:0,step:1,samples:0}]", "[{node:a,step:1}]"]),
+    ("influence.removal", [], ["3.5", "true"], ["foo", "0", "999"]),
+    ("influence.step_range", [], ["abc", "[a,b]"], ["[4,1]", "[1,2,3]", "[0,9999]"]),
+    ("influence.hops", [], ["abc"], ["-1", "9"]),
+    ("influence.ground_truth", [], ["yes", "1.5", "[1]"], ["-1"]),
+    ("influence.estimators", [], ["5", "dice_e"], ["[dice_x]", "[]", "[dice_e,dice_e]"]),
+    ("influence.curvature", [], ["1"], []),
+    ("influence.proximal", [], ["on"], []),
+    ("influence.node_weights", [], ["abc", "[a]"], ["[1,2]", f"[-1,{N16}]"]),
+    ("influence.flush_every", [], ["abc"], ["0"]),
+    ("attack.kind", [], ["[x]"], ["bogus"]),
+    ("attack.nodes", ["attack=label_flip"], ["3", "[a]"], ["[99]", "[-1]", "[1,1]"]),
+    ("attack.fraction", ["attack=label_flip"], ["abc"], ["1.5", "-0.1"]),
+    ("attack.start", ["attack=label_flip"], ["abc"], ["999", "-1"]),
+    ("attack.sigma", [], ["abc"], ["-1", "inf"]),
+    ("attack.scale", [], ["abc"], ["nan"]),
+    ("defense.kind", [], ["[x]"], ["bogus"]),
+    ("defense.window", [], ["abc"], ["0"]),
+    ("defense.threshold", [], ["abc"], ["inf"]),
+    ("defense.warmup", [], ["abc"], ["-1"]),
+    ("defense.trim", [], ["abc"], ["-1"]),
+    ("alignment.sweep", ["experiment=alignment"], ["[x]"], ["bogus"]),
+    ("alignment.min_spearman", ["experiment=alignment"], ["abc"], ["2"]),
+    ("alignment.core", ["experiment=alignment"], ["5"],
+     ["[{topology:foo,lr:0.1,hops:1}]", "[{topology:ring,lr:0,hops:1}]",
+      "[{topology:ring,lr:0.1,hops:9}]", "[{topology:ring,lr:0.1}]"]),
+    ("alignment.hard", ["experiment=alignment"], ["5"],
+     ["[{data:foo,topology:ring,lr:0.1,hops:1}]", "[{topology:ring,lr:0.1,hops:1,dat:digits}]"]),
+    ("alignment.hard_data", ["experiment=alignment"], ["5"], ["{max_tset:5}"]),
+    ("alignment.mid_min_spearman", ["experiment=alignment"], ["5"],
+     ["[{lr:0.2}]", "[{lr:0.2,min:2}]"]),
+    ("alignment.full.topologies", ["experiment=alignment"], ["abc"], ["[foo]"]),
+    ("alignment.full.lrs", ["experiment=alignment"], ["[a]"], ["[0]"]),
+    ("alignment.full.curvature", ["experiment=alignment"], ["[yes]"], []),
+    ("alignment.full.hops", ["experiment=alignment"], ["abc"], ["9"]),
+    ("alignment.precision.enabled", ["experiment=alignment"], ["yes"], []),
+    ("alignment.precision.lr", ["experiment=alignment"], ["abc"], ["0"]),
+    ("alignment.precision.topology", ["experiment=alignment"], ["[x]"], ["foo"]),
+    ("cascade.topologies", ["experiment=cascade"], ["abc"], ["[foo]"]),
+    ("cascade.leaf", ["experiment=cascade"], ["abc"], ["-1"]),
+    ("cascade.hub_stride", ["experiment=cascade"], ["abc"], ["0"]),
+    ("cascade.hub_first_step", ["experiment=cascade"], ["abc"], ["-1"]),
+    ("contribution.node_counts", ["experiment=contribution"], ["abc"], ["[1]", "[]"]),
+    ("contribution.noise_max", ["experiment=contribution"], ["abc"], ["2"]),
+    ("contribution.noise", ["experiment=contribution"], ["abc"], ["[2]"]),
+    ("contribution.hops", ["experiment=contribution"], ["abc"], ["9"]),
+    ("contribution.curvature", ["experiment=contribution"], ["yes"], []),
+    ("anomaly.attacks", ["experiment=anomaly"], ["abc"], ["[none]"]),
+    ("anomaly.topologies", ["experiment=anomaly"], ["abc"], ["[foo]"]),
+    ("anomaly.window", ["experiment=anomaly"], ["abc"], ["0"]),
+    ("anomaly.per_weight", ["experiment=anomaly"], ["yes"], []),
+    ("anomaly.example", ["experiment=anomaly"], ["abc"], ["[a]"]),
+    ("collaborators.topologies", ["experiment=collaborators"], ["abc"], ["[foo]"]),
+]
+
+
+def typo(key: str) -> str:
+    """The key with two letters of its last part swapped (or one doubled letter dropped)."""
+    parent, _, leaf = key.rpartition(".")
+    i = len(leaf) // 2
+    wrong = leaf[:i - 1] + leaf[i] + leaf[i - 1] + leaf[i + 1:]
+    if wrong == leaf:
+        wrong = leaf[:i] + leaf[i + 1:]
+    return f"{parent}.{wrong}" if parent else wrong
+
+
+def schema_cases() -> list:
+    cases = []
+    for key, presets, wrong_types, wrong_ranges in KEYS:
+        for kind, values in (("type", wrong_types), ("range", wrong_ranges)):
+            for value in values:
+                cases.append(pytest.param([*presets, f"{key}={value}"], key,
+                                          id=f"{kind}:{key}={value}"))
+        cases.append(pytest.param([*presets, f"{typo(key)}=1"], f"did you mean {key}?",
+                                  id=f"typo:{typo(key)}"))
+    return cases
+
+
+OTHER_CASES = [  # (id, argv, keyword)
+    ("plus-typo", ["+nodse=8"], "did you mean nodes?"),
+    ("plus-unknown", ["+foo=1"], "foo: unknown key"),
+    ("plus-unknown-group-key", ["+topology.foo=1"], "topology.foo: unknown key"),
+    ("block-without-experiment", ["alignment.sweep=full"], "experiment=alignment"),
+    ("event-key-typo", ["influence.events=[{nod:1,step:2}]"], "did you mean node?"),
+    ("remove-key-typo", ["counterfactual.remove=[{node:1,stpe:2}]"], "did you mean step?"),
+    ("core-key-typo", ["experiment=alignment", "alignment.core=[{topology:ring,lr:0.1,hosp:1}]"],
+     "did you mean hops?"),
+    ("full-key-typo", ["experiment=alignment", "alignment.full.hosp=3"],
+     "did you mean alignment.full.hops?"),
+    ("key-of-another-option", ["data=fashion_mnist", "data.test_size=0.1"], "data.test_size"),
+    ("group-option-typo", ["topology=rnig"], "did you mean topology=ring?"),
+    ("interpolation-unknown", ["nodes=${nope}"], "nodes"),
+    ("interpolation-wrong-type", ["nodes=${optim.lr}"], "nodes"),
+    ("grammar", ["nodes=[1"], "nodes=[1"),
+    ("list-without-multirun", ["nodes=8,16"], "nodes=8,16"),
+    ("hops-past-run", ["steps=3", "influence.hops=4", "influence.events=5"], "influence.hops"),
+    ("event-hops-past-run", ["influence.hops=4", "influence.events=[{node:0,step:198}]"],
+     "influence.events[0].step"),
+    ("attack-start-outside-run", ["attack=label_flip", "steps=10", "attack.start=10"],
+     "attack.start"),
+    ("step-range-past-hops", ["steps=10", "influence.hops=3", "influence.step_range=[0,8]"],
+     "influence.step_range"),
+    ("node-weights-for-16-nodes", ["nodes=8", f"influence.node_weights=[{N16},0.0625]"],
+     "influence.node_weights"),
+    ("removal-over-batch", ["batch_size=8", "influence.removal=9"], "influence.removal"),
+    ("multirun-bad-point", ["-m", "nodes=8,abc"], "nodes=abc"),
+    ("multirun-bad-group", ["-m", "topology=ring,foo"], "topology=foo"),
+    ("multirun-range", ["-m", "seed=range(0,3)", "batch_size=0"], "batch_size=0"),
+    ("multirun-choice", ["-m", "optim.lr=choice(0.1,-1)"], "optim.lr=-1"),
+    ("multirun-glob", ["-m", "topology=glob(*)"], "topology.path"),
+    ("multirun-later-key-wins", ["-m", "nodes=8,16", "nodes=4,0"], "nodes=0"),
+    ("multirun-interval", ["--multirun", "optim.lr=interval(0,1)"], "interval"),
+    ("multirun-builder-check", ["-m", "batch_size=8,5000"], "batch_size=5000"),
+    ("metropolis-on-directed", ["topology=exponential",
+                                "topology.weights=metropolis_hastings"], "topology.weights"),
+    ("torus-rows-not-dividing", ["topology=torus", "nodes=16", "topology.rows=3"],
+     "topology.rows=3"),
+    ("small-world-k-too-big", ["topology=small_world", "nodes=4", "topology.k=4"],
+     "topology.k=4"),
+    ("linear-on-classification", ["model=linear"], "data=synthetic_regression"),
+    ("logreg-on-regression", ["model=logreg", "data=synthetic_regression"], "model=linear"),
+    ("dirichlet-on-regression", ["model=linear", "data=synthetic_regression",
+                                 "data.partition=dirichlet"], "data.partition"),
+    ("image-on-synthetic", ["data=synthetic", "data.image=true"], "data.image"),
+    ("cnn-on-flat", ["model=cnn"], "data.image=true"),
+    ("dice-without-proximal", ["defense=dice"], "influence.proximal"),
+    ("group-given-a-number", ["checkpoint=5"], "checkpoint=5"),
+    ("group-given-null", ["counterfactual=null"], "counterfactual=null"),
+    ("block-given-a-number", ["experiment=alignment", "alignment.full=3"], "alignment.full=3"),
+]
+
+
+def run_check(argv: list[str], capsys, out: Path) -> str:
+    """check_composes on out_dir=out plus the command line: the one stderr line."""
+    with pytest.raises(SystemExit) as exit_info:
+        check_composes([f"out_dir={out}", *argv])  # the case's own out_dir comes later, wins
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2, captured.err
+    assert "Traceback" not in captured.err + captured.out
+    assert captured.out == ""
+    assert not out.exists()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(PREFIX), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(("argv", "keyword"), schema_cases())
+def test_schema_refuses_bad_key(argv, keyword, capsys, tmp_path):
+    line = run_check(argv, capsys, tmp_path / "run")
+    assert keyword in line, f"{keyword!r} not named in: {line}"
+
+
+@pytest.mark.parametrize(("argv", "keyword"), [pytest.param(a, k, id=i) for i, a, k in OTHER_CASES])
+def test_command_line_refused_up_front(argv, keyword, capsys, tmp_path):
+    line = run_check(argv, capsys, tmp_path / "run")
+    assert keyword in line, f"{keyword!r} not named in: {line}"
+
+
+def test_every_schema_key_has_cases():
+    """KEYS covers every leaf of the schema (experiment blocks: their main keys)."""
+    from omegaconf import OmegaConf
+
+    from dicesim.config import schema_for
+
+    covered = {key for key, *_ in KEYS}
+    for option in ("torus", "star", "erdos_renyi", "small_world", "hub", "file"):
+        schema = schema_for(compose_config(f"topology={option}"))
+        for key in schema.topology:
+            assert f"topology.{key}" in covered, (option, key)
+    for option in ("digits", "synthetic", "fashion_mnist"):
+        schema = schema_for(compose_config(f"data={option}"))
+        for key in schema.data:
+            assert f"data.{key}" in covered, (option, key)
+    schema = schema_for(compose_config())
+    for key, value in schema.items():
+        if OmegaConf.is_dict(value) and key not in ("topology", "data"):
+            for sub in value:
+                assert f"{key}.{sub}" in covered, f"{key}.{sub}"
+        elif not OmegaConf.is_dict(value):
+            assert key in covered, key
+    assert len(schema_cases()) + len(OTHER_CASES) >= 150
