@@ -182,16 +182,28 @@ def render_sbatch(
     account: str | None = None,
     extra_sbatch: Sequence[str] = (),
     cpus_per_proc: int = 1,
+    resumable: bool = True,
+    checkpoint_every: int = 100,
 ) -> str:
     """A complete SLURM batch script: one task per machine, each a torchrun of ``spec.procs``.
 
     The rendezvous host is the first host of the allocation, the rendezvous id the job id,
     so the script needs no editing per job. ``extra_sbatch`` entries become further
     ``#SBATCH`` lines (``"--mem=0"``, ``"constraint=a100"`` or a full ``"#SBATCH ..."``).
+
+    ``resumable`` (default): the job is requeue-able and continues where it stopped. SLURM
+    sends SIGTERM 120 s before the time limit (``--signal=TERM@120``); the ranks stop at the
+    next step they agree on and write a checkpoint; the script then requeues the job
+    (exit 143), and the restarted job, with the same job id and so the same run directory
+    (``$RUN_DIR``, default ``outputs/<job name>-<job id>``), continues with ``resume=auto``.
+    A pre-empted job is requeued by SLURM itself and resumes the same way. Overrides the
+    user gives for ``out_dir``, ``resume`` or ``checkpoint.every`` win.
     """
     spec.validate()
     if cpus_per_proc < 1:
         raise LaunchError(f"CPUs per process must be >= 1 (got {cpus_per_proc})")
+    if checkpoint_every < 1:
+        raise LaunchError(f"--checkpoint-every must be >= 1 (got {checkpoint_every})")
     for name, value in (("job name", job_name), ("time", time), ("partition", partition),
                         ("account", account), ("python", spec.python),
                         ("rendezvous backend", spec.rdzv_backend),
@@ -221,8 +233,17 @@ def render_sbatch(
         head.append(f"#SBATCH --partition={partition}")
     if account:
         head.append(f"#SBATCH --account={account}")
+    if resumable:
+        head += ["#SBATCH --requeue", "#SBATCH --signal=TERM@120"]
     head += [_sbatch_line(o) for o in extra_sbatch]
     head.append("#SBATCH --output=%x-%j.out")
+    given = {_key(o) for o in spec.overrides}
+    resume = []
+    if resumable:  # before the user's overrides, which win where they set the same key
+        resume += ['"out_dir=$RUN_DIR"'] if "out_dir" not in given else []
+        resume += ["resume=auto"] if "resume" not in given else []
+        resume += [f"checkpoint.every={checkpoint_every}"] if "checkpoint.every" not in given \
+            else []
 
     srun = [
         "srun", "--kill-on-bad-exit=1",
@@ -232,9 +253,11 @@ def render_sbatch(
         f"--rdzv_backend={q(spec.rdzv_backend)}",
         f'--rdzv_endpoint="$HEAD:{spec.port}"',
         '--rdzv_id="$SLURM_JOB_ID"',
-        "-m", MODULE,
+        "-m", MODULE, *resume,
         *(q(o) for o in spec.effective_overrides()),
     ]
+    if resumable:
+        srun.append("|| code=$?")
     body = [
         "",
         "set -euo pipefail",
@@ -244,9 +267,22 @@ def render_sbatch(
         'export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"',
         f'echo "dicesim: $SLURM_NNODES machine(s) x {spec.procs} rank(s),'
         f' rendezvous $HEAD:{spec.port}" >&2',
-        " ".join(srun),
-        "",
     ]
+    if resumable:
+        body += [f'RUN_DIR="${{RUN_DIR:-outputs/{job_name}-$SLURM_JOB_ID}}"  # kept by a requeue',
+                 "code=0"]
+    body += [" ".join(srun)]
+    if resumable:
+        body += ["# SIGTERM before the time limit stopped the run with a checkpoint (summary.json",
+                 "# says interrupted; torchrun itself exits 1): queue the job again to resume.",
+                 "# scancel signals this shell too, so a cancelled job is not requeued.",
+                 'if [ "$code" -ne 0 ] && grep -qs \'"status": "interrupted"\' '
+                 '"$RUN_DIR/summary.json"; then',
+                 '    echo "dicesim: stopped before the time limit; requeueing to resume" >&2',
+                 '    scontrol requeue "$SLURM_JOB_ID"',
+                 "fi",
+                 'exit "$code"']
+    body.append("")
     return "\n".join(head + body)
 
 
@@ -292,6 +328,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="CPU cores reserved per rank (default 1)")
     sb.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
                     help="extra #SBATCH option, e.g. --sbatch=--mem=0 (repeatable)")
+    sb.add_argument("--checkpoint-every", type=int, default=100,
+                    help="steps between checkpoints of the requeue-able job (default 100)")
+    sb.add_argument("--no-requeue", action="store_true",
+                    help="a plain job: no --requeue, no SIGTERM before the time limit, no "
+                         "resume")
     sb.add_argument("--submit", action="store_true", help="pipe the script to sbatch")
     return parser
 
@@ -327,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             script = render_sbatch(
                 spec, job_name=args.job_name, time=args.time, partition=args.partition,
                 account=args.account, extra_sbatch=args.sbatch, cpus_per_proc=args.cpus_per_proc,
+                resumable=not args.no_requeue, checkpoint_every=args.checkpoint_every,
             )
     except LaunchError as err:
         return _fail(str(err))

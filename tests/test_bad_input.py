@@ -30,7 +30,7 @@ from dicesim.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 PREFIX = "dicesim: error:"
-FAST = ("nodes=4", "steps=5", "progress=false", "plots=false")
+FAST = ("nodes=4", "steps=5", "influence.events=8", "progress=false", "plots=false")
 HAS_GPU = torch.cuda.is_available()
 TIMEOUT = 300  # a hang guard: the commands start together on a shared 2-core machine
 

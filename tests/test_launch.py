@@ -62,8 +62,12 @@ def fake_slurm(tmp_path):
 
 
 def _srun_line(script: str) -> str:
+    """The srun command of a rendered script, without its `|| code=$?` tail."""
     (line,) = [ln for ln in script.splitlines() if ln.startswith("srun ")]
-    return line
+    return line.removesuffix(" || code=$?")
+
+
+RESUME = ["out_dir=outputs/dicesim-1234", "resume=auto", "checkpoint.every=100"]
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -131,8 +135,14 @@ def test_sbatch_one_machine_four_procs():
         assert line in lines
     assert not any("gpus" in ln or "partition" in ln or "account" in ln for ln in lines)
     srun = shlex.split(_srun_line(script))
-    assert "--nproc_per_node=4" in srun and srun[-3:] == ["-m", "dicesim", "nodes=8"]
+    assert "--nproc_per_node=4" in srun and srun[-6:] == [
+        "-m", "dicesim", "out_dir=$RUN_DIR", "resume=auto", "checkpoint.every=100", "nodes=8"]
     assert "device=cuda" not in srun
+    assert "#SBATCH --requeue" in lines and "#SBATCH --signal=TERM@120" in lines
+    plain = render_sbatch(LaunchSpec(procs_per_machine=4, overrides=["nodes=8"]),
+                          resumable=False)
+    assert "requeue" not in plain and shlex.split(_srun_line(plain))[-3:] == [
+        "-m", "dicesim", "nodes=8"]
 
 
 def test_sbatch_two_machines_eight_gpus():
@@ -200,8 +210,31 @@ def test_rendered_script_runs_under_bash(tmp_path, fake_slurm):
     assert read_argv() == [
         "--kill-on-bad-exit=1", "py", *TORCHRUN, "--nnodes=2", "--nproc_per_node=4",
         "--rdzv_backend=c10d", "--rdzv_endpoint=gpu-node-07:29500", "--rdzv_id=1234",
-        "-m", "dicesim", *TRICKY, "device=cuda",
+        "-m", "dicesim", *RESUME, *TRICKY, "device=cuda",
     ]
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["rendered", "static"])
+def test_an_interrupted_job_requeues_itself_and_a_failed_one_does_not(tmp_path, fake_slurm,
+                                                                      static):
+    """srun fails (torchrun exits 1 when a rank stops); the job is requeued only when the run
+    wrote summary.json with status interrupted (SIGTERM before the time limit)."""
+    bindir, env, _ = fake_slurm
+    requeued = tmp_path / "requeued"
+    _exe(bindir / "srun", "exit 1\n")
+    _exe(bindir / "scontrol", f'if [ "$1" = requeue ]; then echo "$2" > {requeued}; '
+                              'else printf "gpu-node-07\\n"; fi\n')
+    script = SLURM_SCRIPT
+    if not static:
+        script = tmp_path / "job.sbatch"
+        script.write_text(render_sbatch(LaunchSpec(machines=2, python="py")))
+    env["RUN_DIR"] = str(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    run = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert run.returncode == 1 and not requeued.exists()
+    (tmp_path / "run" / "summary.json").write_text('{\n  "status": "interrupted"\n}\n')
+    run = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert run.returncode == 1 and requeued.read_text().strip() == "1234", run.stderr
 
 
 # ---------------------------------------------------------------------- static shell scripts
@@ -222,7 +255,8 @@ def test_slurm_script_on_cpus(fake_slurm):
     assert argv[1] == "python"  # no .venv in the (fake) submit dir
     assert argv[2:] == [
         *TORCHRUN, "--nnodes=2", "--nproc_per_node=6", "--rdzv_backend=c10d",
-        "--rdzv_endpoint=gpu-node-07:30001", "--rdzv_id=1234", "-m", "dicesim", *TRICKY,
+        "--rdzv_endpoint=gpu-node-07:30001", "--rdzv_id=1234", "-m", "dicesim", *RESUME,
+        *TRICKY,
     ]
 
 
@@ -237,8 +271,8 @@ def test_slurm_script_on_gpus(fake_slurm, tmp_path):
     argv = read_argv()
     assert argv[1] == str(venv_python)
     assert "--nproc_per_node=4" in argv
-    # device=cuda comes first, so the user's later device=... wins in Hydra.
-    assert argv[-3:] == ["device=cuda", "nodes=64", "device=cuda:0"]
+    # device=cuda and the resume settings come first, so the user's own values win in Hydra.
+    assert argv[-6:] == ["device=cuda", *RESUME, "nodes=64", "device=cuda:0"]
 
     env["PROCS_PER_NODE"] = "8"
     run = subprocess.run(["bash", str(SLURM_SCRIPT)], env=env, capture_output=True, text=True)
