@@ -1,7 +1,8 @@
 """Test hook: DICESIM_FAULT=KIND:RANK:N[:PHASE] makes rank RANK fail on purpose.
 
 KIND: ``die`` (exit 1), ``kill`` (SIGKILL itself), ``stop`` (SIGSTOP itself: hung, alive),
-``hang`` (sleep forever). PHASE and N:
+``hang`` (sleep forever), ``term`` (SIGTERM itself, as SLURM does before a time limit, and
+go on: the run stops where its ranks next agree). PHASE and N:
 
 - ``step`` (default): at the start of step N, so peers fail in that step's exchange;
 - ``exchange``: just before this rank posts the exchange of step N;
@@ -40,5 +41,8 @@ def inject(rank: int, n: int, phase: str = "step") -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if kind == "stop":
         os.kill(os.getpid(), signal.SIGSTOP)
+        return
+    if kind == "term":
+        os.kill(os.getpid(), signal.SIGTERM)
         return
     time.sleep(10**6)

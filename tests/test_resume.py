@@ -99,3 +99,26 @@ def test_resume_without_checkpoint_is_one_line_and_auto_starts_fresh(tmp_path):
     proc = dicesim(*RUN, "steps=4", f"out_dir={fresh}", "resume=auto")
     ok(proc)
     assert "resuming" not in proc.stdout and (fresh / "metrics.csv").is_file()
+
+
+@pytest.mark.parametrize("ranks", [0, 2])
+def test_sigterm_leaves_a_checkpoint_and_resume_auto_finishes_the_same_run(tmp_path, ranks):
+    """SLURM's SIGTERM before a time limit: the ranks stop where they next agree (one
+    process: the next step; several: the next evaluation), write a checkpoint of that step
+    and exit 143; `resume=auto` with the same command line then writes the same bytes."""
+    run = (*RUN, "dtype=float64", "checkpoint.every=100", "resume=auto")
+    ok(dicesim(*run, f"out_dir={tmp_path / 'whole'}", ranks=ranks))
+    cut = tmp_path / "cut"
+    stopped = dicesim(*run, f"out_dir={cut}", ranks=ranks, fault="term:0:5")
+    assert stopped.returncode != 0
+    if not ranks:
+        assert stopped.returncode == 143
+        assert stopped.stderr.strip().splitlines() == [
+            f"dicesim: interrupted at step 6 (SIGTERM); finished rows are in {cut}"]
+    step = 6  # one process: the step after the signal; 2 ranks: the next eval (eval_every=2)
+    assert [p.name for p in complete(cut)] == [f"step_{step:06d}"]
+    assert '"status": "interrupted"' in (cut / "summary.json").read_text()
+    resumed = dicesim(*run, f"out_dir={cut}", ranks=ranks)
+    ok(resumed)
+    for name in OUTPUTS:
+        assert (cut / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
