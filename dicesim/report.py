@@ -151,11 +151,13 @@ def _fmt(v: object) -> str:
 
 def report_md(sim: Simulation, summary: dict, pictures: list[str]) -> str:
     f = summary["final"]
+    gap = summary["spectral_gap"]  # scale: None (with a note) where the sparse solver failed
+    gap = f"{gap:.4f}" if gap is not None else f"not computed: {sim.topology.spectral_gap_note}"
     lines = [
         f"# dicesim run: {sim.cfg.get('name', 'run')}",
         "",
         f"{summary['nodes']} nodes on `{summary['topology']}` (spectral gap "
-        f"{summary['spectral_gap']:.4f}), {summary['ranks']} rank(s), {summary['steps']} steps, "
+        f"{gap}), {summary['ranks']} rank(s), {summary['steps']} steps, "
         f"`{sim.cfg['model']['name']}` ({summary['params_per_node']} parameters per node) on "
         f"`{summary['data']}`, lr {sim.run.lr:g}, batch {sim.run.batch_size}.",
         "",
