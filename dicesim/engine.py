@@ -28,7 +28,7 @@ from dicesim.attack import Attack, build_attack
 from dicesim.comm import Channel, Comm, Layout, Route, check_layout, route, send_first
 from dicesim.data import (
     Dataset,
-    batch_ids,
+    batch_ids_block,  # scale: replaces batch_ids in _batch
     check_batch_size,
     hold_out,
     load_dataset,
@@ -445,7 +445,7 @@ class Simulation:
         """B_k^t of every local node as x [n_loc, B, ...], y, and sample weights w (a
         counterfactual removal zeroes a sample's weight; poisoned nodes read poisoned data)."""
         s, local = self.run, self.layout.local_nodes
-        ids = np.stack([batch_ids(self.parts[k], s.batch_size, t, s.seed, k) for k in local])
+        ids = batch_ids_block(self.parts, local, s.batch_size, t, s.seed)  # scale: vectorized
         ti = torch.as_tensor(ids, device=x_train.device)
         x, y = x_train[ti], y_train[ti]
         if x_bad is not None and self.attack.active(t) and attacked.any():
