@@ -91,10 +91,28 @@ Source = tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None, int
 
 
 def _digits() -> Source:
+    images, target = _digits_arrays()
+    return images[:, None], target.astype(np.int64), None, 10, 16.0
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits (images [1797, 8, 8], targets) read straight from the file
+    load_digits reads, without importing scikit-learn (about a second of start-up);
+    load_digits itself where that file is not where this scikit-learn keeps it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    for root in roots:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                data = np.loadtxt(f, delimiter=",")
+            return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    return d.images[:, None], d.target.astype(np.int64), None, 10, 16.0
+    return d.images, d.target
 
 
 def _synthetic(cfg: Mapping, seed: int) -> Source:

@@ -416,9 +416,11 @@ def _validate(mats: list[np.ndarray], n: int, where: str) -> None:
             raise ConfigError(f"{where}: row {k}{at} sums to {w[k].sum():.12g}, not 1 "
                               f"(tolerance {ROW_SUM_TOL:g}); W must be row-stochastic, normalise "
                               "each row to sum to 1")
-    from scipy.sparse.csgraph import connected_components
-
     union = np.any(np.stack(mats) > 0, axis=0)
+    if _reaches_all(union) and _reaches_all(union.T):
+        return
+    from scipy.sparse.csgraph import connected_components  # only to describe the failure
+
     count, labels = connected_components(union, directed=True, connection="strong")
     if count > 1:
         over = " (union over one period)" if len(mats) > 1 else ""
@@ -426,6 +428,20 @@ def _validate(mats: list[np.ndarray], n: int, where: str) -> None:
         raise ConfigError(f"{where}: the communication graph{over} is not strongly connected "
                           f"({count} components; nodes 0 and {other} cannot reach each other "
                           "both ways); add edges so every node reaches every other")
+
+
+def _reaches_all(adjacency: np.ndarray) -> bool:
+    """Whether node 0 reaches every node along edges k -> l where adjacency[l, k] (breadth
+    first; each node's row is read once). With the transpose: whether every node reaches 0."""
+    n = len(adjacency)
+    seen = np.zeros(n, dtype=bool)
+    seen[0] = True
+    frontier = np.zeros(1, dtype=np.int64)
+    while frontier.size:
+        reached = adjacency[:, frontier].any(axis=1) & ~seen
+        frontier = np.flatnonzero(reached)
+        seen[frontier] = True
+    return bool(seen.all())
 
 
 # ---------------------------------------------------------------- config helpers

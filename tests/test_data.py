@@ -57,6 +57,22 @@ def test_digits_shapes_dtypes_and_disjoint_splits() -> None:
     assert np.array_equal(raw.y_test.numpy(), d.target[ids["test"]])
 
 
+def test_digits_read_without_scikit_learn_equal_load_digits() -> None:
+    import subprocess
+
+    from dicesim.data import _digits_arrays
+
+    images, target = _digits_arrays()
+    d = load_digits()
+    assert images.dtype == d.images.dtype and np.array_equal(images, d.images)
+    assert target.dtype == d.target.dtype and np.array_equal(target, d.target)
+    code = ("import sys; from dicesim.data import load_dataset; load_dataset({}, 0); "
+            "print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_digits_image_shape_and_seeded_split() -> None:
     ds = load_dataset({"name": "digits", "image": True}, seed=3)
     assert ds.input_shape == (1, 8, 8) and ds.x_train.shape[1:] == (1, 8, 8)
