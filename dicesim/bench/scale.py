@@ -11,6 +11,7 @@ the share of CPU other processes used while it ran (`others_cpu_share`): on a sh
 machine those rows measure the neighbours as much as dicesim.
 
     python -m dicesim.bench.scale --nodes 16,256 --topologies ring --max-seconds 120
+    python -m dicesim.bench.scale --startup 5    # start-up of `python -m dicesim …`
 
 A size whose dense mixing matrices would not fit in memory is skipped with the reason,
 a run past --max-seconds is stopped and reported as a timeout, and once a size fails
@@ -111,11 +112,18 @@ def child(spec: dict) -> dict:
     gap, how = sim.topology.spectral_gap_info()
     phases["spectral_gap_s"] = time.perf_counter() - t
 
+    partial(phases)
     first_log: list[float] = []
+
+    def log(*_: object) -> None:
+        first_log.append(time.perf_counter())
+        if len(first_log) == 1:
+            partial({**phases, "time_to_first_step_s": first_log[0] - started})
+
     comm = Comm("gloo", 600.0, torch.device("cpu"))
     t_exec = time.perf_counter()
     try:
-        result = sim.execute(comm, log=lambda *_: first_log.append(time.perf_counter()))
+        result = sim.execute(comm, log=log)
     finally:
         comm.close()
     done = time.perf_counter()
@@ -148,6 +156,13 @@ def child(spec: dict) -> dict:
     return row
 
 
+def partial(phases: dict) -> None:
+    """What a run has measured so far, on stderr: a run stopped at --max-seconds still
+    reports how far it got."""
+    print("PARTIAL " + json.dumps({k: round(v, 3) for k, v in phases.items()}),
+          file=sys.stderr, flush=True)
+
+
 # ----------------------------------------------------------------------------- parent
 def measure(nodes: int, topology: str, args: argparse.Namespace) -> dict:
     row: dict = {"nodes": nodes, "topology": topology}
@@ -172,8 +187,12 @@ def measure(nodes: int, topology: str, args: argparse.Namespace) -> dict:
         with CpuWatch() as watch:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                                   timeout=args.max_seconds)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as err:
         row.update(status="timeout", reason=f"no result within --max-seconds={args.max_seconds:g}")
+        text = err.stderr.decode() if isinstance(err.stderr, bytes) else (err.stderr or "")
+        reached = [ln for ln in text.splitlines() if ln.startswith("PARTIAL ")]
+        if reached:  # the set-up phases it finished (and when step 1 ended, if it did)
+            row["reached"] = json.loads(reached[-1].removeprefix("PARTIAL "))
         return row
     row["process_s"] = round(time.perf_counter() - started, 3)
     row["others_cpu_share"] = watch.others_share  # CPU that other processes used meanwhile
@@ -186,6 +205,47 @@ def measure(nodes: int, topology: str, args: argparse.Namespace) -> dict:
         return row
     row.update(status="ok", **json.loads(lines[-1]))
     return row
+
+
+STARTUP_CASES = {  # label: the command line's overrides
+    "nodes=16 steps=32 plots=false": ["nodes=16", "steps=32", "plots=false"],
+    "demo (plots)": [],
+}
+
+
+def startup(repeats: int) -> dict:
+    """Whole-process wall time of `python -m dicesim …` and the time until it prints the
+    end of step 1 (progress line), `repeats` fresh processes per case: min and median."""
+    import statistics
+    import tempfile
+
+    out: dict = {}
+    for label, ovr in STARTUP_CASES.items():
+        runs = []
+        for i in range(repeats):
+            with tempfile.TemporaryDirectory() as tmp:
+                cmd = [sys.executable, "-u", "-m", "dicesim", *ovr, f"out_dir={tmp}/run"]
+                busy = cpu_busy(0.3)
+                started = time.perf_counter()
+                first = None
+                with CpuWatch() as watch, subprocess.Popen(
+                        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as p:
+                    for line in p.stdout:
+                        if first is None and line.startswith("step "):
+                            first = time.perf_counter() - started
+                    rc = p.wait()
+                wall = time.perf_counter() - started
+            runs.append({"wall_s": round(wall, 3), "first_step_s": first and round(first, 3),
+                         "rc": rc, "cpu_busy_before": busy,
+                         "others_cpu_share": watch.others_share})
+            say(f"{label} #{i + 1}: {wall:.2f} s, first step at {first or float('nan'):.2f} s")
+        walls = [r["wall_s"] for r in runs]
+        firsts = [r["first_step_s"] for r in runs if r["first_step_s"] is not None]
+        out[label] = {"wall_s_min": min(walls), "wall_s_median": statistics.median(walls),
+                      "first_step_s_min": min(firsts, default=None),
+                      "first_step_s_median": statistics.median(firsts) if firsts else None,
+                      "runs": runs}
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -201,10 +261,16 @@ def main(argv: list[str] | None = None) -> None:
                    help="wait up to this long for idle CPUs before each run (shared machine)")
     p.add_argument("--plots", action="store_true",
                    help="evaluate every 10 steps and time the training plot too")
+    p.add_argument("--startup", type=int, metavar="N", default=0,
+                   help="instead: time N fresh `python -m dicesim` processes per start-up case")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
+        return
+    if args.startup:
+        emit({"bench": "startup", "loadavg_start": loadavg(), **startup(args.startup),
+              "loadavg_end": loadavg()})
         return
     nodes = [int(v) for v in args.nodes.split(",") if v]
     topologies = [v for v in args.topologies.split(",") if v]
