@@ -19,8 +19,8 @@ from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 from dicesim.errors import ConfigError
 
 MODELS = ("logreg", "linear", "mlp", "cnn")
-# activation elements one evaluation chunk may hold (64 MiB in float32, 128 MiB in float64)
-EVAL_BUDGET = 1 << 24
+# activation elements one evaluation chunk may hold (16 MiB in float32, 32 MiB in float64)
+EVAL_BUDGET = 1 << 22
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
 
 
