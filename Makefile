@@ -10,7 +10,7 @@ STAMP      := $(VENV)/.installed
 NPROC      ?= 2
 ARGS       ?=
 
-.PHONY: setup demo test test-slow lint bench bench-influence alignment cascade anomaly \
+.PHONY: setup demo test test-slow lint bench bench-influence bench-scale alignment cascade anomaly \
         collaborators contribution clean
 
 $(STAMP): pyproject.toml
@@ -40,6 +40,11 @@ bench: $(STAMP)
 
 bench-influence: $(STAMP)
 	@$(PY) -m dicesim.bench.influence $(ARGS)
+
+# nodes 16 … 16,384 on ring / exponential / one_peer_exponential, one process, one thread;
+# ARGS='--nodes 16,256 --topologies ring --max-seconds 120' runs a subset
+bench-scale: $(STAMP)
+	@$(PY) -m dicesim.bench.scale $(ARGS)
 
 # One target per experiment; ARGS passes extra Hydra overrides, e.g. ARGS='data=fashion_mnist'.
 alignment cascade anomaly collaborators contribution: $(STAMP)

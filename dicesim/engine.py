@@ -20,8 +20,8 @@ from dicesim.aggregate import Aggregator, build_aggregator
 from dicesim.attack import Attack, build_attack
 from dicesim.comm import Comm, Layout, check_layout
 from dicesim.data import (
+    BatchOrder,
     Dataset,
-    batch_ids,
     check_batch_size,
     flip_labels,
     hold_out,
@@ -372,6 +372,7 @@ class RunParts:
             self.probe = Probe(data.x_train[ids].to(device, s.dtype),
                                data.y_train[ids].to(device, ydt), per_node=True)
         self.test = (data.x_test.to(device, s.dtype), data.y_test.to(device, ydt))
+        self.order = BatchOrder(sim.parts, s.batch_size, s.seed)  # every node's batches
         self.removals = {(e.source, e.step): e.positions for e in sim.removals}
         self.attacked = np.isin(local, attack.nodes)
         # θ^0: the same initial parameters on every node, or one seed per node
@@ -407,7 +408,7 @@ class RunParts:
         counterfactual removal zeroes a sample's weight; poisoned nodes read poisoned data)."""
         sim = self.sim
         s, local = sim.run, sim.layout.local_nodes
-        ids = np.stack([batch_ids(sim.parts[k], s.batch_size, t, s.seed, k) for k in local])
+        ids = self.order.ids(t, local)  # = batch_ids(parts[k], B, t, seed, k) per node k
         ti = torch.as_tensor(ids, device=self.device)
         x, y = self.x_train[ti], self.y_train[ti]
         if self.x_bad is not None and sim.attack.active(t) and self.attacked.any():

@@ -173,6 +173,8 @@ def sample_events(rng: np.random.Generator, count: int, nodes: int, lo: int, hi:
     """`count` distinct events, drawn without replacement: distinct (node, step) pairs for
     batch and k-sample removals (no two events share a sample), distinct (node, step,
     position) for single samples. Sorted by (step, node, position)."""
+    if count == 0:
+        return []
     steps = hi - lo + 1
     pairs = nodes * steps
     single = samples == 1
@@ -182,8 +184,6 @@ def sample_events(rng: np.random.Generator, count: int, nodes: int, lo: int, hi:
                 f"{universe} (node, step) pairs")
         raise ConfigError(f"{key}={count}: only {what} exist with {nodes} nodes and steps "
                           f"{lo}..{hi}; ask for at most {universe} events")
-    if count == 0:
-        return []
     drawn = np.sort(rng.choice(universe, size=count, replace=False))
     pair, position = (drawn // batch_size, drawn % batch_size) if single else (drawn, None)
     step, node = lo + pair // nodes, pair % nodes

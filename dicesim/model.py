@@ -19,6 +19,8 @@ from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 from dicesim.errors import ConfigError
 
 MODELS = ("logreg", "linear", "mlp", "cnn")
+# activation elements one evaluation chunk may hold (16 MiB in float32, 32 MiB in float64)
+EVAL_BUDGET = 1 << 22
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
 
 
@@ -117,6 +119,7 @@ class FlatModel:
         # logreg, linear and mlp take their batch gradients by hand-written backprop over
         # batched matmuls (about 2× faster than vmap(grad) for the engine's small rows)
         self.dense = dense_layers(module)
+        self._widths: dict[tuple[int, ...], int] = {}  # evaluation memory per sample shape
 
     def flat_init(self, seed: int, dtype: torch.dtype) -> Tensor:
         torch.manual_seed(seed)
@@ -211,19 +214,71 @@ class FlatModel:
         return self.sample_losses(theta, x, y).mean()
 
     # x, y: one probe set for every row, or (per_row=True) one per row, stacked
-    def probe_eval(self, theta: Tensor, x: Tensor, y: Tensor,
-                   per_row: bool = False) -> tuple[Tensor, Tensor]:
-        """Probe loss L'(θ) and accuracy per row."""
+    def probe_eval(self, theta: Tensor, x: Tensor, y: Tensor, per_row: bool = False,
+                   budget: int = EVAL_BUDGET) -> tuple[Tensor, Tensor]:
+        """Probe loss L'(θ) and accuracy per row (for regression the "accuracy" is −loss).
 
-        def one(th: Tensor, xx: Tensor, yy: Tensor) -> tuple[Tensor, Tensor]:
-            out = self.forward(th, xx)
-            if self.regression:
-                loss = ((out.squeeze(-1) - yy) ** 2).mean()
-                return loss, -loss
-            loss = nn.functional.cross_entropy(out, yy)
-            return loss, (out.argmax(-1) == yy).to(out.dtype).mean()
+        Streams over chunks of rows and of samples so that no chunk holds more than about
+        `budget` activation elements, whatever the number of rows and samples: the same
+        values as one pass up to float summation order, the accuracies exactly (counts)."""
+        rows, m = theta.shape[0], y.shape[-1]
+        width = self._eval_width(tuple(x.shape[2:] if per_row else x.shape[1:]))
+        samples = max(1, min(m, budget // width))
+        step = max(1, min(rows, budget // (width * samples)))
+        loss = theta.new_zeros(rows)
+        correct = torch.zeros(rows, dtype=torch.long, device=theta.device)
+        with torch.no_grad():
+            for r0 in range(0, rows, step):
+                r = slice(r0, min(rows, r0 + step))
+                for s0 in range(0, m, samples):
+                    s = slice(s0, min(m, s0 + samples))
+                    xs, ys = (x[r, s], y[r, s]) if per_row else (x[s], y[s])
+                    out = self._forward_rows(theta[r], xs, per_row)  # [rows, samples, out]
+                    if self.regression:
+                        loss[r] += ((out.squeeze(-1) - ys) ** 2).sum(-1)
+                        continue
+                    ys = ys.expand(out.shape[:2])
+                    loss[r] += nn.functional.cross_entropy(
+                        out.flatten(0, 1), ys.flatten(), reduction="none").view(ys.shape).sum(1)
+                    correct[r] += (out.argmax(-1) == ys).sum(1)
+        loss = loss / m
+        return loss, -loss if self.regression else correct.to(theta.dtype) / m
 
-        return vmap(one, in_dims=_probe_dims(per_row))(theta, x, y)
+    def _forward_rows(self, theta: Tensor, x: Tensor, per_row: bool) -> Tensor:
+        """Outputs [rows, samples, out] of every parameter row on x ([samples, ...] shared,
+        or [rows, samples, ...]); dense stacks by batched matmuls, others by vmap."""
+        if self.dense is None:
+            return vmap(self.forward, in_dims=(0, 0 if per_row else None))(theta, x)
+        rows = theta.shape[0]
+        h = x.reshape(rows, x.shape[1], -1) if per_row else x.reshape(x.shape[0], -1)
+        for layer in self.dense:
+            b_at = layer.w_at + layer.out * layer.inp
+            W = theta[:, layer.w_at: b_at].view(rows, layer.out, layer.inp)
+            b = theta[:, b_at: b_at + layer.out].unsqueeze(1)
+            if h.dim() == 2:  # a shared input: one GEMM against every row's weights
+                z = (h @ W.reshape(rows * layer.out, layer.inp).T).view(
+                    h.shape[0], rows, layer.out).transpose(0, 1) + b
+            else:
+                z = torch.baddbmm(b, h, W.transpose(1, 2))
+            h = layer.act()(z) if layer.act else z
+        return h
+
+    def _eval_width(self, sample_shape: tuple[int, ...]) -> int:
+        """Activation elements one sample needs in a forward pass (the widest layer)."""
+        if self.dense is not None:
+            return max(max(layer.inp, layer.out) for layer in self.dense)
+        if sample_shape not in self._widths:
+            sizes = [math.prod(sample_shape)]
+            hooks = [m.register_forward_hook(lambda _m, _i, o: sizes.append(o.numel()))
+                     for m in self.module.modules() if m is not self.module]
+            try:
+                with torch.no_grad():
+                    self.module(torch.zeros(1, *sample_shape))
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            self._widths[sample_shape] = max(sizes)
+        return self._widths[sample_shape]
 
     def probe_grads(self, theta: Tensor, x: Tensor, y: Tensor,
                     per_row: bool = False) -> tuple[Tensor, Tensor]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
@@ -16,27 +15,69 @@ from dicesim.events import InfluenceRow  # noqa: E402
 from dicesim.report import hop_totals  # noqa: E402
 from dicesim.trainer import RunResult  # noqa: E402
 
+# Above this many nodes the per-node panels draw the distribution over nodes (mean, a
+# 10–90 % band, the median) and a few highlighted nodes instead of one line per node.
+AGGREGATE_ABOVE = 32
+BAND = (0.10, 0.90)
+PANELS = (  # metrics column, title, y label
+    (3, "probe loss", "L'(θ_k)"),
+    (4, "probe accuracy", "accuracy"),
+    (5, "distance to the average model", "‖θ_k − θ̄‖"),
+)
+
+
+def metric_grid(metrics: list[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps [S], nodes [N], values [len(PANELS), S, N]) from metrics rows; NaN where a
+    (step, node) has no row."""
+    cols = [0, 1, *(c for c, _, _ in PANELS)]
+    arr = np.array([[r[c] for c in cols] for r in metrics], dtype=float).reshape(-1, len(cols))
+    steps, si = np.unique(arr[:, 0], return_inverse=True)
+    nodes, ni = np.unique(arr[:, 1], return_inverse=True)
+    grid = np.full((len(PANELS), len(steps), len(nodes)), np.nan)
+    grid[:, si, ni] = arr[:, 2:].T
+    return steps, nodes.astype(int), grid
+
+
+def highlighted(nodes: np.ndarray, final_loss: np.ndarray) -> dict[int, str]:
+    """The nodes with the lowest, median and highest final probe loss, labelled."""
+    order = np.argsort(np.where(np.isnan(final_loss), np.inf, final_loss), kind="stable")
+    picks = {"lowest final loss": order[0], "median": order[len(order) // 2],
+             "highest final loss": order[-1]}
+    out: dict[int, str] = {}
+    for label, i in picks.items():
+        out.setdefault(int(nodes[i]), f"node {int(nodes[i])} ({label})")
+    return out
+
 
 def training_curves(out: Path, result: RunResult) -> str:
-    by_node: dict[int, list[tuple]] = defaultdict(list)
-    for row in sorted(result.metrics):
-        by_node[row[1]].append(row)
+    steps, nodes, grid = metric_grid(result.metrics)
+    grid[2] = np.maximum(grid[2], 1e-12)  # log scale
+    aggregate = len(nodes) > AGGREGATE_ABOVE
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for node, rows in by_node.items():
-        steps = [r[0] for r in rows]
-        kw = {"lw": 0.8, "alpha": 0.6, "color": plt.cm.viridis(node / max(len(by_node) - 1, 1))}
-        axes[0].plot(steps, [r[3] for r in rows], **kw)
-        axes[1].plot(steps, [r[4] for r in rows], **kw)
-        axes[2].plot(steps, [max(r[5], 1e-12) for r in rows], **kw)
-    mean = sorted({r[0] for r in result.metrics})
-    for ax, col in zip(axes[:2], (3, 4), strict=True):
-        avg = [np.mean([r[col] for r in result.metrics if r[0] == t]) for t in mean]
-        ax.plot(mean, avg, color="black", lw=2, label="mean over nodes")
-        ax.legend()
-    axes[0].set(title="probe loss per node", xlabel="step", ylabel="L'(θ_k)")
-    axes[1].set(title="probe accuracy per node", xlabel="step", ylabel="accuracy")
-    axes[2].set(title="distance to the average model", xlabel="step", ylabel="‖θ_k − θ̄‖",
-                yscale="log")
+    if aggregate:
+        marked = highlighted(nodes, grid[0, -1])  # the last evaluation is the final step
+        colors = dict(zip(marked, ("tab:green", "tab:blue", "tab:red"), strict=False))
+    for ax, values, (_, title, ylabel) in zip(axes, grid, PANELS, strict=True):
+        if aggregate:
+            lo, hi = np.nanquantile(values, BAND, axis=1)
+            ax.fill_between(steps, lo, hi, color="grey", alpha=0.3, lw=0,
+                            label=f"{100 * BAND[0]:.0f}–{100 * BAND[1]:.0f} % of nodes")
+            ax.plot(steps, np.nanmedian(values, axis=1), color="grey", lw=1, ls="--",
+                    label="median")
+            for node, label in marked.items():
+                col = int(np.searchsorted(nodes, node))
+                ax.plot(steps, values[:, col], lw=1, color=colors[node], label=label)
+        else:
+            for col in range(len(nodes)):
+                ax.plot(steps, values[:, col], lw=0.8, alpha=0.6,
+                        color=plt.cm.viridis(col / max(len(nodes) - 1, 1)))
+        ax.plot(steps, np.nanmean(values, axis=1), color="black", lw=2, label="mean over nodes")
+        who = f"{len(nodes)} nodes" if aggregate else "per node"
+        ax.set(title=f"{title} ({who})", xlabel="step", ylabel=ylabel)
+    axes[2].set_yscale("log")
+    axes[0].legend(fontsize=7 if aggregate else None)
+    if not aggregate:
+        axes[1].legend()
     fig.tight_layout()
     fig.savefig(out / "training.png", dpi=110)
     plt.close(fig)
@@ -63,7 +104,7 @@ def scatter_by_hop(out: Path, rows: list[InfluenceRow]) -> str | None:
                 continue
             rho = np.corrcoef(gt, values)[0, 1] if len(gt) > 1 else float("nan")
             ax.scatter(gt, values, s=8, alpha=0.6, color=colour, marker=marker,
-                       label=f"{label}: Pearson {rho:.3f}")
+                       label=f"{label}: Pearson {rho:.3f}", rasterized=len(gt) > 5000)
         lo, hi = gt.min(), gt.max()
         ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
         ax.set(title=f"hop {hop}  (n={len(gt)})", xlabel="DICE-GT", ylabel="estimate")

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats
 
 from dicesim.engine import Simulation
 from dicesim.events import ESTIMATORS, INFLUENCE_COLUMNS, PROXIMAL_COLUMNS, InfluenceRow
@@ -82,6 +81,8 @@ def alignment(e: np.ndarray, g: np.ndarray) -> dict:
     denom = np.abs(g).sum()
     out["rel_err"] = float(np.abs(e - g).sum() / denom) if denom > 0 else None
     if n >= 2 and np.std(e) > 0 and np.std(g) > 0:
+        from scipy import stats  # scale: imported only when there is something to correlate
+
         out["pearson"] = float(stats.pearsonr(e, g)[0])
         out["spearman"] = float(stats.spearmanr(e, g)[0])
     return out
@@ -258,11 +259,13 @@ def _g3(v: float | None) -> str:
 
 def report_md(sim: Simulation, summary: dict, pictures: list[str]) -> str:
     f = summary["final"]
+    gap = summary["spectral_gap"]  # scale: None (with a note) where the sparse solver failed
+    gap = f"{gap:.4f}" if gap is not None else f"not computed: {sim.topology.spectral_gap_note}"
     lines = [
         f"# dicesim run: {sim.cfg.get('name', 'run')}",
         "",
         f"{summary['nodes']} nodes on `{summary['topology']}` (spectral gap "
-        f"{summary['spectral_gap']:.4f}), {summary['ranks']} rank(s), {summary['steps']} steps, "
+        f"{gap}), {summary['ranks']} rank(s), {summary['steps']} steps, "
         f"`{sim.cfg['model']['name']}` ({summary['params_per_node']} parameters per node) on "
         f"`{summary['data']}`, lr {sim.run.lr:g}, batch {sim.run.batch_size}.",
         "",

@@ -8,13 +8,12 @@ period ``len(matrices)``. Every rank rebuilds the same matrices from (config, n,
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import networkx as nx
 import numpy as np
-from scipy.sparse.csgraph import connected_components
 
 from dicesim.errors import ConfigError
 
@@ -28,6 +27,13 @@ OWN_WEIGHTS = ("hub", "file")
 ROW_SUM_TOL = 1e-9
 ER_TRIES = 100
 EIG_TOL = 1e-12
+# Above this many nodes the spectral gap comes from sparse methods (an FFT for circulant
+# graphs, ARPACK otherwise) instead of a dense O(n³) eigendecomposition.
+SPARSE_GAP_ABOVE = 512
+GAP_METHODS = ("auto", "dense", "sparse", "arnoldi")
+ARPACK_TOL = 1e-12  # relative residual of the Ritz pair
+ARPACK_NCV = 40
+ARPACK_MAXITER = 300
 
 
 @dataclass
@@ -37,6 +43,9 @@ class Topology:
     name: str
     n: int
     matrices: list[np.ndarray]
+    # spectral gap per method: (value or None, how it was found or why it was not)
+    _gaps: dict[str, tuple[float | None, str]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.matrices:
@@ -68,17 +77,45 @@ class Topology:
         """Sorted receivers k with W^t[k, l] > 0."""
         return np.flatnonzero(self.W(t)[:, l] > 0)
 
-    def spectral_gap(self) -> float:
-        """1 - |λ2| of W (static), or 1 - |λ2(W^{T-1}···W^0)|^(1/T) per step (period T)."""
+    def spectral_gap(self, method: str = "auto") -> float | None:
+        """1 - |λ2| of W (static), or 1 - |λ2(W^{T-1}···W^0)|^(1/T) per step (period T).
+
+        Computed once per topology and method (cached). None where the sparse solver did
+        not converge; `spectral_gap_note` then says why. See `spectral_gap_info`."""
+        return self.spectral_gap_info(method)[0]
+
+    @property
+    def spectral_gap_note(self) -> str:
+        """How the (default) spectral gap was found, or why it is None."""
+        return self.spectral_gap_info()[1]
+
+    def spectral_gap_info(self, method: str = "auto") -> tuple[float | None, str]:
+        """(gap or None, how). method: auto (dense up to SPARSE_GAP_ABOVE nodes, sparse
+        above), dense (eigenvalues of the dense product), sparse (an FFT of the first rows
+        when every W^t is circulant, else ARPACK), arnoldi (always ARPACK)."""
+        if method not in GAP_METHODS:
+            raise ValueError(f"spectral gap method {method!r}: choose one of {GAP_METHODS}")
+        if method == "auto":
+            method = "dense" if self.n <= SPARSE_GAP_ABOVE else "sparse"
+        if method not in self._gaps:
+            self._gaps[method] = self._compute_gap(method)
+        return self._gaps[method]
+
+    def _compute_gap(self, method: str) -> tuple[float | None, str]:
         if self.n == 1:
-            return 1.0
-        prod = np.eye(self.n)
-        for w in self.matrices:
-            prod = w @ prod
-        lam2 = np.sort(np.abs(np.linalg.eigvals(prod)))[-2]
+            return 1.0, "one node"
+        if method == "dense":
+            prod = np.eye(self.n)
+            for w in self.matrices:
+                prod = w @ prod
+            lam2, how = float(np.sort(np.abs(np.linalg.eigvals(prod)))[-2]), "dense eigvals"
+        else:
+            lam2, how = _sparse_lam2(self.matrices, circulant=method == "sparse")
+            if lam2 is None:
+                return None, how
         # eigenvalues are only accurate to ~1e-16, which the 1/T-th root would blow up to ~1e-5
         lam2 = 0.0 if lam2 < EIG_TOL else lam2
-        return float(1.0 - lam2 ** (1.0 / self.period))
+        return float(1.0 - lam2 ** (1.0 / self.period)), how
 
     def graph(self, t: int = 0) -> nx.DiGraph:
         """Directed graph of step t: an edge l -> k with attribute ``weight`` = W^t[k, l]."""
@@ -89,6 +126,81 @@ class Topology:
             if k != l:
                 g.add_edge(int(l), int(k), weight=float(w[k, l]))
         return g
+
+
+# ---------------------------------------------------------------- spectral gap (sparse)
+
+def _sparse_lam2(mats: list[np.ndarray], circulant: bool) -> tuple[float | None, str]:
+    """|λ2| of P = W^{T-1}···W^0 without a dense eigendecomposition.
+
+    Circulant W^t (ring, directed_ring, exponential, one_peer_exponential with uniform
+    weights) share the Fourier eigenvectors: the eigenvalues of P are the products of
+    the FFTs of the first rows, exactly. Otherwise ARPACK finds the largest eigenvalue of
+    the deflated operator A = P - 1·1ᵀ/n: P 1 = 1 and every left eigenvector u of P with
+    eigenvalue λ ≠ 1 has uᵀ1 = 0, so uᵀA = λuᵀ while A1 = 0 — the spectrum of A is that of
+    P with 1 replaced by 0, and its largest modulus is |λ2|. Only matrix-vector products
+    with the sparse W^t are used."""
+    from scipy import sparse
+
+    n = mats[0].shape[0]
+    sp = [sparse.csr_matrix(w) for w in mats]
+    for w in sp:
+        w.eliminate_zeros()
+    if circulant:
+        rows = [_circulant_row(w) for w in sp]
+        if all(r is not None for r in rows):
+            spectrum = np.prod([np.fft.fft(r) for r in rows], axis=0)
+            return float(np.abs(spectrum[1:]).max()), "circulant FFT"
+    return _arnoldi_lam2(sp, n)
+
+
+def _circulant_row(w) -> np.ndarray | None:
+    """The first row c of w when w[k, l] = c[(l - k) mod n] for every k, l; else None."""
+    n = w.shape[0]
+    coo = w.tocoo()
+    c = np.zeros(n)
+    first = coo.row == 0
+    c[coo.col[first]] = coo.data[first]
+    if coo.nnz != n * np.count_nonzero(c):
+        return None
+    same = coo.data == c[(coo.col - coo.row) % n]
+    return c if bool(np.all(same)) else None
+
+
+def _arnoldi_lam2(sp: list, n: int) -> tuple[float | None, str]:
+    from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigs, eigsh
+
+    def matvec(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x).reshape(-1)
+        mean = x.sum() / n  # (1ᵀx)/n of the input: A x = P x - 1 (1ᵀx)/n
+        for w in sp:
+            x = w @ x
+        return x - mean
+
+    if n < 4:  # ARPACK needs k < n - 1; tiny graphs are cheap to do densely
+        dense = np.eye(n)
+        for w in sp:
+            dense = w @ dense
+        return float(np.sort(np.abs(np.linalg.eigvals(dense)))[-2]), "dense eigvals"
+    probe = np.random.default_rng(0).standard_normal(n)
+    if np.linalg.norm(matvec(probe)) <= EIG_TOL * np.linalg.norm(probe):
+        return 0.0, "deflated product is zero (exact averaging)"  # ARPACK cannot start on 0
+    op = LinearOperator((n, n), matvec=matvec, dtype=np.float64)
+    symmetric = len(sp) == 1 and abs(sp[0] - sp[0].T).max() <= 1e-15
+    ncv = min(n - 1, ARPACK_NCV)
+    try:
+        if symmetric:
+            vals = eigsh(op, k=1, which="LM", tol=ARPACK_TOL, ncv=ncv, maxiter=ARPACK_MAXITER,
+                         v0=probe, return_eigenvectors=False)
+        else:
+            vals = eigs(op, k=2, which="LM", tol=ARPACK_TOL, ncv=ncv, maxiter=ARPACK_MAXITER,
+                        v0=probe, return_eigenvectors=False)
+    except ArpackNoConvergence:
+        return None, (f"ARPACK did not converge in {ARPACK_MAXITER} restarts (tol "
+                      f"{ARPACK_TOL:g}); the gap is too small to resolve this way")
+    except ArpackError as err:
+        return None, f"ARPACK failed: {err}"
+    return float(np.abs(vals).max()), "ARPACK eigsh" if symmetric else "ARPACK eigs"
 
 
 def build_topology(cfg: Mapping, n: int, seed: int) -> Topology:
@@ -305,6 +417,10 @@ def _validate(mats: list[np.ndarray], n: int, where: str) -> None:
                               f"(tolerance {ROW_SUM_TOL:g}); W must be row-stochastic, normalise "
                               "each row to sum to 1")
     union = np.any(np.stack(mats) > 0, axis=0)
+    if _reaches_all(union) and _reaches_all(union.T):
+        return
+    from scipy.sparse.csgraph import connected_components  # only to describe the failure
+
     count, labels = connected_components(union, directed=True, connection="strong")
     if count > 1:
         over = " (union over one period)" if len(mats) > 1 else ""
@@ -312,6 +428,20 @@ def _validate(mats: list[np.ndarray], n: int, where: str) -> None:
         raise ConfigError(f"{where}: the communication graph{over} is not strongly connected "
                           f"({count} components; nodes 0 and {other} cannot reach each other "
                           "both ways); add edges so every node reaches every other")
+
+
+def _reaches_all(adjacency: np.ndarray) -> bool:
+    """Whether node 0 reaches every node along edges k -> l where adjacency[l, k] (breadth
+    first; each node's row is read once). With the transpose: whether every node reaches 0."""
+    n = len(adjacency)
+    seen = np.zeros(n, dtype=bool)
+    seen[0] = True
+    frontier = np.zeros(1, dtype=np.int64)
+    while frontier.size:
+        reached = adjacency[:, frontier].any(axis=1) & ~seen
+        frontier = np.flatnonzero(reached)
+        seen[frontier] = True
+    return bool(seen.all())
 
 
 # ---------------------------------------------------------------- config helpers

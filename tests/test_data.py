@@ -11,7 +11,9 @@ from dicesim.data import (
     DATASETS,
     FASHION_FILES,
     FASHION_ROOT,
+    BatchOrder,
     batch_ids,
+    batch_ids_block,
     check_batch_size,
     load_dataset,
     node_probe_split,
@@ -53,6 +55,22 @@ def test_digits_shapes_dtypes_and_disjoint_splits() -> None:
     d = load_digits()
     assert np.allclose(raw.x_probe.numpy(), d.data[ids["probe"]] / 16)
     assert np.array_equal(raw.y_test.numpy(), d.target[ids["test"]])
+
+
+def test_digits_read_without_scikit_learn_equal_load_digits() -> None:
+    import subprocess
+
+    from dicesim.data import _digits_arrays
+
+    images, target = _digits_arrays()
+    d = load_digits()
+    assert images.dtype == d.images.dtype and np.array_equal(images, d.images)
+    assert target.dtype == d.target.dtype and np.array_equal(target, d.target)
+    code = ("import sys; from dicesim.data import load_dataset; load_dataset({}, 0); "
+            "print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_digits_image_shape_and_seeded_split() -> None:
@@ -257,3 +275,53 @@ def test_node_probe_split() -> None:
     assert not np.array_equal(probe, node_probe_split(local, 0.2, seed=0, node=4)[1])
     with pytest.raises(ConfigError, match="fraction"):
         node_probe_split(local, 1.0, seed=0, node=3)
+
+
+# --------------------------------------------------------------------------- batches, vectorized
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
+def test_batch_ids_block_equals_batch_ids(scheme: str) -> None:
+    labels = np.random.default_rng(1).integers(0, 5, size=997)
+    parts = partition(labels, 13, scheme, alpha=0.8, seed=4, min_size=7)
+    assert len({len(p) for p in parts}) > 1  # uneven partition sizes
+    bs, seed = 7, 11
+    every = np.arange(len(parts))
+    subsets = [every, every[::-1], np.array([5]), np.array([3, 3, 0]), every[1::3]]
+    # many steps: several epochs of the smallest and the largest node, boundaries included
+    for t in [*range(60), 100, 101, 2**20 + 3]:
+        for nodes in subsets:
+            block = batch_ids_block(parts, nodes, bs, t, seed)
+            expect = np.stack([batch_ids(parts[k], bs, t, seed, k) for k in nodes])
+            assert block.dtype == expect.dtype and np.array_equal(block, expect), (t, nodes)
+
+
+def test_batch_order_goes_back_in_time_and_checks_sizes() -> None:
+    parts = [np.arange(10, 30), np.arange(30, 39), np.arange(0, 10)]
+    order = BatchOrder(parts, 4, seed=2)
+    for t in [9, 0, 3, 2, 17, 1]:  # epochs change in both directions
+        assert np.array_equal(order.ids(t, [0, 1, 2]),
+                              np.stack([batch_ids(p, 4, t, 2, k) for k, p in enumerate(parts)]))
+    with pytest.raises(ConfigError, match=r"batch_size=10 must be in \[1, 9\] \(node 1"):
+        BatchOrder(parts, 10, seed=2)
+
+
+def test_batch_ids_block_follows_a_new_parts_list() -> None:
+    parts = [np.arange(0, 16), np.arange(16, 32)]
+    first = batch_ids_block(parts, [0, 1], 4, 1, 0)
+    parts[1] = np.arange(100, 116)  # a node's ids replaced (e.g. a held-out probe split)
+    again = batch_ids_block(parts, [0, 1], 4, 1, 0)
+    assert np.array_equal(again[0], first[0]) and np.array_equal(again[1], first[1] + 84)
+
+
+@pytest.mark.parametrize("seed", [0, 2**32 - 1, 2**32, 2**40 + 5])
+def test_batch_ids_block_with_large_seeds(seed: int) -> None:
+    parts = [np.arange(0, 20), np.arange(20, 33)]
+    for t in range(8):
+        assert np.array_equal(batch_ids_block(parts, [0, 1], 5, t, seed),
+                              np.stack([batch_ids(p, 5, t, seed, k) for k, p in enumerate(parts)]))
+        for k in range(2):  # and batch_ids itself still draws default_rng([seed, node, epoch])
+            epoch, i = divmod(t, len(parts[k]) // 5)
+            perm = np.random.default_rng([seed, k, epoch]).permutation(len(parts[k]))
+            assert np.array_equal(batch_ids(parts[k], 5, t, seed, k),
+                                  parts[k][perm[i * 5:(i + 1) * 5]])

@@ -16,7 +16,7 @@ from dicesim.oracle import dense_trajectory, walk_sum
 
 QUADRATIC = ("data=synthetic_regression", "model=linear", "dtype=float64", "nodes=4",
              "batch_size=8", "steps=7", "optim.lr=0.05", "data.probe_size=50")
-SMALL_MLP = ("nodes=4", "batch_size=8", "dtype=float64", "model.hidden=[6]",
+SMALL_MLP = ("nodes=4", "batch_size=8", "dtype=float64", "model.hidden=[6]", "influence.events=0",
              "data.probe_size=40", "steps=6")
 
 

@@ -53,3 +53,63 @@ def test_dense_probe_gradients_match_torch_func(per_row):
     ref_batch = vmap(grad_and_value(model.weighted_loss))(theta, x, y, w)
     for got, want in zip(fast, (*ref_batch, *ref_probe), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+
+
+# ---- evaluation in bounded memory ----------------------------------------------------------
+def _reference_probe_eval(model, theta, x, y, per_row):
+    """The one-pass evaluation probe_eval replaced: vmap over rows, every sample at once."""
+    def one(th, xx, yy):
+        out = model.forward(th, xx)
+        if model.regression:
+            loss = ((out.squeeze(-1) - yy) ** 2).mean()
+            return loss, -loss
+        loss = torch.nn.functional.cross_entropy(out, yy)
+        return loss, (out.argmax(-1) == yy).to(out.dtype).mean()
+
+    return vmap(one, in_dims=(0, 0, 0) if per_row else (0, None, None))(theta, x, y)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("name,hidden,classes,features", [
+    ("logreg", [], 10, (3, 4)),
+    ("linear", [], 0, (5,)),
+    ("mlp", [6, 5], 3, (3, 4)),
+    ("cnn", [], 4, (1, 6, 6)),
+])
+def test_chunked_probe_eval_equals_one_pass(name, hidden, classes, features, per_row):
+    torch.manual_seed(1)
+    model = build_model({"name": name, "hidden": hidden, "channels": [2, 3]}, features, classes)
+    rows, m = 7, 53
+    theta = torch.randn(rows, model.P, dtype=torch.float64)
+    lead = (rows, m) if per_row else (m,)
+    x = torch.randn(*lead, *features, dtype=torch.float64)
+    y = torch.randint(0, classes, lead) if classes else torch.randn(*lead, dtype=torch.float64)
+    ref_loss, ref_acc = _reference_probe_eval(model, theta, x, y, per_row)
+    width = model._eval_width(features)
+    for budget in (1, width * 5, width * 2 * m, 1 << 40):  # 1 row × 1 sample … one pass
+        loss, acc = model.probe_eval(theta, x, y, per_row, budget=budget)
+        torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-12)
+        if classes:
+            assert torch.equal(acc, ref_acc)
+        else:
+            torch.testing.assert_close(acc, ref_acc, rtol=0, atol=1e-12)
+
+
+def test_probe_eval_memory_is_bounded():
+    """Many rows on a large test set: the peak memory grows by about the chunk budget, not
+    by rows × samples × width (here 512 × 2000 × 64 floats, 260 MB per activation)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, torch\n"
+        "from dicesim.model import build_model\n"
+        "m = build_model({'name': 'mlp', 'hidden': [64]}, (256,), 10)\n"
+        "theta = torch.randn(512, m.P)\n"
+        "x, y = torch.randn(2000, 256), torch.randint(0, 10, (2000,))\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "m.probe_eval(theta, x, y, budget=1 << 20)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={"OMP_NUM_THREADS": "1", "PATH": ""}).stdout
+    assert int(out) < 64, f"probe_eval grew the peak RSS by {out} MB"

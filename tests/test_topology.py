@@ -221,3 +221,74 @@ def test_config_files_build(name: str) -> None:
             build_topology(cfg, 8, 0)
     else:
         assert build_topology(cfg, 8, 0).n == 8
+
+
+# ---- spectral gap without a dense eigendecomposition ---------------------------------------
+SPARSE_CASES = [("ring", {}), ("exponential", {}), ("one_peer_exponential", {}), ("torus", {}),
+                ("erdos_renyi", {"p": 0.05}), ("small_world", {}), ("star", {}), ("hub", {}),
+                ("complete", {}), ("ring", {"weights": "metropolis_hastings"})]
+
+
+@pytest.mark.parametrize("n", [255, 256])
+@pytest.mark.parametrize(("name", "kw"), SPARSE_CASES)
+def test_arnoldi_gap_equals_dense(name: str, kw: dict, n: int) -> None:
+    top = build(name, n, **kw)
+    dense, (sparse, how) = top.spectral_gap("dense"), top.spectral_gap_info("arnoldi")
+    assert sparse == pytest.approx(dense, abs=1e-6), how
+    assert top.spectral_gap("sparse") == pytest.approx(dense, abs=1e-6)
+
+
+@pytest.mark.parametrize("n", [255, 256])
+@pytest.mark.parametrize("name", ["ring", "directed_ring", "exponential", "one_peer_exponential",
+                                  "complete"])
+def test_circulant_gap_is_exact(name: str, n: int) -> None:
+    top = build(name, n)
+    gap, how = top.spectral_gap_info("sparse")
+    assert how == "circulant FFT"
+    assert gap == pytest.approx(top.spectral_gap("dense"), abs=1e-12)
+
+
+def test_time_varying_arnoldi_gap_equals_dense(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    mats = []
+    for _ in range(3):  # random sparse row-stochastic matrices with self-loops
+        w = (rng.random((200, 200)) < 0.03) * rng.random((200, 200)) + np.eye(200)
+        mats.append(w / w.sum(1, keepdims=True))
+    np.save(tmp_path / "w.npy", np.stack(mats))
+    top = build_topology({"name": "file", "path": str(tmp_path / "w.npy")}, 200, 0)
+    assert top.time_varying
+    gap, how = top.spectral_gap_info("sparse")
+    assert how == "ARPACK eigs" and gap == pytest.approx(top.spectral_gap("dense"), abs=1e-6)
+
+
+def test_gap_is_computed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    top = build("exponential", 64)
+    calls = []
+    compute = Topology._compute_gap
+    monkeypatch.setattr(Topology, "_compute_gap",
+                        lambda self, m: calls.append(m) or compute(self, m))
+    first = top.spectral_gap()
+    assert top.spectral_gap() == first and top.spectral_gap_note == "dense eigvals"
+    assert calls == ["dense"]
+
+
+def test_large_graphs_use_the_sparse_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dicesim.topology as topology
+
+    monkeypatch.setattr(topology, "SPARSE_GAP_ABOVE", 8)
+    assert build("torus", 36).spectral_gap_note == "ARPACK eigsh"
+    assert build("ring", 4).spectral_gap_note == "dense eigvals"
+    n = 4096  # the closed form of the ring, from the FFT in milliseconds
+    eig2 = (1 + 2 * math.cos(2 * math.pi / n)) / 3
+    assert build("ring", n).spectral_gap() == pytest.approx(1 - eig2, abs=1e-12)
+
+
+def test_gap_is_none_with_a_reason_when_arpack_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dicesim.topology as topology
+
+    monkeypatch.setattr(topology, "ARPACK_MAXITER", 2)
+    top = build("directed_ring", 64)  # eigenvalues clustered in modulus: slow for Arnoldi
+    gap, how = top.spectral_gap_info("arnoldi")
+    assert gap is None and "ARPACK did not converge" in how
+    with pytest.raises(ValueError, match="method"):
+        top.spectral_gap("eig")
