@@ -25,7 +25,6 @@ truths entry by entry (how precise float32 DICE-GT is).
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -45,6 +44,7 @@ from dicesim.report import (
     second_order_share,
     write_atomic,
     write_csv,
+    write_json,
 )
 
 TABLE_COLUMNS = ("set", "label", "data", "topology", "lr", "batch_size", "nodes", "removal",
@@ -461,7 +461,7 @@ def run(session: Session) -> dict | None:
     summary = summarize(cfg, results, rows_of)
     out = session.out
     write_csv(out / "alignment.csv", TABLE_COLUMNS, table_rows(summary["cases"]))
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)  # strict JSON: no bare NaN
     pictures = []
     if cfg.get("plots", True):
         pictures = plots(out, [c for c in results if c["set"] != "precision"], rows_of)

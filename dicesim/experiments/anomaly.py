@@ -19,7 +19,6 @@ runs under torchrun.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from dicesim.comm import Channel
 from dicesim.engine import RunParts, Simulation
 from dicesim.events import ProximalRow
 from dicesim.experiments import CONFIG_DIR, group_option, variant
-from dicesim.report import footer, write_atomic, write_csv
+from dicesim.report import footer, write_atomic, write_csv, write_json
 from dicesim.trackers import Tracker
 from dicesim.trainer import RunResult, Step
 
@@ -279,7 +278,7 @@ def write_outputs(out: Path, cfg: DictConfig, cases: list[Case], summary: dict) 
                          *[s[m].get((k, j), float("nan")) for m in METHODS]))
     write_csv(out / "scores.csv", ("attack", "topology", "receiver", "sender", "attacked",
                                    *METHODS), rows)
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)  # strict JSON: no bare NaN
     pictures = plots(out, cfg, cases) if cfg.get("plots", True) else []
     write_atomic(out / "report.md", report_md(summary, pictures))
 

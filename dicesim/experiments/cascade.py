@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from collections.abc import Mapping
@@ -27,7 +26,7 @@ from dicesim.cli import Session, prepare_output
 from dicesim.events import InfluenceRow
 from dicesim.experiments import variant
 from dicesim.experiments.alignment import topology_options
-from dicesim.report import footer, hop_totals, write_atomic, write_csv
+from dicesim.report import footer, hop_totals, write_atomic, write_csv, write_json
 from dicesim.topology import Topology
 
 TOTAL_COLUMNS = ("run", "hop", "mean_abs_total_e", "mean_abs_total_gt", "mean_abs_entry_e",
@@ -175,7 +174,7 @@ def run(session: Session) -> dict | None:
               [(label, s, v["mean_abs_total_e"], v["mean_abs_total_gt"], v["mean_abs_entry_e"],
                 v["mean_reached"], v["walk_mass"])
                for label, r in runs.items() for s, v in r["by_hop"].items()])
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)  # strict JSON: no bare NaN
     pictures = plots(out, runs, hv, c) if cfg.get("plots", True) else []
     write_atomic(out / "report.md", report_md(summary, pictures))
     e = hv["dice_e"]

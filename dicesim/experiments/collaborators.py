@@ -17,7 +17,6 @@ runs are left out of every condition, the reference included).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from scipy.sparse.csgraph import connected_components
 from dicesim.cli import Session, fail, prepare_output
 from dicesim.engine import Simulation
 from dicesim.experiments import CONFIG_DIR, group_option, variant
-from dicesim.report import footer, write_atomic
+from dicesim.report import footer, write_atomic, write_json
 from dicesim.trainer import RunResult
 
 # condition → (attacked?, defense.kind)
@@ -148,7 +147,7 @@ def run(session: Session) -> dict | None:
         return None
     assert session.out is not None
     summary = summarize(cfg, runs, attacked, time.perf_counter() - t0)
-    write_atomic(session.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_json(session.out / "summary.json", summary)  # strict JSON: no bare NaN
     pictures = plots(session.out, runs) if cfg.get("plots", True) else []
     write_atomic(session.out / "report.md", report_md(summary, pictures))
     for name, met in summary["targets"].items():

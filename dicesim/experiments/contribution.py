@@ -25,7 +25,6 @@ samples (p_k from 0 to `noise_max`; the runs get it as `data.label_noise`).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from dicesim.engine import Simulation
 from dicesim.events import InfluenceRow
 from dicesim.experiments import variant
 from dicesim.experiments.alignment import topology_options
-from dicesim.report import footer, write_atomic, write_csv
+from dicesim.report import footer, write_atomic, write_csv, write_json
 
 NODE_COLUMNS = ("nodes", "node", "label_noise", "dice_r_hop", "dice_one_hop", "loo",
                 "rank_dice", "rank_loo", "given", "received", "reciprocity", "balance")
@@ -198,7 +197,7 @@ def run(session: Session) -> dict | None:
     write_csv(out / "edges.csv", EDGE_COLUMNS,
               [(s["nodes"], e["j"], e["k"], e["given_j_to_k"], e["given_k_to_j"],
                 e["reciprocity_jk"]) for s in settings for e in s["reciprocity"]["edges"]])
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)  # strict JSON: no bare NaN
     pictures = plots(out, settings) if cfg.get("plots", True) else []
     write_atomic(out / "report.md", report_md(cfg, summary, pictures))
     session.say(f"contribution: target {'met' if summary['targets']['all_pass'] else 'NOT met'}"
