@@ -15,7 +15,10 @@ into the tracker's own list; both leave the rank through `take_rows`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+import torch
 from torch import Tensor
 
 from dicesim.comm import Channel, Layout, mix
@@ -59,9 +62,11 @@ class PerturbationTracker(Tracker):
 
     column = ""
 
-    def __init__(self, book: EventBook, layout: Layout, only: set[int] | None = None):
+    def __init__(self, book: EventBook, layout: Layout, q: np.ndarray,
+                 only: set[int] | None = None):
         self.book = book
         self.layout = layout
+        self.q = q  # node weights q_k
         self.only = only  # the events this tracker follows (None: every event)
         self.rows: dict[int, Tensor] = {}  # event index → [local nodes of R_s, P]
 
@@ -90,7 +95,7 @@ class PerturbationTracker(Tracker):
         for i in [i for i in self.rows if self.book.by_index[i].step + self.book.hops <= t]:
             del self.rows[i]
 
-    def start_rows(self, step, e: Event) -> Tensor:
+    def _start_rows(self, step, e: Event) -> Tensor:
         """The exact source perturbation δ_j^{t+½} of a local event, or no rows if the
         source lives on another rank (its rows arrive by gossip)."""
         source = step.sources.get(e.index)
@@ -107,6 +112,41 @@ class PerturbationTracker(Tracker):
         """Events at hops 1 ≤ s ≤ r and their local rows: recorded at θ^t."""
         events = self._mine(self.book.at_hops(t, 1, self.book.hops))
         return events, [self.book.local_rows(e, e.hop(t)) for e in events]
+
+    # ---- the three things every perturbation tracker does, with its own rule --------------
+    def record(self, step, value: Callable[[Tensor, Tensor], Tensor]) -> None:
+        """At θ^t: value(v, rows) per reached local row (v its perturbation rows, rows the
+        local row indices), times q_k, into the book at hop t − t_e."""
+        events, idx = self.recorded(step.t)
+        if sum(map(len, idx)) == 0:
+            return
+        rows = torch.as_tensor(np.concatenate(idx), device=step.theta.device)
+        v = torch.cat([self.rows[e.index] for e in events])
+        self.write(events, idx, value(v, rows), self.q, step.t)
+
+    def advance(self, step, rule: Callable[..., Tensor]) -> None:
+        """Local step of the rows of events at hops 1 ≤ s < r:
+        v ← rule(v, rows, global nodes, x, y, w) on each row's node's own batch."""
+        events, idx = self.moving(step.t)
+        if not events or sum(map(len, idx)) == 0:
+            return
+        flat = np.concatenate(idx)
+        rows = torch.as_tensor(flat, device=step.theta.device)
+        x, y, w = step.batch
+        v = torch.cat([self.rows[e.index] for e in events])
+        new = rule(v, rows, flat + self.layout.first, x[rows], y[rows], w[rows])
+        for e, part in zip(events, new.split([len(i) for i in idx]), strict=True):
+            self.rows[e.index] = part
+
+    def start(self, step, value: Callable[[int, Tensor], Tensor]) -> None:
+        """Events removing data at t: rows from δ_j^{t+½}; on the source's rank the hop-0
+        term value(local row of j, δ_j) times q_j into the book."""
+        for e in self.starting(step):
+            self.rows[e.index] = self._start_rows(step, e)
+            if e.index in step.sources:
+                i = self.layout.local_index(e.source)
+                self.book.put(e, 0, e.source, self.column,
+                              float(self.q[e.source] * value(i, self.rows[e.index])))
 
     def write(self, events: list[Event], idx: list[np.ndarray], values: Tensor,
               q: np.ndarray, t: int) -> None:

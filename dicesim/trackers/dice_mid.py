@@ -26,8 +26,8 @@ class DiceMid(PerturbationTracker):
 
     def __init__(self, book: EventBook, layout: Layout, model: FlatModel, probe: Probe,
                  q: np.ndarray, optimizer, curvature: bool):
-        super().__init__(book, layout)
-        self.model, self.probe, self.q = model, probe, q
+        super().__init__(book, layout, q)
+        self.model, self.probe = model, probe
         self.optimizer, self.curvature = optimizer, curvature
 
     def _midpoint_dots(self, at: torch.Tensor, rows: torch.Tensor, v: torch.Tensor
@@ -37,30 +37,15 @@ class DiceMid(PerturbationTracker):
         return (grads * v).sum(1)
 
     def at_theta(self, step) -> None:
-        events, idx = self.recorded(step.t)
-        if sum(map(len, idx)) == 0:
-            return
-        flat = torch.as_tensor(np.concatenate(idx), device=step.theta.device)
-        dhat = torch.cat([self.rows[e.index] for e in events])
-        self.write(events, idx, self._midpoint_dots(step.theta[flat], flat, dhat), self.q,
-                   step.t)
+        self.record(step, lambda dhat, rows: self._midpoint_dots(step.theta[rows], rows, dhat))
 
     def local_step(self, step) -> None:
-        t = step.t
-        events, idx = self.moving(t)
-        if self.curvature and events and sum(map(len, idx)):
-            flat = np.concatenate(idx)
-            ti = torch.as_tensor(flat, device=step.theta.device)
-            x, y, w = step.batch
-            dhat = torch.cat([self.rows[e.index] for e in events])
-            hv = self.model.hvps(step.theta[ti] - 0.5 * dhat, dhat, x[ti], y[ti], w[ti])
-            new = dhat + self.optimizer.tangent(t, flat + self.layout.first, hv)
-            for e, part in zip(events, new.split([len(i) for i in idx]), strict=True):
-                self.rows[e.index] = part
-        for e in self.starting(step):
-            self.rows[e.index] = self.start_rows(step, e)
-            if e.index in step.sources:  # s = 0 at θ_j^{t+½} − δ_j/2
-                i = self.layout.local_index(e.source)
-                row = torch.as_tensor([i], device=step.theta.device)
-                value = self._midpoint_dots(step.half[i:i + 1], row, self.rows[e.index])[0]
-                self.book.put(e, 0, e.source, self.column, float(self.q[e.source] * value))
+        def linearized_at_midpoint(dhat, rows, nodes, x, y, w):  # the HVP at θ_k − δ̂_k/2
+            hv = self.model.hvps(step.theta[rows] - 0.5 * dhat, dhat, x, y, w)
+            return dhat + self.optimizer.tangent(step.t, nodes, hv)
+
+        if self.curvature:
+            self.advance(step, linearized_at_midpoint)
+        # s = 0 at θ_j^{t+½} − δ_j/2
+        self.start(step, lambda i, delta: self._midpoint_dots(
+            step.half[i:i + 1], torch.as_tensor([i], device=delta.device), delta)[0])
