@@ -26,16 +26,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def dicesim_command(ranks: int = 0) -> list[str]:
+    """`python -m dicesim` (ranks=0) or plain torchrun with `ranks` local processes."""
+    if ranks:
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
+                f"--nproc_per_node={ranks}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "dicesim"]
+    return [sys.executable, "-m", "dicesim"]
+
+
 def run_dicesim(out: Path, *overrides: str, ranks: int = 0, timeout: float = 240,
                 env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m dicesim` (ranks=0) or torchrun with `ranks` processes, writing to out."""
-    if ranks:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
-               f"--nproc_per_node={ranks}", "--rdzv-backend=c10d",
-               f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "dicesim"]
-    else:
-        cmd = [sys.executable, "-m", "dicesim"]
-    cmd += [*overrides, f"out_dir={out}", "progress=false", "plots=false"]
+    cmd = [*dicesim_command(ranks), *overrides, f"out_dir={out}", "progress=false",
+           "plots=false"]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env=full_env)

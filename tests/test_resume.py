@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
-from conftest import REPO, free_port
+from conftest import REPO, dicesim_command
 
 from dicesim.checkpoint import complete
 
@@ -22,12 +21,7 @@ OUTPUTS = ("metrics.csv", "influence.csv", "proximal.csv")
 
 def dicesim(*overrides: str, ranks: int = 0, fault: str | None = None
             ) -> subprocess.CompletedProcess:
-    if ranks:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
-               f"--nproc_per_node={ranks}", "--rdzv-backend=c10d",
-               f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "dicesim"]
-    else:
-        cmd = [sys.executable, "-m", "dicesim"]
+    cmd = dicesim_command(ranks)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("DICESIM_FAULT", None)
     if fault:
