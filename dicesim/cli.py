@@ -134,9 +134,10 @@ def peer_failed(err: PeerError) -> None:
 
 
 def stopped(session: Session, stop: Stopped, sim: Simulation | None) -> None:
-    """A signal or a diverged loss stopped every rank at the same step: leave together,
-    write what is finished (rank 0), run the signal hooks, exit with one line."""
-    session.close()
+    """A signal or a diverged loss stopped every rank at the same step: rank 0 writes what
+    is finished, then all leave together (the others wait in the closing barrier, so plain
+    torchrun, which ends the remaining ranks once one has exited non-zero, cannot cut the
+    writing short), run the signal hooks, exit with one line."""
     if session.rank == 0 and session.out is not None and sim is not None:
         from dicesim.report import write_all
 
@@ -148,6 +149,7 @@ def stopped(session: Session, stop: Stopped, sim: Simulation | None) -> None:
             status["first_nonfinite"] = {"step": f.step, "node": f.node,
                                          "metric": f"{f.what}_loss", "value": f.value}
         write_all(session.out, sim, stop.result, plots=False, status=status)
+    session.close()
     if stop.reason == "signal":
         for hook in on_signal:
             hook(stop.detail, stop.step)
