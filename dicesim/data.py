@@ -377,8 +377,8 @@ class BatchOrder:
         for i in stale.tolist():  # once per node and epoch, not per step
             node, e = int(nodes[i]), int(epoch[i])
             start = self.offsets[node]
-            self.order[start:start + self.sizes[node]] = _permutation(
-                int(self.sizes[node]), self.seed, node, e)
+            self.order[start:start + self.sizes[node]] = _epoch_order(
+                int(self.sizes[node]), self.seed, node, e)  # cached across runs too
             self.epoch[node] = e
         start = self.offsets[nodes][:, None]
         pos = self.order[start + (k * self.batch_size)[:, None] + self.within]
