@@ -216,8 +216,17 @@ def preflight(cfg: DictConfig) -> None:
         else:
             session.build(cfg)
     if not dry:
+        resume = cfg.get("resume")
         try:
-            rundir.probe(run_target(cfg), bool(cfg.get("overwrite", False)))
+            if resume is None:
+                rundir.probe(run_target(cfg), bool(cfg.get("overwrite", False)))
+            else:  # the checkpoint must fit this launch (settings, number of ranks)
+                target = run_target(cfg)
+                folder = Path(resume) if resume != "auto" else (
+                    None if target.unique else target.path)
+                if folder is not None and find_resume(folder, cfg, world,
+                                                      explicit=resume != "auto") is None:
+                    check_same_run(folder, cfg)
         except ConfigError as err:
             fail(str(err))
 

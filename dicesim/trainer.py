@@ -255,7 +255,7 @@ class Trainer:
             if book is not None:
                 book.retire(t)
             flush = trackers and (t + 1) % sim.influence.flush_every == 0
-            if self.checkpoints is not None and self.checkpoints.due(t + 1):
+            if self.checkpoints is not None and self.checkpoints.due(t + 1) and t + 1 < s.steps:
                 self._flush()
                 self.checkpoints.save(self, t + 1)
             elif flush:

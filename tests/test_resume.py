@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 from conftest import REPO, dicesim_command
@@ -116,3 +117,17 @@ def test_sigterm_leaves_a_checkpoint_and_resume_auto_finishes_the_same_run(tmp_p
     ok(resumed)
     for name in OUTPUTS:
         assert (cut / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_the_launcher_refuses_a_checkpoint_of_another_rank_count(tmp_path):
+    out = tmp_path / "run"
+    ok(dicesim(*RUN, "steps=8", "checkpoint.every=4", f"out_dir={out}"))
+    assert [p.name for p in complete(out)] == ["step_000004"]  # none at the last step
+    proc = subprocess.run([sys.executable, "-m", "dicesim.launch", "torchrun", "--procs", "2",
+                           "--", *RUN, "steps=8", "checkpoint.every=4", f"out_dir={out}",
+                           f"resume={out}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"dicesim: error: resume: the checkpoint {out}/checkpoints/step_000004 was written by "
+        "1 rank(s), this run has 2; resume with the same number of ranks"]
