@@ -56,6 +56,12 @@ def result_settings(cfg: Mapping) -> dict[str, object]:
     return out
 
 
+def first_difference(before: dict, now: dict) -> str | None:
+    """The first key (sorted) whose value differs between two result_settings."""
+    return next((k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)),
+                None)
+
+
 def _to_plain(obj: object) -> object:
     """numpy arrays become tensors (torch.load(weights_only=True) takes no numpy objects)."""
     if isinstance(obj, np.ndarray):
@@ -64,9 +70,8 @@ def _to_plain(obj: object) -> object:
         return obj.detach().cpu()
     if isinstance(obj, dict):
         return {k: _to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_to_plain(v) for v in obj) if isinstance(obj, list) else tuple(
-            _to_plain(v) for v in obj)
+    if isinstance(obj, list | tuple):  # NamedTuple rows become plain tuples
+        return (list if isinstance(obj, list) else tuple)(_to_plain(v) for v in obj)
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
@@ -157,12 +162,12 @@ def find_resume(folder: Path, cfg: Mapping, world: int, explicit: bool) -> Path 
     if meta["ranks"] != world:
         raise ConfigError(f"resume: the checkpoint {latest} was written by {meta['ranks']} "
                           f"rank(s), this run has {world}; resume with the same number of ranks")
-    now, then = result_settings(cfg), meta["settings"]
-    for key in sorted(set(now) | set(then)):
-        if now.get(key) != then.get(key):
-            raise ConfigError(
-                f"resume: {key}={then.get(key)!r} in the checkpoint {latest.name}, but "
-                f"{key}={now.get(key)!r} now; resume with the same settings or start a new run")
+    key = first_difference(meta["settings"], result_settings(cfg))
+    if key is not None:
+        then, now = meta["settings"].get(key), result_settings(cfg).get(key)
+        raise ConfigError(
+            f"resume: {key}={then!r} in the checkpoint {latest.name}, but {key}={now!r} "
+            "now; resume with the same settings or start a new run")
     if not all((latest / f"rank{r}.pt").is_file() for r in range(world)):
         raise ConfigError(f"resume: {latest} is missing a rank's file")
     return latest

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dicesim import rundir
-from dicesim.checkpoint import Checkpoints, find_resume, result_settings
+from dicesim.checkpoint import Checkpoints, find_resume, first_difference, result_settings
 from dicesim.comm import Comm, PeerError
 from dicesim.config import CONFIG_DIR, check_group_choice, compose_checked, load, sweep_points
 from dicesim.config import GROUPS as GROUPS  # re-exported: the config groups users type
@@ -216,17 +216,11 @@ def preflight(cfg: DictConfig) -> None:
         else:
             session.build(cfg)
     if not dry:
-        resume = cfg.get("resume")
         try:
-            if resume is None:
+            if cfg.get("resume") is None:
                 rundir.probe(run_target(cfg), bool(cfg.get("overwrite", False)))
             else:  # the checkpoint must fit this launch (settings, number of ranks)
-                target = run_target(cfg)
-                folder = Path(resume) if resume != "auto" else (
-                    None if target.unique else target.path)
-                if folder is not None and find_resume(folder, cfg, world,
-                                                      explicit=resume != "auto") is None:
-                    check_same_run(folder, cfg)
+                locate_resume(cfg, world)
         except ConfigError as err:
             fail(str(err))
 
@@ -239,37 +233,40 @@ class RunDirPlan:
 
 
 def plan_checkpoints(session: Session) -> tuple[Checkpoints | None, RunDirPlan]:
-    """(what saves and loads checkpoints, where the run writes).
-    `resume=DIR` continues DIR's newest checkpoint there; `resume=auto` continues the run
-    directory's own, or starts this run afresh there when it has none (a directory of a
-    run with other settings is refused). Called on every rank; only rank 0 writes."""
+    """(what saves and loads checkpoints, where the run writes); the keys' types and
+    ranges were checked by the schema. Called on every rank; only rank 0 writes."""
     cfg = session.cfg
-    ck = cfg.get("checkpoint") or {}
-    every, keep, resume = ck.get("every", 0), ck.get("keep", 2), cfg.get("resume")
-    for key, value, least in (("checkpoint.every", every, 0), ("checkpoint.keep", keep, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            fail(f"{key}={value}: must be an integer >= {least}")
-    if resume is not None and not isinstance(resume, str):
-        fail(f"resume={resume}: give the run directory to continue, or auto")
-    if not every and resume is None:
+    every, keep = cfg.checkpoint.every, cfg.checkpoint.keep
+    if not every and cfg.resume is None:
         return None, RunDirPlan()
-    if resume in (None, "auto"):
+    try:
+        plan, source = locate_resume(cfg, session.world)
+    except ConfigError as err:
+        fail(str(err))
+    if source is not None:
+        session.say(f"dicesim: resuming from {source}")
+    return Checkpoints(None, every, keep, cfg, session.world, source), plan
+
+
+def locate_resume(cfg: DictConfig, world: int) -> tuple[RunDirPlan, Path | None]:
+    """Where `resume` points and the checkpoint to load (None: start afresh): `resume=DIR`
+    continues DIR's newest checkpoint there; `resume=auto` continues the run directory's
+    own, or starts this run afresh there when it has none (a directory of a run with other
+    settings is refused). ConfigError (one line) when a checkpoint does not fit."""
+    resume = cfg.get("resume")
+    if resume is None:
+        return RunDirPlan(), None
+    if resume == "auto":
         target = run_target(cfg)
         folder = None if target.unique else target.path  # a fresh default name: nothing to find
     else:
         folder = Path(resume)
     source, replace = None, False
-    try:
-        if resume is not None and folder is not None:
-            source = find_resume(folder, cfg, session.world, explicit=resume != "auto")
-            if source is None and resume == "auto":
-                replace = check_same_run(folder, cfg)
-    except ConfigError as err:
-        fail(str(err))
-    if source is not None:
-        session.say(f"dicesim: resuming from {source}")
-    plan = RunDirPlan(folder if resume is not None else None, source is not None, replace)
-    return Checkpoints(None, every, keep, cfg, session.world, source), plan
+    if folder is not None:
+        source = find_resume(folder, cfg, world, explicit=resume != "auto")
+        if source is None and resume == "auto":
+            replace = check_same_run(folder, cfg)
+    return RunDirPlan(folder, source is not None, replace), source
 
 
 def check_same_run(folder: Path, cfg: DictConfig) -> bool:
@@ -279,13 +276,12 @@ def check_same_run(folder: Path, cfg: DictConfig) -> bool:
     written = folder / "config.yaml"
     if not written.is_file():
         return False
-    before = result_settings(OmegaConf.load(written))
-    now = result_settings(cfg)
-    differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-    if differ:
-        raise ConfigError(f"resume=auto: {folder} holds a run with other settings ({differ[0]}="
-                          f"{before.get(differ[0])!r}, now {now.get(differ[0])!r}) and no "
-                          "checkpoint; choose another out_dir, or overwrite=true")
+    before, now = result_settings(OmegaConf.load(written)), result_settings(cfg)
+    key = first_difference(before, now)
+    if key is not None:
+        raise ConfigError(f"resume=auto: {folder} holds a run with other settings ({key}="
+                          f"{before.get(key)!r}, now {now.get(key)!r}) and no checkpoint; "
+                          "choose another out_dir, or overwrite=true")
     return True
 
 
