@@ -121,8 +121,13 @@ class PerturbationTracker(Tracker):
         if sum(map(len, idx)) == 0:
             return
         rows = torch.as_tensor(np.concatenate(idx), device=step.theta.device)
-        v = torch.cat([self.rows[e.index] for e in events])
-        self.write(events, idx, value(v, rows), self.q, step.t)
+        values = value(torch.cat([self.rows[e.index] for e in events]), rows)
+        offset, base = 0, self.layout.first
+        for e, local in zip(events, idx, strict=True):
+            for i, k in enumerate(local + base):
+                self.book.put(e, e.hop(step.t), int(k), self.column,
+                              float(self.q[k] * values[offset + i]))
+            offset += len(local)
 
     def advance(self, step, rule: Callable[..., Tensor]) -> None:
         """Local step of the rows of events at hops 1 ≤ s < r:
@@ -147,15 +152,6 @@ class PerturbationTracker(Tracker):
                 i = self.layout.local_index(e.source)
                 self.book.put(e, 0, e.source, self.column,
                               float(self.q[e.source] * value(i, self.rows[e.index])))
-
-    def write(self, events: list[Event], idx: list[np.ndarray], values: Tensor,
-              q: np.ndarray, t: int) -> None:
-        offset, base = 0, self.layout.first
-        for e, local in zip(events, idx, strict=True):
-            for i, k in enumerate(local + base):
-                self.book.put(e, e.hop(t), int(k), self.column,
-                              float(q[k] * values[offset + i]))
-            offset += len(local)
 
     def state_dict(self) -> dict:
         return {"rows": dict(self.rows)}
