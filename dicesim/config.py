@@ -49,11 +49,12 @@ PROBES = ("shared", "per_node")
 TASKS = ("classification", "regression")
 MODELS = ("logreg", "linear", "mlp", "cnn")
 ACTIVATIONS = ("gelu", "relu", "sigmoid", "tanh")
-OPTIMIZERS = ("sgd",)
+OPTIMIZERS = ("sgd", "adam", "adamw")  # dicesim/optim.py
+SCHEDULES = ("constant", "cosine", "step", "linear_warmup_cosine")
 ATTACKS = ("none", "label_flip", "feature_noise", "free_rider", "scaled_update")
 DEFENSES = ("none", "dice", "trimmed_mean", "oracle")
 SWEEPS = ("core", "full")
-ESTIMATORS = ("dice_e", "dice_mid")  # influence.estimators (dicesim/trackers)
+ESTIMATORS = ("dice_e", "dice_mid", "dice_e_nostate")  # influence.estimators (trackers/)
 MAX_HOPS = 8
 SEED_MAX = 2**32 - 1
 EVENT_KEYS = ("node", "step", "samples")
@@ -175,8 +176,22 @@ class Model:
 
 @dataclass
 class Optim:
-    name: str = "sgd"
-    lr: float = 0.05
+    """configs/optim/*.yaml; the ranges are checked by dicesim.optim.optim_settings."""
+
+    name: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.05  # η (the schedule's peak)
+    momentum: float = 0.0  # sgd: μ
+    dampening: float = 0.0  # sgd: τ
+    nesterov: bool = False
+    weight_decay: float = 0.0  # λ (AdamW: decoupled)
+    betas: list[float] = _list(0.9, 0.999)  # adam, adamw
+    eps: float = 1e-8
+    gossip_state: bool = False  # also mix the optimizer state (DSGDm mixes θ only)
+    schedule: str = "constant"  # constant | cosine | step | linear_warmup_cosine
+    min_lr: float = 0.0  # cosine: η at the last step
+    warmup_steps: int = 0  # linear_warmup_cosine
+    step_size: int = 1  # step: η γ^⌊t / step_size⌋
+    gamma: float = 0.1
 
 
 @dataclass
@@ -688,8 +703,12 @@ def validate(cfg: DictConfig) -> None:
     _validate_data(c.data)
     _validate_model(c.model)
     _validate_model_data(c.model, c.data)
-    _choice("optim.name", c.optim.name, OPTIMIZERS, " (only sgd is implemented)")
+    _choice("optim.name", c.optim.name, OPTIMIZERS, " (optim=sgd|momentum|adam|adamw)")
+    _choice("optim.schedule", c.optim.schedule, SCHEDULES)
     _positive("optim.lr", c.optim.lr, 0.05)
+    from dicesim.optim import optim_settings  # the optimizer's own range checks
+
+    optim_settings(c.optim, steps)
     _validate_influence(c.influence, n, steps, c.batch_size)
     _validate_attack(c.attack, n, steps)
     _validate_defense(c.defense, c.influence.proximal)

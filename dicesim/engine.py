@@ -31,12 +31,13 @@ from dicesim.data import (
 from dicesim.errors import ConfigError
 from dicesim.events import ESTIMATORS, Event, EventBook, build_events
 from dicesim.model import FlatModel, Probe, build_model
-from dicesim.optim import SGD
+from dicesim.optim import LocalOptimizer, OptimSettings, State, build_optimizer, optim_settings
 from dicesim.topology import Topology, build_topology
 from dicesim.trackers import Tracker
 from dicesim.trainer import RunResult, Step, Trainer
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DEFAULT_ESTIMATORS = ("dice_e", "dice_mid")
 
 
 @dataclass
@@ -76,8 +77,6 @@ def run_settings(cfg: Mapping) -> RunSettings:
     dtype = cfg.get("dtype", "float32")
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype}: choose float32 or float64")
-    if cfg["optim"].get("name", "sgd") != "sgd":
-        raise ConfigError(f"optim.name={cfg['optim']['name']}: only sgd is implemented")
     lr = number(cfg, "optim.lr")
     if not lr > 0:
         raise ConfigError(f"optim.lr={lr}: must be positive")
@@ -150,6 +149,7 @@ class Simulation:
         self.cfg = cfg
         self.run = run_settings(cfg)
         s = self.run
+        self.optim: OptimSettings = optim_settings(cfg["optim"], s.steps)
         check_layout(s.nodes, world)
         self.layout = Layout(s.nodes, world, rank)
         self.topology: Topology = build_topology(cfg["topology"], s.nodes, s.seed)
@@ -176,7 +176,7 @@ class Simulation:
             hops=number(cfg, "influence.hops", int, 1),
             curvature=bool(icfg.get("curvature", True)), proximal=bool(icfg.get("proximal", False)),
             flush_every=number(cfg, "influence.flush_every", int, 50, minimum=1),
-            estimators=self._estimators(icfg.get("estimators", list(ESTIMATORS))),
+            estimators=self._estimators(icfg.get("estimators", list(DEFAULT_ESTIMATORS))),
         )
         self.events: list[Event] = build_events(
             icfg, nodes=s.nodes, steps=s.steps, batch_size=s.batch_size, parts=self.parts,
@@ -335,7 +335,7 @@ class InfluenceSettings:
     curvature: bool = True
     proximal: bool = False
     flush_every: int = 50
-    estimators: tuple[str, ...] = ESTIMATORS
+    estimators: tuple[str, ...] = DEFAULT_ESTIMATORS
     ground_truth: set[int] | None = None  # events with ground truth; None: every event
 
     @property
@@ -382,10 +382,13 @@ class RunParts:
             self.theta0 = torch.stack([self.model.flat_init(s.seed * 100003 + int(k), s.dtype)
                                        for k in local]).to(device)
 
-        self.optimizer = SGD(s.lr, attack.update)
+        self.optimizer: LocalOptimizer = build_optimizer(sim.optim, s.steps, attack.update)
+        self.optimizer.init_state(self.theta0)
         self.aggregator = sim.new_aggregator()
         inf = sim.influence
-        self.book = EventBook(sim.events, inf.hops, lay, sim.topology) if sim.events else None
+        # with optimizer state a node stays perturbed after θ's perturbation moved on
+        self.book = (EventBook(sim.events, inf.hops, lay, sim.topology,
+                               cumulative=self.optimizer.stateful) if sim.events else None)
         self.trackers: list[Tracker] = []
         if self.book is not None:
             if inf.any_ground_truth:
@@ -394,6 +397,9 @@ class RunParts:
             if "dice_e" in inf.estimators:
                 self.trackers.append(DiceE(self.book, lay, self.model, sim.q, self.optimizer,
                                            inf.curvature))
+            if "dice_e_nostate" in inf.estimators:
+                self.trackers.append(DiceE(self.book, lay, self.model, sim.q, self.optimizer,
+                                           inf.curvature, with_state=False))
             if "dice_mid" in inf.estimators:
                 self.trackers.append(DiceMid(self.book, lay, self.model, self.probe, sim.q,
                                              self.optimizer, inf.curvature))
@@ -420,23 +426,36 @@ class RunParts:
                 w[i, torch.as_tensor(self.removals[(k, t)], device=x.device)] = 0.0
         return x, y, w
 
-    def sources(self, step: Step) -> dict[int, Tensor]:
-        """δ_j^{t+½} = O(θ_j^t; B) − O(θ_j^t; B ∖ S) of every event starting at t on this
-        rank: the update of the removed samples alone, the gradient being linear in the
-        sample weights (exact for SGD)."""
+    def sources(self, step: Step) -> dict[int, tuple[Tensor, State]]:
+        """(δθ_j^{t+½}, δs_j^{t+½}) = O(θ_j^t, s_j^t; B) − O(θ_j^t, s_j^t; B ∖ S) of every event
+        starting at t on this rank. The gradient is linear in the sample weights, so for an
+        affine optimizer (SGD, momentum, weight decay) this is the step's tangent along the
+        removed samples' gradient ∇L_S alone (−η ∇L_S for SGD), exactly; otherwise (Adam)
+        the difference of the two steps, the second on the batch without S."""
         out = {}
-        lay = self.sim.layout
+        lay, opt = self.sim.layout, self.optimizer
         x, y, w = step.batch
         for e in step.started:
             if not lay.is_local(e.source):
                 continue
             i = lay.local_index(e.source)
-            w_removed = torch.zeros_like(w[i])
-            pos = torch.as_tensor(e.positions, device=w.device)
-            w_removed[pos] = w[i][pos]
-            g_removed, _ = self.model.grads(step.theta[i:i + 1], x[i:i + 1], y[i:i + 1],
-                                            w_removed[None])
-            out[e.index] = self.optimizer.update(e.step, np.array([e.source]), g_removed)
+            nodes = np.array([e.source])
+            keep = torch.ones_like(w[i])
+            keep[torch.as_tensor(e.positions, device=w.device)] = 0.0
+            theta = step.theta[i:i + 1]
+            state = {n: v[i:i + 1] for n, v in step.state.items()}
+            if opt.affine:
+                g_removed, _ = self.model.grads(theta, x[i:i + 1], y[i:i + 1],
+                                                (w[i] * (1 - keep))[None])
+                zero = {n: torch.zeros_like(v) for n, v in state.items()}
+                out[e.index] = opt.tangent(e.step, nodes, theta, state, step.grad[i:i + 1],
+                                           torch.zeros_like(theta), zero, g_removed)
+            else:
+                g_without, _ = self.model.grads(theta, x[i:i + 1], y[i:i + 1],
+                                                (w[i] * keep)[None])
+                update, new = opt.step(e.step, nodes, theta, state, g_without)
+                out[e.index] = (step.update[i:i + 1] - update,
+                                {n: step.new_state[n][i:i + 1] - new[n] for n in new})
         return out
 
 

@@ -39,6 +39,7 @@ class InfluenceRow(NamedTuple):
     dice_e: float | None  # E[e,s,k], the paper's estimator (None: switched off)
     dice_gt: float | None  # G[e,s,k] (None: not requested for this event)
     dice_mid: float | None = None  # the midpoint estimator (None: switched off)
+    dice_e_nostate: float | None = None  # DICE-E ignoring the optimizer state (ablation)
 
 
 class ProximalRow(NamedTuple):
@@ -71,11 +72,17 @@ class Event:
         return t - self.step
 
 
-def reach_sets(topology: Topology, source: int, step: int, hops: int) -> list[np.ndarray]:
+def reach_sets(topology: Topology, source: int, step: int, hops: int,
+               cumulative: bool = False) -> list[np.ndarray]:
+    """R_0 … R_r; `cumulative`: R_{s+1} also keeps R_s (a stateful optimizer's nodes stay
+    perturbed through their state after θ's perturbation has moved on)."""
     sets = [np.array([source])]
     for s in range(hops):
         W = topology.W(step + s)
-        sets.append(np.flatnonzero((W[:, sets[-1]] > 0).any(axis=1)))
+        reached = (W[:, sets[-1]] > 0).any(axis=1)
+        if cumulative:
+            reached[sets[-1]] = True
+        sets.append(np.flatnonzero(reached))
     return sets
 
 
@@ -199,11 +206,12 @@ class EventBook:
     `put`. The trainer calls `retire(t)` once every tracker is done with θ^t; an event's
     rows leave the rank (`take_rows`) only once all its hops are written."""
 
-    def __init__(self, events: list[Event], hops: int, layout: Layout, topology: Topology):
+    def __init__(self, events: list[Event], hops: int, layout: Layout, topology: Topology,
+                 cumulative: bool = False):
         self.hops = hops
         self.layout = layout
         for e in events:
-            e.reach = reach_sets(topology, e.source, e.step, hops)
+            e.reach = reach_sets(topology, e.source, e.step, hops, cumulative)
         self.events = sorted(events, key=lambda e: (e.step, e.index))
         self.by_index = {e.index: e for e in self.events}
         self.started = 0  # events[:started] have started
@@ -258,7 +266,8 @@ class EventBook:
             for (s, k), cols in sorted(self.cells.pop(i).items()):
                 self.finished.append(InfluenceRow(
                     e.index, e.source, e.step, e.n_removed, s, k,
-                    cols.get("dice_e"), cols.get("dice_gt"), cols.get("dice_mid")))
+                    cols.get("dice_e"), cols.get("dice_gt"), cols.get("dice_mid"),
+                    cols.get("dice_e_nostate")))
         self.active = [e for e in self.active if e.step + self.hops > t]
 
     def take_rows(self) -> list[InfluenceRow]:

@@ -4,10 +4,12 @@ Step t on every rank, vectorized over its block of nodes (DESIGN §1, §3):
   1. θ^t known: trackers record (`at_theta`); the aggregator observes what they published
      (proximal influence of step t − 1); metrics every `eval_every` steps.
   2. W^t as mixed = aggregator.weights(W^t of the topology).
-  3. local step: Δ^t = optimizer.update(∇L(θ^t; B^t)), θ^{t+½} = θ^t + Δ^t; trackers step
-     their rows (`local_step`).
-  4. gossip: the parameter rows and every tracker's declared rows travel in one buffer per
-     peer rank; θ^{t+1} = aggregator.combine(W^t, received); trackers mix theirs.
+  3. local step: (Δ^t, s^{t+½}) = optimizer.step(θ^t, s^t, ∇L(θ^t; B^t), t),
+     θ^{t+½} = θ^t + Δ^t; trackers step their rows (`local_step`).
+  4. gossip: the parameter rows (and with optim.gossip_state the optimizer state) and every
+     tracker's declared rows travel in one buffer per peer rank;
+     θ^{t+1} = aggregator.combine(W^t, received); trackers mix theirs. The state stays
+     s^{t+1} = s^{t+½} unless it is gossiped too.
 Without trackers, the rows that peers mix are stepped first and their exchange posted;
 interior rows step while it travels.
 """
@@ -28,6 +30,7 @@ from torch import Tensor
 from dicesim.comm import Channel, Comm, Route, route, send_first
 from dicesim.events import Event, InfluenceRow, ProximalRow
 from dicesim.faults import inject
+from dicesim.optim import State
 
 
 class MetricRow(NamedTuple):
@@ -55,8 +58,10 @@ class Step:
     probe_loss: Tensor | None = None
     grad: Tensor | None = None  # ∇L(θ^t; B^t), when the probe pass computed it too
     loss: Tensor | None = None  # L(θ^t; B^t) with it
+    state: State = field(default_factory=dict)  # s^t, the optimizer state ({} for SGD)
     update: Tensor | None = None  # Δ^t
     half: Tensor | None = None  # θ^{t+½}
+    new_state: State = field(default_factory=dict)  # s^{t+½}, after the local step
     received: Tensor | None = None  # θ^{t+½} of every node received (zero rows elsewhere)
     started: list[Event] = field(default_factory=list)  # events removing data at t
     sources: dict[int, Tensor] = field(default_factory=dict)  # local event → δ_j^{t+½}
@@ -207,15 +212,22 @@ class Trainer:
                 groups[key] = send_first(routes[key], lay)
             step.W = aggregator.weights(base_W)
             x, y, w = step.batch
+            step.state = optimizer.state
+            mixed_state = optimizer.state_names if optimizer.gossip_state else ()
             if not trackers and len(groups[key]) > 1:
                 # the rows peers receive first; the interior ones while those travel
                 update, half = torch.empty_like(theta), torch.empty_like(theta)
+                step.new_state = {n: torch.empty_like(theta) for n in optimizer.state_names}
                 loss = theta.new_empty(n_loc)
-                channels = [Channel(all_nodes, half)]
+                channels = [Channel(all_nodes, half)] + [
+                    Channel(all_nodes, step.new_state[n]) for n in mixed_state]
                 for i, rows in enumerate(groups[key]):
                     r = torch.as_tensor(rows, device=dev)
                     g, loss[r] = model.grads(theta[r], x[r], y[r], w[r])
-                    update[r] = optimizer.update(t, local[rows], g)  # Δ_k^t
+                    update[r], new = optimizer.step(t, local[rows], theta[r],
+                                                    optimizer.rows(r), g)  # Δ_k^t, s_k^{t+½}
+                    for n, v in new.items():
+                        step.new_state[n][r] = v
                     half[r] = theta[r] + update[r]  # θ^{t+½}
                     if i == 0:
                         with clock.gossip():
@@ -225,14 +237,17 @@ class Trainer:
                 grad, loss = step.grad, step.loss
                 if grad is None:
                     grad, loss = model.grads(theta, x, y, w)
-                step.update = optimizer.update(t, local, grad)  # Δ_k^t
+                    step.grad, step.loss = grad, loss
+                # Δ_k^t, s_k^{t+½}
+                step.update, step.new_state = optimizer.step(t, local, theta, step.state, grad)
                 step.half = theta + step.update  # θ^{t+½}
                 if book is not None:
                     step.started = book.start(t)
                     step.sources = p.sources(step)
                 for tr in trackers:
                     tr.local_step(step)
-                channels = [Channel(all_nodes, step.half)]
+                channels = [Channel(all_nodes, step.half)] + [
+                    Channel(all_nodes, step.new_state[n]) for n in mixed_state]
                 spans = []
                 for tr in trackers:
                     mine = tr.channels(step)
@@ -247,6 +262,10 @@ class Trainer:
                 pending.wait()
                 cached = mixing[key] if step.W is base_W else None
                 theta_next = aggregator.combine(step.W, channels[0], cached)  # θ^{t+1}
+                # s^{t+1}: mixed like θ, or each node's own s^{t+½}
+                optimizer.state = ({n: aggregator.combine(step.W, ch, cached) for n, ch in
+                                    zip(mixed_state, channels[1:1 + len(mixed_state)],
+                                        strict=True)} if mixed_state else step.new_state)
             step.received = channels[0].available
             for tr, (a, b) in zip(trackers, spans if trackers else [], strict=True):
                 tr.after_gossip(step, channels[a:b])

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from dicesim.comm import Channel, Layout, mix
 from dicesim.events import Event, EventBook, ProximalRow
+from dicesim.optim import State
 
 NO_ROWS = np.array([], dtype=np.int64)
 
@@ -58,17 +59,23 @@ class Tracker:
 class PerturbationTracker(Tracker):
     """Carries one perturbation row per reached local node of every active event and
     gossips it like the parameters: v^{τ+1}_k = Σ_l W^τ[k,l] v_l^{τ+½}, k in R_{s+1}.
+    With a stateful optimizer each row also has a perturbation of the node's optimizer
+    state (`state_rows`, one [rows, P] tensor per state name): it stays with its node
+    (R_s is then cumulative, a node keeps it after θ's perturbation has moved on) or,
+    with optim.gossip_state, is mixed like θ.
     Subclasses say how the row starts (hop 0), steps (1 ≤ s < r) and is recorded."""
 
     column = ""
 
-    def __init__(self, book: EventBook, layout: Layout, q: np.ndarray,
+    def __init__(self, book: EventBook, layout: Layout, q: np.ndarray, optimizer,
                  only: set[int] | None = None):
         self.book = book
         self.layout = layout
         self.q = q  # node weights q_k
+        self.optimizer = optimizer
         self.only = only  # the events this tracker follows (None: every event)
-        self.rows: dict[int, Tensor] = {}  # event index → [local nodes of R_s, P]
+        self.rows: dict[int, Tensor] = {}  # event index → δθ rows [local nodes of R_s, P]
+        self.state_rows: dict[int, State] = {}  # event index → δs rows, same nodes
 
     def _mine(self, events: list[Event]) -> list[Event]:
         return events if self.only is None else [e for e in events if e.index in self.only]
@@ -76,32 +83,65 @@ class PerturbationTracker(Tracker):
     def starting(self, step) -> list[Event]:
         return self._mine(step.started)
 
+    def _sends_state(self) -> bool:
+        return self.optimizer.gossip_state
+
     def channels(self, step) -> list[Channel]:
-        return [Channel(e.reach[e.hop(step.t)], self.rows[e.index])
-                for e in self.gossiping(step.t)]
+        out = []
+        for e in self.gossiping(step.t):
+            nodes = e.reach[e.hop(step.t)]
+            out.append(Channel(nodes, self.rows[e.index]))
+            if self._sends_state():
+                out += [Channel(nodes, self.state_rows[e.index][name])
+                        for name in self.optimizer.state_names]
+        return out
 
     def gossiping(self, t: int) -> list[Event]:
         return self._mine(self.book.at_hops(t, 0, self.book.hops - 1))
 
     def after_gossip(self, step, received: list[Channel]) -> None:
-        for e, ch in zip(self.gossiping(step.t), received, strict=True):
-            out = e.reach[e.hop(step.t) + 1]
+        names = self.optimizer.state_names
+        per_event = 1 + (len(names) if self._sends_state() else 0)
+        events = self.gossiping(step.t)
+        assert len(received) == per_event * len(events)
+        for i, e in enumerate(events):
+            s = e.hop(step.t)
+            out = e.reach[s + 1]
             out = out[self.layout.owner(out) == self.layout.rank]
-            self.rows[e.index] = mix(step.W, out, ch)
+            chans = received[i * per_event:(i + 1) * per_event]
+            self.rows[e.index] = mix(step.W, out, chans[0])
+            if not names:
+                continue
+            if self._sends_state():
+                self.state_rows[e.index] = {n: mix(step.W, out, ch)
+                                            for n, ch in zip(names, chans[1:], strict=True)}
+            else:  # δs stays with its node; nodes new to R_{s+1} start with none
+                before = self.book.local_rows(e, s) + self.layout.first
+                where = torch.as_tensor(np.searchsorted(out, before), dtype=torch.long,
+                                        device=self.rows[e.index].device)
+                carried = {}
+                for n, old in self.state_rows[e.index].items():
+                    new = old.new_zeros(len(out), old.shape[1])
+                    new[where] = old
+                    carried[n] = new
+                self.state_rows[e.index] = carried
         self._drop_finished(step.t)
 
     def _drop_finished(self, t: int) -> None:
         """Rows are needed until the last hop is recorded, at θ^{t_e + r}."""
         for i in [i for i in self.rows if self.book.by_index[i].step + self.book.hops <= t]:
             del self.rows[i]
+            self.state_rows.pop(i, None)
 
-    def _start_rows(self, step, e: Event) -> Tensor:
-        """The exact source perturbation δ_j^{t+½} of a local event, or no rows if the
-        source lives on another rank (its rows arrive by gossip)."""
+    def _start_rows(self, step, e: Event) -> tuple[Tensor, State]:
+        """The exact source perturbation (δθ_j^{t+½}, δs_j^{t+½}) of a local event, or no
+        rows if the source lives on another rank (its rows arrive by gossip)."""
         source = step.sources.get(e.index)
         if source is None:
-            return step.theta.new_zeros(0, step.theta.shape[1])
-        return source.clone()
+            empty = step.theta.new_zeros(0, step.theta.shape[1])
+            return empty, {n: empty.clone() for n in self.optimizer.state_names}
+        d_theta, d_state = source
+        return d_theta.clone(), {n: v.clone() for n, v in d_state.items()}
 
     def moving(self, t: int) -> tuple[list[Event], list[np.ndarray]]:
         """Events at hops 1 ≤ s < r and their local rows: those step with the node."""
@@ -129,9 +169,10 @@ class PerturbationTracker(Tracker):
                               float(self.q[k] * values[offset + i]))
             offset += len(local)
 
-    def advance(self, step, rule: Callable[..., Tensor]) -> None:
+    def advance(self, step, rule: Callable[..., tuple[Tensor, State]]) -> None:
         """Local step of the rows of events at hops 1 ≤ s < r:
-        v ← rule(v, rows, global nodes, x, y, w) on each row's node's own batch."""
+        (v, vs) ← rule(v, vs, rows, global nodes, x, y, w) on each row's node's own batch
+        (vs: the state perturbation rows, {} for a stateless optimizer)."""
         events, idx = self.moving(step.t)
         if not events or sum(map(len, idx)) == 0:
             return
@@ -139,22 +180,34 @@ class PerturbationTracker(Tracker):
         rows = torch.as_tensor(flat, device=step.theta.device)
         x, y, w = step.batch
         v = torch.cat([self.rows[e.index] for e in events])
-        new = rule(v, rows, flat + self.layout.first, x[rows], y[rows], w[rows])
-        for e, part in zip(events, new.split([len(i) for i in idx]), strict=True):
+        vs = {n: torch.cat([self.state_rows[e.index][n] for e in events])
+              for n in self.optimizer.state_names}
+        new, new_state = rule(v, vs, rows, flat + self.layout.first, x[rows], y[rows], w[rows])
+        sizes = [len(i) for i in idx]
+        split_state = {n: t.split(sizes) for n, t in new_state.items()}
+        for i, (e, part) in enumerate(zip(events, new.split(sizes), strict=True)):
             self.rows[e.index] = part
+            self.state_rows[e.index] = {n: split_state[n][i] for n in split_state}
 
     def start(self, step, value: Callable[[int, Tensor], Tensor]) -> None:
         """Events removing data at t: rows from δ_j^{t+½}; on the source's rank the hop-0
         term value(local row of j, δ_j) times q_j into the book."""
         for e in self.starting(step):
-            self.rows[e.index] = self._start_rows(step, e)
+            self.rows[e.index], self.state_rows[e.index] = self._start_rows(step, e)
             if e.index in step.sources:
                 i = self.layout.local_index(e.source)
                 self.book.put(e, 0, e.source, self.column,
                               float(self.q[e.source] * value(i, self.rows[e.index])))
 
+    def real_rows(self, step, rows: Tensor) -> tuple[Tensor, State, Tensor]:
+        """θ^t, s^t and ∇L(θ^t; B^t) of the real run at local rows."""
+        return (step.theta[rows], {n: v[rows] for n, v in step.state.items()},
+                step.grad[rows])
+
     def state_dict(self) -> dict:
-        return {"rows": dict(self.rows)}
+        return {"rows": dict(self.rows),
+                "state_rows": {i: dict(v) for i, v in self.state_rows.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.rows = {int(i): v for i, v in state["rows"].items()}
+        self.state_rows = {int(i): dict(v) for i, v in state.get("state_rows", {}).items()}
