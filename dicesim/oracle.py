@@ -1,7 +1,8 @@
 """Independent dense references the tests check the distributed engine against.
 
-`dense_run`   — all nodes as one [n, P] matrix, θ ← W^t (θ − η ∇L), no ranks, no channels;
-                the local step is torch.optim.SGD's, not dicesim's.
+`dense_run`   — all nodes as one [n, P] matrix, θ ← W^t θ^{t+½}, no ranks, no channels;
+                the local step is a real torch.optim.SGD / Adam / AdamW instance per node
+                (η_t from torch's own lr schedulers), not dicesim's.
 `walk_sum`    — DICE-E for one event as the paper's Theorem 1 writes it: an explicit
                 sum over every walk j → k_1 → … → k_s with its product of W entries and
                 curvature factors (I − η H), one HVP chain per walk.
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import numpy as np
 import torch
@@ -39,20 +41,70 @@ def dense_run(sim: Simulation) -> tuple[list[Tensor], Tensor]:
     return [model.probe_losses(theta, xp, yp) for theta in trajectory], trajectory[-1]
 
 
-def dense_trajectory(sim: Simulation) -> list[Tensor]:
-    """θ^t for t = 0..T, [n, P] each."""
+def torch_optimizer(sim: Simulation, param: Tensor) -> torch.optim.Optimizer:
+    """One node's optimizer, built from sim.optim with torch's own classes."""
+    o = sim.optim
+    if o.name == "sgd":
+        return torch.optim.SGD([param], lr=o.lr, momentum=o.momentum, dampening=o.dampening,
+                               nesterov=o.nesterov, weight_decay=o.weight_decay)
+    kind = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+    return kind([param], lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+
+def torch_schedule(sim: Simulation, opt: torch.optim.Optimizer):
+    o, steps = sim.optim, sim.run.steps
+    lr = torch.optim.lr_scheduler
+    if o.schedule == "constant":
+        return lr.ConstantLR(opt, factor=1.0, total_iters=0)
+    if o.schedule == "step":
+        return lr.StepLR(opt, step_size=o.step_size, gamma=o.gamma)
+    if o.schedule == "cosine":
+        return lr.CosineAnnealingLR(opt, T_max=steps, eta_min=o.min_lr)
+    warm = o.warmup_steps  # linear_warmup_cosine: η (t+1)/W, then a cosine to min_lr
+    return lr.SequentialLR(opt, [
+        lr.LinearLR(opt, start_factor=1 / warm, end_factor=1.0, total_iters=max(warm - 1, 1)),
+        lr.CosineAnnealingLR(opt, T_max=steps - warm, eta_min=o.min_lr)], milestones=[warm])
+
+
+STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")  # torch's names of the state
+
+
+def dense_trajectory(sim: Simulation, halves: list[Tensor] | None = None) -> list[Tensor]:
+    """θ^t for t = 0..T, [n, P] each; θ^{t+½} appended to `halves` if given."""
     s, model = sim.run, sim.model
     theta = model.flat_init(s.seed, s.dtype).repeat(s.nodes, 1)
+    params = [torch.nn.Parameter(row.clone()) for row in theta]
+    optimizers = [torch_optimizer(sim, p) for p in params]
+    with warnings.catch_warnings():  # SequentialLR's deprecation notice about epochs
+        warnings.simplefilter("ignore")
+        schedules = [torch_schedule(sim, opt) for opt in optimizers]
     out = [theta]
     for t in range(s.steps):
         x, y, w = (torch.stack(p) for p in zip(*[_batch(sim, k, t) for k in range(s.nodes)],
                                                  strict=True))
         g, _ = sim.model.grads(theta, x, y, w)
-        half = theta.clone()  # θ^{t+½} by torch's own SGD step
-        optimizer = torch.optim.SGD([half], lr=s.lr)
-        half.grad = g
-        optimizer.step()
-        theta = torch.tensor(sim.topology.W(t), dtype=s.dtype) @ half
+        for k, (p, opt) in enumerate(zip(params, optimizers, strict=True)):
+            p.grad = g[k].clone()
+            opt.step()  # θ_k^{t+½}
+        W = torch.tensor(sim.topology.W(t), dtype=s.dtype)
+        half = torch.stack([p.detach().clone() for p in params])
+        if halves is not None:
+            halves.append(half)
+        theta = W @ half  # θ^{t+1} = W^t θ^{t+½}
+        if sim.optim.gossip_state:  # the optimizer state mixed like θ
+            for key in STATE_KEYS:
+                if key in optimizers[0].state[params[0]]:
+                    mixed = W @ torch.stack([o.state[p][key] for o, p in
+                                             zip(optimizers, params, strict=True)])
+                    for k, (o, p) in enumerate(zip(optimizers, params, strict=True)):
+                        o.state[p][key] = mixed[k].clone()
+        with torch.no_grad():
+            for k, p in enumerate(params):
+                p.copy_(theta[k])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for sched in schedules:
+                sched.step()
         out.append(theta)
     return out
 

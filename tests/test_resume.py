@@ -55,6 +55,25 @@ def test_killed_and_resumed_run_writes_the_same_bytes(tmp_path, dtype, ranks):
         assert (cut / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
 
+@pytest.mark.parametrize(("optim", "ranks"), [
+    (("optim=momentum", "optim.nesterov=true", "optim.schedule=linear_warmup_cosine",
+      "optim.warmup_steps=3"), 0),
+    (("optim=adam", "optim.gossip_state=true", "optim.schedule=step", "optim.step_size=5"), 2),
+])
+def test_resume_is_exact_with_optimizer_state_and_a_schedule(tmp_path, optim, ranks):
+    """The momentum buffer / Adam's m, v of the real rows and the shadows' and DICE-E's
+    state perturbations are in the checkpoint; η_t follows the step index."""
+    run = (*RUN, "dtype=float64", "checkpoint.every=4", *optim)
+    ok(dicesim(*run, f"out_dir={tmp_path / 'whole'}", ranks=ranks))
+    cut = tmp_path / "cut"
+    killed = dicesim(*run, f"out_dir={cut}", "timeout_s=10", ranks=ranks,
+                     fault=f"kill:{max(ranks - 1, 0)}:9")
+    assert killed.returncode != 0
+    ok(dicesim(*run, f"out_dir={cut}", f"resume={cut}", ranks=ranks))
+    for name in OUTPUTS:
+        assert (cut / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
 def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_usable(tmp_path):
     run = (*RUN, "dtype=float64", "checkpoint.every=4")
     ok(dicesim(*run, f"out_dir={tmp_path / 'whole'}"))
