@@ -53,14 +53,13 @@ OPTIMIZERS = ("sgd", "adam", "adamw")  # dicesim/optim.py
 SCHEDULES = ("constant", "cosine", "step", "linear_warmup_cosine")
 ATTACKS = ("none", "label_flip", "feature_noise", "free_rider", "scaled_update")
 DEFENSES = ("none", "dice", "trimmed_mean", "oracle")
-SWEEPS = ("core", "full")
+SWEEPS = ("core", "full", "optimizers")
 ESTIMATORS = ("dice_e", "dice_mid", "dice_e_nostate")  # influence.estimators (trackers/)
 MAX_HOPS = 8
 SEED_MAX = 2**32 - 1
 EVENT_KEYS = ("node", "step", "samples")
 CASE_KEYS = ("topology", "lr", "hops", "removal", "check", "curvature", "batch_size", "nodes",
-             "data",
-             "events", "steps", "dtype", "label")
+             "data", "events", "steps", "dtype", "label", "optim")
 MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -265,10 +264,11 @@ class AlignmentPrecision:
 
 @dataclass
 class Alignment:
-    sweep: str = "core"  # core | full
+    sweep: str = "core"  # core | full | optimizers
     min_spearman: float = 0.99
     core: list[Any] = _list()  # [{topology, lr, hops, removal, check, ...}]
     hard: list[Any] = _list()  # the same keys plus data: a data config name
+    optimizers: list[Any] = _list()  # the same keys plus optim: {momentum: 0.9, ...}
     hard_data: dict[str, Any] = field(default_factory=dict)  # data overrides of hard cases
     mid_min_spearman: list[Any] = _list()  # [{lr, min}]: dice_mid targets of hard cases
     full: AlignmentFull = field(default_factory=AlignmentFull)
@@ -907,7 +907,14 @@ def _validate_alignment(a: DictConfig) -> None:
             raise ConfigError(f"alignment.hard_data.{key}: not a data key")
     cases = [(f"alignment.core[{i}]", c) for i, c in enumerate(a.core)]
     cases += [(f"alignment.hard[{i}]", c) for i, c in enumerate(a.hard)]
+    cases += [(f"alignment.optimizers[{i}]", c) for i, c in enumerate(a.optimizers)]
     for where, case in cases:
+        if isinstance(case, Mapping) and "optim" in case:
+            given = case["optim"]
+            if not isinstance(given, Mapping) or any(k not in Optim.__dataclass_fields__
+                                                     or k == "lr" for k in given):
+                raise ConfigError(f"{where}.optim={show(given)}: optimizer keys other than lr "
+                                  "(the case's lr), e.g. {name: sgd, momentum: 0.9}")
         if isinstance(case, Mapping) and "data" in case:
             _choice(f"{where}.data", case["data"], DATASETS)
         if not isinstance(case, Mapping):

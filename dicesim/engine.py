@@ -395,11 +395,11 @@ class RunParts:
                 self.trackers.append(GroundTruth(self.book, lay, self.model, self.probe, sim.q,
                                                  self.optimizer, inf.ground_truth))
             if "dice_e" in inf.estimators:
-                self.trackers.append(DiceE(self.book, lay, self.model, sim.q, self.optimizer,
-                                           inf.curvature))
+                self.trackers.append(DiceE(self.book, lay, self.model, self.probe, sim.q,
+                                           self.optimizer, inf.curvature))
             if "dice_e_nostate" in inf.estimators:
-                self.trackers.append(DiceE(self.book, lay, self.model, sim.q, self.optimizer,
-                                           inf.curvature, with_state=False))
+                self.trackers.append(DiceE(self.book, lay, self.model, self.probe, sim.q,
+                                           self.optimizer, inf.curvature, with_state=False))
             if "dice_mid" in inf.estimators:
                 self.trackers.append(DiceMid(self.book, lay, self.model, self.probe, sim.q,
                                              self.optimizer, inf.curvature))

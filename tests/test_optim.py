@@ -143,9 +143,9 @@ def events_arg(events: list[dict]) -> str:
 def test_momentum_on_a_quadratic_loss_is_exact_up_to_the_curvature_term(nesterov, topology):
     """Linear regression, float64, heavy ball / Nesterov with weight decay: the dynamics
     are affine in (θ, b), so δ̂ = δ and E − G = ½ q δᵀH'δ (s ≥ 1), and dice_mid = G, to
-    1e-9. At s = 0 (whole batch) E is taken at θ_j^t and G at θ_j^{t+½} − δ = θ^t + Δ̃,
-    where the counterfactual still moves by its momentum and weight decay (Δ̃ ≠ 0):
-    E − G = −q (Δ̃ + ½δ)ᵀH'δ, which is SGD's −½ q δᵀH'δ when Δ̃ = 0."""
+    1e-9. At s = 0 with the whole batch removed the counterfactual still moves by its
+    momentum and weight decay (Δ̃ ≠ 0); E is taken there, at θ_j^t + Δ̃ = θ̃_j^{t+½}, so
+    E − G = −½ q δᵀH'δ as for SGD."""
     mom = ("optim=momentum", "optim.momentum=0.8", "optim.weight_decay=0.02",
            f"optim.nesterov={str(nesterov).lower()}")
     events = [{"node": 0, "step": 1}, {"node": 2, "step": 3}, {"node": 3, "step": 0}]
@@ -168,8 +168,8 @@ def test_momentum_on_a_quadratic_loss_is_exact_up_to_the_curvature_term(nesterov
         moved = cf_halves[t][j] - real[t][j]  # Δ̃: the counterfactual's own update
         assert moved.abs().max() > 0 or t == 0
         r = rows[(index, 0, j)]
-        np.testing.assert_allclose(r.dice_e - r.dice_gt,
-                                   -q[j] * float((moved + 0.5 * d) @ H @ d), rtol=1e-9)
+        np.testing.assert_allclose(r.dice_e - r.dice_gt, -0.5 * q[j] * float(d @ H @ d),
+                                   rtol=1e-9)
         np.testing.assert_allclose(r.dice_mid, r.dice_gt, rtol=1e-9)
         for s in range(1, 5):
             delta = real[t + s] - cf[t + s]

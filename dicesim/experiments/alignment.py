@@ -70,8 +70,9 @@ class Case:
     steps: int
     dtype: str = "float32"
     check: bool = False  # a target: Spearman ≥ min_spearman in every view
-    set: str = "core"  # core | hard | sweep | precision
+    set: str = "core"  # core | hard | sweep | precision | optimizers
     data: str = ""  # a data config name; "" = the run's data
+    optim: dict | None = None  # optimizer keys over the run's optim (optimizer cases)
 
 
 # ---- the cases -------------------------------------------------------------------------------
@@ -114,6 +115,24 @@ def hard_cases(cfg: DictConfig) -> list[Case]:
     return out
 
 
+def optimizer_cases(cfg: DictConfig) -> list[Case]:
+    """`alignment.optimizers`: DICE through stateful local optimizers; each case also runs
+    the ablation that drops the optimizer state's perturbation (dice_e_nostate)."""
+    out = []
+    for item in cfg.alignment.optimizers:
+        c = OmegaConf.to_container(item, resolve=True) if OmegaConf.is_config(item) else item
+        topo, lr, hops = c["topology"], float(c["lr"]), int(c["hops"])
+        removal, optim = c.get("removal", "batch"), dict(c.get("optim") or {})
+        name = c.get("label") or optim.get("name", "sgd")
+        out.append(Case(f"{name}/{topo}/lr{lr:g}/r{hops}/{_removal_tag(removal)}", topo, lr,
+                        int(c.get("batch_size", cfg.batch_size)), int(c.get("nodes", cfg.nodes)),
+                        removal, hops, bool(c.get("curvature", True)),
+                        int(c.get("events", cfg.influence.events)),
+                        max(int(c.get("steps", cfg.steps)), hops + 1), str(cfg.dtype),
+                        bool(c.get("check", False)), "optimizers", optim=optim))
+    return out
+
+
 def sweep_cases(cfg: DictConfig) -> list[Case]:
     """The issue-4 grid: every combination of the lists under `alignment.full`."""
     f = cfg.alignment.full
@@ -151,15 +170,19 @@ def topology_options(cfg: DictConfig, name: str) -> dict:
 
 
 def case_config(cfg: DictConfig, case: Case) -> DictConfig:
-    extra = {}
+    extra: dict = {}
     if case.data and case.data != cfg.data.name:
         extra["data"] = {**group_option("data", case.data), **dict(cfg.alignment.hard_data)}
+    estimators = ["dice_e", "dice_mid"]
+    if case.optim:
+        extra["optim"] = {**OmegaConf.to_container(cfg.optim, resolve=True), **case.optim}
+        estimators.append("dice_e_nostate")
     return variant(cfg, **extra, topology=topology_options(cfg, case.topology), optim__lr=case.lr,
                    batch_size=case.batch_size, nodes=case.nodes, steps=case.steps,
                    dtype=case.dtype, eval_every=case.steps, influence__events=case.events,
                    influence__removal=case.removal, influence__hops=case.hops,
                    influence__curvature=case.curvature, influence__ground_truth=True,
-                   influence__estimators=["dice_e", "dice_mid"],
+                   influence__estimators=estimators,
                    influence__step_range=None, counterfactual__remove=[])
 
 
@@ -292,7 +315,8 @@ def midpoint_targets(cases: list[dict], limits: Iterable[Mapping]) -> dict:
 def table_rows(cases: Iterable[dict]) -> list[tuple]:
     out = []
     for c in cases:
-        for estimator, key in (("dice_e", "alignment"), ("dice_mid", "alignment_mid")):
+        for estimator, key in (("dice_e", "alignment"), ("dice_mid", "alignment_mid"),
+                               ("dice_e_nostate", "alignment_nostate")):
             for view, b in (c.get(key) or {}).items():
                 out.append((c["set"], c["label"], c["data"], c["topology"], c["lr"],
                             c["batch_size"], c["nodes"], c["removal"], c["hops"],
@@ -368,6 +392,25 @@ def report_md(summary: dict, pictures: list[str]) -> str:
                     f"{_f(m.get('sign_agreement'), 4)} | "
                     f"{_f((c.get('second_order_share') or {}).get(view), 3)} |")
         lines.append("")
+    chosen = [c for c in summary["cases"] if c["set"] == "optimizers"]
+    if chosen:
+        lines += ["## Stateful optimizers", "",
+                  "DICE-E carries the pair (δ̂θ, δ̂s) through the JVP of the optimizer's step; "
+                  "`nostate` is the ablation that drops δ̂s (the optimizer state's "
+                  "perturbation) and keeps only the θ-path of the step's Jacobian.", "",
+                  "| case | view | n | Spearman E | Spearman mid | Spearman nostate | "
+                  "rel_err E | rel_err mid | rel_err nostate |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for c in chosen:
+            mid, nostate = c.get("alignment_mid") or {}, c.get("alignment_nostate") or {}
+            for view, b in c["alignment"].items():
+                m, z = mid.get(view, {}), nostate.get(view, {})
+                lines.append(
+                    f"| {c['label']} | {view} | {b['n']} | {_f(b['spearman'])} | "
+                    f"{_f(m.get('spearman'))} | {_f(z.get('spearman'))} | "
+                    f"{_f(b['rel_err'], 3)} | {_f(m.get('rel_err'), 3)} | "
+                    f"{_f(z.get('rel_err'), 3)} |")
+        lines.append("")
     sweep = [c for c in summary["cases"] if c["set"] == "sweep"]
     if sweep:
         lines += ["## Sweep (issue 4)", "",
@@ -417,16 +460,19 @@ def slug(label: str) -> str:
 def run(session: Session) -> dict | None:
     cfg = session.cfg
     acfg = cfg.alignment
-    if acfg.sweep not in ("core", "full"):
-        fail(f"alignment.sweep={acfg.sweep}: choose core (the issue-3 targets) or full "
-             "(adds the topology × lr × batch × nodes × curvature grid)")
+    if acfg.sweep not in ("core", "full", "optimizers"):
+        fail(f"alignment.sweep={acfg.sweep}: choose core (the issue-3 targets), full "
+             "(adds the topology × lr × batch × nodes × curvature grid) or optimizers")
     hard = hard_cases(cfg)
     missing = sorted({c.data for c in hard if c.data and not data_available(c.data)})
     if missing:
         session.say(f"alignment: the hard cases on {', '.join(missing)} are left out: their "
                     "data files are missing (apt-get install dataset-fashion-mnist)")
-    cases = core_cases(cfg) + [c for c in hard if c.data not in missing]
-    cases += (sweep_cases(cfg) if acfg.sweep == "full" else []) + precision_cases(cfg)
+    if acfg.sweep == "optimizers":
+        cases = optimizer_cases(cfg)
+    else:
+        cases = core_cases(cfg) + [c for c in hard if c.data not in missing]
+        cases += (sweep_cases(cfg) if acfg.sweep == "full" else []) + precision_cases(cfg)
     for case in cases:  # every setting is checked before the first run starts
         session.build(case_config(cfg, case))
     session.say(f"alignment: {len(cases)} runs ({acfg.sweep} sweep)")
@@ -447,6 +493,8 @@ def run(session: Session) -> dict | None:
         results.append({**asdict(case), "wall_s": wall, "alignment": blocks,
                         "alignment_mid": mid,
                         "second_order_share": _ordered(second_order_share(rows))})
+        if case.optim:
+            results[-1]["alignment_nostate"] = ordered_blocks(rows, "dice_e_nostate")
         value, where = worst(blocks)
         value_mid, where_mid = worst(mid)
         session.say(f"[{i}/{len(cases)}] {case.label}: {wall:.1f} s, min Spearman dice_e "
