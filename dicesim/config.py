@@ -722,6 +722,22 @@ def validate(cfg: DictConfig) -> None:
                          ("collaborators", _validate_collaborators)):
         if block in c and c[block] is not None:
             check(c[block])
+    if "alignment" in c and c.alignment is not None:
+        _validate_optimizer_cases(c.alignment.optimizers, c.optim, steps)
+
+
+def _validate_optimizer_cases(cases: Sequence[Any], base: DictConfig, steps: int) -> None:
+    """Each alignment.optimizers case's optimizer: the run's optim with the case's keys."""
+    from dicesim.optim import optim_settings
+
+    for i, case in enumerate(cases):
+        merged = {**OmegaConf.to_container(base, resolve=True),
+                  **OmegaConf.to_container(case.get("optim") or OmegaConf.create({}),
+                                          resolve=True), "lr": case.lr}
+        try:
+            optim_settings(merged, int(case.get("steps", steps)))
+        except ConfigError as err:
+            raise ConfigError(f"alignment.optimizers[{i}].{err}") from None
 
 
 def _validate_topology(t: DictConfig, nodes: int) -> None:
