@@ -400,9 +400,10 @@ class RunParts:
             if "dice_e_nostate" in inf.estimators:
                 self.trackers.append(DiceE(self.book, lay, self.model, self.probe, sim.q,
                                            self.optimizer, inf.curvature, with_state=False))
-            if "dice_mid" in inf.estimators:
-                self.trackers.append(DiceMid(self.book, lay, self.model, self.probe, sim.q,
-                                             self.optimizer, inf.curvature))
+            for points, name in ((1, "dice_mid"), (2, "dice_mid2")):
+                if name in inf.estimators:
+                    self.trackers.append(DiceMid(self.book, lay, self.model, self.probe, sim.q,
+                                                 self.optimizer, inf.curvature, points))
         if inf.proximal:
             self.trackers.append(Proximal(lay, sim.q))
         self.trackers += [make(self) for make in sim.extra_trackers]

@@ -40,6 +40,7 @@ class InfluenceRow(NamedTuple):
     dice_gt: float | None  # G[e,s,k] (None: not requested for this event)
     dice_mid: float | None = None  # the midpoint estimator (None: switched off)
     dice_e_nostate: float | None = None  # DICE-E ignoring the optimizer state (ablation)
+    dice_mid2: float | None = None  # the two-point Gauss–Legendre rule
 
 
 class ProximalRow(NamedTuple):
@@ -267,7 +268,7 @@ class EventBook:
                 self.finished.append(InfluenceRow(
                     e.index, e.source, e.step, e.n_removed, s, k,
                     cols.get("dice_e"), cols.get("dice_gt"), cols.get("dice_mid"),
-                    cols.get("dice_e_nostate")))
+                    cols.get("dice_e_nostate"), cols.get("dice_mid2")))
         self.active = [e for e in self.active if e.step + self.hops > t]
 
     def take_rows(self) -> list[InfluenceRow]:
