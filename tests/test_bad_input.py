@@ -328,6 +328,11 @@ KEYS = [
     ("checkpoint.every", [], ["abc"], ["-1"]),
     ("checkpoint.keep", [], ["abc"], ["0"]),
     ("counterfactual.remove", [], ["5"], ["[{node:99,step:1}]", "[{node:0,step:999}]"]),
+    ("attribution.enabled", [], ["yes", "1"], []),
+    ("attribution.target", [], ["5", "[a]", "[1.5]"], ["[99]", "[-1]", "[1,1]", "[]", "everyone"]),
+    ("attribution.keep_every", [], ["abc", "1.5"], ["0", "-2", "201"]),
+    ("attribution.samples", [], ["on"], []),
+    ("attribution.plot_node", [], ["abc"], ["16", "-1"]),
     ("topology.name", [], ["[x]"], ["foo"]),
     ("topology.weights", [], ["[x]"], ["bogus"]),
     ("topology.rows", ["topology=torus"], ["abc"], ["0"]),
@@ -494,6 +499,12 @@ OTHER_CASES = [  # (id, argv, keyword)
     ("group-given-a-number", ["checkpoint=5"], "checkpoint=5"),
     ("group-given-null", ["counterfactual=null"], "counterfactual=null"),
     ("block-given-a-number", ["experiment=alignment", "alignment.full=3"], "alignment.full=3"),
+    ("attribution-with-a-defense", ["attribution.enabled=true", "defense=trimmed_mean"],
+     "defense.kind=none"),
+    ("attribution-keep-every-past-run", ["steps=10", "attribution.keep_every=11"],
+     "attribution.keep_every=11"),
+    ("attribution-target-outside-graph", ["nodes=8", "attribution.target=[8]"],
+     "attribution.target"),
 ]
 
 
