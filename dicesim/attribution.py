@@ -36,11 +36,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
 from dicesim.comm import Channel, mix, route
 from dicesim.errors import ConfigError
+from dicesim.model import _ACTIVATION_SLOPES
 from dicesim.optim import State
 from dicesim.trackers import Tracker
 
@@ -139,6 +140,65 @@ def hvp_and_slopes(model, theta: Tensor, v: Tensor, x: Tensor, y: Tensor, w: Ten
         return hv, slopes
 
     return vmap(one)(theta, v, x, y, w)
+
+
+# σ''(z) in terms of a = σ(z): the dense path's second derivative of each activation
+_CURVES = {
+    nn.Tanh: lambda a, z: -2 * a * (1 - a * a),
+    nn.Sigmoid: lambda a, z: a * (1 - a) * (1 - 2 * a),
+    nn.ReLU: lambda a, z: torch.zeros_like(a),
+}
+
+
+def dense_hvp_and_slopes(model, theta: Tensor, v: Tensor, x: Tensor, y: Tensor, w: Tensor
+                         ) -> tuple[Tensor, Tensor]:
+    """`hvp_and_slopes` for a `dense_layers` stack by hand: the forward pass with its tangent
+    along v, then the backward pass with its tangent, by batched matmuls (as `dense_grads`)."""
+    rows, count = y.shape
+    h, dh = x.reshape(rows, count, -1), None
+    inputs, acts = [], []  # per layer (h, dh, W, dW); per hidden layer (σ', σ'', dz)
+    z = dz = None
+    for layer in model.dense:
+        b_at = layer.w_at + layer.out * layer.inp
+        W = theta[:, layer.w_at:b_at].view(rows, layer.out, layer.inp)
+        dW = v[:, layer.w_at:b_at].view(rows, layer.out, layer.inp)
+        b, db = theta[:, b_at:b_at + layer.out], v[:, b_at:b_at + layer.out]
+        inputs.append((h, dh, W, dW))
+        z = torch.baddbmm(b.unsqueeze(1), h, W.transpose(1, 2))  # z = h Wᵀ + b
+        dz = torch.baddbmm(db.unsqueeze(1), h, dW.transpose(1, 2))
+        if dh is not None:
+            dz = dz + torch.bmm(dh, W.transpose(1, 2))
+        if layer.act is None:
+            break
+        a = layer.act()(z)
+        slope, curve = _ACTIVATION_SLOPES[layer.act](a, z), _CURVES[layer.act](a, z)
+        acts.append((slope, curve, dz))
+        h, dh = a, slope * dz
+    scale = (w / count).unsqueeze(-1)
+    if model.regression:
+        err = z.squeeze(-1) - y
+        slopes = 2 * err * dz.squeeze(-1)  # dℓ_i = 2 (z − y) dz
+        e, de = 2 * err.unsqueeze(-1) * scale, 2 * dz * scale
+    else:
+        p = torch.softmax(z, -1)
+        e = p.clone()
+        e.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(p[..., :1], -1.0))  # p − e_y
+        slopes = (e * dz).sum(-1)
+        pdz = p * dz
+        e, de = e * scale, (pdz - p * pdz.sum(-1, keepdim=True)) * scale
+    pieces: list[Tensor] = []
+    for i in reversed(range(len(model.dense))):
+        h_in, dh_in, W, dW = inputs[i]
+        dgW = torch.bmm(de.transpose(1, 2), h_in)
+        if dh_in is not None:
+            dgW = dgW + torch.bmm(e.transpose(1, 2), dh_in)
+        pieces = [dgW.flatten(1), de.sum(1)] + pieces
+        if i:
+            slope, curve, dz_prev = acts[i - 1]
+            u = torch.bmm(e, W)
+            du = torch.bmm(de, W) + torch.bmm(e, dW)
+            e, de = u * slope, du * slope + u * curve * dz_prev
+    return torch.cat(pieces, 1), slopes
 
 
 @dataclass
@@ -258,6 +318,7 @@ class ReversePass:
         ids = np.zeros((T, n_loc, B), dtype=np.int64) if cfg.samples else None
         weights = np.zeros((T, n_loc, B)) if cfg.samples else None
         nodes = np.tile(self.local, m)
+        curvature = dense_hvp_and_slopes if model.dense is not None else hvp_and_slopes
 
         def flat(v: Tensor) -> Tensor:  # [m, rows, ...] → [m·rows, ...]
             return v.reshape(m * n_loc, *v.shape[2:])
@@ -291,7 +352,7 @@ class ReversePass:
                 bar_theta, bar_g, bar_s = opt.adjoint(
                     t, nodes, th_r, st_r, g_r, flat(lam_half),
                     {n: flat(v) for n, v in mu_half.items()})
-                hv, slopes = hvp_and_slopes(model, th_r, bar_g, rep(x), rep(y), rep(w))
+                hv, slopes = curvature(model, th_r, bar_g, rep(x), rep(y), rep(w))
                 if opt.affine:  # λ·δ + μ·δs = ḡ·∇L_B: the exact update difference
                     value = (bar_g * g_r).sum(1)
                 else:  # Adam: the exact difference O(g) − O(0) of the whole batch
