@@ -306,6 +306,12 @@ class Contribution:
 
 
 @dataclass
+class Retrain:
+    batches: int = 100
+    samples: int = 100
+
+
+@dataclass
 class Cleansing:
     noisy_nodes: int = 4  # nodes whose labels are partly flipped
     flip: float = 0.3  # fraction of a noisy node's labels flipped
@@ -333,6 +339,7 @@ class Collaborators:
 EXPERIMENT_BLOCKS: dict[str, type] = {
     "alignment": Alignment, "cascade": Cascade, "contribution": Contribution,
     "anomaly": Anomaly, "collaborators": Collaborators, "cleansing": Cleansing,
+    "retrain": Retrain,
 }
 
 
@@ -743,7 +750,8 @@ def validate(cfg: DictConfig) -> None:
                          ("contribution", _validate_contribution),
                          ("anomaly", _validate_anomaly),
                          ("collaborators", _validate_collaborators),
-                         ("cleansing", _validate_cleansing)):
+                         ("cleansing", _validate_cleansing),
+                         ("retrain", _validate_retrain)):
         if block in c and c[block] is not None:
             check(c[block])
 
@@ -1025,6 +1033,11 @@ def _validate_contribution(c: DictConfig) -> None:
                           "one per node, or null")
     _within("contribution.hops", c.hops, 0, MAX_HOPS, 2)
     _within("contribution.min_spearman", c.min_spearman, -1, 1, 0.8)
+
+
+def _validate_retrain(c: DictConfig) -> None:
+    _at_least("retrain.batches", c.batches, 0, 100)
+    _at_least("retrain.samples", c.samples, 0, 100)
 
 
 def _validate_cleansing(c: DictConfig) -> None:
