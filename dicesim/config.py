@@ -341,6 +341,8 @@ EXPERIMENT_BLOCKS: dict[str, type] = {
     "anomaly": Anomaly, "collaborators": Collaborators, "cleansing": Cleansing,
     "retrain": Retrain,
 }
+# the experiment= preset of a block whose name is not the preset's
+BLOCK_PRESETS: dict[str, str] = {"retrain": "attribution"}
 
 
 # ---------------------------------------------------------------- the root
@@ -545,7 +547,8 @@ def unknown_key(dotted: str, schema: DictConfig) -> str:
     node = OmegaConf.select(schema, parent) if parent else schema
     if parent and node is None and parent.split(".")[0] in EXPERIMENT_BLOCKS:
         block = parent.split(".")[0]
-        return (f"{dotted}: {block}.* belongs to experiment={block}; add experiment={block} "
+        preset = BLOCK_PRESETS.get(block, block)
+        return (f"{dotted}: {block}.* belongs to experiment={preset}; add experiment={preset} "
                 "or drop the key")
     valid = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
     if not parent:
