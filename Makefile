@@ -11,7 +11,7 @@ NPROC      ?= 2
 ARGS       ?=
 
 .PHONY: setup demo test test-slow lint bench bench-influence bench-scale alignment cascade anomaly \
-        collaborators contribution clean
+        collaborators contribution attribution cleansing clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,7 +47,7 @@ bench-scale: $(STAMP)
 	@$(PY) -m dicesim.bench.scale $(ARGS)
 
 # One target per experiment; ARGS passes extra Hydra overrides, e.g. ARGS='data=fashion_mnist'.
-alignment cascade anomaly collaborators contribution: $(STAMP)
+alignment cascade anomaly collaborators contribution attribution cleansing: $(STAMP)
 	$(PY) -m dicesim experiment=$@ $(ARGS)
 
 clean:

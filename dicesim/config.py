@@ -237,6 +237,17 @@ class Checkpoint:
     keep: int = 2  # most recent checkpoints kept
 
 
+@dataclass
+class Attribution:
+    """Full-horizon attribution (dicesim/attribution.py): one reverse pass after training."""
+
+    enabled: bool = False
+    target: Any = "network"  # network | per_node | a list of node ids
+    keep_every: int | None = None  # θ kept every K steps; null: ⌈√steps⌉
+    samples: bool = True  # per-sample scores (samples.csv)
+    plot_node: int | None = None  # the node whose influence over time is plotted; null: auto
+
+
 # ---------------------------------------------------------------- experiment blocks
 
 @dataclass
@@ -295,6 +306,22 @@ class Contribution:
 
 
 @dataclass
+class Retrain:
+    batches: int = 100
+    samples: int = 100
+
+
+@dataclass
+class Cleansing:
+    noisy_nodes: int = 4  # nodes whose labels are partly flipped
+    flip: float = 0.3  # fraction of a noisy node's labels flipped
+    remove: list[float] = _list(0.01, 0.02, 0.05, 0.10)  # fractions k of samples removed
+    hops: int = 2  # r of the r-hop DICE-E baseline per sample
+    baseline_events: int = 2000  # single-sample DICE-E events of that baseline (sampled)
+    min_auc: float = 0.95
+
+
+@dataclass
 class Anomaly:
     attacks: list[str] = _list("label_flip", "feature_noise", "free_rider", "scaled_update")
     topologies: list[str] = _list("ring", "exponential")
@@ -311,8 +338,11 @@ class Collaborators:
 # present only when an experiment= preset (or the command line) sets them
 EXPERIMENT_BLOCKS: dict[str, type] = {
     "alignment": Alignment, "cascade": Cascade, "contribution": Contribution,
-    "anomaly": Anomaly, "collaborators": Collaborators,
+    "anomaly": Anomaly, "collaborators": Collaborators, "cleansing": Cleansing,
+    "retrain": Retrain,
 }
+# the experiment= preset of a block whose name is not the preset's
+BLOCK_PRESETS: dict[str, str] = {"retrain": "attribution"}
 
 
 # ---------------------------------------------------------------- the root
@@ -341,6 +371,7 @@ class Config:
     divergence_factor: float | None = 1.0e6  # null: only NaN/inf count as diverged
     resume: str | None = None  # a run directory, or auto
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    attribution: Attribution = field(default_factory=Attribution)
     counterfactual: Counterfactual = field(default_factory=Counterfactual)
     topology: Topology = field(default_factory=Topology)
     data: Data = field(default_factory=DigitsData)
@@ -516,7 +547,8 @@ def unknown_key(dotted: str, schema: DictConfig) -> str:
     node = OmegaConf.select(schema, parent) if parent else schema
     if parent and node is None and parent.split(".")[0] in EXPERIMENT_BLOCKS:
         block = parent.split(".")[0]
-        return (f"{dotted}: {block}.* belongs to experiment={block}; add experiment={block} "
+        preset = BLOCK_PRESETS.get(block, block)
+        return (f"{dotted}: {block}.* belongs to experiment={preset}; add experiment={preset} "
                 "or drop the key")
     valid = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
     if not parent:
@@ -716,10 +748,13 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"counterfactual.remove={show(c.counterfactual.remove)}: must be a "
                           "list, e.g. counterfactual.remove=[{node: 2, step: 5, samples: all}]")
     _events("counterfactual.remove", c.counterfactual.remove, n, steps, 0)
+    _validate_attribution(c.attribution, n, steps, c.defense.kind)
     for block, check in (("alignment", _validate_alignment), ("cascade", _validate_cascade),
                          ("contribution", _validate_contribution),
                          ("anomaly", _validate_anomaly),
-                         ("collaborators", _validate_collaborators)):
+                         ("collaborators", _validate_collaborators),
+                         ("cleansing", _validate_cleansing),
+                         ("retrain", _validate_retrain)):
         if block in c and c[block] is not None:
             check(c[block])
     if "alignment" in c and c.alignment is not None:
@@ -738,6 +773,33 @@ def _validate_optimizer_cases(cases: Sequence[Any], base: DictConfig, steps: int
             optim_settings(merged, int(case.get("steps", steps)))
         except ConfigError as err:
             raise ConfigError(f"alignment.optimizers[{i}].{err}") from None
+
+
+def attribution_targets(target: Any, nodes: int) -> list[int] | None:
+    """attribution.target as node ids (None: the network target); ConfigError if bad."""
+    if target == "network":
+        return None
+    if target == "per_node":
+        return list(range(nodes))
+    if _is_list(target) and target and all(_is_int(v) for v in target):
+        _node_ids("attribution.target", target, nodes)
+        if len(set(target)) < len(target):
+            raise ConfigError(f"attribution.target={show(list(target))}: node ids repeat; "
+                              "list each target node once")
+        return [int(v) for v in target]
+    raise ConfigError(f"attribution.target={show(target)}: choose network, per_node or a "
+                      "list of target node ids, e.g. attribution.target=[0,3]")
+
+
+def _validate_attribution(a: DictConfig, nodes: int, steps: int, defense: str) -> None:
+    attribution_targets(a.target, nodes)
+    if a.keep_every is not None:
+        _within("attribution.keep_every", a.keep_every, 1, steps, max(1, math.isqrt(steps)))
+    if a.plot_node is not None:
+        _node_ids("attribution.plot_node", [a.plot_node], nodes)
+    if a.enabled and defense != "none":
+        raise ConfigError(f"attribution.enabled=true needs defense.kind=none (got {defense}): "
+                          "the reverse pass transposes the plain gossip W^t")
 
 
 def _validate_topology(t: DictConfig, nodes: int) -> None:
@@ -997,6 +1059,22 @@ def _validate_contribution(c: DictConfig) -> None:
                           "one per node, or null")
     _within("contribution.hops", c.hops, 0, MAX_HOPS, 2)
     _within("contribution.min_spearman", c.min_spearman, -1, 1, 0.8)
+
+
+def _validate_retrain(c: DictConfig) -> None:
+    _at_least("retrain.batches", c.batches, 0, 100)
+    _at_least("retrain.samples", c.samples, 0, 100)
+
+
+def _validate_cleansing(c: DictConfig) -> None:
+    _at_least("cleansing.noisy_nodes", c.noisy_nodes, 1, 4)
+    _within("cleansing.flip", c.flip, 0, 1, 0.3, open_low=True)
+    if not c.remove or any(not 0 < k < 1 for k in c.remove):
+        raise ConfigError(f"cleansing.remove={show(list(c.remove))}: fractions in (0, 1) of "
+                          "the training samples, e.g. cleansing.remove=[0.01,0.05]")
+    _within("cleansing.hops", c.hops, 0, MAX_HOPS, 2)
+    _at_least("cleansing.baseline_events", c.baseline_events, 0, 2000)
+    _within("cleansing.min_auc", c.min_auc, 0, 1, 0.95)
 
 
 def _validate_anomaly(a: DictConfig) -> None:

@@ -188,9 +188,15 @@ class Simulation:
                                      seed=s.seed, key="counterfactual.remove")
         self.q = self._node_weights(icfg.get("node_weights"))
         self.defense_kind = self.new_aggregator().kind  # validates defense.*
+        from dicesim.attribution import Keeper, attribution_settings
+
+        self.attribution = attribution_settings(cfg, s.nodes, s.steps, self.defense_kind)
         # extra trackers (experiments, benchmarks): factories called with the run's parts
         self.extra_trackers: list[Callable[[RunParts], Tracker]] = []
         self.on_parts: list[Callable[[RunParts], None]] = []  # e.g. timing hooks of a bench
+        if self.attribution.enabled:  # keeps θ every K steps for the reverse pass
+            self.extra_trackers.append(lambda parts: Keeper(
+                parts.optimizer, self.attribution.keep_every, s.steps))
 
     def new_aggregator(self) -> Aggregator:
         return build_aggregator(self.cfg.get("defense"), self.attack.nodes, self.run.nodes,
@@ -305,7 +311,12 @@ class Simulation:
         trainer.on_flush = on_flush
         if checkpoints is not None:
             checkpoints.attach(trainer)
-        return trainer.run()
+        result = trainer.run()
+        if self.attribution.enabled:  # full horizon: one reverse pass (dicesim/attribution.py)
+            from dicesim.attribution import reverse_pass
+
+            result.attribution = reverse_pass(trainer)
+        return result
 
     def warm_up(self, parts: RunParts, hvp: bool) -> None:
         """torch.func's first calls cost about a second (tracing, dispatch caches); make

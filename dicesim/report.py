@@ -225,6 +225,10 @@ def write_all(out: Path, sim: Simulation, result: RunResult, plots: bool = True,
     if sim.tracking:
         write_influence(out, result)
     summary = summarize(sim, result)
+    if result.attribution is not None:  # full horizon (dicesim/attribution.py)
+        from dicesim.attribution import write_attribution
+
+        summary["attribution"] = write_attribution(out, sim, result.attribution, plots)
     summary.update(status or {"status": "complete"})
     bad = diverged_rows(result, sim.run.steps)
     summary["diverged"] = bool(bad) or summary.get("status") == "diverged"
@@ -312,6 +316,11 @@ def report_md(sim: Simulation, summary: dict, pictures: list[str]) -> str:
             lines += ["", f"Second-order share ρ = Σ\\|dice_mid − dice_e\\| / Σ\\|dice_mid\\| "
                           f"(no ground truth needed; warning above {rel['limit']}): {shares}."]
         lines.append("")
+    if "attribution" in summary:
+        from dicesim.attribution import report_lines
+
+        lines += report_lines(summary["attribution"])
+        pictures = pictures + summary["attribution"].get("plots", [])
     lines += footer(pictures, "Files: `metrics.csv` (per step and node), `influence.csv` "
                               "(per event, hop and node), `summary.json`, `config.yaml`.")
     return "\n".join(lines)

@@ -81,6 +81,7 @@ class RunResult:
     cpu_s: float = 0.0  # CPU time of this process (all threads) in the step loop
     gossip_cpu_s: float = 0.0  # the part of cpu_s spent on exchange and mixing
     start_step: int = 0  # > 0 when resumed from a checkpoint
+    attribution: object | None = None  # dicesim.attribution.Attribution (rank 0)
 
     def state_dict(self) -> dict:
         return {name: [tuple(r) for r in getattr(self, name)]  # plain tuples: weights_only

@@ -175,7 +175,7 @@ def test_schema_defaults_match_the_yaml_presets():
              ("data/synthetic.yaml", None, config.SyntheticData())]
     pairs += [(f"topology/{name}.yaml", None, cls(name=name))
               for name, cls in config.TOPOLOGY_SCHEMAS.items()]
-    pairs += [(f"experiment/{block}.yaml", block, cls())
+    pairs += [(f"experiment/{config.BLOCK_PRESETS.get(block, block)}.yaml", block, cls())
               for block, cls in config.EXPERIMENT_BLOCKS.items()]
     for path, block, instance in pairs:
         yaml = OmegaConf.to_container(OmegaConf.load(CONFIGS / path))

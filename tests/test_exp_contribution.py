@@ -39,6 +39,8 @@ def test_tiny_contribution_puts_the_pure_noise_node_last(tmp_path):
     assert s["rank_loo"][4] == 5 and s["rank_dice"][4] == 5
     assert s["loo"][4] > 0 > max(s["loo"][:4])  # the noise hurt; clean data helped
     assert s["dice_r_hop"][4] > 0 > max(s["dice_r_hop"][:4])
+    assert s["full_horizon"][4] > 0 > max(s["full_horizon"][:4])  # the reverse pass agrees
+    assert s["spearman_full_horizon_vs_loo"] >= 0.8
     # the noisy node's neighbours give it benefit it does not return
     assert s["reciprocity"]["nodes"]["balance"][4] > 0
     for name in ("nodes.csv", "edges.csv", "summary.json", "report.md", "contribution.png"):

@@ -5,7 +5,10 @@ Issue acceptance:
   the size of a batch): one-process runs, 16 nodes, ring, mlp [64] (and [256]),
   with `influence.proximal=true data.probe_size=32` vs without (both `influence.events=0`);
 - the propagated r = 3 estimate of one event is ≥ 10× faster than enumerating walks on a
-  16-node exponential graph, and both give the same numbers.
+  16-node exponential graph, and both give the same numbers;
+- full-horizon attribution: the reverse pass takes ≤ 3× the training time of the same run
+  (`--only-attribution` runs just this), and its memory at T = 2000 stays within the bound
+  (⌈T/K⌉ + 1) + 2K + 2 rows of P per node (SGD, K = ⌈√T⌉).
 
 The proximal ratio is given twice: from `wall_s` of fresh processes (as a user sees it,
 including torch.func's one-off first-call cost) and from warm runs in this process (the
@@ -18,6 +21,7 @@ trajectory, whose computation is not counted. Prints ONE JSON object on stdout.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -90,6 +94,53 @@ def summarize_pairs(attempts: list[dict], steps: int) -> dict:
         "attempts": [{k: a[k] if k != "ratio" else round(a[k], 3) for k in
                       ("ratio", "others_cpu_share")} for a in attempts],
     }
+
+
+# ---- full-horizon attribution: the reverse pass against training ---------------------------
+def attribution_case(nodes: int, steps: int, hidden: int, dtype: str, repeats: int,
+                     retries: int, max_wait_s: float, memory_steps: int) -> dict:
+    """The reverse pass's wall time against the plain training of the same run (no Keeper,
+    the overlapped step loop), warm in-process runs; then the peak memory of the pass at
+    T = memory_steps against the stated bound (dicesim/attribution.py)."""
+    from dicesim.attribution import default_keep_every
+
+    def overrides(t: int, on: bool) -> list[str]:
+        return ["experiment=demo", f"nodes={nodes}", f"steps={t}", "topology=ring",
+                "model=mlp", f"model.hidden=[{hidden}]", "influence.events=0",
+                f"dtype={dtype}", f"attribution.enabled={str(on).lower()}", *QUIET]
+
+    run_in_process(overrides(steps, True), repeats=0, warmup=1)
+
+    def pair() -> dict:
+        plain = run_in_process(overrides(steps, False), repeats=1, warmup=0)[0].wall_s
+        r = run_in_process(overrides(steps, True), repeats=1, warmup=0)[0]
+        return {"plain_wall_s": plain, "attributed_train_wall_s": r.wall_s,
+                "reverse_s": r.attribution.wall_s, "ratio": r.attribution.wall_s / plain}
+
+    attempts = attempt_until_clean(pair, repeats, retries, max_wait_s, "attribution")
+    clean = [a for a in attempts if (a.get("others_cpu_share") or 0) <= CLEAN]
+    best = min(clean or attempts, key=lambda a: a["ratio"])
+    out = {"nodes": nodes, "steps": steps, "hidden": [hidden], "dtype": dtype,
+           **{k: best[k] for k in ("plain_wall_s", "attributed_train_wall_s", "reverse_s",
+                                   "ratio")},
+           "clean": bool(clean), "attempts": [round(a["ratio"], 3) for a in attempts]}
+    say(f"attribution: reverse pass {best['reverse_s']:.2f} s = {best['ratio']:.2f}x the "
+        f"training ({best['plain_wall_s']:.2f} s), T = {steps}")
+    if memory_steps:
+        r = run_in_process(overrides(memory_steps, True), repeats=1, warmup=0)[0]
+        K = default_keep_every(memory_steps)
+        P = r.final_params.shape[1]
+        itemsize = 8 if dtype == "float64" else 4
+        rows = (math.ceil(memory_steps / K) + 1) + 2 * K + 2  # SGD: |s| = 0
+        bound = rows * P * nodes * itemsize
+        full = (memory_steps + 1) * P * nodes * itemsize
+        out["memory"] = {"steps": memory_steps, "keep_every": K, "rows_per_node": rows,
+                         "measured_bytes": r.attribution.memory_bytes, "bound_bytes": bound,
+                         "whole_trajectory_bytes": full,
+                         "reverse_s": r.attribution.wall_s, "train_wall_s": r.wall_s}
+        say(f"attribution memory at T = {memory_steps}: {r.attribution.memory_bytes / 2**20:.1f}"
+            f" MiB (bound {bound / 2**20:.1f} MiB; whole trajectory {full / 2**20:.0f} MiB)")
+    return out
 
 
 # ---- the midpoint estimator against DICE-E -------------------------------------------------
@@ -298,6 +349,10 @@ def main(argv: list[str] | None = None) -> dict:
                         "10 %% of the CPUs")
     p.add_argument("--max-wait-s", type=float, default=60.0,
                    help="wait up to this long for other processes to leave the CPUs idle")
+    p.add_argument("--attribution-memory-steps", type=int, default=2000,
+                   help="T of the attribution memory check (0: skip)")
+    p.add_argument("--only-attribution", action="store_true",
+                   help="run only the attribution case")
     p.add_argument("--quick", action="store_true",
                    help="warm in-process runs only (no fresh-process proximal runs), 1 repeat")
     a = p.parse_args(argv)
@@ -309,12 +364,24 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = loadavg()
     say(f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, load {load_before}")
     out: dict = {"bench": "influence", "proximal": {}}
+    if a.only_attribution:
+        out["attribution"] = attribution_case(a.nodes, a.steps, a.hidden[0], a.dtype, repeats,
+                                              retries, a.max_wait_s, a.attribution_memory_steps)
+        att = out["attribution"]
+        out["targets"] = {"attribution_le_3x_training": att["ratio"] <= 3.0}
+        if "memory" in att:
+            out["targets"]["attribution_memory_within_bound"] = (
+                att["memory"]["measured_bytes"] <= att["memory"]["bound_bytes"])
+        emit(out)
+        return out
     for hidden in a.hidden:
         out["proximal"][f"mlp_{hidden}"] = proximal_case(
             a.nodes, a.steps, hidden, repeats, retries, fresh=not a.quick, dtype=a.dtype,
             max_wait_s=a.max_wait_s)
     out["midpoint"] = midpoint_case(a.nodes, 60, a.hidden[0], 40, 3, a.dtype, repeats,
                                     retries, a.max_wait_s)
+    out["attribution"] = attribution_case(a.nodes, a.steps, a.hidden[0], a.dtype, repeats,
+                                          retries, a.max_wait_s, a.attribution_memory_steps)
     out["propagated_vs_walks"] = propagation_case(
         a.nodes, a.hops, a.event_step, a.walk_hidden, a.dtype, repeats, retries,
         a.max_wait_s)
@@ -329,7 +396,12 @@ def main(argv: list[str] | None = None) -> dict:
         "propagated_ge_10x_faster_than_walks": walks["speedup"] >= 10.0,
         "dice_mid_le_1.6x_dice_e_per_event_hop": out["midpoint"]["ratio"] <= 1.6,
         f"propagated_equals_walk_sum_rel_{tol:g}": walks["max_rel_diff"] <= tol,
+        "attribution_le_3x_training": out["attribution"]["ratio"] <= 3.0,
     }
+    if "memory" in out["attribution"]:
+        mem = out["attribution"]["memory"]
+        out["targets"]["attribution_memory_within_bound"] = (
+            mem["measured_bytes"] <= mem["bound_bytes"])
     out["settings"] = {
         "nodes": a.nodes, "steps": a.steps, "hidden": a.hidden, "hops": a.hops,
         "event_step": a.event_step, "dtype": a.dtype, "repeats": repeats,

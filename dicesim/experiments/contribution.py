@@ -39,8 +39,8 @@ from dicesim.experiments import variant
 from dicesim.experiments.alignment import topology_options
 from dicesim.report import footer, write_atomic, write_csv, write_json
 
-NODE_COLUMNS = ("nodes", "node", "label_noise", "dice_r_hop", "dice_one_hop", "loo",
-                "rank_dice", "rank_loo", "given", "received", "reciprocity", "balance")
+NODE_COLUMNS = ("nodes", "node", "label_noise", "dice_r_hop", "dice_one_hop", "full_horizon",
+                "loo", "rank_dice", "rank_loo", "given", "received", "reciprocity", "balance")
 EDGE_COLUMNS = ("nodes", "j", "k", "given_j_to_k", "given_k_to_j", "reciprocity_jk")
 
 
@@ -119,7 +119,9 @@ def setting_configs(cfg: DictConfig, nodes: int) -> tuple[DictConfig, list[DictC
                        influence__events=events, influence__hops=hops,
                        influence__ground_truth=False, influence__estimators=["dice_e"],
                        influence__curvature=bool(c.curvature), influence__proximal=False)
-    runs = [variant(cfg, **common, steps=steps, eval_every=steps, influence__events=0)]
+    # the run with every node's data also carries the full-horizon reverse pass
+    runs = [variant(cfg, **common, steps=steps, eval_every=steps, influence__events=0,
+                    attribution__enabled=True, attribution__target="network")]
     for j in range(nodes):
         removal = [{"node": j, "step": t, "samples": "all"} for t in range(steps)]
         runs.append(variant(cfg, **{**common, "counterfactual__remove": removal}, steps=steps,
@@ -132,12 +134,14 @@ def run_setting(session: Session, cfg: DictConfig, nodes: int) -> dict | None:
     tracking_cfg, loo_cfgs = setting_configs(cfg, nodes)
     sim = session.build(tracking_cfg)
     result = session.simulate(sim)
-    losses = []
+    losses, full = [], None
     for conf in loo_cfgs:
         loo_sim = session.build(conf)
         res = session.simulate(loo_sim)
         if session.rank == 0:
             losses.append(final_loss(loo_sim, res.metrics))
+            if res.attribution is not None:  # Σ_t λ_j^{t+½}·δ_j^{t+½} per source node j
+                full = res.attribution.node_totals.sum(0)
     if session.rank != 0:
         return None
     with_all, without = losses[0], np.array(losses[1:])
@@ -148,14 +152,19 @@ def run_setting(session: Session, cfg: DictConfig, nodes: int) -> dict | None:
     min_sp = float(cfg.contribution.min_spearman)
     sp_r = float(stats.spearmanr(dice["r_hop"], loo)[0])
     sp_1 = float(stats.spearmanr(dice["one_hop"], loo)[0])
+    sp_f = float(stats.spearmanr(full, loo)[0])
     return {
         "nodes": nodes, "topology": sim.topology.name, "steps": int(cfg.steps),
         "hops": int(cfg.contribution.hops), "events": len(sim.events),
         "label_noise": noise.tolist(), "final_probe_loss": with_all,
         "dice_r_hop": dice["r_hop"].tolist(), "dice_one_hop": dice["one_hop"].tolist(),
-        "loo": loo.tolist(),
+        "loo": loo.tolist(), "full_horizon": full.tolist(),
         "rank_dice": ranks(dice["r_hop"]), "rank_loo": ranks(loo),
         "spearman_r_hop_vs_loo": sp_r, "spearman_one_hop_vs_loo": sp_1,
+        "spearman_full_horizon_vs_loo": sp_f,
+        "pearson_full_horizon_vs_loo": float(stats.pearsonr(full, loo)[0]),
+        "rel_err_full_horizon_vs_loo": float(np.abs(full - loo).sum() / np.abs(loo).sum()),
+        "rel_err_r_hop_vs_loo": float(np.abs(dice["r_hop"] - loo).sum() / np.abs(loo).sum()),
         "pearson_r_hop_vs_loo": float(stats.pearsonr(dice["r_hop"], loo)[0]),
         "spearman_loo_vs_noise": float(stats.spearmanr(loo, noise)[0]),
         "spearman_dice_vs_noise": float(stats.spearmanr(dice["r_hop"], noise)[0]),
@@ -186,7 +195,10 @@ def run(session: Session) -> dict | None:
             settings.append(s)
             session.say(f"{n} nodes: Spearman(DICE-E, leave-one-out) = "
                         f"{s['spearman_r_hop_vs_loo']:.4f} (one-hop view "
-                        f"{s['spearman_one_hop_vs_loo']:.4f})")
+                        f"{s['spearman_one_hop_vs_loo']:.4f}); full horizon: Spearman "
+                        f"{s['spearman_full_horizon_vs_loo']:.4f}, rel_err "
+                        f"{s['rel_err_full_horizon_vs_loo']:.4f} (r-hop rel_err "
+                        f"{s['rel_err_r_hop_vs_loo']:.4f})")
     if session.rank != 0:
         return None
     min_sp = float(cfg.contribution.min_spearman)
@@ -211,7 +223,8 @@ def node_rows(settings: list[dict]) -> list[tuple]:
         r = s["reciprocity"]["nodes"]
         for j in range(s["nodes"]):
             out.append((s["nodes"], j, s["label_noise"][j], s["dice_r_hop"][j],
-                        s["dice_one_hop"][j], s["loo"][j], s["rank_dice"][j], s["rank_loo"][j],
+                        s["dice_one_hop"][j], s["full_horizon"][j], s["loo"][j],
+                        s["rank_dice"][j], s["rank_loo"][j],
                         r["given"][j], r["received"][j], r["reciprocity"][j], r["balance"][j]))
     return out
 
@@ -242,11 +255,21 @@ def report_md(cfg: DictConfig, summary: dict, pictures: list[str]) -> str:
         "Spearman(C, noise) | final probe loss |",
         "|---|---|---|---|---|---|---|",
     ]
+    full_lines = [
+        "", "Full horizon (one reverse pass, `attribution`): F_j = Σ_t λ_j^{t+½}·δ_j^{t+½}, the "
+        "first-order effect of all of node j's batches on the final loss.", "",
+        "| nodes | Spearman(F, LOO) | Pearson(F, LOO) | rel_err(F, LOO) | rel_err(r-hop C, LOO) |",
+        "|---|---|---|---|---|"]
+    full_lines += [f"| {s['nodes']} | {s['spearman_full_horizon_vs_loo']:.4f} | "
+                   f"{s['pearson_full_horizon_vs_loo']:.4f} | "
+                   f"{s['rel_err_full_horizon_vs_loo']:.4f} | {s['rel_err_r_hop_vs_loo']:.4f} |"
+                   for s in summary["settings"]]
     for s in summary["settings"]:
         lines.append(f"| {s['nodes']} | {s['spearman_r_hop_vs_loo']:.4f} | "
                      f"{s['spearman_one_hop_vs_loo']:.4f} | {s['pearson_r_hop_vs_loo']:.4f} | "
                      f"{s['spearman_loo_vs_noise']:.4f} | {s['spearman_dice_vs_noise']:.4f} | "
                      f"{s['final_probe_loss']:.4f} |")
+    lines += full_lines
     for s in summary["settings"]:
         r = s["reciprocity"]["nodes"]
         lines += ["", f"### {s['nodes']} nodes ({s['events']} events, r = {s['hops']})", "",

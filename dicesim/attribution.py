@@ -1,0 +1,495 @@
+"""Full-horizon attribution: every batch's and every sample's first-order influence on the
+final target, by one reverse (adjoint) pass of gossip after training (DESIGN "Full horizon
+(reverse pass)"; derivations in docs/attribution.md).
+
+Target F = Σ_k q_k L'_k(θ_k^T) (`attribution.target=network`), or one target per node
+F_k = q_k L'_k(θ_k^T) (`per_node`, or a list of node ids), all carried as m stacked
+adjoints. With λ the cotangent of θ and μ that of the optimizer state s:
+
+    λ_k^T = q_k ∇L'_k(θ_k^T),  μ^T = 0
+    λ^{t+½} = (W^t)ᵀ λ^{t+1}          receivers send adjoint rows back to their senders:
+                                       the forward routes, transposed, over the same p2p layer
+    μ^{t+½} = (W^t)ᵀ μ^{t+1} with optim.gossip_state, else μ^{t+1}
+    (θ̄, ḡ, s̄) = VJP of (Δ, s') = O(θ^t, s^t, g^t) at (λ^{t+½}, μ^{t+½})   (optimizer.adjoint)
+    λ^t = λ^{t+½} + θ̄ + H(θ^t; B^t) ḡ,  μ^t = s̄                        (one HVP)
+
+Removing S from B_j^t changes F by λ_j^{t+½}·δ_j^{t+½} + μ_j^{t+½}·δs_j^{t+½} to first order
+(with − without). The gradient is linear in the sample weights, so for an affine optimizer
+(SGD, momentum, Nesterov, weight decay) that is ḡ_j·∇L_S(θ_j^t) exactly: the batch's value
+is ḡ_j·g_j^t and sample i's is (w_i/|B|) ∇ℓ_i(θ_j^t)·ḡ_j, a forward-mode tangent of the
+per-sample losses taken in the same pass as the HVP. For Adam the batch value uses the exact
+update difference O(g) − O(0); per-sample values stay the linearization ḡ·∇ℓ_i w_i/|B|.
+
+Trajectory: a `Keeper` tracker keeps θ^t and s^t every K = `attribution.keep_every` steps
+during training (and θ^T); the reverse pass recomputes each segment of K steps forward from
+its kept state (the same gossip, exactly the real run's numbers), then sweeps it backwards.
+Memory per node: (T/K + 1)(1 + |s|) kept rows + K(2 + |s|) rows of one segment.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import grad, jvp, vmap
+
+from dicesim.comm import Channel, mix, route
+from dicesim.errors import ConfigError
+from dicesim.model import _ACTIVATION_SLOPES
+from dicesim.optim import State
+from dicesim.trackers import Tracker
+
+BATCH_COLUMNS = ("source", "step", "target", "value")
+SAMPLE_COLUMNS = ("sample", "node", "count", "value")
+
+
+@dataclass(frozen=True)
+class AttributionSettings:
+    enabled: bool = False
+    targets: tuple[int, ...] | None = None  # None: the network target
+    keep_every: int = 1
+    samples: bool = True
+    plot_node: int | None = None
+
+    @property
+    def target_names(self) -> list[str]:
+        return ["network"] if self.targets is None else [str(k) for k in self.targets]
+
+
+def default_keep_every(steps: int) -> int:
+    """⌈√T⌉: minimizes T/K + K, the rows a node holds."""
+    return max(1, math.isqrt(steps - 1) + 1) if steps > 1 else 1
+
+
+def attribution_settings(cfg: Mapping, nodes: int, steps: int,
+                         defense: str = "none") -> AttributionSettings:
+    """The attribution group as typed settings, checked (a ConfigError names the key)."""
+    from dicesim.config import attribution_targets
+
+    a = cfg.get("attribution") or {}
+    enabled = a.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"attribution.enabled={enabled}: must be true or false")
+    targets = attribution_targets(a.get("target", "network"), nodes)
+    keep = a.get("keep_every")
+    if keep is None:
+        keep = default_keep_every(steps)
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= steps:
+        raise ConfigError(f"attribution.keep_every={keep}: must be an integer in [1, {steps}] "
+                          f"(steps), or null for ⌈√steps⌉; e.g. attribution.keep_every="
+                          f"{default_keep_every(steps)}")
+    plot_node = a.get("plot_node")
+    if plot_node is not None and (isinstance(plot_node, bool) or not isinstance(plot_node, int)
+                                  or not 0 <= plot_node < nodes):
+        raise ConfigError(f"attribution.plot_node={plot_node}: a node id in 0..{nodes - 1} "
+                          "or null")
+    if enabled and defense != "none":
+        raise ConfigError(f"attribution.enabled=true needs defense.kind=none (got {defense}): "
+                          "the reverse pass transposes the plain gossip W^t")
+    return AttributionSettings(enabled, None if targets is None else tuple(targets), int(keep),
+                               bool(a.get("samples", True)), plot_node)
+
+
+# ---- during training: keep the trajectory every K steps -------------------------------------
+class Keeper(Tracker):
+    """Keeps (θ^t, s^t) of this rank's rows at t = 0, K, 2K, … and θ^T. Part of every
+    checkpoint (its state_dict), so a resumed run still has the whole trajectory."""
+
+    def __init__(self, optimizer, keep_every: int, steps: int):
+        self.optimizer, self.keep_every, self.steps = optimizer, keep_every, steps
+        self.kept: dict[int, tuple[Tensor, State]] = {}
+
+    def at_theta(self, step) -> None:
+        t = step.t
+        if t % self.keep_every == 0 or t == self.steps:
+            state = {} if t == self.steps else {  # s^t (the Step's state is set later)
+                n: v.detach().clone() for n, v in self.optimizer.state.items()}
+            self.kept[t] = (step.theta.detach().clone(), state)
+
+    def numel(self) -> int:
+        return sum(th.numel() + sum(v.numel() for v in s.values())
+                   for th, s in self.kept.values())
+
+    def state_dict(self) -> dict:
+        return {"kept": {int(t): {"theta": th, "state": dict(s)}
+                         for t, (th, s) in self.kept.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.kept = {int(t): (v["theta"], dict(v["state"]))
+                     for t, v in state.get("kept", {}).items()}
+
+
+# ---- the maths of one reverse step ----------------------------------------------------------
+def hvp_and_slopes(model, theta: Tensor, v: Tensor, x: Tensor, y: Tensor, w: Tensor
+                   ) -> tuple[Tensor, Tensor]:
+    """H(θ)v of the weighted batch loss and every sample's slope ∇ℓ_i(θ)·v, one row each, in
+    one forward-over-reverse pass: theta, v [R, P]; x [R, B, ...]; → [R, P], [R, B]."""
+
+    def one(th: Tensor, vv: Tensor, xx: Tensor, yy: Tensor, ww: Tensor):
+        def loss(p: Tensor):
+            per_sample = model.sample_losses(p, xx, yy)
+            return (per_sample * ww).sum() / ww.shape[0], per_sample
+
+        _, (hv, slopes) = jvp(grad(loss, has_aux=True), (th,), (vv,))
+        return hv, slopes
+
+    return vmap(one)(theta, v, x, y, w)
+
+
+# σ''(z) in terms of a = σ(z): the dense path's second derivative of each activation
+_CURVES = {
+    nn.Tanh: lambda a, z: -2 * a * (1 - a * a),
+    nn.Sigmoid: lambda a, z: a * (1 - a) * (1 - 2 * a),
+    nn.ReLU: lambda a, z: torch.zeros_like(a),
+}
+
+
+def dense_hvp_and_slopes(model, theta: Tensor, v: Tensor, x: Tensor, y: Tensor, w: Tensor
+                         ) -> tuple[Tensor, Tensor]:
+    """`hvp_and_slopes` for a `dense_layers` stack by hand: the forward pass with its tangent
+    along v, then the backward pass with its tangent, by batched matmuls (as `dense_grads`)."""
+    rows, count = y.shape
+    h, dh = x.reshape(rows, count, -1), None
+    inputs, acts = [], []  # per layer (h, dh, W, dW); per hidden layer (σ', σ'', dz)
+    z = dz = None
+    for layer in model.dense:
+        b_at = layer.w_at + layer.out * layer.inp
+        W = theta[:, layer.w_at:b_at].view(rows, layer.out, layer.inp)
+        dW = v[:, layer.w_at:b_at].view(rows, layer.out, layer.inp)
+        b, db = theta[:, b_at:b_at + layer.out], v[:, b_at:b_at + layer.out]
+        inputs.append((h, dh, W, dW))
+        z = torch.baddbmm(b.unsqueeze(1), h, W.transpose(1, 2))  # z = h Wᵀ + b
+        dz = torch.baddbmm(db.unsqueeze(1), h, dW.transpose(1, 2))
+        if dh is not None:
+            dz = dz + torch.bmm(dh, W.transpose(1, 2))
+        if layer.act is None:
+            break
+        a = layer.act()(z)
+        slope, curve = _ACTIVATION_SLOPES[layer.act](a, z), _CURVES[layer.act](a, z)
+        acts.append((slope, curve, dz))
+        h, dh = a, slope * dz
+    scale = (w / count).unsqueeze(-1)
+    if model.regression:
+        err = z.squeeze(-1) - y
+        slopes = 2 * err * dz.squeeze(-1)  # dℓ_i = 2 (z − y) dz
+        e, de = 2 * err.unsqueeze(-1) * scale, 2 * dz * scale
+    else:
+        p = torch.softmax(z, -1)
+        e = p.clone()
+        e.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(p[..., :1], -1.0))  # p − e_y
+        slopes = (e * dz).sum(-1)
+        pdz = p * dz
+        e, de = e * scale, (pdz - p * pdz.sum(-1, keepdim=True)) * scale
+    pieces: list[Tensor] = []
+    for i in reversed(range(len(model.dense))):
+        h_in, dh_in, W, dW = inputs[i]
+        dgW = torch.bmm(de.transpose(1, 2), h_in)
+        if dh_in is not None:
+            dgW = dgW + torch.bmm(e.transpose(1, 2), dh_in)
+        pieces = [dgW.flatten(1), de.sum(1)] + pieces
+        if i:
+            slope, curve, dz_prev = acts[i - 1]
+            u = torch.bmm(e, W)
+            du = torch.bmm(de, W) + torch.bmm(e, dW)
+            e, de = u * slope, du * slope + u * curve * dz_prev
+    return torch.cat(pieces, 1), slopes
+
+
+@dataclass
+class Attribution:
+    """What the reverse pass gives rank 0 (every node's rows gathered)."""
+
+    settings: AttributionSettings
+    batch: np.ndarray  # [T, m, n]: removing B_j^t → target i
+    samples: np.ndarray | None  # [T, n, B]: removing sample at that position → Σ_i target i
+    sample_ids: np.ndarray | None  # [T, n, B]: its training sample id
+    weights: np.ndarray | None  # [T, n, B]: its weight in the real run (0: removed)
+    wall_s: float = 0.0
+    train_wall_s: float = 0.0
+    memory_bytes: int = 0  # peak bytes held by the pass, every rank together
+    trajectory_bytes: int = 0  # the part of it the Keeper held during training
+
+    @property
+    def node_totals(self) -> np.ndarray:
+        """[m, n]: Σ_t of every node's batches on each target (first order)."""
+        return self.batch.sum(0)
+
+    def sample_totals(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, node, count, value): Σ over every occurrence of each training sample."""
+        assert self.samples is not None and self.sample_ids is not None
+        T, n, B = self.samples.shape
+        ids = self.sample_ids.reshape(-1)
+        node = np.broadcast_to(np.arange(n)[None, :, None], (T, n, B)).reshape(-1)
+        used = self.weights.reshape(-1) > 0
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        value = np.bincount(inverse, weights=self.samples.reshape(-1), minlength=len(uniq))
+        count = np.bincount(inverse, weights=used.astype(float), minlength=len(uniq))
+        owner = np.zeros(len(uniq), dtype=np.int64)
+        owner[inverse] = node
+        return uniq, owner, count.astype(np.int64), value
+
+    def sample_value(self, node: int, step: int, positions: np.ndarray) -> float:
+        """First-order effect on Σ targets of removing these positions of B_node^step."""
+        assert self.samples is not None
+        return float(self.samples[step, node, positions].sum())
+
+
+# ---- after training: the reverse pass -------------------------------------------------------
+class ReversePass:
+    def __init__(self, trainer, keeper: Keeper):
+        self.trainer, self.keeper = trainer, keeper
+        self.sim, self.comm, self.parts = trainer.sim, trainer.comm, trainer.parts
+        self.settings: AttributionSettings = self.sim.attribution
+        lay = self.sim.layout
+        self.local, self.n_loc, self.all_nodes = lay.local_nodes, lay.nodes_per_rank, \
+            np.arange(lay.nodes)
+        self.routes: dict[int, object] = {}  # forward routes per step of the period
+        self.back: dict[int, object] = {}  # transposed routes
+        self.peak = 0
+
+    def _route(self, t: int, transposed: bool):
+        key = t % self.sim.topology.period
+        cache = self.back if transposed else self.routes
+        if key not in cache:
+            W = self.sim.topology.W(t)
+            cache[key] = route(W.T if transposed else W, self.sim.layout)
+        return cache[key]
+
+    def _gossip(self, t: int, rows: list[Tensor], transposed: bool) -> list[Tensor]:
+        """Σ_l W^t[k,l] v_l (forward), or Σ_k W^t[k,l] v_k (transposed: the adjoint)."""
+        W = self.sim.topology.W(t)
+        W = W.T if transposed else W
+        channels = [Channel(self.all_nodes, r) for r in rows]
+        self.comm.post(self.sim.layout, channels, self._route(t, transposed)).wait()
+        return [mix(W, self.local, ch) for ch in channels]
+
+    def _segment(self, a: int, b: int) -> list[dict]:
+        """Steps a … b−1 recomputed from the state kept at a: θ^t, s^t, g^t, B^t (and the
+        step's outputs for a non-affine optimizer)."""
+        p, opt = self.parts, self.parts.optimizer
+        theta, state = self.keeper.kept[a]
+        state = dict(state)
+        mixed = opt.state_names if opt.gossip_state else ()
+        out = []
+        for t in range(a, b):
+            x, y, w = p.batch(t)
+            g, _ = p.model.grads(theta, x, y, w)
+            update, new = opt.step(t, self.local, theta, state, g)
+            rec = {"theta": theta, "state": state, "grad": g, "batch": (x, y, w),
+                   "ids": p.order.ids(t, self.local)}
+            if not opt.affine:
+                rec["update"], rec["new_state"] = update, new
+            out.append(rec)
+            if t + 1 < b:
+                mixed_rows = self._gossip(t, [theta + update] + [new[n] for n in mixed], False)
+                theta = mixed_rows[0]
+                state = dict(zip(mixed, mixed_rows[1:], strict=True)) if mixed else new
+        return out
+
+    def run(self) -> Attribution | None:
+        start = time.perf_counter()
+        sim, p, cfg = self.sim, self.parts, self.settings
+        model, opt = p.model, p.optimizer
+        T, B, n_loc, K = sim.run.steps, sim.run.batch_size, self.n_loc, cfg.keep_every
+        lay = sim.layout
+        theta_T = self.keeper.kept[T][0]
+        P, dev, dtype = theta_T.shape[1], theta_T.device, theta_T.dtype
+        targets = cfg.targets
+        m = 1 if targets is None else len(targets)
+        pg, _ = model.probe_grads(theta_T, *p.probe.at(torch.arange(n_loc, device=dev)))
+        q = torch.as_tensor(sim.q[self.local], dtype=dtype, device=dev)
+        lam = theta_T.new_zeros(m, n_loc, P)  # λ^T of each target
+        if targets is None:
+            lam[0] = q[:, None] * pg
+        else:
+            for i, k in enumerate(targets):
+                if lay.is_local(k):
+                    j = lay.local_index(k)
+                    lam[i, j] = q[j] * pg[j]
+        mu = {n: theta_T.new_zeros(m, n_loc, P) for n in opt.state_names}
+        batch = np.zeros((T, m, n_loc))
+        samples = np.zeros((T, n_loc, B)) if cfg.samples else None
+        ids = np.zeros((T, n_loc, B), dtype=np.int64) if cfg.samples else None
+        weights = np.zeros((T, n_loc, B)) if cfg.samples else None
+        nodes = np.tile(self.local, m)
+        curvature = dense_hvp_and_slopes if model.dense is not None else hvp_and_slopes
+
+        def flat(v: Tensor) -> Tensor:  # [m, rows, ...] → [m·rows, ...]
+            return v.reshape(m * n_loc, *v.shape[2:])
+
+        def rep(v: Tensor) -> Tensor:  # [rows, ...] → [m·rows, ...], target-major
+            return v.repeat(m, *([1] * (v.dim() - 1)))
+
+        def back(t: int, v: Tensor) -> Tensor:  # (W^t)ᵀ over the stacked targets
+            rows = v.permute(1, 0, 2).reshape(n_loc, m * P)
+            return self._gossip(t, [rows], True)[0].view(n_loc, m, P).permute(1, 0, 2)
+
+        kept_numel = self.keeper.numel()
+        starts = sorted(t for t in self.keeper.kept if t < T)
+        assert starts and starts[0] == 0, "the Keeper holds no θ^0"
+        for a in reversed(starts):
+            b = min(a + K, T)
+            seg = self._segment(a, b)
+            seg_numel = sum(r["theta"].numel() + r["grad"].numel()
+                            + sum(v.numel() for v in r["state"].values()) for r in seg)
+            adj_numel = (1 + len(mu)) * lam.numel()
+            self.peak = max(self.peak, kept_numel + seg_numel + 2 * adj_numel)
+            for t in reversed(range(a, b)):
+                r = seg[t - a]
+                theta, state, g = r["theta"], r["state"], r["grad"]
+                x, y, w = r["batch"]
+                lam_half = back(t, lam)  # λ^{t+½}
+                mu_half = ({n: back(t, v) for n, v in mu.items()} if opt.gossip_state
+                           else mu)  # μ^{t+½}
+                th_r, g_r = rep(theta), rep(g)
+                st_r = {n: rep(v) for n, v in state.items()}
+                bar_theta, bar_g, bar_s = opt.adjoint(
+                    t, nodes, th_r, st_r, g_r, flat(lam_half),
+                    {n: flat(v) for n, v in mu_half.items()})
+                hv, slopes = curvature(model, th_r, bar_g, rep(x), rep(y), rep(w))
+                if opt.affine:  # λ·δ + μ·δs = ḡ·∇L_B: the exact update difference
+                    value = (bar_g * g_r).sum(1)
+                else:  # Adam: the exact difference O(g) − O(0) of the whole batch
+                    zero_update, zero_state = opt.step(t, self.local, theta, state,
+                                                       torch.zeros_like(g))
+                    value = (flat(lam_half) * rep(r["update"] - zero_update)).sum(1)
+                    for n in opt.state_names:
+                        value = value + (flat(mu_half[n])
+                                         * rep(r["new_state"][n] - zero_state[n])).sum(1)
+                batch[t] = value.view(m, n_loc).cpu().numpy()
+                if samples is not None:
+                    per = (slopes * rep(w) / B).view(m, n_loc, B).sum(0)
+                    samples[t] = per.cpu().numpy()
+                    ids[t] = r["ids"]
+                    weights[t] = w.cpu().numpy()
+                lam = (flat(lam_half) + bar_theta + hv).view(m, n_loc, P)  # λ^t
+                mu = {n: v.view(m, n_loc, P) for n, v in bar_s.items()}  # μ^t
+            del seg
+        wall = time.perf_counter() - start
+        itemsize = torch.finfo(dtype).bits // 8
+        gathered = self.comm.gather_to_root((batch, samples, ids, weights,
+                                             self.peak * itemsize, kept_numel * itemsize))
+        if gathered is None:
+            return None
+        out = Attribution(
+            cfg, np.concatenate([g[0] for g in gathered], axis=2),
+            None if samples is None else np.concatenate([g[1] for g in gathered], axis=1),
+            None if samples is None else np.concatenate([g[2] for g in gathered], axis=1),
+            None if samples is None else np.concatenate([g[3] for g in gathered], axis=1),
+            wall_s=wall, train_wall_s=self.trainer.result.wall_s,
+            memory_bytes=int(sum(g[4] for g in gathered)),
+            trajectory_bytes=int(sum(g[5] for g in gathered)))
+        return out
+
+
+def reverse_pass(trainer) -> Attribution | None:
+    """Run the reverse pass after `trainer.run()` (every rank); rank 0 gets the result."""
+    keeper = next(tr for tr in trainer.parts.trackers if isinstance(tr, Keeper))
+    return ReversePass(trainer, keeper).run()
+
+
+# ---- outputs --------------------------------------------------------------------------------
+def batch_rows(a: Attribution) -> list[tuple]:
+    names = a.settings.target_names
+    T, m, n = a.batch.shape
+    return [(j, t, names[i], float(a.batch[t, i, j]))
+            for t in range(T) for j in range(n) for i in range(m)]
+
+
+def summary_block(a: Attribution) -> dict:
+    totals = a.node_totals
+    names = a.settings.target_names
+    block = {
+        "target": "network" if a.settings.targets is None else list(a.settings.targets),
+        "keep_every": a.settings.keep_every,
+        "node_totals": totals.sum(0).tolist(),  # Σ over targets, per source node
+        "node_totals_by_target": {name: totals[i].tolist() for i, name in enumerate(names)},
+        "wall_s": a.wall_s, "train_wall_s": a.train_wall_s,
+        "cost_ratio": a.wall_s / a.train_wall_s if a.train_wall_s > 0 else None,
+        "memory_bytes": a.memory_bytes, "trajectory_bytes": a.trajectory_bytes,
+    }
+    if a.samples is not None:
+        _, _, _, value = a.sample_totals()
+        block["samples"] = int(len(value))
+        block["most_harmful_sample_value"] = float(value.max()) if len(value) else None
+    return block
+
+
+def write_attribution(out: Path, sim, a: Attribution, plots: bool = True) -> dict:
+    from dicesim.report import write_csv
+
+    write_csv(out / "attribution.csv", BATCH_COLUMNS, batch_rows(a))
+    if a.samples is not None:
+        ids, node, count, value = a.sample_totals()
+        write_csv(out / "samples.csv", SAMPLE_COLUMNS,
+                  [(int(i), int(k), int(c), float(v))
+                   for i, k, c, v in zip(ids, node, count, value, strict=True)])
+    block = summary_block(a)
+    if plots:
+        block["plots"] = attribution_plots(out, a)
+    return block
+
+
+def attribution_plots(out: Path, a: Attribution) -> list[str]:
+    from dicesim.plots import plt  # the Agg backend, chosen there
+
+    totals = a.node_totals  # [m, n]
+    T, m, n = a.batch.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * n + 2), max(2.2, 0.35 * m + 1.6)))
+    lim = float(np.abs(totals).max()) or 1.0
+    im = ax.imshow(totals, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+    ax.set(xlabel="source node j (its data)", ylabel="target",
+           yticks=range(m), yticklabels=a.settings.target_names,
+           title="full-horizon influence Σ_t λ_j^{t+½}·δ_j^{t+½} (negative: helped)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out / "attribution_heatmap.png", dpi=110)
+    plt.close(fig)
+
+    per_source = a.batch.sum(1)  # [T, n] on Σ targets
+    node = a.settings.plot_node
+    if node is None:
+        node = int(np.abs(per_source.sum(0)).argmax())
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    steps = np.arange(T)
+    ax.plot(steps, per_source[:, node], lw=0.8, label=f"node {node}: its batch at step t")
+    ax2 = ax.twinx()
+    ax2.plot(steps, np.cumsum(per_source[:, node]), color="C1", lw=1.2,
+             label="cumulative Σ_{τ≤t}")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set(xlabel="training step t", ylabel="influence on the final target",
+           title=f"node {node}'s data over training (negative: helped)")
+    ax2.set_ylabel("cumulative")
+    fig.legend(loc="upper right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "attribution_over_time.png", dpi=110)
+    plt.close(fig)
+    return ["attribution_heatmap.png", "attribution_over_time.png"]
+
+
+def report_lines(block: dict) -> list[str]:
+    """The report.md section of a run with attribution."""
+    totals = block["node_totals"]
+    order = np.argsort(totals)
+    ratio = block.get("cost_ratio")
+    lines = [
+        "## Full-horizon attribution",
+        "",
+        f"One reverse pass over the trajectory (θ kept every {block['keep_every']} steps) gives "
+        f"every batch's first-order influence on the final target ({block['target']}): "
+        "`attribution.csv` per (source node, step, target), `samples.csv` per training sample. "
+        f"Reverse pass {block['wall_s']:.2f} s"
+        + (f" = {ratio:.2f}× training" if ratio is not None else "")
+        + f"; peak memory {block['memory_bytes'] / 2**20:.1f} MiB.",
+        "",
+        "| node | total influence (negative: helped) |",
+        "|---|---|",
+    ]
+    lines += [f"| {int(j)} | {totals[j]:.4g} |" for j in order]
+    return lines + [""]
