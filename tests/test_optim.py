@@ -16,7 +16,7 @@ from dicesim.engine import Simulation
 from dicesim.optim import Adam, Schedule, build_optimizer, optim_settings
 from dicesim.oracle import dense_run, dense_trajectory
 
-TINY = ("nodes=4", "steps=10", "batch_size=8", "dtype=float64", "model.hidden=[8]",
+TINY = ("nodes=4", "steps=30", "batch_size=8", "dtype=float64", "model.hidden=[8]",
         "data.probe_size=40", "eval_every=1", "influence.events=0")
 QUADRATIC = ("data=synthetic_regression", "model=linear", "dtype=float64", "nodes=4",
              "batch_size=8", "steps=8", "optim.lr=0.05", "data.probe_size=50")
