@@ -44,7 +44,10 @@ def test_tiny_alignment_run(tmp_path):
     assert hard["set"] == "hard" and hard["lr"] == 0.3
     assert hard["alignment_mid"]["all"]["rel_err"] < hard["alignment"]["all"]["rel_err"]
     assert set(summary["targets"]["midpoint"]) == {batch["label"], single["label"],
-                                                   hard["label"]}
+                                                   hard["label"], hard["label"] + " (dice_mid2)"}
+    # the two-point rule on the hard case: closer to G than the midpoint in every view
+    for view, block in hard["alignment_mid2"].items():
+        assert block["rel_err"] < hard["alignment_mid"][view]["rel_err"], view
     assert summary["targets"]["all_pass"], summary["targets"]
     assert summary["calibration"]["n"] > 10
     assert no_curv["label"] in summary["targets"]["curvature_gap"]
