@@ -36,12 +36,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-from torch.func import grad, jvp, vmap
+from torch import Tensor
 
 from dicesim.comm import Channel, mix, route
 from dicesim.errors import ConfigError
-from dicesim.model import _ACTIVATION_SLOPES
 from dicesim.optim import State
 from dicesim.trackers import Tracker
 
@@ -123,82 +121,6 @@ class Keeper(Tracker):
     def load_state_dict(self, state: dict) -> None:
         self.kept = {int(t): (v["theta"], dict(v["state"]))
                      for t, v in state.get("kept", {}).items()}
-
-
-# ---- the maths of one reverse step ----------------------------------------------------------
-def hvp_and_slopes(model, theta: Tensor, v: Tensor, x: Tensor, y: Tensor, w: Tensor
-                   ) -> tuple[Tensor, Tensor]:
-    """H(θ)v of the weighted batch loss and every sample's slope ∇ℓ_i(θ)·v, one row each, in
-    one forward-over-reverse pass: theta, v [R, P]; x [R, B, ...]; → [R, P], [R, B]."""
-
-    def one(th: Tensor, vv: Tensor, xx: Tensor, yy: Tensor, ww: Tensor):
-        def loss(p: Tensor):
-            per_sample = model.sample_losses(p, xx, yy)
-            return (per_sample * ww).sum() / ww.shape[0], per_sample
-
-        _, (hv, slopes) = jvp(grad(loss, has_aux=True), (th,), (vv,))
-        return hv, slopes
-
-    return vmap(one)(theta, v, x, y, w)
-
-
-# σ''(z) in terms of a = σ(z): the dense path's second derivative of each activation
-_CURVES = {
-    nn.Tanh: lambda a, z: -2 * a * (1 - a * a),
-    nn.Sigmoid: lambda a, z: a * (1 - a) * (1 - 2 * a),
-    nn.ReLU: lambda a, z: torch.zeros_like(a),
-}
-
-
-def dense_hvp_and_slopes(model, theta: Tensor, v: Tensor, x: Tensor, y: Tensor, w: Tensor
-                         ) -> tuple[Tensor, Tensor]:
-    """`hvp_and_slopes` for a `dense_layers` stack by hand: the forward pass with its tangent
-    along v, then the backward pass with its tangent, by batched matmuls (as `dense_grads`)."""
-    rows, count = y.shape
-    h, dh = x.reshape(rows, count, -1), None
-    inputs, acts = [], []  # per layer (h, dh, W, dW); per hidden layer (σ', σ'', dz)
-    z = dz = None
-    for layer in model.dense:
-        b_at = layer.w_at + layer.out * layer.inp
-        W = theta[:, layer.w_at:b_at].view(rows, layer.out, layer.inp)
-        dW = v[:, layer.w_at:b_at].view(rows, layer.out, layer.inp)
-        b, db = theta[:, b_at:b_at + layer.out], v[:, b_at:b_at + layer.out]
-        inputs.append((h, dh, W, dW))
-        z = torch.baddbmm(b.unsqueeze(1), h, W.transpose(1, 2))  # z = h Wᵀ + b
-        dz = torch.baddbmm(db.unsqueeze(1), h, dW.transpose(1, 2))
-        if dh is not None:
-            dz = dz + torch.bmm(dh, W.transpose(1, 2))
-        if layer.act is None:
-            break
-        a = layer.act()(z)
-        slope, curve = _ACTIVATION_SLOPES[layer.act](a, z), _CURVES[layer.act](a, z)
-        acts.append((slope, curve, dz))
-        h, dh = a, slope * dz
-    scale = (w / count).unsqueeze(-1)
-    if model.regression:
-        err = z.squeeze(-1) - y
-        slopes = 2 * err * dz.squeeze(-1)  # dℓ_i = 2 (z − y) dz
-        e, de = 2 * err.unsqueeze(-1) * scale, 2 * dz * scale
-    else:
-        p = torch.softmax(z, -1)
-        e = p.clone()
-        e.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(p[..., :1], -1.0))  # p − e_y
-        slopes = (e * dz).sum(-1)
-        pdz = p * dz
-        e, de = e * scale, (pdz - p * pdz.sum(-1, keepdim=True)) * scale
-    pieces: list[Tensor] = []
-    for i in reversed(range(len(model.dense))):
-        h_in, dh_in, W, dW = inputs[i]
-        dgW = torch.bmm(de.transpose(1, 2), h_in)
-        if dh_in is not None:
-            dgW = dgW + torch.bmm(e.transpose(1, 2), dh_in)
-        pieces = [dgW.flatten(1), de.sum(1)] + pieces
-        if i:
-            slope, curve, dz_prev = acts[i - 1]
-            u = torch.bmm(e, W)
-            du = torch.bmm(de, W) + torch.bmm(e, dW)
-            e, de = u * slope, du * slope + u * curve * dz_prev
-    return torch.cat(pieces, 1), slopes
 
 
 @dataclass
@@ -318,7 +240,7 @@ class ReversePass:
         ids = np.zeros((T, n_loc, B), dtype=np.int64) if cfg.samples else None
         weights = np.zeros((T, n_loc, B)) if cfg.samples else None
         nodes = np.tile(self.local, m)
-        curvature = dense_hvp_and_slopes if model.dense is not None else hvp_and_slopes
+        curvature = model.hvps_and_slopes
 
         def flat(v: Tensor) -> Tensor:  # [m, rows, ...] → [m·rows, ...]
             return v.reshape(m * n_loc, *v.shape[2:])
@@ -352,7 +274,7 @@ class ReversePass:
                 bar_theta, bar_g, bar_s = opt.adjoint(
                     t, nodes, th_r, st_r, g_r, flat(lam_half),
                     {n: flat(v) for n, v in mu_half.items()})
-                hv, slopes = curvature(model, th_r, bar_g, rep(x), rep(y), rep(w))
+                hv, slopes = curvature(th_r, bar_g, rep(x), rep(y), rep(w))
                 if opt.affine:  # λ·δ + μ·δs = ḡ·∇L_B: the exact update difference
                     value = (bar_g * g_r).sum(1)
                 else:  # Adam: the exact difference O(g) − O(0) of the whole batch

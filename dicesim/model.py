@@ -73,6 +73,12 @@ _ACTIVATION_SLOPES = {
     nn.Sigmoid: lambda a, z: a * (1 - a),
     nn.ReLU: lambda a, z: (z > 0).to(a.dtype),
 }
+# σ''(z) in the same terms: the dense HVP's second derivative of each activation
+_ACTIVATION_CURVES = {
+    nn.Tanh: lambda a, z: -2 * a * (1 - a * a),
+    nn.Sigmoid: lambda a, z: a * (1 - a) * (1 - 2 * a),
+    nn.ReLU: lambda a, z: torch.zeros_like(a),
+}
 
 
 @dataclass(frozen=True)
@@ -203,12 +209,83 @@ class FlatModel:
 
     def hvps(self, theta: Tensor, v: Tensor, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
         """H(θ) v for the weighted batch loss at θ (forward-over-reverse), one per row."""
+        if self.dense is not None:
+            return self.dense_hvps_and_slopes(theta, v, x, y, w)[0]
 
         def one(th: Tensor, vv: Tensor, xx: Tensor, yy: Tensor, ww: Tensor) -> Tensor:
             g = grad(self.weighted_loss)
             return jvp(lambda p: g(p, xx, yy, ww), (th,), (vv,))[1]
 
         return vmap(one)(theta, v, x, y, w)
+
+    def hvps_and_slopes(self, theta: Tensor, v: Tensor, x: Tensor, y: Tensor, w: Tensor
+                        ) -> tuple[Tensor, Tensor]:
+        """H(θ)v of the weighted batch loss and every sample's slope ∇ℓ_i(θ)·v, one row
+        each, in one forward-over-reverse pass: theta, v [R, P]; x [R, B, ...]; → [R, P],
+        [R, B] (by hand for a dense stack, else torch.func)."""
+        if self.dense is not None:
+            return self.dense_hvps_and_slopes(theta, v, x, y, w)
+
+        def one(th: Tensor, vv: Tensor, xx: Tensor, yy: Tensor, ww: Tensor):
+            def loss(p: Tensor):
+                per_sample = self.sample_losses(p, xx, yy)
+                return (per_sample * ww).sum() / ww.shape[0], per_sample
+
+            _, (hv, slopes) = jvp(grad(loss, has_aux=True), (th,), (vv,))
+            return hv, slopes
+
+        return vmap(one)(theta, v, x, y, w)
+
+    def dense_hvps_and_slopes(self, theta: Tensor, v: Tensor, x: Tensor, y: Tensor, w: Tensor
+                              ) -> tuple[Tensor, Tensor]:
+        """`hvps_and_slopes` for a `dense_layers` stack by hand: the forward pass with its
+        tangent along v, then the backward pass with its tangent, by batched matmuls (as
+        `dense_grads`); checked against torch.func in tests/test_model.py."""
+        rows, count = y.shape
+        h, dh = x.reshape(rows, count, -1), None
+        inputs, acts = [], []  # per layer (h, dh, W, dW); per hidden layer (σ', σ'', dz)
+        z = dz = None
+        for layer in self.dense:
+            b_at = layer.w_at + layer.out * layer.inp
+            W = theta[:, layer.w_at:b_at].view(rows, layer.out, layer.inp)
+            dW = v[:, layer.w_at:b_at].view(rows, layer.out, layer.inp)
+            b, db = theta[:, b_at:b_at + layer.out], v[:, b_at:b_at + layer.out]
+            inputs.append((h, dh, W, dW))
+            z = torch.baddbmm(b.unsqueeze(1), h, W.transpose(1, 2))  # z = h Wᵀ + b
+            dz = torch.baddbmm(db.unsqueeze(1), h, dW.transpose(1, 2))  # its tangent
+            if dh is not None:
+                dz = dz + torch.bmm(dh, W.transpose(1, 2))
+            if layer.act is None:
+                break
+            a = layer.act()(z)
+            slope = _ACTIVATION_SLOPES[layer.act](a, z)
+            acts.append((slope, _ACTIVATION_CURVES[layer.act](a, z), dz))
+            h, dh = a, slope * dz
+        scale = (w / count).unsqueeze(-1)
+        if self.regression:
+            err = z.squeeze(-1) - y
+            slopes = 2 * err * dz.squeeze(-1)  # dℓ_i = 2 (z − y) dz
+            e, de = 2 * err.unsqueeze(-1) * scale, 2 * dz * scale
+        else:
+            p = torch.softmax(z, -1)
+            e = p.clone()
+            e.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(p[..., :1], -1.0))  # p − e_y
+            slopes = (e * dz).sum(-1)
+            pdz = p * dz
+            e, de = e * scale, (pdz - p * pdz.sum(-1, keepdim=True)) * scale
+        pieces: list[Tensor] = []
+        for i in reversed(range(len(self.dense))):
+            h_in, dh_in, W, dW = inputs[i]
+            dgW = torch.bmm(de.transpose(1, 2), h_in)
+            if dh_in is not None:
+                dgW = dgW + torch.bmm(e.transpose(1, 2), dh_in)
+            pieces = [dgW.flatten(1), de.sum(1)] + pieces
+            if i:
+                slope, curve, dz_prev = acts[i - 1]
+                u = torch.bmm(e, W)
+                du = torch.bmm(de, W) + torch.bmm(e, dW)
+                e, de = u * slope, du * slope + u * curve * dz_prev
+        return torch.cat(pieces, 1), slopes
 
     def probe_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         return self.sample_losses(theta, x, y).mean()

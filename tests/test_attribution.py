@@ -203,30 +203,3 @@ def test_against_retraining_few_events():
     assert stats.spearmanr(est, truth)[0] >= 0.9
     rel = np.abs(np.array(est) - truth).sum() / np.abs(truth).sum()
     assert rel <= 0.2
-
-
-@pytest.mark.parametrize(("data", "model"), [
-    ("data=digits", "model.activation=tanh"), ("data=digits", "model.activation=sigmoid"),
-    ("data=digits", "model.activation=relu"), ("data=synthetic_regression", "model=linear"),
-    ("data=synthetic_regression", "model.activation=tanh")])
-def test_dense_hvp_and_slopes_match_torch_func(data, model):
-    """The hand-written dense forward-over-reverse pass = torch.func's jvp of grad."""
-    from dicesim.attribution import dense_hvp_and_slopes, hvp_and_slopes
-
-    hidden = () if model == "model=linear" else ("model.hidden=[7,5]",)
-    sim = Simulation(make_config(data, model, "dtype=float64", *hidden, "nodes=2",
-                                 "batch_size=6"))
-    m = sim.model
-    assert m.dense is not None
-    g = torch.Generator().manual_seed(0)
-    theta = torch.randn(3, m.P, generator=g, dtype=torch.float64) * 0.5
-    v = torch.randn(3, m.P, generator=g, dtype=torch.float64)
-    x = sim.data.x_train[:18].double().view(3, 6, -1)
-    y = sim.data.y_train[:18].view(3, 6)
-    y = y.double() if m.regression else y
-    w = torch.ones(3, 6, dtype=torch.float64)
-    w[1, 2] = 0.0
-    hv, slopes = dense_hvp_and_slopes(m, theta, v, x, y, w)
-    hv_ref, slopes_ref = hvp_and_slopes(m, theta, v, x, y, w)
-    torch.testing.assert_close(hv, hv_ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(slopes, slopes_ref, rtol=1e-10, atol=1e-12)

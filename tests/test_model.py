@@ -1,9 +1,11 @@
-"""The hand-written backprop of dense stacks equals torch.func's gradient."""
+"""The hand-written backprop of dense stacks equals torch.func's gradient and HVP."""
 
 import pytest
 import torch
+from conftest import make_config
 from torch.func import grad_and_value, vmap
 
+from dicesim.engine import Simulation
 from dicesim.model import build_model
 
 
@@ -113,3 +115,36 @@ def test_probe_eval_memory_is_bounded():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env={"OMP_NUM_THREADS": "1", "PATH": ""}).stdout
     assert int(out) < 64, f"probe_eval grew the peak RSS by {out} MB"
+
+
+@pytest.mark.parametrize(("data", "model"), [
+    ("data=digits", "model.activation=tanh"), ("data=digits", "model.activation=sigmoid"),
+    ("data=digits", "model.activation=relu"), ("data=synthetic_regression", "model=linear"),
+    ("data=synthetic_regression", "model.activation=tanh")])
+def test_dense_hvps_and_slopes_match_torch_func(data, model):
+    """The hand-written dense forward-over-reverse pass (what hvps uses for logreg, linear
+    and mlp) = torch.func's jvp of grad, HVPs and per-sample slopes."""
+    import copy
+
+    hidden = () if model == "model=linear" else ("model.hidden=[7,5]",)
+    sim = Simulation(make_config(data, model, "dtype=float64", *hidden, "nodes=2",
+                                 "batch_size=6"))
+    m = sim.model
+    assert m.dense is not None
+    g = torch.Generator().manual_seed(0)
+    theta = torch.randn(3, m.P, generator=g, dtype=torch.float64) * 0.5
+    v = torch.randn(3, m.P, generator=g, dtype=torch.float64)
+    x = sim.data.x_train[:18].double().view(3, 6, -1)
+    y = sim.data.y_train[:18].view(3, 6)
+    y = y.double() if m.regression else y
+    w = torch.ones(3, 6, dtype=torch.float64)
+    w[1, 2] = 0.0
+    reference = copy.copy(m)
+    reference.dense = None  # the torch.func path
+    hv, slopes = m.hvps_and_slopes(theta, v, x, y, w)
+    hv_ref, slopes_ref = reference.hvps_and_slopes(theta, v, x, y, w)
+    torch.testing.assert_close(m.hvps(theta, v, x, y, w), hv_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(reference.hvps(theta, v, x, y, w), hv_ref, rtol=1e-10,
+                               atol=1e-12)
+    torch.testing.assert_close(hv, hv_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(slopes, slopes_ref, rtol=1e-10, atol=1e-12)
