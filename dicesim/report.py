@@ -15,6 +15,7 @@ import torch
 
 from dicesim.engine import Simulation
 from dicesim.events import ESTIMATORS, INFLUENCE_COLUMNS, PROXIMAL_COLUMNS, InfluenceRow
+from dicesim.stats import pearson, spearman
 from dicesim.trainer import METRIC_COLUMNS, RunResult
 
 
@@ -81,10 +82,8 @@ def alignment(e: np.ndarray, g: np.ndarray) -> dict:
     denom = np.abs(g).sum()
     out["rel_err"] = float(np.abs(e - g).sum() / denom) if denom > 0 else None
     if n >= 2 and np.std(e) > 0 and np.std(g) > 0:
-        from scipy import stats  # scale: imported only when there is something to correlate
-
-        out["pearson"] = float(stats.pearsonr(e, g)[0])
-        out["spearman"] = float(stats.spearmanr(e, g)[0])
+        out["pearson"] = pearson(e, g)
+        out["spearman"] = spearman(e, g)
     return out
 
 

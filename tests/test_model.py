@@ -1,5 +1,6 @@
 """The hand-written backprop of dense stacks equals torch.func's gradient and HVP."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_config
@@ -148,3 +149,20 @@ def test_dense_hvps_and_slopes_match_torch_func(data, model):
                                atol=1e-12)
     torch.testing.assert_close(hv, hv_ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(slopes, slopes_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_numpy_correlations_equal_scipy():
+    """dicesim.stats (what every run's alignment uses) against scipy.stats, ties included."""
+    from scipy import stats as scipy_stats
+
+    from dicesim.stats import average_ranks, pearson, spearman
+
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 17, 500):
+        a = rng.normal(size=n)
+        b = a + rng.normal(size=n)
+        tied = np.round(b, 1)  # many ties
+        assert pearson(a, b) == pytest.approx(scipy_stats.pearsonr(a, b)[0], abs=1e-12)
+        assert spearman(a, tied) == pytest.approx(scipy_stats.spearmanr(a, tied)[0], abs=1e-12)
+        np.testing.assert_allclose(average_ranks(tied), scipy_stats.rankdata(tied))
+    assert np.isnan(pearson(np.ones(4), np.arange(4)))
