@@ -72,10 +72,13 @@ class Event:
 
 
 def reach_sets(topology: Topology, source: int, step: int, hops: int) -> list[np.ndarray]:
+    """R_0 = {j}, R_{s+1} = receivers k of R_s under W^{t+s} (W[k, l] > 0 for some l in R_s):
+    W ≥ 0, so (W 1_{R_s})_k > 0 exactly there. O(edges) per hop."""
     sets = [np.array([source])]
     for s in range(hops):
-        W = topology.W(step + s)
-        sets.append(np.flatnonzero((W[:, sets[-1]] > 0).any(axis=1)))
+        inside = np.zeros(topology.n)
+        inside[sets[-1]] = 1.0
+        sets.append(np.flatnonzero(topology.W_sparse(step + s) @ inside > 0))
     return sets
 
 

@@ -19,15 +19,18 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from dicesim.comm import Channel, Comm, Route, route, send_first
+from dicesim.comm import Channel, Comm, Route, route, send_first, sparse_tensor
 from dicesim.events import Event, InfluenceRow, ProximalRow
 from dicesim.faults import inject
+
+if TYPE_CHECKING:
+    from scipy import sparse
 
 
 class MetricRow(NamedTuple):
@@ -50,7 +53,7 @@ class Step:
     t: int
     theta: Tensor  # θ^t
     batch: Batch | None = None  # B^t (None at t = T)
-    W: np.ndarray | None = None  # W^t as mixed (after the aggregator)
+    W: sparse.csr_array | None = None  # W^t as mixed (after the aggregator), CSR
     probe_grad: Tensor | None = None  # ∇L'_k(θ_k^t) of the rows trackers asked for, else 0
     probe_loss: Tensor | None = None
     grad: Tensor | None = None  # ∇L(θ^t; B^t), when the probe pass computed it too
@@ -172,7 +175,7 @@ class Trainer:
         result = self.result
         sim.warm_up(p, bool(trackers))
         routes: dict[int, Route] = {}  # per step of the topology's period
-        mixing: dict[int, Tensor] = {}  # W^t[local, :] as a tensor, while no aggregator alters it
+        mixing: dict[int, Tensor] = {}  # W^t[local, :] (sparse), while no aggregator alters it
         groups: dict[int, list[np.ndarray]] = {}  # local rows in the order they are stepped
         every = max(1, s.steps // 10)
         clock = StepClock(comm.world > 1 and torch.get_num_threads() == 1)
@@ -200,10 +203,10 @@ class Trainer:
                 break
 
             key = t % sim.topology.period
-            base_W = sim.topology.W(t)
+            base_W = sim.topology.W_sparse(t)
             if key not in routes:  # routes follow the topology; an aggregator only re-weights
                 routes[key] = route(base_W, lay)
-                mixing[key] = torch.as_tensor(base_W[local], dtype=s.dtype, device=dev)
+                mixing[key] = sparse_tensor(base_W[local], s.dtype, dev)
                 groups[key] = send_first(routes[key], lay)
             step.W = aggregator.weights(base_W)
             x, y, w = step.batch
