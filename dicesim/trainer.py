@@ -254,6 +254,8 @@ class Trainer:
             for tr, (a, b) in zip(trackers, spans if trackers else [], strict=True):
                 tr.after_gossip(step, channels[a:b])
             theta = self.theta = theta_next
+            # drop step t's rows (θ^t, Δ^t, θ^{t+½}, ∇L) before step t + 1 allocates its own
+            step = channels = pending = grad = None
             self.start = t + 1
             if book is not None:
                 book.retire(t)
