@@ -405,7 +405,8 @@ def _directed(n: int, hops: Iterable[int]) -> sparse.csr_array:
 # ---------------------------------------------------------------- file topology
 
 def _load_file(cfg: Mapping, n: int) -> tuple[list[sparse.csr_array], str]:
-    """Load W from .npy ([n, n], or [T, n, n] for a time-varying one) or .csv ([n, n])."""
+    """Load W from .npy ([n, n], or [T, n, n] for a time-varying one), .csv ([n, n]) or a
+    scipy.sparse .npz ([n, n], `scipy.sparse.save_npz`: a large graph without n×n)."""
     raw = cfg.get("path")
     if raw is None or str(raw) in ("", "???"):
         raise ConfigError("topology.path is not set; pass topology.path=/path/to/W.npy "
@@ -415,19 +416,23 @@ def _load_file(cfg: Mapping, n: int) -> tuple[list[sparse.csr_array], str]:
     if not path.is_file():
         raise ConfigError(f"{where}: no such file; pass the path of an existing .npy or .csv")
     suffix = path.suffix.lower()
-    if suffix not in (".npy", ".csv"):
-        raise ConfigError(f"{where}: unsupported file type {suffix!r}; save W as .npy or .csv")
+    if suffix not in (".npy", ".csv", ".npz"):
+        raise ConfigError(f"{where}: unsupported file type {suffix!r}; save W as .npy or .csv "
+                          "(or a sparse W with scipy.sparse.save_npz as .npz)")
     try:
-        if suffix == ".npy":
+        if suffix == ".npz":
+            a = sparse.csr_array(sparse.load_npz(path), dtype=np.float64)
+        elif suffix == ".npy":
             a = np.load(path, allow_pickle=False)
         else:
             a = np.loadtxt(path, delimiter=",", ndmin=2)
-        a = np.asarray(a, dtype=np.float64)
+        if suffix != ".npz":
+            a = np.asarray(a, dtype=np.float64)
     except (ValueError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"{where}: could not read the matrix ({msg}); "
                           "save W with numpy.save or as comma-separated rows") from e
-    if a.ndim == 3 and a.shape[1:] == (n, n) and a.shape[0] >= 1:
+    if a.ndim == 3 and a.shape[1:] == (n, n) and a.shape[0] >= 1:  # dense [T, n, n]
         return [sparse.csr_array(m) for m in a], where
     if a.shape != (n, n):
         raise ConfigError(f"{where}: matrix has shape {a.shape}, expected ({n}, {n}) for "

@@ -169,3 +169,13 @@ def test_two_ranks_equal_one_process_at_512_nodes(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_two_ranks_equal_one_process_at_4096_nodes(tmp_path: Path) -> None:
     _rank_equality(tmp_path, 4096, 10, "exponential")
+
+
+def test_file_topology_reads_a_sparse_npz(tmp_path: Path) -> None:
+    w = _random_W(20, seed=5, density=0.1)
+    sparse.save_npz(tmp_path / "W.npz", sparse.csr_array(w))
+    top = build_topology({"name": "file", "path": str(tmp_path / "W.npz")}, 20, 0)
+    np.testing.assert_array_equal(top.W(0), w)
+    assert top.W_sparse(0).nnz == np.count_nonzero(w)
+    with pytest.raises(ConfigError, match=r"expected \(21, 21\)"):
+        build_topology({"name": "file", "path": str(tmp_path / "W.npz")}, 21, 0)
