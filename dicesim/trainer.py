@@ -246,6 +246,7 @@ class Trainer:
             self.train_loss = loss.detach().cpu()
             comm.guard.observe(t, local, self.train_loss, "training")  # divergence rule
 
+            grad = g = None  # ∇L(θ^t; B^t) is spent: free it before θ^{t+1} is allocated
             with clock.gossip():
                 pending.wait()
                 cached = mixing[key] if step.W is base_W else None
@@ -254,8 +255,7 @@ class Trainer:
             for tr, (a, b) in zip(trackers, spans if trackers else [], strict=True):
                 tr.after_gossip(step, channels[a:b])
             theta = self.theta = theta_next
-            # drop step t's rows (θ^t, Δ^t, θ^{t+½}, ∇L) before step t + 1 allocates its own
-            step = channels = pending = grad = None
+            step = channels = pending = None  # step t's rows: freed before step t + 1's
             self.start = t + 1
             if book is not None:
                 book.retire(t)

@@ -65,7 +65,7 @@ def walk_mass(topology: Topology, source: int, step: int, hops: int) -> list[flo
     v[source] = 1.0
     out = [1.0]
     for s in range(hops):
-        v = topology.W(step + s) @ v
+        v = topology.W_sparse(step + s) @ v
         out.append(float(v.sum()))
     return out
 
