@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy import sparse
 from torch import Tensor
 
 from dicesim.comm import Channel, mix
 from dicesim.errors import ConfigError
+from dicesim.topology import senders
 
 DEFENSES = ("none", "dice", "trimmed_mean", "oracle")
 
@@ -69,33 +71,34 @@ class Aggregator:
         honest = np.isin(self.local, self.honest)[:, None]
         self.dropped = (score > self.threshold) & (self._count > 0) & honest
 
-    def weights(self, W: np.ndarray) -> np.ndarray:
-        """W with this rank's rows adjusted (rows of other ranks' nodes left as they are)."""
+    def weights(self, W: sparse.csr_array) -> sparse.csr_array:
+        """W with this rank's rows adjusted (rows of other ranks' nodes left as they are).
+        Undefended: W itself, untouched (O(1)). A selection works on this rank's rows as a
+        dense [local, n] block, like its scores."""
         if self.kind == "oracle" and self.dropped is None:
             attacked = ~np.isin(np.arange(W.shape[1]), self.honest)
             self.dropped = np.isin(self.local, self.honest)[:, None] & attacked[None, :]
         if self.kind not in ("dice", "oracle") or self.dropped is None or not self.dropped.any():
             if self.kind == "dice":
-                self._mixed = W[self.local] > 0
+                self._mixed = W[self.local].toarray() > 0
             return W
-        W = W.copy()
-        rows = W[self.local]
+        rows = W[self.local].toarray()
         rows[self.dropped] = 0.0
         empty = rows.sum(axis=1) == 0  # every in-neighbour cut and no self-weight: keep θ_k
         rows[np.flatnonzero(empty), self.local[empty]] = 1.0
         rows /= rows.sum(axis=1, keepdims=True)
-        W[self.local] = rows
         self._mixed = rows > 0
-        return W
+        return _replace_rows(W, self.local, rows)
 
-    def combine(self, W: np.ndarray, channel: Channel, weights: Tensor | None = None) -> Tensor:
+    def combine(self, W: sparse.csr_array, channel: Channel,
+                weights: Tensor | None = None) -> Tensor:
         """θ^{t+1} of this rank's nodes; `weights` = W[local, :] as a tensor, if cached."""
         if self.kind != "trimmed_mean":
             return mix(W, self.local, channel, weights)
         assert channel.available is not None
         out = []
         for k in self.local:
-            nbrs = np.flatnonzero(W[k] > 0)
+            nbrs = senders(W, k)
             rows = channel.available[torch.as_tensor(nbrs)]
             if not np.isin(k, self.honest) or len(nbrs) <= 2 * self.trim:
                 out.append(mix(W, np.array([k]), channel)[0])
@@ -103,7 +106,6 @@ class Aggregator:
             ordered = rows.sort(dim=0).values
             out.append(ordered[self.trim:len(nbrs) - self.trim].mean(0))
         return torch.stack(out)
-
 
     # ---- checkpoint ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -113,6 +115,16 @@ class Aggregator:
     def load_state_dict(self, state: dict) -> None:
         self.dropped, self._values = state["dropped"], state["values"]
         self._count, self._mixed = state["count"], state["mixed"]
+
+
+def _replace_rows(W: sparse.csr_array, nodes: np.ndarray, rows: np.ndarray) -> sparse.csr_array:
+    """W with rows `nodes` replaced by the dense `rows` (their zeros not stored)."""
+    keep = W.tocoo()
+    mask = ~np.isin(keep.row, nodes)  # entries of the other rows
+    k, l = np.nonzero(rows)
+    return sparse.csr_array((np.concatenate([keep.data[mask], rows[k, l]]),
+                             (np.concatenate([keep.row[mask], nodes[k]]),
+                              np.concatenate([keep.col[mask], l]))), shape=W.shape)
 
 
 def build_aggregator(cfg: Mapping | None, attacked: np.ndarray, nodes: int, local: np.ndarray,

@@ -179,14 +179,17 @@ class ReversePass:
         key = t % self.sim.topology.period
         cache = self.back if transposed else self.routes
         if key not in cache:
-            W = self.sim.topology.W(t)
-            cache[key] = route(W.T if transposed else W, self.sim.layout)
+            cache[key] = route(self._W(t, transposed), self.sim.layout)
         return cache[key]
+
+    def _W(self, t: int, transposed: bool):
+        """W^t (sparse) or its transpose: the adjoint's receivers are the forward senders."""
+        W = self.sim.topology.W_sparse(t)
+        return W.T.tocsr() if transposed else W
 
     def _gossip(self, t: int, rows: list[Tensor], transposed: bool) -> list[Tensor]:
         """Σ_l W^t[k,l] v_l (forward), or Σ_k W^t[k,l] v_k (transposed: the adjoint)."""
-        W = self.sim.topology.W(t)
-        W = W.T if transposed else W
+        W = self._W(t, transposed)
         channels = [Channel(self.all_nodes, r) for r in rows]
         self.comm.post(self.sim.layout, channels, self._route(t, transposed)).wait()
         return [mix(W, self.local, ch) for ch in channels]

@@ -16,8 +16,10 @@ import os
 import re
 import socket
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +29,9 @@ from torch import Tensor
 from dicesim.errors import ConfigError
 from dicesim.faults import inject
 from dicesim.stopping import Guard, Stopped
+
+if TYPE_CHECKING:
+    from scipy import sparse
 
 STARTUP_TIMEOUT_S = 300  # the longest wait for every rank to arrive (or timeout_s if longer)
 
@@ -320,19 +325,35 @@ class PendingExchange:
                 offset += count * width
 
 
-def mix(W: np.ndarray, out_nodes: np.ndarray, channel: Channel,
+def mix(W: sparse.csr_array, out_nodes: np.ndarray, channel: Channel,
         weights: Tensor | None = None) -> Tensor:
     """Gossip: rows Σ_l W[k, l] · v_l for k in out_nodes, l over the channel's nodes.
 
     Nodes outside `channel.nodes` carry zero (a perturbation that has not reached
     them), so only those columns of W are needed. `weights`, if given, is that block
-    of W already as a tensor (the engine caches it per step of the topology's period)."""
+    of W already as a tensor (the engine caches it per step of the topology's period).
+    Costs O(edges of out_nodes · P)."""
     assert channel.available is not None
     if weights is None:
-        weights = torch.as_tensor(W[np.ix_(out_nodes, channel.nodes)],
-                                  dtype=channel.available.dtype,
-                                  device=channel.available.device)
-    return weights @ channel.available
+        weights = sparse_tensor(W[out_nodes][:, channel.nodes], channel.available.dtype,
+                                channel.available.device)
+    out = channel.available.new_zeros(weights.shape[0], channel.available.shape[1])
+    # into `out`: `weights @ rows` would hold a second [out, P] temporary at its peak
+    return torch.addmm(out, weights, channel.available, beta=0.0, out=out)
+
+
+def sparse_tensor(block: sparse.csr_array, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A CSR block of W as a torch sparse CSR tensor: block @ rows sums only the stored
+    entries of each row, in column order."""
+    block = block.tocsr()
+    block.sort_indices()
+    with warnings.catch_warnings():  # torch calls its sparse CSR support "beta"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(
+            torch.as_tensor(block.indptr, dtype=torch.int64, device=device),
+            torch.as_tensor(block.indices, dtype=torch.int64, device=device),
+            torch.as_tensor(block.data, dtype=dtype, device=device),
+            size=block.shape, check_invariants=False)
 
 
 @dataclass(frozen=True)
@@ -358,20 +379,23 @@ def send_first(route: Route, layout: Layout) -> list[np.ndarray]:
     return [np.flatnonzero(boundary), np.flatnonzero(~boundary)]
 
 
-def route(W: np.ndarray, layout: Layout) -> Route:
+def route(W: sparse.csr_array, layout: Layout) -> Route:
+    """The Route of W from its edges l → k (W[k, l] > 0): O(edges · ranks)."""
+    edges = W.tocoo()
+    k, l = edges.row[edges.data > 0], edges.col[edges.data > 0]  # l sends to k
     owner = layout.owner(np.arange(layout.nodes))
-    edge = W > 0  # edge[k, l]: l sends to k
-    mine = owner == layout.rank
-    heard_here = edge[mine].any(axis=0)  # senders that my nodes receive from
+    to_rank, from_rank = owner[k], owner[l]
+    heard_here = np.zeros(layout.nodes, dtype=bool)  # senders that my nodes receive from
+    heard_here[l[to_rank == layout.rank]] = True
     send, recv = {}, {}
     for other in range(layout.world):
         if other == layout.rank:
             continue
-        theirs = owner == other
-        to_them = mine & edge[theirs].any(axis=0)
+        to_them = np.zeros(layout.nodes, dtype=bool)  # my nodes some node of `other` hears
+        to_them[l[(to_rank == other) & (from_rank == layout.rank)]] = True
         if to_them.any():
             send[other] = to_them
-        from_them = theirs & heard_here
+        from_them = heard_here & (owner == other)
         if from_them.any():
             recv[other] = from_them
     return Route(send, recv)

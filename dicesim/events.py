@@ -75,12 +75,15 @@ class Event:
 
 def reach_sets(topology: Topology, source: int, step: int, hops: int,
                cumulative: bool = False) -> list[np.ndarray]:
-    """R_0 … R_r; `cumulative`: R_{s+1} also keeps R_s (a stateful optimizer's nodes stay
-    perturbed through their state after θ's perturbation has moved on)."""
+    """R_0 = {j}, R_{s+1} = receivers k of R_s under W^{t+s} (W[k, l] > 0 for some l in R_s):
+    W ≥ 0, so (W 1_{R_s})_k > 0 exactly there. O(edges) per hop. `cumulative`: R_{s+1} also
+    keeps R_s (a stateful optimizer's nodes stay perturbed through their state after θ's
+    perturbation has moved on)."""
     sets = [np.array([source])]
     for s in range(hops):
-        W = topology.W(step + s)
-        reached = (W[:, sets[-1]] > 0).any(axis=1)
+        inside = np.zeros(topology.n)
+        inside[sets[-1]] = 1.0
+        reached = topology.W_sparse(step + s) @ inside > 0
         if cumulative:
             reached[sets[-1]] = True
         sets.append(np.flatnonzero(reached))

@@ -3,6 +3,11 @@
 W^t[k, l] is the weight receiver k gives to sender l (θ_k ← Σ_l W^t[k, l] θ_l), so every W^t is
 row-stochastic. Static topologies have one matrix; time-varying ones repeat ``matrices`` with
 period ``len(matrices)``. Every rank rebuilds the same matrices from (config, n, seed).
+
+W^t is held sparse (scipy CSR: row k lists its senders l, sorted, with W^t[k, l] > 0), so a
+graph costs O(edges) memory: the builders emit edges, never an n×n array, and validation runs
+on the edges. `W_sparse(t)` is what the engine mixes with; `W(t)` is the dense n×n view that
+small-n callers (oracle, experiments, tests) read.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 
 import networkx as nx
 import numpy as np
+from scipy import sparse
 
 from dicesim.errors import ConfigError
 
@@ -42,20 +48,17 @@ class Topology:
 
     name: str
     n: int
-    matrices: list[np.ndarray]
+    matrices: list[sparse.csr_array]  # W^t, t = 0 … period − 1 (dense input is converted)
     # spectral gap per method: (value or None, how it was found or why it was not)
     _gaps: dict[str, tuple[float | None, str]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
+    _dense: dict[int, np.ndarray] = field(  # W(t) views built so far
         default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.matrices:
             raise ValueError("Topology needs at least one matrix")
-        mats = []
-        for m in self.matrices:
-            a = np.array(m, dtype=np.float64)
-            a.setflags(write=False)  # shared by every caller: nobody may edit W in place
-            mats.append(a)
-        self.matrices = mats
+        self.matrices = [_frozen_csr(m) for m in self.matrices]
 
     @property
     def period(self) -> int:
@@ -65,17 +68,31 @@ class Topology:
     def time_varying(self) -> bool:
         return self.period > 1
 
-    def W(self, t: int) -> np.ndarray:
-        """The mixing matrix used at step t (read-only)."""
+    def W_sparse(self, t: int) -> sparse.csr_array:
+        """W^t as CSR (read-only; the same object for every t of one phase of the period)."""
         return self.matrices[t % self.period]
+
+    def W(self, t: int) -> np.ndarray:
+        """W^t as a dense n×n array (read-only, cached): for small n; the engine mixes with
+        `W_sparse`."""
+        key = t % self.period
+        if key not in self._dense:
+            a = self.matrices[key].toarray()
+            a.setflags(write=False)  # shared by every caller: nobody may edit W in place
+            self._dense[key] = a
+        return self._dense[key]
+
+    def support(self) -> np.ndarray:
+        """[k, l]: W^t[k, l] > 0 for some t of the period (dense bool: for small n)."""
+        return np.any(np.stack([self.W(t) for t in range(self.period)]) > 0, axis=0)
 
     def in_neighbours(self, k: int, t: int) -> np.ndarray:
         """Sorted senders l with W^t[k, l] > 0 (k itself included when W^t[k, k] > 0)."""
-        return np.flatnonzero(self.W(t)[k] > 0)
+        return senders(self.W_sparse(t), k)
 
     def out_neighbours(self, l: int, t: int) -> np.ndarray:
         """Sorted receivers k with W^t[k, l] > 0."""
-        return np.flatnonzero(self.W(t)[:, l] > 0)
+        return senders(self.W_sparse(t).T.tocsr(), l)
 
     def spectral_gap(self, method: str = "auto") -> float | None:
         """1 - |λ2| of W (static), or 1 - |λ2(W^{T-1}···W^0)|^(1/T) per step (period T).
@@ -107,7 +124,7 @@ class Topology:
         if method == "dense":
             prod = np.eye(self.n)
             for w in self.matrices:
-                prod = w @ prod
+                prod = w @ prod  # CSR @ dense: dense
             lam2, how = float(np.sort(np.abs(np.linalg.eigvals(prod)))[-2]), "dense eigvals"
         else:
             lam2, how = _sparse_lam2(self.matrices, circulant=method == "sparse")
@@ -119,18 +136,41 @@ class Topology:
 
     def graph(self, t: int = 0) -> nx.DiGraph:
         """Directed graph of step t: an edge l -> k with attribute ``weight`` = W^t[k, l]."""
-        w = self.W(t)
+        w = self.W_sparse(t).tocoo()
         g = nx.DiGraph()
         g.add_nodes_from(range(self.n))
-        for k, l in zip(*np.nonzero(w > 0), strict=True):
+        for k, l, v in zip(w.row, w.col, w.data, strict=True):
             if k != l:
-                g.add_edge(int(l), int(k), weight=float(w[k, l]))
+                g.add_edge(int(l), int(k), weight=float(v))
         return g
+
+
+def senders(W: sparse.csr_array, k: int) -> np.ndarray:
+    """Sorted l with W[k, l] > 0: row k's stored columns (a Topology stores no zeros; an
+    aggregator may zero an entry, so the values are checked)."""
+    lo, hi = W.indptr[k], W.indptr[k + 1]
+    return W.indices[lo:hi][W.data[lo:hi] > 0]
+
+
+def _frozen_csr(m) -> sparse.csr_array:
+    """A float64 CSR copy of m (dense or sparse) with no stored zeros, sorted columns and
+    read-only arrays: a W^t every caller shares."""
+    w = sparse.csr_array(m, dtype=np.float64, copy=True)
+    w.eliminate_zeros()
+    w.sum_duplicates()  # also sorts each row's columns
+    for a in (w.data, w.indices, w.indptr):
+        a.setflags(write=False)
+    return w
+
+
+def _csr(n: int, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> sparse.csr_array:
+    """The n×n matrix with W[rows[i], cols[i]] = vals[i] (pairs are distinct)."""
+    return sparse.csr_array((np.asarray(vals, dtype=np.float64), (rows, cols)), shape=(n, n))
 
 
 # ---------------------------------------------------------------- spectral gap (sparse)
 
-def _sparse_lam2(mats: list[np.ndarray], circulant: bool) -> tuple[float | None, str]:
+def _sparse_lam2(mats: list[sparse.csr_array], circulant: bool) -> tuple[float | None, str]:
     """|λ2| of P = W^{T-1}···W^0 without a dense eigendecomposition.
 
     Circulant W^t (ring, directed_ring, exponential, one_peer_exponential with uniform
@@ -140,12 +180,8 @@ def _sparse_lam2(mats: list[np.ndarray], circulant: bool) -> tuple[float | None,
     eigenvalue λ ≠ 1 has uᵀ1 = 0, so uᵀA = λuᵀ while A1 = 0 — the spectrum of A is that of
     P with 1 replaced by 0, and its largest modulus is |λ2|. Only matrix-vector products
     with the sparse W^t are used."""
-    from scipy import sparse
-
     n = mats[0].shape[0]
-    sp = [sparse.csr_matrix(w) for w in mats]
-    for w in sp:
-        w.eliminate_zeros()
+    sp = [sparse.csr_matrix(w) for w in mats]  # stored without zeros (Topology)
     if circulant:
         rows = [_circulant_row(w) for w in sp]
         if all(r is not None for r in rows):
@@ -229,7 +265,8 @@ def build_topology(cfg: Mapping, n: int, seed: int) -> Topology:
     if name == "file":
         mats, where = _load_file(cfg, n)
     else:
-        mats = [np.ones((1, 1))] if n == 1 else _BUILDERS[name](cfg, n, seed, scheme)
+        mats = ([_csr(1, np.zeros(1, int), np.zeros(1, int), np.ones(1))] if n == 1
+                else _BUILDERS[name](cfg, n, seed, scheme))
         where = f"topology={name}"
     _validate(mats, n, where)
     return Topology(name=name, n=n, matrices=mats)
@@ -237,11 +274,11 @@ def build_topology(cfg: Mapping, n: int, seed: int) -> Topology:
 
 # ---------------------------------------------------------------- builders (n >= 2)
 
-def _ring(cfg: Mapping, n: int, seed: int, scheme: str) -> list[np.ndarray]:
+def _ring(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
     return [_undirected(nx.cycle_graph(n), n, scheme)]
 
 
-def _torus(cfg: Mapping, n: int, seed: int, scheme: str) -> list[np.ndarray]:
+def _torus(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
     divisors = [d for d in range(1, n + 1) if n % d == 0]
     rows = _int(cfg, "rows", min(divisors, key=lambda d: (abs(d - n**0.5), d)))
     if rows < 1 or n % rows:
@@ -257,16 +294,16 @@ def _torus(cfg: Mapping, n: int, seed: int, scheme: str) -> list[np.ndarray]:
     return [_undirected(g, n, scheme)]
 
 
-def _complete(cfg: Mapping, n: int, seed: int, scheme: str) -> list[np.ndarray]:
+def _complete(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
     return [_undirected(nx.complete_graph(n), n, scheme)]
 
 
-def _star(cfg: Mapping, n: int, seed: int, scheme: str) -> list[np.ndarray]:
+def _star(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
     center = _node(cfg, "center", n)
     return [_undirected(nx.Graph((center, k) for k in range(n) if k != center), n, scheme)]
 
 
-def _erdos_renyi(cfg: Mapping, n: int, seed: int, scheme: str) -> list[np.ndarray]:
+def _erdos_renyi(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
     p = _float(cfg, "p", 0.3)
     if not 0.0 < p <= 1.0:
         raise ConfigError(f"topology.p={p}: the erdos_renyi edge probability must be in (0, 1]; "
@@ -279,7 +316,7 @@ def _erdos_renyi(cfg: Mapping, n: int, seed: int, scheme: str) -> list[np.ndarra
                       f"after {ER_TRIES} tries; raise topology.p")
 
 
-def _small_world(cfg: Mapping, n: int, seed: int, scheme: str) -> list[np.ndarray]:
+def _small_world(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
     k, beta = _int(cfg, "k", 4), _float(cfg, "beta", 0.2)
     if not 2 <= k < n:
         fix = f"set topology.k between 2 and {n - 1}" if n > 2 else "use at least 3 nodes"
@@ -295,21 +332,20 @@ def _small_world(cfg: Mapping, n: int, seed: int, scheme: str) -> list[np.ndarra
     return [_undirected(g, n, scheme)]
 
 
-def _directed_ring(cfg: Mapping, n: int, seed: int, scheme: str) -> list[np.ndarray]:
-    return [_directed(n, lambda k: [(k - 1) % n])]
+def _directed_ring(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
+    return [_directed(n, [1])]
 
 
-def _exponential(cfg: Mapping, n: int, seed: int, scheme: str) -> list[np.ndarray]:
-    hops = [2**i for i in range((n - 1).bit_length())]  # 2^0 .. 2^floor(log2(n-1))
-    return [_directed(n, lambda k: [(k - h) % n for h in hops])]
+def _exponential(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
+    return [_directed(n, [2**i for i in range((n - 1).bit_length())])]  # 2^0 .. 2^⌊log2(n−1)⌋
 
 
-def _one_peer_exponential(cfg: Mapping, n: int, seed: int, scheme: str) -> list[np.ndarray]:
+def _one_peer_exponential(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
     period = (n - 1).bit_length()  # ceil(log2 n)
-    return [_directed(n, lambda k, h=2**t: [(k - h) % n]) for t in range(period)]
+    return [_directed(n, [2**t]) for t in range(period)]
 
 
-def _hub(cfg: Mapping, n: int, seed: int, scheme: str) -> list[np.ndarray]:
+def _hub(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
     hub = _node(cfg, "hub", n)
     hub_weight = _float(cfg, "hub_weight", 0.5)
     if not 0.0 < hub_weight < 1.0:
@@ -317,16 +353,16 @@ def _hub(cfg: Mapping, n: int, seed: int, scheme: str) -> list[np.ndarray]:
                           "hear the hub and keep a self-weight; set e.g. topology.hub_weight=0.5")
     leaves = [k for k in range(n) if k != hub]
     ring = nx.cycle_graph(leaves) if len(leaves) > 1 else nx.Graph()
-    w = np.zeros((n, n))
-    w[hub] = 1.0 / n
+    rows, cols, vals = [hub] * n, list(range(n)), [1.0 / n] * n  # the hub averages everyone
     for k in leaves:
         own = [k, *ring.neighbors(k)] if k in ring else [k]
-        w[k, own] = (1.0 - hub_weight) / len(own)
-        w[k, hub] = hub_weight
-    return [w]
+        rows += [k] * (len(own) + 1)
+        cols += [*own, hub]
+        vals += [(1.0 - hub_weight) / len(own)] * len(own) + [hub_weight]
+    return [_csr(n, np.array(rows), np.array(cols), np.array(vals))]
 
 
-_BUILDERS: dict[str, Callable[[Mapping, int, int, str], list[np.ndarray]]] = {
+_BUILDERS: dict[str, Callable[[Mapping, int, int, str], list[sparse.csr_array]]] = {
     "ring": _ring, "directed_ring": _directed_ring, "torus": _torus,
     "exponential": _exponential, "one_peer_exponential": _one_peer_exponential,
     "complete": _complete, "star": _star, "erdos_renyi": _erdos_renyi,
@@ -334,37 +370,43 @@ _BUILDERS: dict[str, Callable[[Mapping, int, int, str], list[np.ndarray]]] = {
 }
 
 
-def _undirected(g: nx.Graph, n: int, scheme: str) -> np.ndarray:
-    """Weights on an undirected graph over nodes 0..n-1 (uniform or Metropolis-Hastings)."""
-    g = nx.Graph(g)
-    g.add_nodes_from(range(n))
-    g.remove_edges_from(list(nx.selfloop_edges(g)))
-    deg = dict(g.degree())
-    w = np.zeros((n, n))
-    for k in range(n):
-        nbrs = sorted(g.neighbors(k))
-        if scheme == "uniform":
-            w[k, [k, *nbrs]] = 1.0 / (len(nbrs) + 1)
-        else:
-            for l in nbrs:
-                w[k, l] = 1.0 / (1 + max(deg[k], deg[l]))
-            w[k, k] = 1.0 - w[k].sum()
-    return w
+def _undirected(g: nx.Graph, n: int, scheme: str) -> sparse.csr_array:
+    """Weights on an undirected graph over nodes 0..n-1 (uniform or Metropolis-Hastings):
+    uniform W[k, l] = 1/(deg_k + 1) over self and neighbours; Metropolis-Hastings
+    W[k, l] = 1/(1 + max(deg_k, deg_l)), W[k, k] = 1 − Σ_{l≠k} W[k, l]."""
+    edges = np.array([(u, v) for u, v in g.edges() if u != v], dtype=np.int64).reshape(-1, 2)
+    edges = np.unique(np.sort(edges, axis=1), axis=0)  # each undirected edge once
+    k = np.concatenate([edges[:, 0], edges[:, 1]])  # receiver
+    l = np.concatenate([edges[:, 1], edges[:, 0]])  # sender
+    deg = np.bincount(k, minlength=n)
+    if scheme == "uniform":
+        w, own = 1.0 / (deg[k] + 1), 1.0 / (deg + 1)
+    else:
+        w = 1.0 / (1 + np.maximum(deg[k], deg[l]))
+        order = np.lexsort((l, k))  # Σ_l in the order of l, as a row of W sums
+        off = np.zeros(n)
+        np.add.at(off, k[order], w[order])
+        own = 1.0 - off
+    self_loops = np.arange(n)
+    return _csr(n, np.concatenate([k, self_loops]), np.concatenate([l, self_loops]),
+                np.concatenate([w, own]))
 
 
-def _directed(n: int, senders: Callable[[int], Iterable[int]]) -> np.ndarray:
-    """Uniform weights over self and the in-neighbours senders(k) of each receiver k."""
-    w = np.zeros((n, n))
-    for k in range(n):
-        group = sorted({k, *senders(k)})
-        w[k, group] = 1.0 / len(group)
-    return w
+def _directed(n: int, hops: Iterable[int]) -> sparse.csr_array:
+    """Uniform weights over self and the in-neighbours (k − h) mod n, h in hops, of each
+    receiver k: W[k, l] = 1/|{k} ∪ {k − h}|."""
+    k = np.arange(n)[:, None]
+    cols = (k - np.array([0, *hops])[None, :]) % n
+    keys = np.unique(k * n + cols)  # (k, l) pairs, each once, sorted
+    rows, cols = np.divmod(keys, n)
+    return _csr(n, rows, cols, 1.0 / np.bincount(rows, minlength=n)[rows])
 
 
 # ---------------------------------------------------------------- file topology
 
-def _load_file(cfg: Mapping, n: int) -> tuple[list[np.ndarray], str]:
-    """Load W from .npy ([n, n], or [T, n, n] for a time-varying one) or .csv ([n, n])."""
+def _load_file(cfg: Mapping, n: int) -> tuple[list[sparse.csr_array], str]:
+    """Load W from .npy ([n, n], or [T, n, n] for a time-varying one), .csv ([n, n]) or a
+    scipy.sparse .npz ([n, n], `scipy.sparse.save_npz`: a large graph without n×n)."""
     raw = cfg.get("path")
     if raw is None or str(raw) in ("", "???"):
         raise ConfigError("topology.path is not set; pass topology.path=/path/to/W.npy "
@@ -374,50 +416,57 @@ def _load_file(cfg: Mapping, n: int) -> tuple[list[np.ndarray], str]:
     if not path.is_file():
         raise ConfigError(f"{where}: no such file; pass the path of an existing .npy or .csv")
     suffix = path.suffix.lower()
-    if suffix not in (".npy", ".csv"):
-        raise ConfigError(f"{where}: unsupported file type {suffix!r}; save W as .npy or .csv")
+    if suffix not in (".npy", ".csv", ".npz"):
+        raise ConfigError(f"{where}: unsupported file type {suffix!r}; save W as .npy or .csv "
+                          "(or a sparse W with scipy.sparse.save_npz as .npz)")
     try:
-        if suffix == ".npy":
+        if suffix == ".npz":
+            a = sparse.csr_array(sparse.load_npz(path), dtype=np.float64)
+        elif suffix == ".npy":
             a = np.load(path, allow_pickle=False)
         else:
             a = np.loadtxt(path, delimiter=",", ndmin=2)
-        a = np.asarray(a, dtype=np.float64)
+        if suffix != ".npz":
+            a = np.asarray(a, dtype=np.float64)
     except (ValueError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"{where}: could not read the matrix ({msg}); "
                           "save W with numpy.save or as comma-separated rows") from e
-    if a.ndim == 3 and a.shape[1:] == (n, n) and a.shape[0] >= 1:
-        return list(a), where
+    if a.ndim == 3 and a.shape[1:] == (n, n) and a.shape[0] >= 1:  # dense [T, n, n]
+        return [sparse.csr_array(m) for m in a], where
     if a.shape != (n, n):
         raise ConfigError(f"{where}: matrix has shape {a.shape}, expected ({n}, {n}) for "
                           f"nodes={n}; provide an n x n matrix or set nodes to match")
-    return [a], where
+    return [sparse.csr_array(a)], where
 
 
 # ---------------------------------------------------------------- validation
 
-def _validate(mats: list[np.ndarray], n: int, where: str) -> None:
-    """Check shape, finiteness, non-negativity, row sums and strong connectivity."""
+def _validate(mats: list[sparse.csr_array], n: int, where: str) -> None:
+    """Check shape, finiteness, non-negativity, row sums and strong connectivity, on the
+    stored entries only (O(edges))."""
     for t, w in enumerate(mats):
         at = f" (step {t})" if len(mats) > 1 else ""
         if w.shape != (n, n):
             raise ConfigError(f"{where}: matrix{at} has shape {w.shape}, expected ({n}, {n}); "
                               "provide an n x n matrix")
-        if not np.all(np.isfinite(w)):
+        if not np.all(np.isfinite(w.data)):
             raise ConfigError(f"{where}: matrix{at} contains NaN or inf; all weights must be "
                               "finite")
-        if np.any(w < 0):
-            k, l = np.argwhere(w < 0)[0]
-            raise ConfigError(f"{where}: W[{k},{l}]={w[k, l]:g}{at} is negative; mixing weights "
-                              "must be >= 0")
-        bad = np.flatnonzero(np.abs(w.sum(axis=1) - 1.0) > ROW_SUM_TOL)
+        if np.any(w.data < 0):
+            coo = w.tocoo()
+            i = np.flatnonzero(coo.data < 0)[0]
+            raise ConfigError(f"{where}: W[{coo.row[i]},{coo.col[i]}]={coo.data[i]:g}{at} is "
+                              "negative; mixing weights must be >= 0")
+        sums = w.sum(axis=1)
+        bad = np.flatnonzero(np.abs(sums - 1.0) > ROW_SUM_TOL)
         if bad.size:
             k = bad[0]
-            raise ConfigError(f"{where}: row {k}{at} sums to {w[k].sum():.12g}, not 1 "
+            raise ConfigError(f"{where}: row {k}{at} sums to {sums[k]:.12g}, not 1 "
                               f"(tolerance {ROW_SUM_TOL:g}); W must be row-stochastic, normalise "
                               "each row to sum to 1")
-    union = np.any(np.stack(mats) > 0, axis=0)
-    if _reaches_all(union) and _reaches_all(union.T):
+    union = sum((w > 0).astype(np.int8) for w in mats).tocsr()  # [k, l]: l sends to k
+    if _reaches_all(union.T.tocsr()) and _reaches_all(union):
         return
     from scipy.sparse.csgraph import connected_components  # only to describe the failure
 
@@ -430,16 +479,21 @@ def _validate(mats: list[np.ndarray], n: int, where: str) -> None:
                           "both ways); add edges so every node reaches every other")
 
 
-def _reaches_all(adjacency: np.ndarray) -> bool:
-    """Whether node 0 reaches every node along edges k -> l where adjacency[l, k] (breadth
-    first; each node's row is read once). With the transpose: whether every node reaches 0."""
-    n = len(adjacency)
+def _reaches_all(nbrs: sparse.csr_array) -> bool:
+    """Whether node 0 reaches every node along edges u -> v for v in row u of `nbrs`
+    (breadth first; each row is read once). With the receivers' rows (W's own pattern)
+    instead of the senders' (its transpose): whether every node reaches 0."""
+    n = nbrs.shape[0]
     seen = np.zeros(n, dtype=bool)
     seen[0] = True
     frontier = np.zeros(1, dtype=np.int64)
     while frontier.size:
-        reached = adjacency[:, frontier].any(axis=1) & ~seen
-        frontier = np.flatnonzero(reached)
+        lo, hi = nbrs.indptr[frontier], nbrs.indptr[frontier + 1]
+        counts = hi - lo
+        # the concatenated rows of the frontier: positions lo_i … hi_i − 1 of every row i
+        at = np.repeat(lo - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+        reached = np.unique(nbrs.indices[at])
+        frontier = reached[~seen[reached]]
         seen[frontier] = True
     return bool(seen.all())
 

@@ -21,16 +21,19 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from dicesim.comm import Channel, Comm, Route, route, send_first
+from dicesim.comm import Channel, Comm, Route, route, send_first, sparse_tensor
 from dicesim.events import Event, InfluenceRow, ProximalRow
 from dicesim.faults import inject
 from dicesim.optim import State
+
+if TYPE_CHECKING:
+    from scipy import sparse
 
 
 class MetricRow(NamedTuple):
@@ -53,7 +56,7 @@ class Step:
     t: int
     theta: Tensor  # θ^t
     batch: Batch | None = None  # B^t (None at t = T)
-    W: np.ndarray | None = None  # W^t as mixed (after the aggregator)
+    W: sparse.csr_array | None = None  # W^t as mixed (after the aggregator), CSR
     probe_grad: Tensor | None = None  # ∇L'_k(θ_k^t) of the rows trackers asked for, else 0
     probe_loss: Tensor | None = None
     grad: Tensor | None = None  # ∇L(θ^t; B^t), when the probe pass computed it too
@@ -178,7 +181,7 @@ class Trainer:
         result = self.result
         sim.warm_up(p, bool(trackers))
         routes: dict[int, Route] = {}  # per step of the topology's period
-        mixing: dict[int, Tensor] = {}  # W^t[local, :] as a tensor, while no aggregator alters it
+        mixing: dict[int, Tensor] = {}  # W^t[local, :] (sparse), while no aggregator alters it
         groups: dict[int, list[np.ndarray]] = {}  # local rows in the order they are stepped
         every = max(1, s.steps // 10)
         clock = StepClock(comm.world > 1 and torch.get_num_threads() == 1)
@@ -206,10 +209,10 @@ class Trainer:
                 break
 
             key = t % sim.topology.period
-            base_W = sim.topology.W(t)
+            base_W = sim.topology.W_sparse(t)
             if key not in routes:  # routes follow the topology; an aggregator only re-weights
                 routes[key] = route(base_W, lay)
-                mixing[key] = torch.as_tensor(base_W[local], dtype=s.dtype, device=dev)
+                mixing[key] = sparse_tensor(base_W[local], s.dtype, dev)
                 groups[key] = send_first(routes[key], lay)
             step.W = aggregator.weights(base_W)
             x, y, w = step.batch
@@ -259,6 +262,7 @@ class Trainer:
             self.train_loss = loss.detach().cpu()
             comm.guard.observe(t, local, self.train_loss, "training")  # divergence rule
 
+            grad = g = None  # ∇L(θ^t; B^t) is spent: free it before θ^{t+1} is allocated
             with clock.gossip():
                 pending.wait()
                 cached = mixing[key] if step.W is base_W else None
@@ -271,6 +275,7 @@ class Trainer:
             for tr, (a, b) in zip(trackers, spans if trackers else [], strict=True):
                 tr.after_gossip(step, channels[a:b])
             theta = self.theta = theta_next
+            step = channels = pending = None  # step t's rows: freed before step t + 1's
             self.start = t + 1
             if book is not None:
                 book.retire(t)

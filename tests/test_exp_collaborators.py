@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from hydra import compose, initialize_config_dir
+from scipy import sparse
 
 from dicesim.aggregate import build_aggregator
 
@@ -49,18 +50,18 @@ def test_tiny_run_dice_cuts_the_attacker(tmp_path: Path) -> None:
 
 
 def test_dice_selection_verdict_stands_and_rows_stay_stochastic() -> None:
-    W = np.full((3, 3), 1 / 3)
+    W = sparse.csr_array(np.full((3, 3), 1 / 3))  # W^t as the topology gives it: CSR
     d = build_aggregator({"kind": "dice", "window": 2, "warmup": 1}, attacked=np.array([2]),
                       nodes=3, local=np.arange(3), proximal=True)
     assert d.weights(W) is W
     d.observe(0, np.array([[0.0, -1.0, 2.0], [-1.0, 0.0, 3.0], [1.0, 1.0, 0.0]]))
-    cut = d.weights(W)
+    cut = d.weights(W).toarray()
     assert cut[0, 2] == cut[1, 2] == 0.0 and np.allclose(cut.sum(axis=1), 1.0)
-    assert np.allclose(cut[2], W[2])  # the attacked node itself does not defend
+    assert np.allclose(cut[2], W.toarray()[2])  # the attacked node itself does not defend
     for t in range(1, 6):  # no longer mixed, node 2 is no longer measured: zeros don't count
         d.observe(t, np.array([[0.0, -1.0, 0.0], [-1.0, 0.0, 0.0], [1.0, 1.0, 0.0]]))
-        cut = d.weights(W)
+        cut = d.weights(W).toarray()
     assert cut[0, 2] == cut[1, 2] == 0.0 and cut[0, 1] == cut[1, 0] == 0.5
     oracle = build_aggregator({"kind": "oracle"}, attacked=np.array([2]), nodes=3,
                            local=np.arange(3), proximal=False)
-    assert np.allclose(oracle.weights(W), cut)
+    assert np.allclose(oracle.weights(W).toarray(), cut)

@@ -52,7 +52,7 @@ def test_every_topology_is_row_stochastic_and_connected(name: str, n: int) -> No
 @pytest.mark.parametrize("name", TOPOLOGIES[:-1])
 def test_single_node_is_identity(name: str) -> None:
     top = build(name, 1)
-    assert top.matrices[0].tolist() == [[1.0]] and top.spectral_gap() == 1.0
+    assert top.W(0).tolist() == [[1.0]] and top.spectral_gap() == 1.0
 
 
 def test_complete_graph_has_gap_one() -> None:

@@ -242,7 +242,7 @@ def walk_counts(topology, source: int, step: int, hops: int) -> dict:
     v[source] = 1.0
     per_hop = []
     for s in range(hops):
-        v = (topology.W(step + s) > 0).astype(float) @ v
+        v = (topology.W_sparse(step + s) > 0).astype(float) @ v
         per_hop.append(int(round(v.sum())))
     return {"walks_per_hop": per_hop, "walks": sum(per_hop),
             "tuples_checked": sum(n ** s for s in range(1, hops + 1)),

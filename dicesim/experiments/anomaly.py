@@ -37,6 +37,7 @@ from dicesim.engine import RunParts, Simulation
 from dicesim.events import ProximalRow
 from dicesim.experiments import CONFIG_DIR, group_option, variant
 from dicesim.report import footer, write_atomic, write_csv, write_json
+from dicesim.topology import senders
 from dicesim.trackers import Tracker
 from dicesim.trainer import RunResult, Step
 
@@ -83,7 +84,7 @@ class BaselineSignals(Tracker):
         half = step.half  # θ_k^{t+½} of the local nodes
         for k in self.honest:
             i = self.layout.local_index(int(k))
-            nbrs = [int(j) for j in np.flatnonzero(step.W[k] > 0) if j != k]
+            nbrs = [int(j) for j in senders(step.W, k) if j != k]
             rows = torch.as_tensor(nbrs, device=half.device)
             updates = received[0].available[rows]  # Δ_j^t
             x, y, per_node = probe.at(i)
@@ -110,7 +111,7 @@ def dice_scores(sim: Simulation, rows: list[ProximalRow], steps: range,
     for r in rows:
         t, j, k = r.step, r.sender, r.receiver
         if t in steps and k not in attacked:
-            scale = sim.q[k] * sim.topology.W(t)[k, j] if per_weight else 1.0
+            scale = sim.q[k] * sim.topology.W_sparse(t)[k, j] if per_weight else 1.0
             values[(int(k), int(j))].append(r.value / scale)
     return {p: float(np.mean(v)) for p, v in values.items()}
 

@@ -65,7 +65,7 @@ def walk_mass(topology: Topology, source: int, step: int, hops: int) -> list[flo
     v[source] = 1.0
     out = [1.0]
     for s in range(hops):
-        v = topology.W(step + s) @ v
+        v = topology.W_sparse(step + s) @ v
         out.append(float(v.sum()))
     return out
 
@@ -299,7 +299,7 @@ def layout(topology: Topology) -> dict[int, tuple[float, float]]:
         leaves = [k for k in range(n) if k != hub]
         return nx.shell_layout(nx.empty_graph(n), [[hub], leaves])
     if topology.name == "torus":
-        union = np.any(np.stack(topology.matrices) > 0, axis=0)
+        union = topology.support()
         divisors = [d for d in range(1, n + 1) if n % d == 0]
         rows = next((d for d in divisors if _is_torus(union, d, n // d)), 1)
         cols = n // rows
@@ -333,7 +333,7 @@ def graph_plot(out: Path, runs: dict[str, dict], hv: dict, draw: list[str]) -> s
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     for ax, (title, topology, values, source) in zip(axes.flat, panels, strict=False):
-        union = np.any(np.stack(topology.matrices) > 0, axis=0)
+        union = topology.support()
         g = nx.Graph()
         g.add_nodes_from(range(topology.n))
         g.add_edges_from((int(a), int(b)) for a, b in zip(*np.nonzero(union), strict=True)

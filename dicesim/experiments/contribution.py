@@ -147,7 +147,7 @@ def run_setting(session: Session, cfg: DictConfig, nodes: int) -> dict | None:
     with_all, without = losses[0], np.array(losses[1:])
     loo = with_all - without  # LOO_j = L(with j) − L(without j)
     dice = dice_contributions(result.influence, nodes)
-    support = np.any(np.stack(sim.topology.matrices) > 0, axis=0)
+    support = sim.topology.support()
     edges, per_node = reciprocity(dice["proximal"], support)
     min_sp = float(cfg.contribution.min_spearman)
     sp_r = float(stats.spearmanr(dice["r_hop"], loo)[0])

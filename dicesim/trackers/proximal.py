@@ -18,7 +18,7 @@ class Proximal(Tracker):
         self.layout = layout
         self.q = q
         self.received: Tensor | None = None  # Δ_j^{t−1} of every sender (zero rows elsewhere)
-        self.W: np.ndarray | None = None  # W^{t−1} as mixed
+        self.W: np.ndarray | None = None  # W^{t−1}[local, :] as mixed (dense rows)
         self.rows: list[ProximalRow] = []
 
     def probe_rows(self, t: int) -> np.ndarray:
@@ -30,13 +30,13 @@ class Proximal(Tracker):
         assert self.received is not None and self.W is not None
         local = self.layout.local_nodes
         dots = step.probe_grad @ self.received.T  # [local k, sender j]
-        weights = torch.as_tensor(self.W[local] * self.q[local, None], dtype=dots.dtype,
+        weights = torch.as_tensor(self.W * self.q[local, None], dtype=dots.dtype,
                                   device=dots.device)
         values = (dots * weights).cpu().numpy()
         values[np.arange(len(local)), local] = 0.0  # k ≠ j
         step.proximal = values
         for i, k in enumerate(local):
-            for j in np.flatnonzero(self.W[k] > 0):
+            for j in np.flatnonzero(self.W[i] > 0):
                 if j != k:
                     self.rows.append(ProximalRow(step.t - 1, int(j), int(k),
                                                  float(values[i, j])))
@@ -45,7 +45,7 @@ class Proximal(Tracker):
         return [Channel(np.arange(self.layout.nodes), step.update)]
 
     def after_gossip(self, step, received: list[Channel]) -> None:
-        self.received, self.W = received[0].available, step.W
+        self.received, self.W = received[0].available, step.W[self.layout.local_nodes].toarray()
 
     def take_proximal(self) -> list[ProximalRow]:
         rows, self.rows = self.rows, []
