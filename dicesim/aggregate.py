@@ -49,12 +49,15 @@ class Aggregator:
     _count: np.ndarray | None = None  # [local k, j] how many were measured so far
     _mixed: np.ndarray | None = None  # [local k, j] W^t[k,j] > 0 of the last weights() call
 
-    def observe(self, t: int, proximal: np.ndarray) -> None:
+    def observe(self, t: int, proximal: sparse.csr_array | np.ndarray) -> None:
         """Proximal influence of step t (rows: local receivers, columns: senders), as the
         proximal tracker published it at θ^{t+1}; called before weights() of step t + 1,
-        so `_mixed` still says which pairs k mixed at t."""
+        so `_mixed` still says which pairs k mixed at t. Only `dice` reads it (as a dense
+        [local, n] block, like its scores)."""
         if self.kind != "dice":
             return
+        if sparse.issparse(proximal):
+            proximal = proximal.toarray()
         if self._values is None:
             self._values = np.zeros((*proximal.shape, self.window))
             self._count = np.zeros(proximal.shape, dtype=np.int64)
