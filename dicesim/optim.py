@@ -208,25 +208,27 @@ class Adam(LocalOptimizer):
         return grad + self.weight_decay * theta if self.weight_decay and not self.decoupled \
             else grad
 
-    def step(self, t, nodes, theta, state, grad):
-        b1, b2, lr = self.beta1, self.beta2, self.lr(t)
-        c1, sqrt_c2 = self._corrections(t)
+    def _moments(self, t: int, theta: Tensor, state: State, grad: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """g (coupled decay), m', v' and √v' of step t."""
+        b1, b2 = self.beta1, self.beta2
         g = self._coupled(theta, grad)
         m = b1 * state["m"] + (1 - b1) * g
         v = b2 * state["v"] + (1 - b2) * g * g
-        u = v.sqrt() / sqrt_c2 + self.eps
-        update = -(lr / c1) * m / u
+        return g, m, v, v.sqrt()
+
+    def step(self, t, nodes, theta, state, grad):
+        lr = self.lr(t)
+        c1, sqrt_c2 = self._corrections(t)
+        _, m, v, root = self._moments(t, theta, state, grad)
+        update = -(lr / c1) * m / (root / sqrt_c2 + self.eps)  # −(η/c1) m'/u
         if self.decoupled and self.weight_decay:
             update = update - lr * self.weight_decay * theta
         return self.sent(t, nodes, update), {"m": m, "v": v}
 
     def _primal(self, t: int, theta: Tensor, state: State, grad: Tensor):
-        b1, b2 = self.beta1, self.beta2
         c1, sqrt_c2 = self._corrections(t)
-        g = self._coupled(theta, grad)
-        m = b1 * state["m"] + (1 - b1) * g
-        v = b2 * state["v"] + (1 - b2) * g * g
-        root = v.sqrt()
+        g, m, _, root = self._moments(t, theta, state, grad)
         u = root / sqrt_c2 + self.eps
         # d√v/dv = 1/(2√v); where v' = 0 its tangent 2(1 − β2) g dg is 0 too: take 0
         half_inv_root = torch.where(root > 0, 0.5 / root.clamp_min(torch.finfo(root.dtype).tiny),
