@@ -49,8 +49,8 @@ PROBES = ("shared", "per_node")
 TASKS = ("classification", "regression")
 MODELS = ("logreg", "linear", "mlp", "cnn")
 ACTIVATIONS = ("gelu", "relu", "sigmoid", "tanh")
-OPTIMIZERS = ("sgd", "adam", "adamw")  # dicesim/optim.py
-SCHEDULES = ("constant", "cosine", "step", "linear_warmup_cosine")
+OPTIMIZERS = ("sgd", "adam", "adamw")  # optim.name (dicesim/optim.py)
+SCHEDULES = ("constant", "cosine", "step", "linear_warmup_cosine")  # optim.schedule
 ATTACKS = ("none", "label_flip", "feature_noise", "free_rider", "scaled_update")
 DEFENSES = ("none", "dice", "trimmed_mean", "oracle")
 SWEEPS = ("core", "full", "optimizers")
@@ -735,10 +735,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_data(c.data)
     _validate_model(c.model)
     _validate_model_data(c.model, c.data)
-    _choice("optim.name", c.optim.name, OPTIMIZERS, " (optim=sgd|momentum|adam|adamw)")
-    _choice("optim.schedule", c.optim.schedule, SCHEDULES)
-    _positive("optim.lr", c.optim.lr, 0.05)
-    from dicesim.optim import optim_settings  # the optimizer's own range checks
+    from dicesim.optim import optim_settings  # the optimizer's checks, shared with the engine
 
     optim_settings(c.optim, steps)
     _validate_influence(c.influence, n, steps, c.batch_size)

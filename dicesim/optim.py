@@ -27,13 +27,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dicesim.config import OPTIMIZERS, SCHEDULES, closest
 from dicesim.errors import ConfigError
 
 Tamper = Callable[[int, np.ndarray, Tensor], Tensor]  # (t, global nodes, Δ rows) → Δ as sent
 State = dict[str, Tensor]  # name → [rows, P]
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "cosine", "step", "linear_warmup_cosine")
 EXAMPLES = {"lr": 0.05, "momentum": 0.9, "dampening": 0, "weight_decay": 0.0005, "eps": 1e-8,
             "min_lr": 0, "warmup_steps": 10, "step_size": 50, "gamma": 0.5}
 
@@ -308,13 +307,17 @@ def optim_settings(cfg, steps: int) -> OptimSettings:
             raise ConfigError(f"optim.{key}={value}: must be true or false")
         return value
 
-    name = get("name", "sgd")
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"optim.name={name}: choose one of {', '.join(OPTIMIZERS)} "
-                          "(optim=sgd|momentum|adam|adamw)")
-    schedule = get("schedule", "constant")
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"optim.schedule={schedule}: choose one of {', '.join(SCHEDULES)}")
+    def choice(key: str, default: str, choices: tuple[str, ...], hint: str = "") -> str:
+        value = get(key, default)
+        if value not in choices:
+            close = closest(str(value), choices)
+            guess = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"optim.{key}={value}: unknown{guess}; choose one of "
+                              f"{', '.join(choices)}{hint}")
+        return value
+
+    name = choice("name", "sgd", OPTIMIZERS, " (optim=sgd|momentum|adam|adamw)")
+    schedule = choice("schedule", "constant", SCHEDULES)
     betas = get("betas", (0.9, 0.999))
     try:
         betas = tuple(betas)
