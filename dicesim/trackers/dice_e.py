@@ -68,20 +68,19 @@ class DiceE(PerturbationTracker):
         def linearized(dhat, d_state, rows, nodes, x, y, w):
             theta, state, grad = self.real_rows(step, rows)
             hv = (self.model.hvps(theta, dhat, x, y, w) if self.curvature
-                  else dhat.new_zeros(dhat.shape))  # H_k δ̂
-            if not self.with_state:
-                d_state = {n: v.new_zeros(v.shape) for n, v in d_state.items()}
+                  else dhat.new_zeros(dhat.shape))  # H_k δ̂ (0: the identity for plain SGD)
             d_update, d_state = self.optimizer.tangent(step.t, nodes, theta, state, grad,
                                                        dhat, d_state, hv)
-            if not self.with_state:
+            if not self.with_state:  # the ablation: δ̂s stays 0
                 d_state = {n: v.new_zeros(v.shape) for n, v in d_state.items()}
             return dhat + d_update, d_state  # δ̂ + J_Δ δ̂
 
-        if self.curvature or self.optimizer.stateful or self.optimizer.weight_decay_active:
-            self.advance(step, linearized)
+        self.advance(step, linearized)
         # s = 0: E = q_j ∇L'_j(θ̄_j)ᵀ δ̂
         self.start(step, lambda i, dhat: (self._hop0_grad(step, i) * dhat[0]).sum())
-        if not self.with_state:
-            for e in self.starting(step):
-                self.state_rows[e.index] = {n: v.new_zeros(v.shape)
-                                            for n, v in self.state_rows[e.index].items()}
+
+    def _start_rows(self, step, e):
+        d_theta, d_state = super()._start_rows(step, e)
+        if not self.with_state:  # the ablation starts without the state's perturbation
+            d_state = {n: v.new_zeros(v.shape) for n, v in d_state.items()}
+        return d_theta, d_state

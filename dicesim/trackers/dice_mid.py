@@ -80,8 +80,7 @@ class DiceMid(PerturbationTracker):
                     new_state[n] += weight * v
             return dhat + d_update, new_state
 
-        if self.curvature or opt.stateful or opt.weight_decay_active:
-            self.advance(step, linearized_at_midpoint)
+        self.advance(step, linearized_at_midpoint)
         # s = 0 at θ_j^{t+½} − δ_j/2
         self.start(step, lambda i, delta: self._midpoint_dots(
             step.half[i:i + 1], torch.as_tensor([i], device=delta.device), delta)[0])
