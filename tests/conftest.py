@@ -47,6 +47,39 @@ def run_dicesim(out: Path, *overrides: str, ranks: int = 0, timeout: float = 240
     return proc
 
 
+def execute(*overrides: str):
+    """(Simulation, RunResult) of the real config in this process, metrics every step."""
+    import torch
+
+    from dicesim.comm import Comm
+    from dicesim.engine import Simulation
+
+    sim = Simulation(make_config(*overrides, "progress=false", "eval_every=1"))
+    return sim, sim.execute(Comm("gloo", 60, torch.device("cpu")))
+
+
+def events_arg(events: list[dict]) -> str:
+    """influence.events=[...] from {node, step, samples: all | k | [ids]} dicts."""
+    items = []
+    for e in events:
+        samples = e.get("samples", "all")
+        samples = f"[{','.join(map(str, samples))}]" if isinstance(samples, list) else samples
+        items.append(f"{{node:{e['node']},step:{e['step']},samples:{samples}}}")
+    return "influence.events=[" + ",".join(items) + "]"
+
+
+def probe_losses(result):
+    """L'_k(θ_k^t) of a RunResult's metrics as a [steps + 1, nodes] array."""
+    import numpy as np
+
+    steps = max(r.step for r in result.metrics) + 1
+    nodes = max(r.node for r in result.metrics) + 1
+    out = np.zeros((steps, nodes))
+    for r in result.metrics:
+        out[r.step, r.node] = r.probe_loss
+    return out
+
+
 def read_csv(path: Path) -> list[dict]:
     with path.open() as f:
         return list(csv.DictReader(f))

@@ -7,10 +7,9 @@ from collections import defaultdict
 import numpy as np
 import pytest
 import torch
-from conftest import make_config, read_csv, run_dicesim
+from conftest import events_arg, execute, make_config, probe_losses, read_csv, run_dicesim
 from torch.func import hessian
 
-from dicesim.comm import Comm
 from dicesim.engine import Simulation
 from dicesim.oracle import dense_trajectory, walk_sum
 
@@ -20,23 +19,9 @@ SMALL_MLP = ("nodes=4", "batch_size=8", "dtype=float64", "model.hidden=[6]", "in
              "data.probe_size=40", "steps=6")
 
 
-def execute(*overrides: str):
-    sim = Simulation(make_config(*overrides, "progress=false", "eval_every=1"))
-    return sim, sim.execute(Comm("gloo", 60, torch.device("cpu")))
-
-
 def table(rows) -> dict[tuple[int, int, int], tuple[float, float | None]]:
     """(event, hop, node) → (E, G)."""
     return {(r.event, r.hop, r.node): (r.dice_e, r.dice_gt) for r in rows}
-
-
-def events_arg(events: list[dict]) -> str:
-    items = []
-    for e in events:
-        samples = e.get("samples", "all")
-        samples = f"[{','.join(map(str, samples))}]" if isinstance(samples, list) else samples
-        items.append(f"{{node:{e['node']},step:{e['step']},samples:{samples}}}")
-    return "influence.events=[" + ",".join(items) + "]"
 
 
 # ---- quadratic exactness ------------------------------------------------------------------
@@ -120,14 +105,14 @@ def test_ground_truth_equals_two_separate_runs(probe, defended):
     events[1]["samples"] = [int(ids[3]), int(ids[5])]
     overrides = (*base, "topology=ring", "influence.hops=3", events_arg(events))
     sim, result = execute(*overrides)
-    real = _probe_losses(result)
+    real = probe_losses(result)
     checked = 0
     for index, e in enumerate(events):
         samples = e.get("samples", "all")
         samples = f"[{','.join(map(str, samples))}]" if isinstance(samples, list) else samples
         removal = f"counterfactual.remove=[{{node:{e['node']},step:{e['step']},samples:{samples}}}]"
         _, cf_result = execute(*base, "topology=ring", "influence.events=0", removal)
-        cf = _probe_losses(cf_result)
+        cf = probe_losses(cf_result)
         for (ev, s, k), (_, G) in table(result.influence).items():
             if ev != index or s == 0:
                 continue
@@ -142,15 +127,6 @@ def _batch_ids(sim: Simulation, node: int, step: int) -> np.ndarray:
     from dicesim.data import batch_ids
 
     return batch_ids(sim.parts[node], sim.run.batch_size, step, sim.run.seed, node)
-
-
-def _probe_losses(result) -> np.ndarray:
-    steps = max(r.step for r in result.metrics) + 1
-    nodes = max(r.node for r in result.metrics) + 1
-    out = np.zeros((steps, nodes))
-    for r in result.metrics:
-        out[r.step, r.node] = r.probe_loss
-    return out
 
 
 # ---- per-sample additivity ------------------------------------------------------------------

@@ -10,10 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import REPO, make_config, read_csv, run_dicesim
+from conftest import REPO, execute, make_config, read_csv, run_dicesim
 
-from dicesim.comm import Comm
 from dicesim.engine import Simulation
 from dicesim.errors import ConfigError
 
@@ -21,11 +19,6 @@ QUADRATIC = ("data=synthetic_regression", "model=linear", "dtype=float64", "node
              "batch_size=8", "steps=7", "optim.lr=0.05", "data.probe_size=50")
 EVENTS = "influence.events=[{node:0,step:1},{node:2,step:2,samples:3},{node:3,step:0}]"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-
-
-def execute(*overrides: str):
-    sim = Simulation(make_config(*overrides, "progress=false", "eval_every=1"))
-    return sim, sim.execute(Comm("gloo", 60, torch.device("cpu")))
 
 
 @pytest.mark.parametrize("topology", ["ring", "hub", "one_peer_exponential"])

@@ -8,10 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_config, read_csv, run_dicesim
+from conftest import events_arg, execute, make_config, probe_losses, read_csv, run_dicesim
 from torch.func import hessian, jvp, vjp
 
-from dicesim.comm import Comm
 from dicesim.engine import Simulation
 from dicesim.optim import Adam, Schedule, build_optimizer, optim_settings
 from dicesim.oracle import dense_run, dense_trajectory
@@ -32,11 +31,6 @@ SETTINGS = {  # optim overrides → what they exercise
     "momentum_gossip_state": ("optim=momentum", "optim.gossip_state=true"),
     "adam_gossip_state": ("optim=adam", "optim.gossip_state=true"),
 }
-
-
-def execute(*overrides: str):
-    sim = Simulation(make_config(*overrides, "progress=false", "eval_every=1"))
-    return sim, sim.execute(Comm("gloo", 60, torch.device("cpu")))
 
 
 def optimizer(*overrides: str, steps: int = 10):
@@ -132,11 +126,6 @@ def test_ranks_equal_a_torch_optimizer_per_node(tmp_path, name, ranks):
 
 
 # ---- influence through the optimizer -----------------------------------------------------
-def events_arg(events: list[dict]) -> str:
-    items = [f"{{node:{e['node']},step:{e['step']},samples:{e.get('samples', 'all')}}}"
-             for e in events]
-    return "influence.events=[" + ",".join(items) + "]"
-
 
 @pytest.mark.parametrize(("nesterov", "topology"), [(False, "ring"), (True, "hub"),
                                                     (False, "one_peer_exponential")])
@@ -185,15 +174,6 @@ def test_momentum_on_a_quadratic_loss_is_exact_up_to_the_curvature_term(nesterov
     assert checked >= 12
 
 
-def _probe_losses(result) -> np.ndarray:
-    steps = max(r.step for r in result.metrics) + 1
-    nodes = max(r.node for r in result.metrics) + 1
-    out = np.zeros((steps, nodes))
-    for r in result.metrics:
-        out[r.step, r.node] = r.probe_loss
-    return out
-
-
 @pytest.mark.parametrize("name", ["momentum", "adam_warmup", "adam_gossip_state"])
 def test_ground_truth_equals_two_separate_runs(name):
     """G[e,s,k] from shadows carrying (θ̃, s̃) = q_k (L'_k real − L'_k of a complete run with
@@ -203,13 +183,13 @@ def test_ground_truth_equals_two_separate_runs(name):
     overrides = (*base, "influence.hops=4", "influence.estimators=[dice_e]",
                  events_arg(events))
     sim, result = execute(*overrides)
-    real = _probe_losses(result)
+    real = probe_losses(result)
     checked = 0
     for ev in sim.events:
         ids = ",".join(str(int(i)) for i in ev.sample_ids)
         removal = f"counterfactual.remove=[{{node:{ev.source},step:{ev.step},samples:[{ids}]}}]"
         _, cf_result = execute(*base, "influence.events=0", removal)
-        cf = _probe_losses(cf_result)
+        cf = probe_losses(cf_result)
         for r in result.influence:
             if r.event != ev.index or r.hop == 0:
                 continue
@@ -238,7 +218,7 @@ def test_a_removed_batch_keeps_acting_through_the_momentum_after_theta_moved_on(
     assert set(behind) == {0, 1, 2, 3}
     _, cf = execute(*base, "optim=momentum", "influence.events=0",
                     "counterfactual.remove=[{node:0,step:1,samples:all}]")
-    real, without = _probe_losses(mom), _probe_losses(cf)
+    real, without = probe_losses(mom), probe_losses(cf)
     for k, g in behind.items():
         np.testing.assert_allclose(g, 0.25 * (real[4, k] - without[4, k]), rtol=1e-9,
                                    atol=1e-16)
