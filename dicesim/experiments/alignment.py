@@ -342,6 +342,25 @@ def _f(v: object, digits: int = 6) -> str:
     return str(v)
 
 
+def view_table(cases: list[dict], columns: list[tuple[str, str, str | None, int]]
+               ) -> list[str]:
+    """A markdown table with one row per case and view; each column is (header, the case's
+    block of per-view results, its metric, digits); the metric None reads the block as
+    view → value (the second-order share)."""
+    lines = ["| case | view | n | " + " | ".join(h for h, *_ in columns) + " |",
+             "|---" * (3 + len(columns)) + "|"]
+    for c in cases:
+        for view, b in c["alignment"].items():
+            cells = []
+            for _, key, metric, digits in columns:
+                value = (c.get(key) or {}).get(view)
+                if metric is not None:
+                    value = (value or {}).get(metric)
+                cells.append(_f(value, digits))
+            lines.append(f"| {c['label']} | {view} | {b['n']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report_md(summary: dict, pictures: list[str]) -> str:
     t = summary["targets"]
     lines = [
@@ -379,54 +398,33 @@ def report_md(summary: dict, pictures: list[str]) -> str:
             lines.append(f"| {label} | {v['kind']} | {_f(v['value'])} | {v['at']} | "
                          f"{v['pass']} |")
         lines.append("")
+    estimators = (("E", "alignment"), ("mid", "alignment_mid"))
     for kind, title in (("core", "Every core case, every view"),
                         ("hard", "Hard cases (large η‖x‖²), every view")):
         chosen = [c for c in summary["cases"] if c["set"] == kind]
         if not chosen:
             continue
         two = kind == "hard"  # the hard cases also run dice_mid2
+        shown = estimators + ((("mid2", "alignment_mid2"),) if two else ())
         lines += [f"## {title}", "",
                   "ρ = Σ\\|dice_mid − dice_e\\| / Σ\\|dice_mid\\|, the second-order share every "
                   "run reports without ground truth."
                   + (" mid2 = `dice_mid2`, the two-point Gauss–Legendre rule." if two else ""),
                   "",
-                  "| case | view | n | Spearman E | Spearman mid | "
-                  + ("Spearman mid2 | " if two else "") + "rel_err E | rel_err mid | "
-                  + ("rel_err mid2 | " if two else "") + "sign agr. E | sign agr. mid | ρ |",
-                  "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if two else "")]
-        for c in chosen:
-            mid = c.get("alignment_mid") or {}
-            mid2 = c.get("alignment_mid2") or {}
-            for view, b in c["alignment"].items():
-                m, m2 = mid.get(view, {}), mid2.get(view, {})
-                lines.append(
-                    f"| {c['label']} | {view} | {b['n']} | {_f(b['spearman'])} | "
-                    f"{_f(m.get('spearman'))} | "
-                    + (f"{_f(m2.get('spearman'))} | " if two else "")
-                    + f"{_f(b['rel_err'], 3)} | {_f(m.get('rel_err'), 3)} | "
-                    + (f"{_f(m2.get('rel_err'), 3)} | " if two else "")
-                    + f"{_f(b['sign_agreement'], 4)} | {_f(m.get('sign_agreement'), 4)} | "
-                    f"{_f((c.get('second_order_share') or {}).get(view), 3)} |")
-        lines.append("")
+                  *view_table(chosen, [(f"Spearman {n}", k, "spearman", 6) for n, k in shown]
+                              + [(f"rel_err {n}", k, "rel_err", 3) for n, k in shown]
+                              + [(f"sign agr. {n}", k, "sign_agreement", 4)
+                                 for n, k in estimators]
+                              + [("ρ", "second_order_share", None, 3)]), ""]
     chosen = [c for c in summary["cases"] if c["set"] == "optimizers"]
     if chosen:
+        shown = estimators + (("nostate", "alignment_nostate"),)
         lines += ["## Stateful optimizers", "",
                   "DICE-E carries the pair (δ̂θ, δ̂s) through the JVP of the optimizer's step; "
                   "`nostate` is the ablation that drops δ̂s (the optimizer state's "
                   "perturbation) and keeps only the θ-path of the step's Jacobian.", "",
-                  "| case | view | n | Spearman E | Spearman mid | Spearman nostate | "
-                  "rel_err E | rel_err mid | rel_err nostate |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for c in chosen:
-            mid, nostate = c.get("alignment_mid") or {}, c.get("alignment_nostate") or {}
-            for view, b in c["alignment"].items():
-                m, z = mid.get(view, {}), nostate.get(view, {})
-                lines.append(
-                    f"| {c['label']} | {view} | {b['n']} | {_f(b['spearman'])} | "
-                    f"{_f(m.get('spearman'))} | {_f(z.get('spearman'))} | "
-                    f"{_f(b['rel_err'], 3)} | {_f(m.get('rel_err'), 3)} | "
-                    f"{_f(z.get('rel_err'), 3)} |")
-        lines.append("")
+                  *view_table(chosen, [(f"Spearman {n}", k, "spearman", 6) for n, k in shown]
+                              + [(f"rel_err {n}", k, "rel_err", 3) for n, k in shown]), ""]
     sweep = [c for c in summary["cases"] if c["set"] == "sweep"]
     if sweep:
         lines += ["## Sweep (issue 4)", "",
