@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from dicesim.cli import Session, fail, prepare_output
+from dicesim.cli import Session, fail
 from dicesim.events import INFLUENCE_COLUMNS, InfluenceRow
 from dicesim.experiments import group_option, variant
 from dicesim.report import (
@@ -490,11 +490,8 @@ def run(session: Session) -> dict | None:
     for case in cases:  # every setting is checked before the first run starts
         session.build(case_config(cfg, case))
     session.say(f"alignment: {len(cases)} runs ({acfg.sweep} sweep)")
-    if cfg.get("dry_run", False):
-        session.say("alignment: dry run — every case is valid, nothing trained")
+    if not session.ready_to_train("alignment", "case"):
         return None
-    if session.out is None:
-        prepare_output(session)
     results: list[dict] = []
     rows_of: dict[str, list[tuple]] = {}
     for i, case in enumerate(cases, 1):

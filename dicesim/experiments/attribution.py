@@ -14,7 +14,7 @@ import numpy as np
 from omegaconf import DictConfig
 from scipy import stats
 
-from dicesim.cli import Session, prepare_output
+from dicesim.cli import Session
 from dicesim.data import batch_ids
 from dicesim.engine import Simulation
 from dicesim.experiments import variant
@@ -59,11 +59,8 @@ def run(session: Session) -> dict | None:
                                                          "samples": "all"}]))
     session.say(f"attribution: one run with the reverse pass, then {len(plan)} retrainings "
                 f"({cfg.retrain.batches} batches, {cfg.retrain.samples} samples)")
-    if cfg.get("dry_run", False):
-        session.say("attribution: dry run — every run is valid, nothing trained")
+    if not session.ready_to_train("attribution"):
         return None
-    if session.out is None:
-        prepare_output(session)
     result = session.simulate(sim)
     rows = []
     with_all = final_loss(sim, result.metrics) if session.rank == 0 else 0.0

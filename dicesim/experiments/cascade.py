@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from dicesim.cli import Session, prepare_output
+from dicesim.cli import Session
 from dicesim.events import InfluenceRow
 from dicesim.experiments import variant
 from dicesim.experiments.alignment import topology_options
@@ -133,11 +133,8 @@ def run(session: Session) -> dict | None:
         cfg, "hub", influence__events=hub_events(cfg, hub, leaf))))
     sims = [(label, session.build(conf)) for label, conf in plan]  # all valid before training
     session.say(f"cascade: {len(sims)} runs, r = {hops} hops")
-    if cfg.get("dry_run", False):
-        session.say("cascade: dry run — every run is valid, nothing trained")
+    if not session.ready_to_train("cascade"):
         return None
-    if session.out is None:
-        prepare_output(session)
     runs: dict[str, dict] = {}
     for label, sim in sims:
         result = session.simulate(sim)

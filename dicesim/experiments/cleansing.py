@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from dicesim.cli import Session, prepare_output
+from dicesim.cli import Session
 from dicesim.data import batch_ids
 from dicesim.engine import Simulation
 from dicesim.experiments import variant
@@ -123,11 +123,8 @@ def run(session: Session) -> dict | None:
     session.build(clean)
     session.say(f"cleansing: {len(noisy_nodes)} noisy nodes {noisy_nodes} with {c.flip:.0%} "
                 f"flipped labels; one tracked run, a clean run, {2 * len(c.remove)} removals")
-    if cfg.get("dry_run", False):
-        session.say("cleansing: dry run — every run is valid, nothing trained")
+    if not session.ready_to_train("cleansing"):
         return None
-    if session.out is None:
-        prepare_output(session)
     result = session.simulate(sim)
     clean_sim = session.build(clean)
     clean_res = session.simulate(clean_sim)

@@ -32,7 +32,7 @@ import numpy as np
 from omegaconf import DictConfig
 from scipy import stats
 
-from dicesim.cli import Session, fail, prepare_output
+from dicesim.cli import Session, fail
 from dicesim.engine import Simulation
 from dicesim.events import InfluenceRow
 from dicesim.experiments import variant
@@ -183,11 +183,8 @@ def run(session: Session) -> dict | None:
         session.build(runs[-1])
     session.say(f"contribution: node counts {counts}; per count one tracking run with "
                 f"{cfg.steps} × nodes events and nodes + 1 leave-one-out runs")
-    if cfg.get("dry_run", False):
-        session.say("contribution: dry run — every run is valid, nothing trained")
+    if not session.ready_to_train("contribution"):
         return None
-    if session.out is None:
-        prepare_output(session)
     settings = []
     for n in counts:
         s = run_setting(session, cfg, n)
