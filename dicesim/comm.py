@@ -337,8 +337,9 @@ def mix(W: sparse.csr_array, out_nodes: np.ndarray, channel: Channel,
     if weights is None:
         weights = sparse_tensor(W[out_nodes][:, channel.nodes], channel.available.dtype,
                                 channel.available.device)
-    out = channel.available.new_zeros(weights.shape[0], channel.available.shape[1])
-    # into `out`: `weights @ rows` would hold a second [out, P] temporary at its peak
+    out = channel.available.new_empty(weights.shape[0], channel.available.shape[1])
+    # into `out` (beta=0: its contents are ignored, NaN included): `weights @ rows` would
+    # hold a second [out, P] temporary at its peak
     return torch.addmm(out, weights, channel.available, beta=0.0, out=out)
 
 

@@ -1192,13 +1192,26 @@ def _missing_key_error(err: Exception, overrides: Sequence[str], compose: Any) -
 def compose_checked(points: Sequence[Sequence[str]]) -> list[DictConfig]:
     """Compose each override list with Hydra, exactly as `python -m dicesim` would, and
     `load` it: the typed, validated configs, or a one-line ConfigError."""
+    return [typed for typed, _ in _compose_points(points, with_hydra=False)]
+
+
+def compose_run(overrides: Sequence[str]) -> tuple[DictConfig, DictConfig]:
+    """One run's typed config and the Hydra node it was composed with (hydra.run.dir,
+    the overrides): what `hydra.main` would hand the job, composed once instead of twice."""
+    return _compose_points([overrides], with_hydra=True)[0]
+
+
+def _compose_points(points: Sequence[Sequence[str]], with_hydra: bool
+                    ) -> list[tuple[DictConfig, DictConfig | None]]:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from omegaconf import open_dict
 
     out = []
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         def compose(overrides: Sequence[str]) -> DictConfig:
-            return hydra_compose("config", overrides=list(overrides))
+            return hydra_compose("config", overrides=list(overrides),
+                                 return_hydra_config=with_hydra)
 
         for overrides in points:
             for o in overrides:
@@ -1209,7 +1222,12 @@ def compose_checked(points: Sequence[Sequence[str]]) -> list[DictConfig]:
             except Exception as err:  # Hydra's override and composition errors
                 line = _missing_key_error(err, overrides, compose)
                 raise ConfigError(line or _hydra_line(err)) from None
-            out.append(load(cfg))
+            hydra_node = None
+            if with_hydra:
+                hydra_node = cfg.hydra
+                with open_dict(cfg):
+                    del cfg["hydra"]
+            out.append((load(cfg), hydra_node))
     return out
 
 

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dicesim import IMPORTED_AT
 from dicesim.engine import Simulation
 from dicesim.events import ESTIMATORS, INFLUENCE_COLUMNS, PROXIMAL_COLUMNS, InfluenceRow
 from dicesim.stats import pearson, spearman
@@ -218,6 +220,7 @@ def write_all(out: Path, sim: Simulation, result: RunResult, plots: bool = True,
               status: dict | None = None) -> dict:
     """Every output of one run. `status` (e.g. {"status": "interrupted", "stopped_at": 12})
     goes into summary.json; without it the run is "complete"."""
+    outputs_at = time.perf_counter()
     write_csv(out / "metrics.csv", METRIC_COLUMNS, sorted(result.metrics))
     if sim.cfg.get("save_params", False) and result.final_params is not None:
         torch.save(result.final_params, out / "params.pt")
@@ -233,14 +236,30 @@ def write_all(out: Path, sim: Simulation, result: RunResult, plots: bool = True,
     summary["diverged"] = bool(bad) or summary.get("status") == "diverged"
     if bad:
         summary["first_nonfinite"] = bad[0]
+    timings = summary["timings_s"] = run_timings(result)
     summary = write_json(out / "summary.json", summary)
     pictures = []
     if plots:
+        plots_at = time.perf_counter()
         from dicesim import plots as plotting  # matplotlib only when plotting
 
         pictures = plotting.all_plots(out, sim, result)
+        timings["plots"] = time.perf_counter() - plots_at
     write_atomic(out / "report.md", report_md(sim, summary, pictures))
-    return summary
+    timings["outputs"] = time.perf_counter() - outputs_at - timings.get("plots", 0.0)
+    timings["total"] = time.perf_counter() - IMPORTED_AT
+    summary["timings_s"] = timings
+    return write_json(out / "summary.json", summary)
+
+
+def run_timings(result: RunResult) -> dict[str, float]:
+    """Where this process's wall time went (seconds): `startup` from dicesim's first import
+    to the first step (imports, config, graph, data, model), `training` the step loop;
+    after the outputs, `outputs` (files and report), `plots` and `total`."""
+    timings = {"training": result.wall_s}
+    if result.first_step_at > 0:
+        timings = {"startup": result.first_step_at - IMPORTED_AT, **timings}
+    return timings
 
 
 def footer(pictures: list[str], files: str) -> list[str]:

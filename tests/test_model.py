@@ -40,6 +40,37 @@ def test_dense_grads_match_torch_func(name, hidden, activation, classes):
     torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("name,hidden,classes", [("mlp", [6, 5], 10), ("linear", [], 0)])
+def test_dense_grads_in_row_chunks_equal_one_pass(monkeypatch, name, hidden, classes):
+    """Large blocks go through dense_grads in chunks of rows (cache-sized): the same
+    gradients and losses as one pass, including a last chunk shorter than the others."""
+    import dicesim.model as model_module
+
+    model, theta, x, y, w = _case(name, hidden, "tanh", classes, rows=37)
+    one_grad, one_loss = model.grads(theta, x, y, w)
+    per_row = model.P + 7 * sum(layer.out + layer.inp for layer in model.dense)
+    calls = []
+    backprop = model._dense_backprop
+    monkeypatch.setattr(model_module, "GRAD_BUDGET", 16 * per_row)  # 16 rows a chunk
+    monkeypatch.setattr(model, "_dense_backprop", lambda th, *a: calls.append(len(th))
+                        or backprop(th, *a))
+    grad, loss = model.grads(theta, x, y, w)
+    assert calls == [16, 16, 5]
+    torch.testing.assert_close(grad, one_grad, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(loss, one_loss, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_dense_probe_losses_equal_torch_func(per_row):
+    """probe_losses (the ground truth's loss gaps) streams dense stacks through probe_eval
+    instead of vmapping cross_entropy: the same L'(θ) per row."""
+    model, theta, x, y, _ = _case("mlp", [6], "tanh", 10)
+    xp, yp = (x, y) if per_row else (x[0], y[0])
+    reference = vmap(model.probe_loss, in_dims=(0, 0, 0) if per_row else (0, None, None))
+    torch.testing.assert_close(model.probe_losses(theta, xp, yp, per_row),
+                               reference(theta, xp, yp), rtol=1e-13, atol=1e-14)
+
+
 def test_models_without_a_hand_written_gradient_fall_back_to_torch_func():
     gelu, *_ = _case("mlp", [6], "gelu", 10)
     cnn = build_model({"name": "cnn", "channels": [2]}, (1, 4, 4), 3)

@@ -109,6 +109,7 @@ def test_runs_and_run_directories(tmp_path):
         "twin2": dicesim(tmp_path, "name=twin"),
         "hydra": dicesim(tmp_path, f"hydra.run.dir={tmp_path / 'hyd'}"),
         "proc": dicesim(tmp_path, "out_dir=/proc/x"),
+        "clash": dicesim(tmp_path, f"out_dir={tmp_path / 'a'}", f"hydra.run.dir={tmp_path / 'h'}"),
         "first": dicesim(tmp_path, f"out_dir={used}", "influence.proximal=true"),
     }
     results = {name: finish(p) for name, p in wave.items()}
@@ -125,6 +126,9 @@ def test_runs_and_run_directories(tmp_path):
 
     code, err = results["proc"]
     assert code == 2 and len(err.splitlines()) == 1 and "out_dir=/proc/x" in err, err
+    code, err = results["clash"]
+    assert code == 2 and len(err.splitlines()) == 1 and "different directories" in err, err
+    assert not (tmp_path / "a").exists()
 
     assert (used / "proximal.csv").exists()
     (used / "notes.txt").write_text("mine")

@@ -44,9 +44,64 @@ def test_plots_false_imports_neither_matplotlib_nor_scikit_learn(tmp_path: Path)
     assert not list((tmp_path / "run").glob("*.png"))
 
 
-def test_plots_true_draws(tmp_path: Path) -> None:
-    loaded = _modules_after_run(tmp_path, "nodes=4", "steps=3", "influence.events=0")
-    assert loaded["matplotlib"] and (tmp_path / "run" / "training.png").is_file()
+def test_plots_true_draws_and_times_its_phases(tmp_path: Path) -> None:
+    loaded = _modules_after_run(tmp_path, "nodes=4", "steps=3", "influence.events=2")
+    run = tmp_path / "run"
+    assert loaded["matplotlib"]
+    report = (run / "report.md").read_text()
+    pictures = ["training.png", "alignment.png", "cascade.png"]  # this order, one each
+    assert [ln[2:].split("]")[0] for ln in report.splitlines() if ln.startswith("![")] == pictures
+    assert all((run / p).stat().st_size > 5_000 for p in pictures)
+    timings = json.loads((run / "summary.json").read_text())["timings_s"]
+    assert set(timings) == {"startup", "training", "outputs", "plots", "total"}
+    assert all(v > 0 for v in timings.values())
+    parts = timings["startup"] + timings["training"] + timings["outputs"] + timings["plots"]
+    assert parts <= timings["total"] < parts + 5  # only warm-up and gathering between them
+
+
+def _influence_rows(hops: int = 3, events: int = 6):
+    from dicesim.events import InfluenceRow
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for e in range(events):
+        for hop in range(hops + 1):
+            for k in range(hop + 1):
+                gt = float(rng.normal() * 10.0 ** -(hop + 3))
+                rows.append(InfluenceRow(e, e, 0, 1, hop, k, gt * 1.01, gt, gt * 1.001))
+    return rows
+
+
+@pytest.mark.parametrize("where", ["forked child", "no fork", "child fails"])
+def test_all_plots_draw_the_same_figures_with_or_without_a_child(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """The training curves are drawn by a forked child on Linux; without fork (another
+    platform) or when the child fails, this process draws them: the same files, in order."""
+    import os
+
+    from dicesim import plots
+
+    result = _fake_result(8)
+    result.influence = _influence_rows()
+    parent = os.getpid()
+    drawn_here = []
+    curves = plots.training_curves
+
+    def training_curves(out, res):
+        if where == "child fails" and os.getpid() != parent:
+            raise RuntimeError("the child's drawing fails")
+        if os.getpid() == parent:
+            drawn_here.append("training.png")
+        return curves(out, res)
+
+    monkeypatch.setattr(plots, "training_curves", training_curves)
+    if where == "no fork":
+        monkeypatch.setattr(plots.sys, "platform", "darwin")
+    pictures = ["training.png", "alignment.png", "cascade.png"]
+    assert plots.all_plots(tmp_path, None, result) == pictures
+    assert all((tmp_path / p).stat().st_size > 5_000 for p in pictures)
+    forked = where == "forked child" and sys.platform.startswith("linux")
+    assert drawn_here == ([] if forked else ["training.png"])
 
 
 # ---- plots of many nodes ------------------------------------------------------------------
@@ -119,3 +174,27 @@ def test_bench_scale_timeout_skips_larger_sizes(capsys: pytest.CaptureFixture) -
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [r["status"] for r in rows] == ["timeout", "skipped"]
     assert "16 nodes already did not finish" in rows[1]["reason"]
+
+
+def test_large_blocks_stay_on_the_heap_only_above_the_mmap_threshold(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """mallopt(M_MMAP_MAX, 0) is called for a [nodes, P] block above glibc's mmap threshold
+    (where each step's fresh blocks were mmapped and faulted in) and never for small runs."""
+    from dicesim import trainer
+
+    calls = []
+
+    class Libc:
+        def mallopt(self, option, value):
+            calls.append((option.value, value.value))
+            return 1
+
+    monkeypatch.setattr(trainer.ctypes, "CDLL", lambda _: Libc())
+    monkeypatch.setattr(trainer.sys, "platform", "linux")
+    trainer.reuse_freed_blocks(trainer.MMAP_BLOCK_BYTES - 1)
+    assert calls == []
+    trainer.reuse_freed_blocks(16384 * 1604 * 4)
+    assert calls == [(-4, 0)]
+    monkeypatch.setattr(trainer.sys, "platform", "darwin")
+    trainer.reuse_freed_blocks(16384 * 1604 * 4)
+    assert calls == [(-4, 0)]
