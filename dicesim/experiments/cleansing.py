@@ -287,7 +287,7 @@ def report_md(s: dict, pictures: list[str]) -> str:
     d = s["diagnostics"]
     top = d["top_flipped_count"]
     lines += ["", "Diagnostics (not targets): the influence summed over one quarter of the run's "
-              "steps only.", "", "| steps | ROC-AUC | share of Σ|influence| |", "|---|---|---|"]
+              "steps only.", "", "| steps | ROC-AUC | share of Σ abs(influence) |", "|---|---|---|"]
     lines += [f"| {q['steps'][0]}–{q['steps'][1]} | {_f(q['auc'])} | {q['share_abs']:.2f} |"
               for q in d["quarters"]]
     lines += ["", f"{d['flipped_helpful']} of {s['flipped']} flipped samples have a negative "
