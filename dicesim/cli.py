@@ -337,9 +337,12 @@ def execute(cfg: DictConfig) -> dict | None:
 
         # finished events reach disk as they are gathered: a crash keeps them
         on_flush = lambda partial: write_influence(session.out, partial)  # noqa: E731
+    workers = PLOT_WORKER if session.world == 1 and cfg.get("plots", True) else None
     try:
         result = session.simulate(sim, on_flush=on_flush, checkpoints=checkpoints)
     except Stopped as stop:
+        if workers is not None:
+            workers.close()
         stopped(session, stop, sim)
     session.close()
     if session.rank != 0:
@@ -348,7 +351,7 @@ def execute(cfg: DictConfig) -> dict | None:
     from dicesim.report import write_all
 
     out = session.out
-    summary = write_all(out, sim, result, plots=bool(cfg.get("plots", True)))
+    summary = write_all(out, sim, result, plots=bool(cfg.get("plots", True)), workers=workers)
     finish_signalled(session)
     f = summary["final"]
     acc = "–" if f["test_acc"] is None else f"{f['test_acc']:.4f}"
@@ -417,6 +420,9 @@ def check_composes(argv: list[str]) -> None:
         fail(str(err))
 
 
+PLOT_WORKER = None  # a plain run's plot worker (dicesim/plotworkers.py), started early
+
+
 def run_single(overrides: list[str]) -> None:
     """A plain run (no Hydra flags): compose once, then do what `hydra.main` does for a
     single job with this project's Hydra settings (no .hydra folder, no logging set-up):
@@ -435,6 +441,14 @@ def run_single(overrides: list[str]) -> None:
         hydra_node.runtime.output_dir = os.path.abspath(hydra_node.run.dir)
     HydraConfig.instance().set_config(OmegaConf.create({"hydra": hydra_node}))
     os.makedirs(hydra_node.runtime.output_dir, exist_ok=True)
+    global PLOT_WORKER
+    alone = os.environ.get("WORLD_SIZE", "1") == "1"
+    if cfg.plots and alone and not cfg.driver and not cfg.dry_run:
+        from dicesim.plotworkers import PlotWorker
+
+        # forked before the run builds anything (no process group, no thread pool): it
+        # imports matplotlib while this process sets up and trains
+        PLOT_WORKER = PlotWorker.start()
     execute(cfg)
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +11,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dicesim.engine import Simulation  # noqa: E402
 from dicesim.events import InfluenceRow  # noqa: E402
 from dicesim.report import hop_totals  # noqa: E402
 from dicesim.trainer import RunResult  # noqa: E402
@@ -147,50 +144,10 @@ def cascade_decay(out: Path, rows: list[InfluenceRow]) -> str | None:
     return "cascade.png"
 
 
-def all_plots(out: Path, sim: Simulation, result: RunResult) -> list[str]:
-    """The run's figures. On Linux the training curves are drawn by a forked child while
-    this process draws the influence figures (each takes ~0.3-0.5 s of matplotlib's
-    Python; two cores halve the wait). Without fork, or if the child fails, all here."""
-    first = (lambda: training_curves(out, result)) if result.metrics else None
-    rest = [lambda: scatter_by_hop(out, result.influence),
-            lambda: cascade_decay(out, result.influence)] if result.influence else []
-    child = _draw_in_child(first) if first is not None and rest else None
-    pics = [] if first is None or child is not None else [first()]
-    pics += [p for p in (draw() for draw in rest) if p]
-    if child is not None:
-        name = _wait_for_child(*child)
-        pics.insert(0, name if name is not None else first())
-    return pics
-
-
-def _draw_in_child(draw: Callable[[], str | None]) -> tuple[int, int] | None:
-    """Fork a child that calls `draw` and reports the file name through a pipe:
-    (pid, read end), or None where fork is not available (draw here instead)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    read, write = os.pipe()
-    try:
-        pid = os.fork()
-    except OSError:
-        os.close(read)
-        os.close(write)
-        return None
-    if pid == 0:  # the child: draw, report, leave without any of the parent's teardown
-        code = 1
-        try:
-            os.close(read)
-            name = draw()
-            os.write(write, (name or "").encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write)
-    return pid, read
-
-
-def _wait_for_child(pid: int, read: int) -> str | None:
-    """The child's file name, or None if it failed (the caller then draws it itself)."""
-    with os.fdopen(read, "rb") as pipe:
-        name = pipe.read().decode()
-    _, status = os.waitpid(pid, 0)
-    return name if os.waitstatus_to_exitcode(status) == 0 and name else None
+# every figure of a plain run: name -> draw(out, result), the file name or None (nothing to
+# draw). dicesim.plotworkers draws them in forked workers, in this order in report.md.
+FIGURES: dict[str, Callable[[Path, RunResult], str | None]] = {
+    "training": lambda out, r: training_curves(out, r) if r.metrics else None,
+    "alignment": lambda out, r: scatter_by_hop(out, r.influence) if r.influence else None,
+    "cascade": lambda out, r: cascade_decay(out, r.influence) if r.influence else None,
+}

@@ -17,6 +17,7 @@ import torch
 from dicesim import IMPORTED_AT
 from dicesim.engine import Simulation
 from dicesim.events import ESTIMATORS, INFLUENCE_COLUMNS, PROXIMAL_COLUMNS, InfluenceRow
+from dicesim.plotworkers import PlotWorker
 from dicesim.stats import pearson, spearman
 from dicesim.trainer import METRIC_COLUMNS, RunResult
 
@@ -217,9 +218,10 @@ def diverged_rows(result: RunResult, steps: int) -> list[dict]:
 
 
 def write_all(out: Path, sim: Simulation, result: RunResult, plots: bool = True,
-              status: dict | None = None) -> dict:
+              status: dict | None = None, workers: PlotWorker | None = None) -> dict:
     """Every output of one run. `status` (e.g. {"status": "interrupted", "stopped_at": 12})
-    goes into summary.json; without it the run is "complete"."""
+    goes into summary.json; without it the run is "complete". `workers`: a plot worker
+    started earlier (dicesim/plotworkers.py); else one is started here."""
     outputs_at = time.perf_counter()
     write_csv(out / "metrics.csv", METRIC_COLUMNS, sorted(result.metrics))
     if sim.cfg.get("save_params", False) and result.final_params is not None:
@@ -241,9 +243,7 @@ def write_all(out: Path, sim: Simulation, result: RunResult, plots: bool = True,
     pictures = []
     if plots:
         plots_at = time.perf_counter()
-        from dicesim import plots as plotting  # matplotlib only when plotting
-
-        pictures = plotting.all_plots(out, sim, result)
+        pictures = (workers or PlotWorker.start()).draw(out, result)
         timings["plots"] = time.perf_counter() - plots_at
     write_atomic(out / "report.md", report_md(sim, summary, pictures))
     timings["outputs"] = time.perf_counter() - outputs_at - timings.get("plots", 0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,8 @@ def test_plots_false_imports_neither_matplotlib_nor_scikit_learn(tmp_path: Path)
 def test_plots_true_draws_and_times_its_phases(tmp_path: Path) -> None:
     loaded = _modules_after_run(tmp_path, "nodes=4", "steps=3", "influence.events=2")
     run = tmp_path / "run"
-    assert loaded["matplotlib"]
+    # on Linux the figures are drawn by a forked worker: the run itself never loads matplotlib
+    assert loaded["matplotlib"] != sys.platform.startswith("linux")
     report = (run / "report.md").read_text()
     pictures = ["training.png", "alignment.png", "cascade.png"]  # this order, one each
     assert [ln[2:].split("]")[0] for ln in report.splitlines() if ln.startswith("![")] == pictures
@@ -72,36 +74,55 @@ def _influence_rows(hops: int = 3, events: int = 6):
     return rows
 
 
-@pytest.mark.parametrize("where", ["forked child", "no fork", "child fails"])
-def test_all_plots_draw_the_same_figures_with_or_without_a_child(
+@pytest.mark.parametrize("where", ["worker", "no fork", "worker fails", "helper fails"])
+def test_plot_worker_draws_the_same_figures_as_this_process(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
-    """The training curves are drawn by a forked child on Linux; without fork (another
-    platform) or when the child fails, this process draws them: the same files, in order."""
+    """A forked worker (and its helper, for the second share) draws the figures on Linux;
+    without fork (another platform) or where a worker fails, this process draws what is
+    missing: the same files, in report order."""
     import os
 
     from dicesim import plots
+    from dicesim.plotworkers import PlotWorker
 
     result = _fake_result(8)
     result.influence = _influence_rows()
     parent = os.getpid()
     drawn_here = []
-    curves = plots.training_curves
+    figures = dict(plots.FIGURES)
 
-    def training_curves(out, res):
-        if where == "child fails" and os.getpid() != parent:
-            raise RuntimeError("the child's drawing fails")
-        if os.getpid() == parent:
-            drawn_here.append("training.png")
-        return curves(out, res)
+    def spy(name):
+        def draw(out, res):
+            if os.getpid() != parent and (where == "worker fails" or (
+                    where == "helper fails" and name != "training")):
+                raise RuntimeError("a worker's drawing fails")
+            if os.getpid() == parent:
+                drawn_here.append(name)
+            return figures[name](out, res)
+        return draw
 
-    monkeypatch.setattr(plots, "training_curves", training_curves)
+    for name in figures:
+        monkeypatch.setitem(plots.FIGURES, name, spy(name))
     if where == "no fork":
-        monkeypatch.setattr(plots.sys, "platform", "darwin")
+        monkeypatch.setattr(sys, "platform", "darwin")
     pictures = ["training.png", "alignment.png", "cascade.png"]
-    assert plots.all_plots(tmp_path, None, result) == pictures
+    worker = PlotWorker.start()
+    assert worker.draw(tmp_path, result) == pictures
     assert all((tmp_path / p).stat().st_size > 5_000 for p in pictures)
-    forked = where == "forked child" and sys.platform.startswith("linux")
-    assert drawn_here == ([] if forked else ["training.png"])
+    expected = {"worker": [], "no fork": list(figures), "worker fails": list(figures),
+                "helper fails": ["alignment", "cascade"]}[where]
+    assert drawn_here == expected
+
+
+def test_an_unused_plot_worker_is_released(tmp_path: Path) -> None:
+    from dicesim.plotworkers import PlotWorker
+
+    worker = PlotWorker.start()
+    pid = worker.pid
+    worker.close()
+    assert worker.pid is None and pid is not None
+    with pytest.raises(ChildProcessError):  # reaped: nothing left to wait for
+        os.waitpid(pid, 0)
 
 
 # ---- plots of many nodes ------------------------------------------------------------------
