@@ -17,9 +17,7 @@ interior rows step while it travels.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -97,25 +95,6 @@ class RunResult:
         self.metrics = [MetricRow(*r) for r in state["metrics"]]
         self.influence = [InfluenceRow(*r) for r in state["influence"]]
         self.proximal = [ProximalRow(*r) for r in state["proximal"]]
-
-
-MMAP_BLOCK_BYTES = 32 << 20  # glibc serves blocks above (at most) this size by mmap
-
-
-def reuse_freed_blocks(block_bytes: int) -> None:
-    """With a [nodes, P] block above glibc's mmap threshold, every step's new θ, ∇L, Δ and
-    mixed rows are fresh mmaps whose pages the kernel faults in and zeroes, and frees
-    unmap them again: at 16,384 nodes × 1,604 floats (105 MB a block) that was a third of
-    the step. mallopt(M_MMAP_MAX, 0) serves them from the heap instead, where freed
-    blocks are reused (measured: 13.8k → 19.8k node-steps/s, peak RSS +10 %). Only for
-    blocks that large (small runs are unaffected), glibc only (elsewhere: nothing)."""
-    if block_bytes < MMAP_BLOCK_BYTES or not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(ctypes.c_int(-4), ctypes.c_int(0))  # M_MMAP_MAX = -4
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 class StepClock:
@@ -209,8 +188,6 @@ class Trainer:
         every = max(1, s.steps // 10)
         clock = StepClock(comm.world > 1 and torch.get_num_threads() == 1)
         theta = self.theta
-        if theta.device.type == "cpu":
-            reuse_freed_blocks(theta.numel() * theta.element_size())
 
         for t in range(self.start, s.steps + 1):
             final = t == s.steps

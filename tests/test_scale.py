@@ -195,27 +195,3 @@ def test_bench_scale_timeout_skips_larger_sizes(capsys: pytest.CaptureFixture) -
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [r["status"] for r in rows] == ["timeout", "skipped"]
     assert "16 nodes already did not finish" in rows[1]["reason"]
-
-
-def test_large_blocks_stay_on_the_heap_only_above_the_mmap_threshold(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """mallopt(M_MMAP_MAX, 0) is called for a [nodes, P] block above glibc's mmap threshold
-    (where each step's fresh blocks were mmapped and faulted in) and never for small runs."""
-    from dicesim import trainer
-
-    calls = []
-
-    class Libc:
-        def mallopt(self, option, value):
-            calls.append((option.value, value.value))
-            return 1
-
-    monkeypatch.setattr(trainer.ctypes, "CDLL", lambda _: Libc())
-    monkeypatch.setattr(trainer.sys, "platform", "linux")
-    trainer.reuse_freed_blocks(trainer.MMAP_BLOCK_BYTES - 1)
-    assert calls == []
-    trainer.reuse_freed_blocks(16384 * 1604 * 4)
-    assert calls == [(-4, 0)]
-    monkeypatch.setattr(trainer.sys, "platform", "darwin")
-    trainer.reuse_freed_blocks(16384 * 1604 * 4)
-    assert calls == [(-4, 0)]
