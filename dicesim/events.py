@@ -303,5 +303,7 @@ def loss_gap(model, theta: Tensor, delta: Tensor, probe: tuple[Tensor, Tensor, b
     wide = torch.float64
     x, y = x.to(wide), (y.to(wide) if y.is_floating_point() else y)
     theta, delta = theta.to(wide), delta.to(wide)
-    return (model.probe_losses(theta, x, y, per_row)
-            - model.probe_losses(theta - delta, x, y, per_row))
+    if per_row:  # each row its own probe set: both points read it
+        x, y = torch.cat([x, x]), torch.cat([y, y])
+    both = model.probe_losses(torch.cat([theta, theta - delta]), x, y, per_row)  # one call
+    return both[:len(theta)] - both[len(theta):]

@@ -305,7 +305,7 @@ class FlatModel:
 
     # x, y: one probe set for every row, or (per_row=True) one per row, stacked
     def probe_eval(self, theta: Tensor, x: Tensor, y: Tensor, per_row: bool = False,
-                   budget: int = EVAL_BUDGET) -> tuple[Tensor, Tensor]:
+                   budget: int = EVAL_BUDGET, accuracy: bool = True) -> tuple[Tensor, Tensor]:
         """Probe loss L'(θ) and accuracy per row (for regression the "accuracy" is −loss).
 
         Streams over chunks of rows and of samples so that no chunk holds more than about
@@ -330,7 +330,8 @@ class FlatModel:
                     ys = ys.expand(out.shape[:2])
                     loss[r] += nn.functional.cross_entropy(
                         out.flatten(0, 1), ys.flatten(), reduction="none").view(ys.shape).sum(1)
-                    correct[r] += (out.argmax(-1) == ys).sum(1)
+                    if accuracy:
+                        correct[r] += (out.argmax(-1) == ys).sum(1)
         loss = loss / m
         return loss, -loss if self.regression else correct.to(theta.dtype) / m
 
@@ -405,7 +406,7 @@ class FlatModel:
         """L'(θ) per row, no gradient: dense stacks stream through `probe_eval` (vmap of
         cross_entropy runs torch's Python decomposition, ~6 ms a call)."""
         if self.dense is not None:
-            return self.probe_eval(theta, x, y, per_row)[0]
+            return self.probe_eval(theta, x, y, per_row, accuracy=False)[0]
         return vmap(self.probe_loss, in_dims=_probe_dims(per_row))(theta, x, y)
 
 
