@@ -97,6 +97,13 @@ class RunResult:
         self.proximal = [ProximalRow(*r) for r in state["proximal"]]
 
 
+def row_index(rows: np.ndarray, device: torch.device) -> Tensor | slice:
+    """Index of these local rows: a slice (views, no copies) when they are consecutive."""
+    if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and np.all(np.diff(rows) == 1):
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return torch.as_tensor(rows, device=device)
+
+
 class StepClock:
     """Wall and CPU time of the step loop and of its gossip (exchange + mixing) windows.
 
@@ -187,6 +194,7 @@ class Trainer:
         groups: dict[int, list[np.ndarray]] = {}  # local rows in the order they are stepped
         every = max(1, s.steps // 10)
         clock = StepClock(comm.world > 1 and torch.get_num_threads() == 1)
+        chunk = model.rows_per_chunk(s.batch_size)  # rows a cache-sized local step takes
         theta = self.theta
 
         for t in range(self.start, s.steps + 1):
@@ -220,21 +228,23 @@ class Trainer:
             x, y, w = step.batch
             step.state = optimizer.state
             mixed_state = optimizer.state_names if optimizer.gossip_state else ()
-            if not trackers and len(groups[key]) > 1:
-                # the rows peers receive first; the interior ones while those travel
+            if not trackers and (len(groups[key]) > 1 or n_loc > chunk):
+                # the rows peers receive first; the interior ones while those travel. Each
+                # group in chunks of rows: ∇L, Δ and θ^{t+½} of a chunk stay in the caches
                 update, half = torch.empty_like(theta), torch.empty_like(theta)
                 step.new_state = {n: torch.empty_like(theta) for n in optimizer.state_names}
                 loss = theta.new_empty(n_loc)
                 channels = [Channel(all_nodes, half)] + [
                     Channel(all_nodes, step.new_state[n]) for n in mixed_state]
-                for i, rows in enumerate(groups[key]):
-                    r = torch.as_tensor(rows, device=dev)
-                    g, loss[r] = model.grads(theta[r], x[r], y[r], w[r])
-                    update[r], new = optimizer.step(t, local[rows], theta[r],
-                                                    optimizer.rows(r), g)  # Δ_k^t, s_k^{t+½}
-                    for n, v in new.items():
-                        step.new_state[n][r] = v
-                    half[r] = theta[r] + update[r]  # θ^{t+½}
+                for i, group in enumerate(groups[key]):
+                    for rows in (group[a:a + chunk] for a in range(0, len(group), chunk)):
+                        r = row_index(rows, dev)
+                        g, loss[r] = model.grads(theta[r], x[r], y[r], w[r])
+                        update[r], new = optimizer.step(t, local[rows], theta[r],
+                                                        optimizer.rows(r), g)  # Δ_k^t, s_k^{t+½}
+                        for n, v in new.items():
+                            step.new_state[n][r] = v
+                        half[r] = theta[r] + update[r]  # θ^{t+½}
                     if i == 0:
                         with clock.gossip():
                             pending = comm.post(lay, channels, routes[key])
