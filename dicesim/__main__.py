@@ -12,6 +12,10 @@ def _early(signum: int, frame: object) -> None:
 for _sig in (signal.SIGINT, signal.SIGTERM):
     signal.signal(_sig, _early)
 
+from dicesim.plotworkers import start_early  # noqa: E402 - torch-free
+
+start_early(sys.argv[1:])  # the figures' worker imports matplotlib while torch loads here
+
 from dicesim.cli import main  # noqa: E402 - after the handlers, on purpose
 
 

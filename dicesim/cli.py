@@ -420,7 +420,7 @@ def check_composes(argv: list[str]) -> None:
         fail(str(err))
 
 
-PLOT_WORKER = None  # a plain run's plot worker (dicesim/plotworkers.py), started early
+PLOT_WORKER = None  # a plain run's plot worker (dicesim/plotworkers.py), forked at start
 
 
 def run_single(overrides: list[str]) -> None:
@@ -442,13 +442,11 @@ def run_single(overrides: list[str]) -> None:
     HydraConfig.instance().set_config(OmegaConf.create({"hydra": hydra_node}))
     os.makedirs(hydra_node.runtime.output_dir, exist_ok=True)
     global PLOT_WORKER
-    alone = os.environ.get("WORLD_SIZE", "1") == "1"
-    if cfg.plots and alone and not cfg.driver and not cfg.dry_run:
-        from dicesim.plotworkers import PlotWorker
+    from dicesim.plotworkers import take_early
 
-        # forked before the run builds anything (no process group, no thread pool): it
-        # imports matplotlib while this process sets up and trains
-        PLOT_WORKER = PlotWorker.start()
+    # forked by python -m dicesim before torch was imported (dicesim/plotworkers.py)
+    alone = os.environ.get("WORLD_SIZE", "1") == "1"
+    PLOT_WORKER = take_early(cfg.plots and alone and not cfg.driver and not cfg.dry_run)
     execute(cfg)
 
 

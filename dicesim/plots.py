@@ -1,9 +1,13 @@
-"""PNG figures of a run. Imported only when plotting (matplotlib, Agg backend)."""
+"""PNG figures of a run. Imported only when plotting (matplotlib, Agg backend), and
+without torch: the plot worker (dicesim/plotworkers.py) imports it in a process that
+never loads torch. `result` is anything with `metrics` (rows indexable like MetricRow)
+and `influence` (rows with InfluenceRow's attributes)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -11,9 +15,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dicesim.events import InfluenceRow  # noqa: E402
-from dicesim.report import hop_totals  # noqa: E402
-from dicesim.trainer import RunResult  # noqa: E402
+from dicesim.stats import hop_totals  # noqa: E402
+
+if TYPE_CHECKING:
+    from dicesim.events import InfluenceRow
+    from dicesim.trainer import RunResult
 
 # Above this many nodes the per-node panels draw the distribution over nodes (mean, a
 # 10–90 % band, the median) and a few highlighted nodes instead of one line per node.

@@ -1,13 +1,15 @@
 """A run's figures drawn by a forked worker process.
 
 After the last step a run used to spend ~0.5 s importing matplotlib and ~1 s drawing its
-figures one after the other. On Linux one worker is forked instead: a plain single-process
-run forks it before training, so it imports matplotlib on the other core while the run
-trains, then waits for the run's metrics and influence rows; other runs fork it when
-writing their outputs. To draw, the worker forks once more (matplotlib already loaded) and
-the two draw their shares of the figures side by side. Whatever they did not draw (no fork
-on this platform, a failure) is drawn in this process afterwards: the same files. Workers
-leave with `os._exit`; a worker whose run dies reads end-of-file and leaves."""
+figures one after the other. On Linux one worker is forked instead. `python -m dicesim`
+forks it first thing, before this process imports torch (`start_early`), so the worker
+imports matplotlib on the other core while torch loads here, then waits for the run's
+metrics and influence rows (plain tuples: the worker never imports torch); other runs fork
+it when writing their outputs. To draw, the worker forks once more and the two draw their
+shares of the figures side by side. Whatever they did not draw (no fork on this platform,
+a failure) is drawn in this process afterwards: the same files. Workers leave with
+`os._exit`; a worker whose run dies reads end-of-file and leaves. This module and
+dicesim.plots import nothing that imports torch."""
 
 from __future__ import annotations
 
@@ -16,13 +18,42 @@ import os
 import pickle
 import signal
 import sys
+from collections import namedtuple
 from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
-from dicesim.trainer import RunResult
+if TYPE_CHECKING:
+    from dicesim.trainer import RunResult
 
 # the two shares of dicesim.plots.FIGURES drawn side by side, in report.md's order
 SHARES = (("training",), ("alignment", "cascade"))
 ORDER = tuple(name for share in SHARES for name in share)
+
+
+EARLY: PlotWorker | None = None  # forked by `start_early`, taken by the run (`take_early`)
+
+
+def start_early(argv: list[str]) -> None:
+    """Fork the worker at the very start of `python -m dicesim`, unless the command line
+    shows it will not be needed: Hydra flags (sweeps, --cfg), `plots=false`, a dry run,
+    or a rank of a multi-process run (WORLD_SIZE > 1)."""
+    global EARLY
+    skip = {"plots=false", "dry_run=true"}
+    if (os.environ.get("WORLD_SIZE", "1") != "1" or any(a.startswith("-") for a in argv)
+            or any(a.strip().lower() in skip for a in argv)):
+        return
+    EARLY = PlotWorker.start()
+
+
+def take_early(wanted: bool) -> PlotWorker | None:
+    """The early worker if this run draws figures (else it is released)."""
+    global EARLY
+    worker, EARLY = EARLY, None
+    if worker is not None and not wanted:
+        worker.close()
+        return None
+    return worker
 
 
 class PlotWorker:
@@ -56,10 +87,13 @@ class PlotWorker:
         """Every figure of the run in `out`; the file names in report order."""
         drawn: dict[str, str | None] = {}
         if self.pid is not None:
-            light = RunResult(metrics=result.metrics, influence=result.influence)
+            rows = result.influence
+            fields = list(rows[0]._fields) if rows else []
+            plain = (str(out), [tuple(r) for r in result.metrics], fields,
+                     [tuple(r) for r in rows])  # builtins only: unpickled without torch
             try:
                 with os.fdopen(self.requests, "wb") as pipe:
-                    pipe.write(pickle.dumps((str(out), light), pickle.HIGHEST_PROTOCOL))
+                    pipe.write(pickle.dumps(plain, pickle.HIGHEST_PROTOCOL))
             except OSError:  # the worker is gone: everything is drawn here
                 pass
             with os.fdopen(self.replies, "rb") as pipe:
@@ -102,7 +136,10 @@ def _serve(requests: int, replies: int) -> None:
         with os.fdopen(requests, "rb") as pipe:
             payload = pipe.read()
         if payload:
-            out, result = pickle.loads(payload)
+            out, metrics, fields, rows = pickle.loads(payload)
+            row = namedtuple("Row", fields) if fields else None
+            result = SimpleNamespace(metrics=metrics,
+                                     influence=[row(*r) for r in rows] if row else [])
             helper_r, helper_w = os.pipe()
             helper = os.fork()
             first, second = SHARES

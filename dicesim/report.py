@@ -18,7 +18,7 @@ from dicesim import IMPORTED_AT
 from dicesim.engine import Simulation
 from dicesim.events import ESTIMATORS, INFLUENCE_COLUMNS, PROXIMAL_COLUMNS, InfluenceRow
 from dicesim.plotworkers import PlotWorker
-from dicesim.stats import pearson, spearman
+from dicesim.stats import hop_totals, pearson, spearman  # noqa: F401 - hop_totals re-exported
 from dicesim.trainer import METRIC_COLUMNS, RunResult
 
 
@@ -145,23 +145,6 @@ def reliability(rows: list[InfluenceRow]) -> dict | None:
                    "column or lower optim.lr")
     return {"second_order_share": shares, "limit": RELIABILITY_LIMIT, "max": worst,
             "max_view": worst_view, "warning": warning}
-
-
-def hop_totals(rows: list[InfluenceRow]) -> dict[int, dict[str, float]]:
-    """Mean over events of |Σ_k value| per hop s and estimator: the cascade's decay."""
-    columns = ("dice_e", "dice_gt", "dice_mid")
-    per: dict[tuple[int, int], np.ndarray] = defaultdict(lambda: np.zeros(3))
-    for r in rows:
-        per[(r.event, r.hop)] += [math.nan if v is None else v
-                                  for v in (getattr(r, c) for c in columns)]
-    out: dict[int, dict[str, float]] = {}
-    for hop in sorted({h for _, h in per}):
-        vals = np.array([v for (_, h), v in per.items() if h == hop])
-        means = np.mean(np.abs(vals), axis=0)
-        out[hop] = {name: float(m) if np.isfinite(m) else None  # None: column switched off
-                    for name, m in zip(("mean_abs_e", "mean_abs_gt", "mean_abs_mid"), means,
-                                       strict=True)}
-    return out
 
 
 def views(alignment_summary: dict) -> dict[str, dict]:

@@ -1,7 +1,12 @@
 """Pearson and Spearman correlation in numpy: what every run's alignment table needs,
-without importing scipy.stats (about a second of start-up) for two formulas."""
+without importing scipy.stats (about a second of start-up) for two formulas; the cascade's
+per-hop totals. numpy only (the plot worker imports this without torch)."""
 
 from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -30,3 +35,21 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Pearson's correlation of the average ranks."""
     return pearson(average_ranks(a), average_ranks(b))
+
+
+def hop_totals(rows: Sequence) -> dict[int, dict[str, float]]:
+    """Mean over events of |Σ_k value| per hop s and estimator: the cascade's decay.
+    `rows`: influence rows (InfluenceRow or anything with the same attributes)."""
+    columns = ("dice_e", "dice_gt", "dice_mid")
+    per: dict[tuple[int, int], np.ndarray] = defaultdict(lambda: np.zeros(3))
+    for r in rows:
+        per[(r.event, r.hop)] += [math.nan if v is None else v
+                                  for v in (getattr(r, c) for c in columns)]
+    out: dict[int, dict[str, float]] = {}
+    for hop in sorted({h for _, h in per}):
+        vals = np.array([v for (_, h), v in per.items() if h == hop])
+        means = np.mean(np.abs(vals), axis=0)
+        out[hop] = {name: float(m) if np.isfinite(m) else None  # None: column switched off
+                    for name, m in zip(("mean_abs_e", "mean_abs_gt", "mean_abs_mid"), means,
+                                       strict=True)}
+    return out

@@ -195,3 +195,29 @@ def test_bench_scale_timeout_skips_larger_sizes(capsys: pytest.CaptureFixture) -
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [r["status"] for r in rows] == ["timeout", "skipped"]
     assert "16 nodes already did not finish" in rows[1]["reason"]
+
+
+@pytest.mark.parametrize("argv, env, forks", [
+    (["nodes=4"], {}, True),
+    (["nodes=4", "plots=false"], {}, False),
+    (["dry_run=true"], {}, False),
+    (["-m", "nodes=4,8"], {}, False),
+    (["nodes=4"], {"WORLD_SIZE": "2"}, False),
+])
+def test_the_early_worker_is_forked_only_when_a_run_may_draw(
+        monkeypatch: pytest.MonkeyPatch, argv: list[str], env: dict, forks: bool) -> None:
+    """python -m dicesim forks the plot worker before importing torch unless the command
+    line shows no figure will be drawn; a run that draws none releases it."""
+    from dicesim import plotworkers
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    plotworkers.start_early(argv)
+    worker = plotworkers.EARLY
+    assert (worker is not None and worker.pid is not None) == (
+        forks and sys.platform.startswith("linux"))
+    pid = worker.pid if worker is not None else None
+    assert plotworkers.take_early(False) is None and plotworkers.EARLY is None
+    if pid is not None:
+        with pytest.raises(ChildProcessError):  # released and reaped
+            os.waitpid(pid, 0)
