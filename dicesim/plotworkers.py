@@ -59,7 +59,7 @@ def take_early(wanted: bool) -> PlotWorker | None:
 class PlotWorker:
     def __init__(self, pid: int | None, requests: int | None, replies: int | None):
         self.pid = pid  # None: no worker (draw here)
-        self.requests = requests  # write end: the pickled (out, result)
+        self.requests = requests  # write end: the pickled (out, metrics, fields, rows)
         self.replies = replies  # read end: JSON {figure: file name or null}
 
     @classmethod
