@@ -39,7 +39,9 @@ def _leave(code: int) -> None:
 try:
     main()
 except SystemExit as done:  # exit_with(...): the one line is printed already
-    if done.code is not None and not isinstance(done.code, int):
-        print(done.code, file=sys.stderr)
-    _leave(1 if done.code is not None and not isinstance(done.code, int) else done.code or 0)
+    code = done.code
+    if code is not None and not isinstance(code, int):  # sys.exit("message")
+        print(code, file=sys.stderr)
+        code = 1
+    _leave(code or 0)
 _leave(0)

@@ -303,6 +303,13 @@ def check_same_run(folder: Path, cfg: DictConfig) -> bool:
 
 
 def execute(cfg: DictConfig) -> dict | None:
+    from dicesim.plotworkers import take_early
+
+    # the plot worker python -m dicesim forked before importing torch: a plain
+    # single-process run that draws takes it, every other run releases it
+    alone = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    workers = take_early(bool(cfg.get("plots", True)) and alone and not cfg.get("driver")
+                         and not cfg.get("dry_run", False))
     if PREFLIGHT is not None:
         preflight(cfg)
         return None
@@ -337,7 +344,6 @@ def execute(cfg: DictConfig) -> dict | None:
 
         # finished events reach disk as they are gathered: a crash keeps them
         on_flush = lambda partial: write_influence(session.out, partial)  # noqa: E731
-    workers = PLOT_WORKER if session.world == 1 and cfg.get("plots", True) else None
     try:
         result = session.simulate(sim, on_flush=on_flush, checkpoints=checkpoints)
     except Stopped as stop:
@@ -420,9 +426,6 @@ def check_composes(argv: list[str]) -> None:
         fail(str(err))
 
 
-PLOT_WORKER = None  # a plain run's plot worker (dicesim/plotworkers.py), forked at start
-
-
 def run_single(overrides: list[str]) -> None:
     """A plain run (no Hydra flags): compose once, then do what `hydra.main` does for a
     single job with this project's Hydra settings (no .hydra folder, no logging set-up):
@@ -441,12 +444,6 @@ def run_single(overrides: list[str]) -> None:
         hydra_node.runtime.output_dir = os.path.abspath(hydra_node.run.dir)
     HydraConfig.instance().set_config(OmegaConf.create({"hydra": hydra_node}))
     os.makedirs(hydra_node.runtime.output_dir, exist_ok=True)
-    global PLOT_WORKER
-    from dicesim.plotworkers import take_early
-
-    # forked by python -m dicesim before torch was imported (dicesim/plotworkers.py)
-    alone = os.environ.get("WORLD_SIZE", "1") == "1"
-    PLOT_WORKER = take_early(cfg.plots and alone and not cfg.driver and not cfg.dry_run)
     execute(cfg)
 
 
