@@ -46,7 +46,6 @@ class RunSettings:
     steps: int
     batch_size: int
     seed: int
-    lr: float
     dtype: torch.dtype
     eval_every: int
     init: str  # "same" | "per_node"
@@ -77,9 +76,6 @@ def run_settings(cfg: Mapping) -> RunSettings:
     dtype = cfg.get("dtype", "float32")
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype}: choose float32 or float64")
-    lr = number(cfg, "optim.lr")
-    if not lr > 0:
-        raise ConfigError(f"optim.lr={lr}: must be positive")
     init = cfg.get("init", "same")
     if init not in ("same", "per_node"):
         raise ConfigError(f"init={init}: choose same (one initial θ for all nodes) or per_node")
@@ -88,7 +84,7 @@ def run_settings(cfg: Mapping) -> RunSettings:
         raise ConfigError(f"timeout_s={timeout}: must be positive")
     return RunSettings(
         nodes=positive_int("nodes"), steps=positive_int("steps"),
-        batch_size=positive_int("batch_size"), seed=number(cfg, "seed", int, 0), lr=lr,
+        batch_size=positive_int("batch_size"), seed=number(cfg, "seed", int, 0),
         dtype=DTYPES[dtype], eval_every=positive_int("eval_every"), init=init,
         timeout_s=timeout, progress=bool(cfg.get("progress", True)),
     )

@@ -125,7 +125,7 @@ def walk_sum(sim: Simulation, trajectory: list[Tensor], source: int, step: int,
     w_s = torch.zeros_like(w)
     w_s[torch.as_tensor(positions)] = w[torch.as_tensor(positions)]
     g_s, _ = model.grads(trajectory[step][source][None], x[None], y[None], w_s[None])
-    v0 = -s.lr * g_s[0]  # δ̂_j^{t+½}
+    v0 = -sim.optim.lr * g_s[0]  # δ̂_j^{t+½}
     out = np.zeros((hops + 1, n))
     pg0, _ = model.probe_grads(trajectory[step][source][None], xp, yp)
     out[0, source] = sim.q[source] * float(pg0[0] @ v0)
@@ -145,7 +145,7 @@ def walk_sum(sim: Simulation, trajectory: list[Tensor], source: int, step: int,
                     xk, yk, wk = _batch(sim, k, tau)
                     hv = model.hvps(trajectory[tau][k][None], v[None], xk[None], yk[None],
                                     wk[None])
-                    v = v - s.lr * hv[0]
+                    v = v - sim.optim.lr * hv[0]
             end = path[-1]
             out[length, end] += sim.q[end] * weight * float(pg[end] @ v)
     return out

@@ -272,7 +272,7 @@ def report_md(sim: Simulation, summary: dict, pictures: list[str]) -> str:
         f"{summary['nodes']} nodes on `{summary['topology']}` (spectral gap "
         f"{gap}), {summary['ranks']} rank(s), {summary['steps']} steps, "
         f"`{sim.cfg['model']['name']}` ({summary['params_per_node']} parameters per node) on "
-        f"`{summary['data']}`, lr {sim.run.lr:g}, batch {sim.run.batch_size}.",
+        f"`{summary['data']}`, lr {sim.optim.lr:g}, batch {sim.run.batch_size}.",
         "",
         "| final (mean over nodes) | value |",
         "|---|---|",

@@ -46,7 +46,7 @@ def test_quadratic_losses_make_the_estimator_exact_up_to_the_curvature_term(topo
         j, t = e["node"], e["step"]
         x, y, w = (torch.as_tensor(a) for a in _batch(sim, j, t))
         g, _ = sim.model.grads(real[t][j][None], x[None], y[None], w[None])
-        d = -sim.run.lr * g[0]
+        d = -sim.optim.lr * g[0]
         E, G = rows[(index, 0, j)]
         np.testing.assert_allclose(E - G, -0.5 * q[j] * float(d @ H @ d), rtol=1e-9)
         for s in range(1, 5):

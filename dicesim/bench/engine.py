@@ -111,7 +111,7 @@ def dense_vmap_baseline(ovr: list[str], threads: int, repeats: int, retries: int
         for t in range(steps):
             ti = ids[t]
             g = step_grad(theta, x_train[ti], y_train[ti])
-            theta = Ws[t % period] @ (theta - s.lr * g)
+            theta = Ws[t % period] @ (theta - sim.optim.lr * g)
         return theta
 
     def once() -> dict:
