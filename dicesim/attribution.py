@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dicesim.comm import Channel, mix, route
+from dicesim.comm import Channel, mix, route, sparse_tensor
 from dicesim.errors import ConfigError
 from dicesim.optim import State
 from dicesim.trackers import Tracker
@@ -171,28 +171,28 @@ class ReversePass:
         lay = self.sim.layout
         self.local, self.n_loc, self.all_nodes = lay.local_nodes, lay.nodes_per_rank, \
             np.arange(lay.nodes)
-        self.routes: dict[int, object] = {}  # forward routes per step of the period
-        self.back: dict[int, object] = {}  # transposed routes
+        # per (step of the topology's period, transposed): W^t or (W^t)ᵀ, its route between
+        # ranks and its local rows as a torch sparse block (as the trainer caches them)
+        self.mixing: dict[tuple[int, bool], tuple[object, object, Tensor]] = {}
         self.peak = 0
 
-    def _route(self, t: int, transposed: bool):
-        key = t % self.sim.topology.period
-        cache = self.back if transposed else self.routes
-        if key not in cache:
-            cache[key] = route(self._W(t, transposed), self.sim.layout)
-        return cache[key]
-
-    def _W(self, t: int, transposed: bool):
-        """W^t (sparse) or its transpose: the adjoint's receivers are the forward senders."""
-        W = self.sim.topology.W_sparse(t)
-        return W.T.tocsr() if transposed else W
+    def _mixing(self, t: int, transposed: bool, like: Tensor) -> tuple[object, object, Tensor]:
+        """W^t (sparse) or its transpose — the adjoint's receivers are the forward senders —
+        with its route and local block, built once per step of the period."""
+        key = (t % self.sim.topology.period, transposed)
+        if key not in self.mixing:
+            W = self.sim.topology.W_sparse(t)
+            W = W.T.tocsr() if transposed else W
+            self.mixing[key] = (W, route(W, self.sim.layout),
+                                sparse_tensor(W[self.local], like.dtype, like.device))
+        return self.mixing[key]
 
     def _gossip(self, t: int, rows: list[Tensor], transposed: bool) -> list[Tensor]:
         """Σ_l W^t[k,l] v_l (forward), or Σ_k W^t[k,l] v_k (transposed: the adjoint)."""
-        W = self._W(t, transposed)
+        W, path, block = self._mixing(t, transposed, rows[0])
         channels = [Channel(self.all_nodes, r) for r in rows]
-        self.comm.post(self.sim.layout, channels, self._route(t, transposed)).wait()
-        return [mix(W, self.local, ch) for ch in channels]
+        self.comm.post(self.sim.layout, channels, path).wait()
+        return [mix(W, self.local, ch, block) for ch in channels]
 
     def _segment(self, a: int, b: int) -> list[dict]:
         """Steps a … b−1 recomputed from the state kept at a: θ^t, s^t, g^t, B^t (and the
