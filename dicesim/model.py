@@ -91,6 +91,13 @@ class DenseLayer:
     inp: int
     act: type[nn.Module] | None
 
+    def weights(self, theta: Tensor) -> tuple[Tensor, Tensor]:
+        """(W [rows, out, inp], b [rows, out]) of every parameter row of theta [rows, P]
+        (views; the same split of a tangent v gives (dW, db))."""
+        b_at = self.w_at + self.out * self.inp
+        return (theta[:, self.w_at:b_at].view(len(theta), self.out, self.inp),
+                theta[:, b_at:b_at + self.out])
+
 
 def dense_layers(module: nn.Module) -> list[DenseLayer] | None:
     """The layer list of a Flatten → (Linear → activation)* → Linear stack with
@@ -194,9 +201,7 @@ class FlatModel:
         h = x.reshape(rows, count, -1)
         inputs, weights, outputs = [], [], []  # per layer: its input, W [R, out, inp], act(z)
         for layer in self.dense:
-            b_at = layer.w_at + layer.out * layer.inp
-            W = theta[:, layer.w_at: b_at].view(rows, layer.out, layer.inp)
-            b = theta[:, b_at: b_at + layer.out]
+            W, b = layer.weights(theta)
             inputs.append(h)
             weights.append(W)
             z = torch.baddbmm(b.unsqueeze(1), h, W.transpose(1, 2))  # z = h Wᵀ + b
@@ -266,10 +271,7 @@ class FlatModel:
         inputs, acts = [], []  # per layer (h, dh, W, dW); per hidden layer (σ', σ'', dz)
         z = dz = None
         for layer in self.dense:
-            b_at = layer.w_at + layer.out * layer.inp
-            W = theta[:, layer.w_at:b_at].view(rows, layer.out, layer.inp)
-            dW = v[:, layer.w_at:b_at].view(rows, layer.out, layer.inp)
-            b, db = theta[:, b_at:b_at + layer.out], v[:, b_at:b_at + layer.out]
+            (W, b), (dW, db) = layer.weights(theta), layer.weights(v)
             inputs.append((h, dh, W, dW))
             z = torch.baddbmm(b.unsqueeze(1), h, W.transpose(1, 2))  # z = h Wᵀ + b
             dz = torch.baddbmm(db.unsqueeze(1), h, dW.transpose(1, 2))  # its tangent
@@ -350,9 +352,8 @@ class FlatModel:
         rows = theta.shape[0]
         h = x.reshape(rows, x.shape[1], -1) if per_row else x.reshape(x.shape[0], -1)
         for layer in self.dense:
-            b_at = layer.w_at + layer.out * layer.inp
-            W = theta[:, layer.w_at: b_at].view(rows, layer.out, layer.inp)
-            b = theta[:, b_at: b_at + layer.out].unsqueeze(1)
+            W, b = layer.weights(theta)
+            b = b.unsqueeze(1)
             if h.dim() == 2:  # a shared input: one GEMM against every row's weights
                 z = (h @ W.reshape(rows * layer.out, layer.inp).T).view(
                     h.shape[0], rows, layer.out).transpose(0, 1) + b
