@@ -45,3 +45,16 @@ def test_tiny_contribution_puts_the_pure_noise_node_last(tmp_path):
     assert s["reciprocity"]["nodes"]["balance"][4] > 0
     for name in ("nodes.csv", "edges.csv", "summary.json", "report.md", "contribution.png"):
         assert (tmp_path / name).is_file(), name
+
+
+def test_ranks_are_scipys_ordinal_ranks_ties_included():
+    """contribution.ranks (numpy) = scipy.stats.rankdata(method="ordinal"): ties by position."""
+    import numpy as np
+    from scipy import stats
+
+    from dicesim.experiments.contribution import ranks
+
+    rng = np.random.default_rng(0)
+    for size in (1, 2, 7, 16):
+        values = rng.integers(0, 4, size=size).astype(float)
+        assert ranks(values) == stats.rankdata(values, method="ordinal").astype(int).tolist()

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 from omegaconf import DictConfig
-from scipy import stats
 
 from dicesim.cli import Session
 from dicesim.data import batch_ids
 from dicesim.engine import Simulation
 from dicesim.experiments import variant
 from dicesim.report import write_all, write_atomic, write_csv, write_json
+from dicesim.stats import pearson, spearman
 
 RETRAIN_COLUMNS = ("kind", "node", "step", "sample", "attribution", "retrained")
 
@@ -44,8 +44,7 @@ def removals(cfg: DictConfig, sim: Simulation) -> list[tuple[str, int, int, int 
 
 
 def agreement(a: np.ndarray, r: np.ndarray) -> dict:
-    return {"n": int(len(a)), "spearman": float(stats.spearmanr(a, r)[0]),
-            "pearson": float(stats.pearsonr(a, r)[0]),
+    return {"n": int(len(a)), "spearman": spearman(a, r), "pearson": pearson(a, r),
             "rel_err": float(np.abs(a - r).sum() / np.abs(r).sum())}
 
 

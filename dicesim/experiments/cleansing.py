@@ -35,6 +35,7 @@ from dicesim.data import batch_ids
 from dicesim.engine import Simulation
 from dicesim.experiments import variant
 from dicesim.report import footer, write_atomic, write_csv, write_json
+from dicesim.stats import average_ranks
 
 SCORE_COLUMNS = ("sample", "node", "flipped", "full_horizon", "train_loss", "grad_norm",
                  "dice_r_hop")
@@ -43,12 +44,10 @@ REMOVAL_COLUMNS = ("k", "method", "removed", "flipped_removed", "test_acc", "rec
 
 def roc_auc(score: np.ndarray, positive: np.ndarray) -> float | None:
     """P(score of a positive > score of a negative), ties half (Mann-Whitney U)."""
-    from scipy.stats import rankdata
-
     pos, neg = int(positive.sum()), int((~positive).sum())
     if pos == 0 or neg == 0:
         return None
-    ranks = rankdata(score)
+    ranks = average_ranks(score)
     return float((ranks[positive].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
-from scipy import stats
 
 from dicesim.cli import Session, fail
 from dicesim.engine import Simulation
@@ -38,6 +37,7 @@ from dicesim.events import InfluenceRow
 from dicesim.experiments import variant
 from dicesim.experiments.alignment import topology_options
 from dicesim.report import footer, write_atomic, write_csv, write_json
+from dicesim.stats import pearson, spearman
 
 NODE_COLUMNS = ("nodes", "node", "label_noise", "dice_r_hop", "dice_one_hop", "full_horizon",
                 "loo", "rank_dice", "rank_loo", "given", "received", "reciprocity", "balance")
@@ -102,7 +102,10 @@ def _ratio(a: float, b: float) -> float | None:
 
 def ranks(values: np.ndarray) -> list[int]:
     """1 = most helpful (most negative influence)."""
-    return (stats.rankdata(values, method="ordinal").astype(int)).tolist()
+    order = np.argsort(np.asarray(values), kind="stable")  # ties: first come first
+    out = np.empty(len(order), dtype=int)
+    out[order] = np.arange(1, len(order) + 1)
+    return out.tolist()
 
 
 # ---- running ---------------------------------------------------------------------------------
@@ -150,9 +153,9 @@ def run_setting(session: Session, cfg: DictConfig, nodes: int) -> dict | None:
     support = sim.topology.support()
     edges, per_node = reciprocity(dice["proximal"], support)
     min_sp = float(cfg.contribution.min_spearman)
-    sp_r = float(stats.spearmanr(dice["r_hop"], loo)[0])
-    sp_1 = float(stats.spearmanr(dice["one_hop"], loo)[0])
-    sp_f = float(stats.spearmanr(full, loo)[0])
+    sp_r = spearman(dice["r_hop"], loo)
+    sp_1 = spearman(dice["one_hop"], loo)
+    sp_f = spearman(full, loo)
     return {
         "nodes": nodes, "topology": sim.topology.name, "steps": int(cfg.steps),
         "hops": int(cfg.contribution.hops), "events": len(sim.events),
@@ -162,12 +165,12 @@ def run_setting(session: Session, cfg: DictConfig, nodes: int) -> dict | None:
         "rank_dice": ranks(dice["r_hop"]), "rank_loo": ranks(loo),
         "spearman_r_hop_vs_loo": sp_r, "spearman_one_hop_vs_loo": sp_1,
         "spearman_full_horizon_vs_loo": sp_f,
-        "pearson_full_horizon_vs_loo": float(stats.pearsonr(full, loo)[0]),
+        "pearson_full_horizon_vs_loo": pearson(full, loo),
         "rel_err_full_horizon_vs_loo": float(np.abs(full - loo).sum() / np.abs(loo).sum()),
         "rel_err_r_hop_vs_loo": float(np.abs(dice["r_hop"] - loo).sum() / np.abs(loo).sum()),
-        "pearson_r_hop_vs_loo": float(stats.pearsonr(dice["r_hop"], loo)[0]),
-        "spearman_loo_vs_noise": float(stats.spearmanr(loo, noise)[0]),
-        "spearman_dice_vs_noise": float(stats.spearmanr(dice["r_hop"], noise)[0]),
+        "pearson_r_hop_vs_loo": pearson(dice["r_hop"], loo),
+        "spearman_loo_vs_noise": spearman(loo, noise),
+        "spearman_dice_vs_noise": spearman(dice["r_hop"], noise),
         "pass": bool(sp_r >= min_sp), "tracking_wall_s": result.wall_s,
         "reciprocity": {"edges": edges, "nodes": per_node},
     }
