@@ -455,9 +455,9 @@ class RunParts:
             if opt.affine:
                 g_removed, _ = self.model.grads(theta, x[i:i + 1], y[i:i + 1],
                                                 (w[i] * (1 - keep))[None])
-                zero = {n: torch.zeros_like(v) for n, v in state.items()}
                 out[e.index] = opt.tangent(e.step, nodes, theta, state, step.grad[i:i + 1],
-                                           torch.zeros_like(theta), zero, g_removed)
+                                           torch.zeros_like(theta), opt.zero_state(theta),
+                                           g_removed)
             else:
                 g_without, _ = self.model.grads(theta, x[i:i + 1], y[i:i + 1],
                                                 (w[i] * keep)[None])

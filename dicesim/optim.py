@@ -89,9 +89,10 @@ class LocalOptimizer:
         return self.schedule(t)
 
     def init_state(self, theta: Tensor) -> None:
-        self.state = {name: torch.zeros_like(theta) for name in self.state_names}
+        self.state = self.zero_state(theta)
 
     def zero_state(self, like: Tensor) -> State:
+        """A zero state (or state perturbation) for rows shaped like `like`."""
         return {name: torch.zeros_like(like) for name in self.state_names}
 
     def sent(self, t: int, nodes: np.ndarray, update: Tensor) -> Tensor:

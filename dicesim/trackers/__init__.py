@@ -139,7 +139,7 @@ class PerturbationTracker(Tracker):
         source = step.sources.get(e.index)
         if source is None:
             empty = step.theta.new_zeros(0, step.theta.shape[1])
-            return empty, {n: empty.clone() for n in self.optimizer.state_names}
+            return empty, self.optimizer.zero_state(empty)
         d_theta, d_state = source
         return d_theta.clone(), {n: v.clone() for n, v in d_state.items()}
 

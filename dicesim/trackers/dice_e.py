@@ -72,7 +72,7 @@ class DiceE(PerturbationTracker):
             d_update, d_state = self.optimizer.tangent(step.t, nodes, theta, state, grad,
                                                        dhat, d_state, hv)
             if not self.with_state:  # the ablation: δ̂s stays 0
-                d_state = {n: v.new_zeros(v.shape) for n, v in d_state.items()}
+                d_state = self.optimizer.zero_state(dhat)
             return dhat + d_update, d_state  # δ̂ + J_Δ δ̂
 
         self.advance(step, linearized)
@@ -82,5 +82,5 @@ class DiceE(PerturbationTracker):
     def _start_rows(self, step, e):
         d_theta, d_state = super()._start_rows(step, e)
         if not self.with_state:  # the ablation starts without the state's perturbation
-            d_state = {n: v.new_zeros(v.shape) for n, v in d_state.items()}
+            d_state = self.optimizer.zero_state(d_theta)
         return d_theta, d_state

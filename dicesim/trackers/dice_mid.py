@@ -71,7 +71,7 @@ class DiceMid(PerturbationTracker):
         def linearized_at_midpoint(dhat, d_state, rows, nodes, x, y, w):
             theta, state, real_grad = self.real_rows(step, rows)
             d_update = torch.zeros_like(dhat)
-            new_state = {n: torch.zeros_like(v) for n, v in d_state.items()}
+            new_state = opt.zero_state(dhat)
             k = len(self.rule)
             ats = self._points(theta, dhat)  # the midpoint θ_k − δ̂_k/2 (u = ½), or two
             batch = (x, y, w) if k == 1 else [torch.cat([a] * k) for a in (x, y, w)]
