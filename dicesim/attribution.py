@@ -142,16 +142,22 @@ class Attribution:
         """[m, n]: Σ_t of every node's batches on each target (first order)."""
         return self.batch.sum(0)
 
-    def sample_totals(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(ids, node, count, value): Σ over every occurrence of each training sample."""
+    def sample_totals(self, steps: tuple[int, int] | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, node, count, value): Σ over every occurrence of each training sample, or
+        over its occurrences at steps [lo, hi) only (ids and nodes: every sample's)."""
         assert self.samples is not None and self.sample_ids is not None
         T, n, B = self.samples.shape
         ids = self.sample_ids.reshape(-1)
         node = np.broadcast_to(np.arange(n)[None, :, None], (T, n, B)).reshape(-1)
-        used = self.weights.reshape(-1) > 0
+        inside = np.ones(T) if steps is None else (
+            (np.arange(T) >= steps[0]) & (np.arange(T) < steps[1])).astype(float)
+        inside = np.broadcast_to(inside[:, None, None], (T, n, B)).reshape(-1)
+        used = (self.weights.reshape(-1) > 0) * inside
         uniq, inverse = np.unique(ids, return_inverse=True)
-        value = np.bincount(inverse, weights=self.samples.reshape(-1), minlength=len(uniq))
-        count = np.bincount(inverse, weights=used.astype(float), minlength=len(uniq))
+        value = np.bincount(inverse, weights=self.samples.reshape(-1) * inside,
+                            minlength=len(uniq))
+        count = np.bincount(inverse, weights=used, minlength=len(uniq))
         owner = np.zeros(len(uniq), dtype=np.int64)
         owner[inverse] = node
         return uniq, owner, count.astype(np.int64), value

@@ -58,7 +58,7 @@ def test_quarter_totals_add_up_to_the_sample_totals():
     a = Attribution(settings=None, batch=np.zeros((T, 1, n)), samples=rng.normal(size=(T, n, B)),
                     sample_ids=ids, weights=np.ones((T, n, B)))
     uniq, _, _, value = a.sample_totals()
-    parts = cleansing.quarter_totals(a, uniq)
+    parts = cleansing.quarter_totals(a)
     assert [(lo, hi) for lo, hi, _ in parts] == [(0, 2), (2, 5), (5, 8), (8, 10)]
     np.testing.assert_allclose(sum(v for _, _, v in parts), value, rtol=1e-12, atol=1e-12)
     lo, hi, v = parts[1]  # one window alone: only the occurrences at steps 2, 3, 4

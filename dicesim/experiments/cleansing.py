@@ -81,21 +81,16 @@ def removal_config(base: DictConfig, chosen: np.ndarray, occ: dict) -> DictConfi
     return variant(base, counterfactual__remove=remove)
 
 
-def quarter_totals(a, ids: np.ndarray, parts: int = 4) -> list[tuple[int, int, np.ndarray]]:
+def quarter_totals(a, parts: int = 4) -> list[tuple[int, int, np.ndarray]]:
     """(lo, hi, value per id) of the influence summed over the occurrences at steps
     [lo, hi) only, for `parts` consecutive windows of the run; they add up to the total."""
     T = a.samples.shape[0]
-    uniq, inverse = np.unique(a.sample_ids.reshape(-1), return_inverse=True)
-    assert np.array_equal(uniq, ids)
-    step = np.broadcast_to(np.arange(T)[:, None, None], a.samples.shape).reshape(-1)
-    flat = a.samples.reshape(-1)
     cuts = [round(i * T / parts) for i in range(parts + 1)]
-    return [(lo, hi, np.bincount(inverse, weights=np.where((step >= lo) & (step < hi), flat, 0.0),
-                                 minlength=len(uniq)))
+    return [(lo, hi, a.sample_totals((lo, hi))[3])
             for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)]
 
 
-def diagnostics(a, ids: np.ndarray, value: np.ndarray, flipped: np.ndarray, owner: np.ndarray,
+def diagnostics(a, value: np.ndarray, flipped: np.ndarray, owner: np.ndarray,
                 noisy_nodes: list[int]) -> dict:
     total = float(np.abs(value).sum()) or 1.0
     on_noisy = np.isin(owner, noisy_nodes)
@@ -103,7 +98,7 @@ def diagnostics(a, ids: np.ndarray, value: np.ndarray, flipped: np.ndarray, owne
     return {
         "quarters": [{"steps": [lo, hi], "auc": roc_auc(v, flipped),
                       "share_abs": float(np.abs(v).sum() / total)}
-                     for lo, hi, v in quarter_totals(a, ids)],
+                     for lo, hi, v in quarter_totals(a)],
         "flipped_helpful": int((flipped & (value < 0)).sum()),
         "top_flipped_count": {"flipped": int(flipped[top].sum()),
                               "clean_on_noisy_nodes": int((~flipped[top] & on_noisy[top]).sum()),
@@ -221,7 +216,7 @@ def run(session: Session) -> dict | None:
         "nodes": int(cfg.nodes), "steps": int(cfg.steps), "noisy_nodes": noisy_nodes,
         "flip": float(c.flip), "samples": int(len(ids)), "flipped": int(flipped.sum()),
         "auc": auc, "dice_subset": subset, "hops": hops,
-        "diagnostics": diagnostics(result.attribution, ids, value, flipped, owner, noisy_nodes),
+        "diagnostics": diagnostics(result.attribution, value, flipped, owner, noisy_nodes),
         "test_acc": {"clean": clean_acc, "noisy": noisy_acc, "noise_cost": cost},
         "removal": [dict(zip(REMOVAL_COLUMNS, r, strict=True)) for r in removal_rows],
         "attribution_wall_s": result.attribution.wall_s, "train_wall_s": result.wall_s,
