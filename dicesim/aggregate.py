@@ -94,10 +94,11 @@ class Aggregator:
         return _replace_rows(W, self.local, rows)
 
     def combine(self, W: sparse.csr_array, channel: Channel,
-                weights: Tensor | None = None) -> Tensor:
-        """θ^{t+1} of this rank's nodes; `weights` = W[local, :] as a tensor, if cached."""
+                weights: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+        """θ^{t+1} of this rank's nodes; `weights` = W[local, :] as a tensor, if cached;
+        `out`, a block the rows may be written into (the trimmed mean makes its own)."""
         if self.kind != "trimmed_mean":
-            return mix(W, self.local, channel, weights)
+            return mix(W, self.local, channel, weights, out)
         assert channel.available is not None
         out = []
         for k in self.local:

@@ -350,6 +350,16 @@ class InfluenceSettings:
         return self.ground_truth is None or bool(self.ground_truth)
 
 
+def _gather(source: Tensor, index: Tensor, spare: Tensor | None) -> Tensor:
+    """source[index], into `spare` when it has the shape, dtype and device of the result."""
+    shape = (*index.shape, *source.shape[1:])
+    if spare is None or (spare.shape, spare.dtype, spare.device) != (
+            shape, source.dtype, source.device):
+        return source[index]
+    torch.index_select(source, 0, index.reshape(-1), out=spare.view(-1, *source.shape[1:]))
+    return spare
+
+
 class RunParts:
     """One run's data on the device, its initial θ, and its parts: local optimizer,
     aggregator, event book and trackers (fresh state for every run)."""
@@ -380,7 +390,12 @@ class RunParts:
                                data.y_train[ids].to(device, ydt), per_node=True)
         self.test = (data.x_test.to(device, s.dtype), data.y_test.to(device, ydt))
         self.order = BatchOrder(sim.parts, s.batch_size, s.seed)  # every node's batches
-        self.removals = {(e.source, e.step): e.positions for e in sim.removals}
+        row_of = {int(k): i for i, k in enumerate(local)}
+        self.removals: dict[int, list[tuple[int, list[int]]]] = {}  # t → (local row, positions)
+        for e in sim.removals:
+            if e.source in row_of:
+                self.removals.setdefault(e.step, []).append((row_of[e.source], e.positions))
+        self.reused: tuple[Tensor, Tensor, Tensor] | None = None  # batch(t, reuse=True)'s
         self.attacked = np.isin(local, attack.nodes)
         # θ^0: the same initial parameters on every node, or one seed per node
         if s.init == "same":
@@ -417,21 +432,31 @@ class RunParts:
         for hook in sim.on_parts:
             hook(self)
 
-    def batch(self, t: int) -> tuple[Tensor, Tensor, Tensor]:
+    def batch(self, t: int, reuse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """B_k^t of every local node as x [n_loc, B, ...], y, and sample weights w (a
-        counterfactual removal zeroes a sample's weight; poisoned nodes read poisoned data)."""
+        counterfactual removal zeroes a sample's weight; poisoned nodes read poisoned data).
+        reuse: written into the blocks the last `batch(·, reuse=True)` returned (their
+        holder is done with them), not into new ones: a large run's batch block is
+        otherwise mapped, faulted in and zeroed afresh every step."""
         sim = self.sim
         s, local = sim.run, sim.layout.local_nodes
         ids = self.order.ids(t, local)  # = batch_ids(parts[k], B, t, seed, k) per node k
         ti = torch.as_tensor(ids, device=self.device)
-        x, y = self.x_train[ti], self.y_train[ti]
+        spare = self.reused if reuse else None
+        x = _gather(self.x_train, ti, spare and spare[0])
+        y = _gather(self.y_train, ti, spare and spare[1])
         if self.x_bad is not None and sim.attack.active(t) and self.attacked.any():
             hit = torch.as_tensor(self.attacked, device=x.device)
             x[hit], y[hit] = self.x_bad[ti[hit]], self.y_bad[ti[hit]]
-        w = torch.ones(len(local), s.batch_size, dtype=s.dtype, device=x.device)
-        for i, k in enumerate(local):
-            if (k, t) in self.removals:
-                w[i, torch.as_tensor(self.removals[(k, t)], device=x.device)] = 0.0
+        shape = (len(local), s.batch_size)
+        if spare is not None and spare[2].shape == shape and spare[2].dtype == s.dtype:
+            w = spare[2].fill_(1.0)
+        else:
+            w = torch.ones(shape, dtype=s.dtype, device=x.device)
+        for i, positions in self.removals.get(t, ()):
+            w[i, torch.as_tensor(positions, device=x.device)] = 0.0
+        if reuse:
+            self.reused = (x, y, w)
         return x, y, w
 
     def sources(self, step: Step) -> dict[int, tuple[Tensor, State]]:

@@ -60,14 +60,17 @@ def test_single_process_matches_oracle_on_time_varying_graph(tiny):
     assert sim.topology.period == 3
 
 
-@pytest.mark.parametrize("optim", ["optim=sgd", "optim=momentum"])
+@pytest.mark.parametrize("optim", [("optim=sgd",), ("optim=momentum",),
+                                   ("optim=momentum", "optim.gossip_state=true"),
+                                   ("optim=adam",)])
 def test_local_step_in_row_chunks_matches_oracle(tiny, monkeypatch, optim):
     """A large block takes its local step in cache-sized chunks of rows (gradient, optimizer
-    step and θ^{t+½} per chunk): forced here to 16 rows of 40, the trajectory is still the
-    dense oracle's (one torch.optim per node)."""
+    step and θ^{t+½} per chunk), writing into blocks reused from step to step (θ^{t+½},
+    s^{t+½}, θ^{t+1}): forced here to 16 rows of 40, the trajectory is still the dense
+    oracle's (one torch.optim per node)."""
     import dicesim.model as model_module
 
-    overrides = (*tiny, optim, "nodes=40", "steps=6", "influence.events=0")
+    overrides = (*tiny, *optim, "nodes=40", "steps=6", "influence.events=0")
     sim = Simulation(make_config(*overrides, "progress=false"))
     per_row = sim.model.P + sim.run.batch_size * sum(
         layer.out + layer.inp for layer in sim.model.dense)
