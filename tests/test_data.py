@@ -7,6 +7,7 @@ import torch
 import yaml
 from sklearn.datasets import load_digits
 
+import dicesim.data as data_module
 from dicesim.data import (
     DATASETS,
     FASHION_FILES,
@@ -280,8 +281,11 @@ def test_node_probe_split() -> None:
 # --------------------------------------------------------------------------- batches, vectorized
 
 
+@pytest.mark.parametrize("batched_from", [1, 64])  # 1: every redraw batched (_draw_orders)
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
-def test_batch_ids_block_equals_batch_ids(scheme: str) -> None:
+def test_batch_ids_block_equals_batch_ids(scheme: str, batched_from: int,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data_module, "BATCHED_REDRAW", batched_from)
     labels = np.random.default_rng(1).integers(0, 5, size=997)
     parts = partition(labels, 13, scheme, alpha=0.8, seed=4, min_size=7)
     assert len({len(p) for p in parts}) > 1  # uneven partition sizes
@@ -294,6 +298,40 @@ def test_batch_ids_block_equals_batch_ids(scheme: str) -> None:
             block = batch_ids_block(parts, nodes, bs, t, seed)
             expect = np.stack([batch_ids(parts[k], bs, t, seed, k) for k in nodes])
             assert block.dtype == expect.dtype and np.array_equal(block, expect), (t, nodes)
+
+
+def _numpy_orders(sizes, seed, nodes, epochs) -> np.ndarray:
+    return np.concatenate([np.random.default_rng([seed, k, e]).permutation(m)
+                           for m, k, e in zip(sizes, nodes, epochs, strict=True)])
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**32 - 1, 2**32, 2**40 + 5])
+def test_batched_orders_are_numpys_generators(seed: int) -> None:
+    """_draw_orders seeds PCG64 from SeedSequence([seed, node, epoch]) itself, for many keys
+    at once: every span is exactly default_rng([seed, node, epoch]).permutation(m), for
+    keys over the whole 32-bit range, sizes from 1, and keys past it (numpy one by one)."""
+    rng = np.random.default_rng(3)
+    sizes = np.concatenate([[1, 2, 3], rng.integers(1, 300, 200)])
+    nodes = np.concatenate([[0, 2**32 - 1, 5], rng.integers(0, 2**32, 200)])
+    epochs = np.concatenate([[2**32 - 1, 0, 1], rng.integers(0, 2**32, 200)])
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    out = np.full(int(sizes.sum()), -1)
+    data_module._draw_orders(out, starts, sizes, seed, nodes, epochs)
+    assert np.array_equal(out, _numpy_orders(sizes, seed, nodes, epochs))
+
+
+def test_batched_orders_fall_back_when_numpy_seeds_differently(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The once-per-process check against numpy: a seeding that does not reproduce numpy's
+    (simulated here) is noticed and every order is drawn by numpy itself."""
+    monkeypatch.setattr(data_module, "_CHECKED", [])
+    monkeypatch.setattr(data_module, "_pcg64_states",
+                        lambda keys: [(12345, 6789 | 1)] * len(keys))
+    sizes, nodes, epochs = np.array([9, 4, 16]), np.array([1, 2, 3]), np.array([0, 5, 2])
+    out = np.zeros(int(sizes.sum()), np.int64)
+    data_module._draw_orders(out, np.array([0, 9, 13]), sizes, 4, nodes, epochs)
+    assert data_module._CHECKED == [False]
+    assert np.array_equal(out, _numpy_orders(sizes, 4, nodes, epochs))
 
 
 def test_batch_order_goes_back_in_time_and_checks_sizes() -> None:
