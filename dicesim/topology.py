@@ -15,13 +15,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 import numpy as np
 from scipy import sparse
 
 from dicesim.errors import ConfigError
+
+if TYPE_CHECKING:  # networkx is imported where a graph is built with it (~0.1 s)
+    import networkx as nx
 
 TOPOLOGIES = ("ring", "directed_ring", "torus", "exponential", "one_peer_exponential",
               "complete", "star", "erdos_renyi", "small_world", "hub", "file")
@@ -136,6 +138,8 @@ class Topology:
 
     def graph(self, t: int = 0) -> nx.DiGraph:
         """Directed graph of step t: an edge l -> k with attribute ``weight`` = W^t[k, l]."""
+        import networkx as nx
+
         w = self.W_sparse(t).tocoo()
         g = nx.DiGraph()
         g.add_nodes_from(range(self.n))
@@ -275,7 +279,8 @@ def build_topology(cfg: Mapping, n: int, seed: int) -> Topology:
 # ---------------------------------------------------------------- builders (n >= 2)
 
 def _ring(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
-    return [_undirected(nx.cycle_graph(n), n, scheme)]
+    k = np.arange(n)
+    return [_undirected(np.stack([k, (k + 1) % n], axis=1), n, scheme)]
 
 
 def _torus(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
@@ -285,22 +290,21 @@ def _torus(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_arra
         raise ConfigError(f"topology.rows={rows} does not divide nodes={n}; pick one of "
                           f"{', '.join(map(str, divisors))} or leave topology.rows=null")
     cols = n // rows
-    g = nx.Graph()
-    for r in range(rows):
-        for c in range(cols):
-            for nr, nc in ((r + 1) % rows, c), (r, (c + 1) % cols):
-                if (nr, nc) != (r, c):  # a dimension of size 1 wraps onto itself
-                    g.add_edge(r * cols + c, nr * cols + nc)
-    return [_undirected(g, n, scheme)]
+    r, c = np.divmod(np.arange(n), cols)
+    down, right = ((r + 1) % rows) * cols + c, r * cols + (c + 1) % cols
+    k = np.arange(n)  # a dimension of size 1 wraps onto itself: _undirected drops k–k
+    return [_undirected(np.concatenate([np.stack([k, down], 1), np.stack([k, right], 1)]),
+                        n, scheme)]
 
 
 def _complete(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
-    return [_undirected(nx.complete_graph(n), n, scheme)]
+    return [_undirected(np.stack(np.triu_indices(n, 1), axis=1), n, scheme)]
 
 
 def _star(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
     center = _node(cfg, "center", n)
-    return [_undirected(nx.Graph((center, k) for k in range(n) if k != center), n, scheme)]
+    leaves = np.array([k for k in range(n) if k != center], dtype=np.int64)
+    return [_undirected(np.stack([np.full_like(leaves, center), leaves], axis=1), n, scheme)]
 
 
 def _erdos_renyi(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
@@ -308,10 +312,12 @@ def _erdos_renyi(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.cs
     if not 0.0 < p <= 1.0:
         raise ConfigError(f"topology.p={p}: the erdos_renyi edge probability must be in (0, 1]; "
                           "set e.g. topology.p=0.3")
+    import networkx as nx
+
     for s in range(seed, seed + ER_TRIES):
         g = nx.gnp_random_graph(n, p, seed=s)
         if nx.is_connected(g):
-            return [_undirected(g, n, scheme)]
+            return [_undirected(_edges(g), n, scheme)]
     raise ConfigError(f"topology.p={p}: erdos_renyi graph with {n} nodes stayed disconnected "
                       f"after {ER_TRIES} tries; raise topology.p")
 
@@ -324,12 +330,14 @@ def _small_world(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.cs
     if not 0.0 <= beta <= 1.0:
         raise ConfigError(f"topology.beta={beta}: the small_world rewiring probability must be "
                           "in [0, 1]; set e.g. topology.beta=0.2")
+    import networkx as nx
+
     try:
         g = nx.connected_watts_strogatz_graph(n, k, beta, tries=ER_TRIES, seed=seed)
     except nx.NetworkXError as e:
         raise ConfigError(f"topology.k={k}, topology.beta={beta}: small_world graph with {n} "
                           f"nodes failed ({e}); raise topology.k or lower topology.beta") from e
-    return [_undirected(g, n, scheme)]
+    return [_undirected(_edges(g), n, scheme)]
 
 
 def _directed_ring(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
@@ -352,10 +360,15 @@ def _hub(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]
         raise ConfigError(f"topology.hub_weight={hub_weight} must be in (0, 1) so that leaves "
                           "hear the hub and keep a self-weight; set e.g. topology.hub_weight=0.5")
     leaves = [k for k in range(n) if k != hub]
-    ring = nx.cycle_graph(leaves) if len(leaves) > 1 else nx.Graph()
+    ring = {k: set() for k in leaves}  # the leaves' cycle, in leaf order
+    if len(leaves) > 1:
+        for a, b in zip(leaves, leaves[1:] + leaves[:1], strict=True):
+            if a != b:
+                ring[a].add(b)
+                ring[b].add(a)
     rows, cols, vals = [hub] * n, list(range(n)), [1.0 / n] * n  # the hub averages everyone
     for k in leaves:
-        own = [k, *ring.neighbors(k)] if k in ring else [k]
+        own = [k, *ring[k]]
         rows += [k] * (len(own) + 1)
         cols += [*own, hub]
         vals += [(1.0 - hub_weight) / len(own)] * len(own) + [hub_weight]
@@ -370,11 +383,17 @@ _BUILDERS: dict[str, Callable[[Mapping, int, int, str], list[sparse.csr_array]]]
 }
 
 
-def _undirected(g: nx.Graph, n: int, scheme: str) -> sparse.csr_array:
-    """Weights on an undirected graph over nodes 0..n-1 (uniform or Metropolis-Hastings):
+def _edges(g: nx.Graph) -> np.ndarray:
+    return np.array(list(g.edges()), dtype=np.int64).reshape(-1, 2)
+
+
+def _undirected(edges: np.ndarray, n: int, scheme: str) -> sparse.csr_array:
+    """Weights on an undirected graph over nodes 0..n-1 given as edges [E, 2] (either
+    orientation, repeats and self-loops ignored), uniform or Metropolis-Hastings:
     uniform W[k, l] = 1/(deg_k + 1) over self and neighbours; Metropolis-Hastings
     W[k, l] = 1/(1 + max(deg_k, deg_l)), W[k, k] = 1 − Σ_{l≠k} W[k, l]."""
-    edges = np.array([(u, v) for u, v in g.edges() if u != v], dtype=np.int64).reshape(-1, 2)
+    edges = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+    edges = edges[edges[:, 0] != edges[:, 1]]
     edges = np.unique(np.sort(edges, axis=1), axis=0)  # each undirected edge once
     k = np.concatenate([edges[:, 0], edges[:, 1]])  # receiver
     l = np.concatenate([edges[:, 1], edges[:, 0]])  # sender
