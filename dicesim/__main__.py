@@ -12,9 +12,12 @@ def _early(signum: int, frame: object) -> None:
 for _sig in (signal.SIGINT, signal.SIGTERM):
     signal.signal(_sig, _early)
 
-from dicesim.plotworkers import start_early  # noqa: E402 - torch-free
+from dicesim import composeworker, plotworkers  # noqa: E402 - torch-free
 
-start_early(sys.argv[1:])  # the figures' worker imports matplotlib while torch loads here
+# while torch loads here, one worker composes the config and one imports matplotlib (the
+# config's first: the figures' worker must not inherit its pipe)
+composeworker.start_early(sys.argv[1:])
+plotworkers.start_early(sys.argv[1:])
 
 from dicesim.cli import main  # noqa: E402 - after the handlers, on purpose
 

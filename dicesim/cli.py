@@ -9,18 +9,18 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dicesim import rundir
 from dicesim.checkpoint import Checkpoints, find_resume, first_difference, result_settings
 from dicesim.comm import Comm, PeerError
+from dicesim.composeworker import RunInfo, compose_plain, install_resolvers
+from dicesim.composeworker import take_early as take_early_config
 from dicesim.config import (
     CONFIG_DIR,
     check_group_choice,
     compose_checked,
-    compose_run,
     load,
     sweep_points,
 )
@@ -59,9 +59,17 @@ def check_group_choices(argv: list[str]) -> None:
             fail(str(err))
 
 
+#: the Hydra facts of a plain run (`run_single`); None under Hydra's main (HydraConfig)
+PLAIN_RUN: RunInfo | None = None
+
+
 def run_target(cfg: DictConfig) -> rundir.Target:
     """Where this run writes (precedence in dicesim/rundir.py): out_dir, else Hydra's
     hydra.run.dir / sweep job directory when given, else the unique default name."""
+    if PLAIN_RUN is not None:
+        return rundir.choose(str(cfg.out_dir), PLAIN_RUN.task_overrides,
+                             PLAIN_RUN.hydra_overrides, hydra_run_dir=PLAIN_RUN.output_dir,
+                             job_dir=None, job_num=None)
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -392,13 +400,22 @@ def finish_signalled(session: Session) -> None:
 SIGNAL_NAMES = {sig: sig.name for sig in SIGNAL_CODES}
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_job(cfg: DictConfig) -> None:
+    global PLAIN_RUN
+    PLAIN_RUN = None  # this job's facts are HydraConfig's
     try:  # the one validation boundary: typed schema, strict booleans, ranges
         typed = load(cfg)
     except ConfigError as err:
         fail(str(err))
     execute(typed)
+
+
+def _hydra_main() -> None:
+    """Hydra's own main (sweeps, --cfg, --help, …), imported only for those."""
+    import hydra
+
+    hydra.main(config_path=str(CONFIG_DIR), config_name="config",
+               version_base="1.3")(_hydra_job)()
 
 
 def check_composes(argv: list[str]) -> None:
@@ -427,23 +444,19 @@ def check_composes(argv: list[str]) -> None:
 
 
 def run_single(overrides: list[str]) -> None:
-    """A plain run (no Hydra flags): compose once, then do what `hydra.main` does for a
-    single job with this project's Hydra settings (no .hydra folder, no logging set-up):
-    set HydraConfig, create hydra.run.dir, run. `hydra.main` would compose twice more
-    (~0.25 s each)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-    from omegaconf import read_write
-
+    """A plain run (no Hydra flags): compose once (the worker `python -m dicesim` forked
+    may have done it already, dicesim/composeworker.py), then do what `hydra.main` does
+    for a single job with this project's Hydra settings (no .hydra folder, no logging
+    set-up): create hydra.run.dir, run. `hydra.main` would compose twice more (~0.25 s
+    each); the run's Hydra facts live in PLAIN_RUN instead of HydraConfig."""
+    global PLAIN_RUN
     try:
-        cfg, hydra_node = compose_run(overrides)
+        composed = take_early_config(overrides) or compose_plain(overrides)
     except ConfigError as err:
         fail(str(err))
-    with read_write(hydra_node):
-        hydra_node.mode = RunMode.RUN
-        hydra_node.runtime.output_dir = os.path.abspath(hydra_node.run.dir)
-    HydraConfig.instance().set_config(OmegaConf.create({"hydra": hydra_node}))
-    os.makedirs(hydra_node.runtime.output_dir, exist_ok=True)
+    cfg, PLAIN_RUN = composed
+    install_resolvers()
+    os.makedirs(PLAIN_RUN.output_dir, exist_ok=True)
     execute(cfg)
 
 

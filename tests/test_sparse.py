@@ -179,3 +179,34 @@ def test_file_topology_reads_a_sparse_npz(tmp_path: Path) -> None:
     assert top.W_sparse(0).nnz == np.count_nonzero(w)
     with pytest.raises(ConfigError, match=r"expected \(21, 21\)"):
         build_topology({"name": "file", "path": str(tmp_path / "W.npz")}, 21, 0)
+
+
+@pytest.mark.parametrize("direct_up_to", [0, 20_000])  # 0: every block through scipy
+def test_block_tensor_is_scipys_block(monkeypatch, direct_up_to):
+    """block_tensor(W, rows, cols) reads W's CSR arrays itself: the same stored entries, in
+    the same order, as sparse_tensor(W[rows][:, cols]) (hence bit-equal mixing), for
+    repeated and unsorted rows, unsorted columns, W with unsorted indices, empty picks."""
+    import dicesim.comm as comm_module
+    from dicesim.comm import block_tensor, sparse_tensor
+
+    monkeypatch.setattr(comm_module, "DIRECT_BLOCK", direct_up_to)
+    rng = np.random.default_rng(5)
+    cpu = torch.device("cpu")
+    for trial in range(60):
+        n = int(rng.integers(1, 40))
+        W = sparse.csr_array(_random_W(n, seed=trial) if n > 1 else np.ones((1, 1)))
+        if trial % 4 == 1:  # the same matrix with each row's entries stored backwards
+            spans = list(zip(W.indptr[:-1], W.indptr[1:], strict=True))
+            W = sparse.csr_array((np.concatenate([W.data[a:b][::-1] for a, b in spans]),
+                                  np.concatenate([W.indices[a:b][::-1] for a, b in spans]),
+                                  W.indptr), shape=W.shape)
+            assert n == 1 or not W.has_sorted_indices
+        rows = rng.integers(0, n, int(rng.integers(1, n + 3)))
+        cols = rng.permutation(n)[:int(rng.integers(1, n + 1))]
+        if trial % 2:
+            cols = np.sort(cols)
+        got = block_tensor(W, rows, cols, torch.float64, cpu)
+        want = sparse_tensor(W[rows][:, cols], torch.float64, cpu)
+        assert got.shape == want.shape == (len(rows), len(cols))
+        for part in ("crow_indices", "col_indices", "values"):
+            assert torch.equal(getattr(got, part)(), getattr(want, part)()), (trial, part)
