@@ -735,7 +735,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_data(c.data)
     _validate_model(c.model)
     _validate_model_data(c.model, c.data)
-    from dicesim.optim import optim_settings  # the optimizer's checks, shared with the engine
+    from dicesim.optimsettings import optim_settings  # the optimizer's checks, shared
 
     optim_settings(c.optim, steps)
     _validate_influence(c.influence, n, steps, c.batch_size)
@@ -760,7 +760,7 @@ def validate(cfg: DictConfig) -> None:
 
 def _validate_optimizer_cases(cases: Sequence[Any], base: DictConfig, steps: int) -> None:
     """Each alignment.optimizers case's optimizer: the run's optim with the case's keys."""
-    from dicesim.optim import optim_settings
+    from dicesim.optimsettings import optim_settings
 
     for i, case in enumerate(cases):
         merged = {**OmegaConf.to_container(base, resolve=True),

@@ -75,3 +75,22 @@ def test_a_failing_worker_leaves_composing_to_the_run(monkeypatch: pytest.Monkey
     monkeypatch.setattr(composeworker, "compose_plain", broken)  # the fork inherits it
     start_early(["nodes=4"])
     assert take_early(["nodes=4"]) is None
+
+
+def test_the_worker_never_imports_torch() -> None:
+    """Composing (Hydra, the schema, every check, the experiments' blocks) imports nothing
+    that imports torch, so the worker is done long before the run's own import of torch."""
+    import subprocess
+
+    from conftest import REPO
+
+    code = ("import sys\n"
+            "from dicesim.composeworker import compose_plain\n"
+            "for argv in ([], ['optim=adam', 'topology=small_world'], ['experiment=cleansing'],\n"
+            "             ['experiment=alignment'], ['experiment=attribution']):\n"
+            "    compose_plain(argv)\n"
+            "print(sorted(m for m in ('torch', 'matplotlib', 'sklearn') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
