@@ -425,8 +425,9 @@ def _draw_orders(out: np.ndarray, starts: np.ndarray, sizes: np.ndarray, seed: i
     in place (numpy's permutation(n) is shuffle(arange(n))). Keys outside [0, 2^32), or a
     numpy whose seeding differs from the one written out here (checked once against numpy
     itself), take _permutation one by one."""
-    keys = np.stack([np.full(len(nodes), seed), nodes, epochs], axis=1)
-    exact = bool(len(keys)) and keys.min() >= 0 and keys.max() <= _WORD
+    exact = 0 <= seed <= _WORD and len(nodes) > 0
+    keys = np.stack([np.full(len(nodes), seed if exact else 0), nodes, epochs], axis=1)
+    exact = exact and keys.min() >= 0 and keys.max() <= _WORD
     if exact and not _CHECKED:
         m, k, e = int(sizes[0]), int(nodes[0]), int(epochs[0])
         probe = np.arange(m)

@@ -305,7 +305,7 @@ def _numpy_orders(sizes, seed, nodes, epochs) -> np.ndarray:
                            for m, k, e in zip(sizes, nodes, epochs, strict=True)])
 
 
-@pytest.mark.parametrize("seed", [0, 7, 2**32 - 1, 2**32, 2**40 + 5])
+@pytest.mark.parametrize("seed", [0, 7, 2**32 - 1, 2**32, 2**40 + 5, 2**70 + 1])
 def test_batched_orders_are_numpys_generators(seed: int) -> None:
     """_draw_orders seeds PCG64 from SeedSequence([seed, node, epoch]) itself, for many keys
     at once: every span is exactly default_rng([seed, node, epoch]).permutation(m), for
