@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from dicesim.arrays import spans
 from dicesim.errors import ConfigError
 from dicesim.faults import inject
 from dicesim.stopping import Guard, Stopped
@@ -359,9 +360,7 @@ def block_tensor(W: sparse.csr_array, rows: np.ndarray, cols: np.ndarray, dtype:
     counts = W.indptr[rows + 1] - starts
     if counts.sum() > DIRECT_BLOCK:
         return sparse_tensor(W[rows][:, cols], dtype, device)
-    ends = np.cumsum(counts)
-    at = np.repeat(starts - (ends - counts), counts) + np.arange(int(ends[-1]) if len(ends)
-                                                                else 0)  # rows' entries
+    at = spans(starts, counts)  # the rows' entries, concatenated
     column = np.full(W.shape[1], -1, dtype=np.int64)
     column[cols] = np.arange(len(cols))
     new_col = column[W.indices[at]]

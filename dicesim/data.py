@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dicesim.arrays import spans
 from dicesim.errors import ConfigError
 
 DATASETS = ("digits", "fashion_mnist", "synthetic", "mnist", "cifar10")
@@ -347,7 +348,7 @@ def _permutation(n: int, seed: int, node: int, epoch: int) -> np.ndarray:
 
 
 # numpy's SeedSequence hash constants (numpy/random/bit_generator.pyx) and PCG64's 128-bit
-# LCG multiplier (numpy/random/src/pcg64): `_permutations` redoes their seeding for many
+# LCG multiplier (numpy/random/src/pcg64): `_pcg64_states` redoes their seeding for many
 # keys at once; numpy's own Generator still draws every permutation.
 _INIT_A, _MULT_A, _INIT_B, _MULT_B = 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38DED
 _MIX_L, _MIX_R, _POOL = 0xCA01F9DD, 0x4973F715, 4
@@ -438,7 +439,7 @@ def _draw_orders(out: np.ndarray, starts: np.ndarray, sizes: np.ndarray, seed: i
                                   epochs.tolist(), strict=True):
             out[start:start + m] = _permutation(m, seed, k, e)
         return
-    out[_spans(starts, sizes)] = _spans(np.zeros_like(starts), sizes)  # arange(m) per span
+    out[spans(starts, sizes)] = spans(np.zeros_like(starts), sizes)  # arange(m) per span
     _shuffle_all(out, starts, sizes, keys)
 
 
@@ -500,13 +501,6 @@ class BatchOrder:
         start = self.offsets[nodes][:, None]
         pos = self.order[start + (k * self.batch_size)[:, None] + self.within]
         return self.flat[start + pos]
-
-
-def _spans(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """The positions start_i, …, start_i + length_i − 1 of every span, concatenated."""
-    ends = np.cumsum(lengths)
-    return np.repeat(starts - (ends - lengths), lengths) + np.arange(int(ends[-1]) if len(
-        ends) else 0)
 
 
 _ORDERS: dict[tuple[int, int, int], tuple[BatchOrder, list[int]]] = {}

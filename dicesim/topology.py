@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import sparse
 
+from dicesim.arrays import spans
 from dicesim.errors import ConfigError
 
 if TYPE_CHECKING:  # networkx is imported where a graph is built with it (~0.1 s)
@@ -507,10 +508,8 @@ def _reaches_all(nbrs: sparse.csr_array) -> bool:
     seen[0] = True
     frontier = np.zeros(1, dtype=np.int64)
     while frontier.size:
-        lo, hi = nbrs.indptr[frontier], nbrs.indptr[frontier + 1]
-        counts = hi - lo
-        # the concatenated rows of the frontier: positions lo_i … hi_i − 1 of every row i
-        at = np.repeat(lo - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+        lo = nbrs.indptr[frontier]
+        at = spans(lo, nbrs.indptr[frontier + 1] - lo)  # the frontier's rows, concatenated
         reached = np.unique(nbrs.indices[at])
         frontier = reached[~seen[reached]]
         seen[frontier] = True
