@@ -395,7 +395,7 @@ class RunParts:
         for e in sim.removals:
             if e.source in row_of:
                 self.removals.setdefault(e.step, []).append((row_of[e.source], e.positions))
-        self.reused: tuple[Tensor, Tensor, Tensor] | None = None  # batch(t, reuse=True)'s
+        self.reused: tuple[Tensor, Tensor] | None = None  # x, y of batch(t, reuse=True)
         self.attacked = np.isin(local, attack.nodes)
         # θ^0: the same initial parameters on every node, or one seed per node
         if s.init == "same":
@@ -435,9 +435,9 @@ class RunParts:
     def batch(self, t: int, reuse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """B_k^t of every local node as x [n_loc, B, ...], y, and sample weights w (a
         counterfactual removal zeroes a sample's weight; poisoned nodes read poisoned data).
-        reuse: written into the blocks the last `batch(·, reuse=True)` returned (their
-        holder is done with them), not into new ones: a large run's batch block is
-        otherwise mapped, faulted in and zeroed afresh every step."""
+        reuse: x and y written into the blocks the last `batch(·, reuse=True)` returned
+        (their holder is done with them), not into new ones: a large run's x block is
+        otherwise mapped, faulted in and zeroed afresh every step (w, [rows, B], is small)."""
         sim = self.sim
         s, local = sim.run, sim.layout.local_nodes
         ids = self.order.ids(t, local)  # = batch_ids(parts[k], B, t, seed, k) per node k
@@ -448,15 +448,11 @@ class RunParts:
         if self.x_bad is not None and sim.attack.active(t) and self.attacked.any():
             hit = torch.as_tensor(self.attacked, device=x.device)
             x[hit], y[hit] = self.x_bad[ti[hit]], self.y_bad[ti[hit]]
-        shape = (len(local), s.batch_size)
-        if spare is not None and spare[2].shape == shape and spare[2].dtype == s.dtype:
-            w = spare[2].fill_(1.0)
-        else:
-            w = torch.ones(shape, dtype=s.dtype, device=x.device)
+        w = torch.ones(len(local), s.batch_size, dtype=s.dtype, device=x.device)
         for i, positions in self.removals.get(t, ()):
             w[i, torch.as_tensor(positions, device=x.device)] = 0.0
         if reuse:
-            self.reused = (x, y, w)
+            self.reused = (x, y)
         return x, y, w
 
     def sources(self, step: Step) -> dict[int, tuple[Tensor, State]]:
