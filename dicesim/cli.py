@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from dicesim import rundir
 from dicesim.checkpoint import Checkpoints, find_resume, first_difference, result_settings
 from dicesim.comm import Comm, PeerError
-from dicesim.composeworker import RunInfo, compose_plain, install_resolvers
+from dicesim.composeworker import RunInfo, compose_plain, install_resolvers, plain
 from dicesim.composeworker import take_early as take_early_config
 from dicesim.config import (
     CONFIG_DIR,
@@ -464,11 +464,11 @@ def main() -> None:
     SIGNALS.install()  # Ctrl-C / SIGTERM: stop at an agreed step, flush, one line (130/143)
     argv = sys.argv[1:]
     check_group_choices(argv)
-    if any(a.startswith("-") for a in argv):  # sweeps and Hydra's own flags: Hydra's main
+    if plain(argv):
+        run_single(argv)
+    else:  # sweeps and Hydra's own flags: Hydra's main
         check_composes(argv)
         _hydra_main()
-    else:
-        run_single(argv)
     record_status(0, "")  # under dicesim.launch: this rank finished
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Everything is written and the process group destroyed. Gloo's worker threads can

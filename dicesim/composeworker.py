@@ -64,12 +64,23 @@ def install_resolvers() -> None:
 _EARLY: tuple[int, int, list[str]] | None = None  # (pid, read end, argv) of the worker
 
 
+def plain(argv: list[str]) -> bool:
+    """A plain command line: overrides only, no Hydra flag (sweeps, --cfg, --help, …);
+    `python -m dicesim` runs it with `cli.run_single`, the rest with Hydra's main."""
+    return not any(a.startswith("-") for a in argv)
+
+
+def single_plain(argv: list[str]) -> bool:
+    """A plain command line run by one process (not a rank of a multi-process run): the
+    runs the workers `python -m dicesim` forks at its start are for."""
+    return plain(argv) and os.environ.get("WORLD_SIZE", "1") == "1"
+
+
 def start_early(argv: list[str]) -> None:
-    """Fork the worker for a plain single-process command line (no '-' flags, no
-    WORLD_SIZE > 1), on Linux; otherwise do nothing."""
+    """Fork the worker for a plain single-process command line, on Linux; otherwise do
+    nothing."""
     global _EARLY
-    if (os.environ.get("WORLD_SIZE", "1") != "1" or any(a.startswith("-") for a in argv)
-            or not sys.platform.startswith("linux")):
+    if not single_plain(argv) or not sys.platform.startswith("linux"):
         return
     read, write = os.pipe()
     try:

@@ -23,6 +23,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
+from dicesim.composeworker import single_plain
+
 if TYPE_CHECKING:
     from dicesim.trainer import RunResult
 
@@ -40,8 +42,7 @@ def start_early(argv: list[str]) -> None:
     or a rank of a multi-process run (WORLD_SIZE > 1)."""
     global EARLY
     skip = {"plots=false", "dry_run=true"}
-    if (os.environ.get("WORLD_SIZE", "1") != "1" or any(a.startswith("-") for a in argv)
-            or any(a.strip().lower() in skip for a in argv)):
+    if not single_plain(argv) or any(a.strip().lower() in skip for a in argv):
         return
     EARLY = PlotWorker.start()
 
