@@ -20,7 +20,6 @@ the ground truth and the estimators follow the defended dynamics, not the plain 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,10 +28,9 @@ from scipy import sparse
 from torch import Tensor
 
 from dicesim.comm import Channel, mix
-from dicesim.errors import ConfigError
+from dicesim.config import DEFENSES as DEFENSES  # re-exported
+from dicesim.config import Defense
 from dicesim.topology import senders
-
-DEFENSES = ("none", "dice", "trimmed_mean", "oracle")
 
 
 @dataclass
@@ -131,19 +129,7 @@ def _replace_rows(W: sparse.csr_array, nodes: np.ndarray, rows: np.ndarray) -> s
                               np.concatenate([keep.col[mask], l]))), shape=W.shape)
 
 
-def build_aggregator(cfg: Mapping | None, attacked: np.ndarray, nodes: int, local: np.ndarray,
-                     proximal: bool) -> Aggregator:
-    cfg = cfg or {}
-    kind = cfg.get("kind", "none")
-    if kind not in DEFENSES:
-        raise ConfigError(f"defense.kind={kind}: unknown defense; choose one of "
-                          f"{', '.join(DEFENSES)}")
-    if kind == "dice" and not proximal:
-        raise ConfigError("defense.kind=dice scores neighbours by proximal influence; "
-                          "set influence.proximal=true")
-    d = Aggregator(kind, int(cfg.get("window", 20)), float(cfg.get("threshold", 0.0)),
-                int(cfg.get("warmup", 10)), int(cfg.get("trim", 1)),
-                np.setdiff1d(np.arange(nodes), attacked), local)
-    if d.window < 1 or d.trim < 0:
-        raise ConfigError("defense.window must be >= 1 and defense.trim >= 0")
-    return d
+def build_aggregator(cfg: Defense, attacked: np.ndarray, nodes: int, local: np.ndarray
+                     ) -> Aggregator:
+    return Aggregator(str(cfg.kind), cfg.window, cfg.threshold, cfg.warmup, cfg.trim,
+                      np.setdiff1d(np.arange(nodes), attacked), local)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from dicesim.config import ATTACKS as ATTACKS  # re-exported
+from dicesim.config import Attack as AttackSettings
 from dicesim.errors import ConfigError
-
-ATTACKS = ("none", "label_flip", "feature_noise", "free_rider", "scaled_update")
 
 
 @dataclass
@@ -59,29 +58,11 @@ class Attack:
         return update * factor[:, None]
 
 
-def build_attack(cfg: Mapping | None, nodes: int, steps: int, seed: int) -> Attack:
-    cfg = cfg or {}
-    kind = cfg.get("kind", "none")
-    if kind not in ATTACKS:
-        raise ConfigError(f"attack.kind={kind}: unknown attack; choose one of {', '.join(ATTACKS)}")
-    if kind == "none":
+def build_attack(cfg: AttackSettings, nodes: int, seed: int) -> Attack:
+    if cfg.kind == "none":
         return Attack("none", np.array([], dtype=np.int64))
-    chosen = cfg.get("nodes", None)
-    if chosen is None or len(chosen) == 0:
-        fraction = float(cfg.get("fraction", 0.25))
-        count = round(fraction * nodes)
-        if not 1 <= count <= nodes:
-            raise ConfigError(
-                f"attack.fraction={fraction}: attacks {count} of {nodes} nodes; "
-                "give attack.nodes=[...] or a fraction that picks at least one node"
-            )
+    chosen = np.asarray(cfg.nodes, dtype=np.int64)
+    if not len(chosen):  # a seeded choice of round(fraction · nodes) nodes
+        count = round(cfg.fraction * nodes)
         chosen = np.sort(np.random.default_rng([seed, 4242]).choice(nodes, count, replace=False))
-    chosen = np.asarray(list(chosen), dtype=np.int64)
-    bad = chosen[(chosen < 0) | (chosen >= nodes)]
-    if len(bad):
-        raise ConfigError(f"attack.nodes: {bad.tolist()} are outside the graph (0..{nodes - 1})")
-    start = int(cfg.get("start", 0))
-    if not 0 <= start < steps:
-        raise ConfigError(f"attack.start={start}: must be a step of the run (0..{steps - 1})")
-    return Attack(kind, chosen, start, float(cfg.get("sigma", 1.0)),
-                  float(cfg.get("scale", -4.0)))
+    return Attack(str(cfg.kind), chosen, cfg.start, cfg.sigma, cfg.scale)

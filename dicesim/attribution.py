@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +38,8 @@ import torch
 from torch import Tensor
 
 from dicesim.comm import Channel, mix, route, sparse_tensor
-from dicesim.errors import ConfigError
+from dicesim.config import Attribution as AttributionConfig
+from dicesim.config import attribution_targets
 from dicesim.optim import State
 from dicesim.trackers import Tracker
 
@@ -65,33 +65,12 @@ def default_keep_every(steps: int) -> int:
     return max(1, math.isqrt(steps - 1) + 1) if steps > 1 else 1
 
 
-def attribution_settings(cfg: Mapping, nodes: int, steps: int,
-                         defense: str = "none") -> AttributionSettings:
-    """The attribution group as typed settings, checked (a ConfigError names the key)."""
-    from dicesim.config import attribution_targets
-
-    a = cfg.get("attribution") or {}
-    enabled = a.get("enabled", False)
-    if not isinstance(enabled, bool):
-        raise ConfigError(f"attribution.enabled={enabled}: must be true or false")
-    targets = attribution_targets(a.get("target", "network"), nodes)
-    keep = a.get("keep_every")
-    if keep is None:
-        keep = default_keep_every(steps)
-    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= steps:
-        raise ConfigError(f"attribution.keep_every={keep}: must be an integer in [1, {steps}] "
-                          f"(steps), or null for ⌈√steps⌉; e.g. attribution.keep_every="
-                          f"{default_keep_every(steps)}")
-    plot_node = a.get("plot_node")
-    if plot_node is not None and (isinstance(plot_node, bool) or not isinstance(plot_node, int)
-                                  or not 0 <= plot_node < nodes):
-        raise ConfigError(f"attribution.plot_node={plot_node}: a node id in 0..{nodes - 1} "
-                          "or null")
-    if enabled and defense != "none":
-        raise ConfigError(f"attribution.enabled=true needs defense.kind=none (got {defense}): "
-                          "the reverse pass transposes the plain gossip W^t")
-    return AttributionSettings(enabled, None if targets is None else tuple(targets), int(keep),
-                               bool(a.get("samples", True)), plot_node)
+def attribution_settings(a: AttributionConfig, nodes: int, steps: int) -> AttributionSettings:
+    """The attribution section with its defaults resolved (the schema checked it)."""
+    targets = attribution_targets(a.target, nodes)
+    keep = default_keep_every(steps) if a.keep_every is None else a.keep_every
+    return AttributionSettings(a.enabled, None if targets is None else tuple(targets), keep,
+                               a.samples, a.plot_node)
 
 
 # ---- during training: keep the trajectory every K steps -------------------------------------

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 
+from dicesim.config import as_dict
 from dicesim.errors import ConfigError
 from dicesim.faults import inject
 
@@ -40,7 +40,7 @@ PREFIX = "step_"
 
 def result_settings(cfg: Mapping) -> dict[str, object]:
     """The config flattened to dotted keys, less those that cannot change results."""
-    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    plain = as_dict(cfg)
     out: dict[str, object] = {}
 
     def walk(node: object, prefix: str) -> None:

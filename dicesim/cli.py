@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -19,6 +20,8 @@ from dicesim.composeworker import RunInfo, compose_plain, install_resolvers, pla
 from dicesim.composeworker import take_early as take_early_config
 from dicesim.config import (
     CONFIG_DIR,
+    Config,
+    as_dict,
     check_group_choice,
     compose_checked,
     load,
@@ -63,7 +66,7 @@ def check_group_choices(argv: list[str]) -> None:
 PLAIN_RUN: RunInfo | None = None
 
 
-def run_target(cfg: DictConfig) -> rundir.Target:
+def run_target(cfg: Config) -> rundir.Target:
     """Where this run writes (precedence in dicesim/rundir.py): out_dir, else Hydra's
     hydra.run.dir / sweep job directory when given, else the unique default name."""
     if PLAIN_RUN is not None:
@@ -81,18 +84,10 @@ def run_target(cfg: DictConfig) -> rundir.Target:
                          job_num=hc.job.num if multirun else None)
 
 
-def guard_for(cfg: DictConfig, world: int, rank: int) -> Guard:
+def guard_for(cfg: Config, world: int, rank: int) -> Guard:
     """The divergence rule of one run: abort_on_nonfinite, divergence_factor (null: off)."""
-    abort = cfg.get("abort_on_nonfinite", True)
-    if not isinstance(abort, bool):
-        raise ConfigError(f"abort_on_nonfinite={abort}: choose true or false")
-    factor = cfg.get("divergence_factor", 1e6)
-    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, int | float)
-                               or not factor > 1):
-        raise ConfigError(f"divergence_factor={factor}: a number > 1 (a loss above it times "
-                          "the node's first training loss stops the run), or null for off")
-    return Guard(world, rank, abort_on_nonfinite=abort,
-                 divergence_factor=None if factor is None else float(factor))
+    return Guard(world, rank, abort_on_nonfinite=cfg.abort_on_nonfinite,
+                 divergence_factor=cfg.divergence_factor)
 
 
 @dataclass
@@ -100,7 +95,7 @@ class Session:
     """This process's part of one command: rank, device, process group, run directory.
     Experiment drivers use it to run several simulations over the same ranks."""
 
-    cfg: DictConfig
+    cfg: Config
     world: int
     rank: int
     device: torch.device
@@ -115,14 +110,14 @@ class Session:
     def ready_to_train(self, driver: str, runs: str = "run") -> bool:
         """For an experiment driver once every run is built: on a dry run say so and return
         False; otherwise claim the run directory (unless a caller already set one)."""
-        if self.cfg.get("dry_run", False):
+        if self.cfg.dry_run:
             self.say(f"{driver}: dry run — every {runs} is valid, nothing trained")
             return False
         if self.out is None:
             prepare_output(self)
         return True
 
-    def build(self, cfg: DictConfig) -> Simulation:
+    def build(self, cfg: Config) -> Simulation:
         """A validated simulation; a bad setting ends the command with exit 2."""
         try:
             sim = Simulation(cfg, self.world, self.rank)
@@ -182,7 +177,7 @@ def stopped(session: Session, stop: Stopped, sim: Simulation | None) -> None:
               prefix="" if stop.reason == "signal" else "error: ")
 
 
-def open_session(cfg: DictConfig) -> Session:
+def open_session(cfg: Config) -> Session:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     try:
@@ -199,13 +194,13 @@ def prepare_output(session: Session, resume: bool = False,
     plan_checkpoints) names a directory to re-enter or to start this run afresh in."""
     if session.rank == 0:
         cfg = session.cfg
-        overwrite = bool(cfg.get("overwrite", False)) or (plan is not None and plan.replace)
+        overwrite = cfg.overwrite or (plan is not None and plan.replace)
         resume = resume or (plan is not None and plan.reenter)
         try:
             target = run_target(cfg) if plan is None or plan.folder is None else rundir.Target(
                 plan.folder, unique=False, source="resume")
             session.out = rundir.claim(target, overwrite, resume=resume)
-            resolved = OmegaConf.to_container(cfg, resolve=True)
+            resolved = as_dict(cfg)
             resolved["out_dir"] = str(session.out)
             rundir.write_config(session.out, OmegaConf.to_yaml(resolved), resume=resume)
         except ConfigError as err:
@@ -217,7 +212,7 @@ def prepare_output(session: Session, resume: bool = False,
 PREFLIGHT: tuple[int, int] | None = None
 
 
-def preflight(cfg: DictConfig) -> None:
+def preflight(cfg: Config) -> None:
     """What every rank would check at start, done once before torchrun starts them: the
     device of the highest local rank, the simulation (or every run of an experiment driver)
     for the launch's world size, and the run directory. Prints nothing when all is well;
@@ -232,18 +227,18 @@ def preflight(cfg: DictConfig) -> None:
     except ConfigError as err:
         fail(str(err))
     session = Session(cfg, world, 0, device, backend)
-    dry = bool(cfg.get("dry_run", False))
+    dry = cfg.dry_run
     with contextlib.redirect_stdout(io.StringIO()):
-        driver = cfg.get("driver")
+        driver = cfg.driver
         if driver:
-            cfg.dry_run = True  # drivers check every run they would make, then stop
+            session.cfg = dataclasses.replace(cfg, dry_run=True)  # drivers check every run
             importlib.import_module(f"dicesim.experiments.{driver}").run(session)
         else:
             session.build(cfg)
     if not dry:
         try:
-            if cfg.get("resume") is None:
-                rundir.probe(run_target(cfg), bool(cfg.get("overwrite", False)))
+            if cfg.resume is None:
+                rundir.probe(run_target(cfg), cfg.overwrite)
             else:  # the checkpoint must fit this launch (settings, number of ranks)
                 locate_resume(cfg, world)
         except ConfigError as err:
@@ -273,12 +268,12 @@ def plan_checkpoints(session: Session) -> tuple[Checkpoints | None, RunDirPlan]:
     return Checkpoints(None, every, keep, cfg, session.world, source), plan
 
 
-def locate_resume(cfg: DictConfig, world: int) -> tuple[RunDirPlan, Path | None]:
+def locate_resume(cfg: Config, world: int) -> tuple[RunDirPlan, Path | None]:
     """Where `resume` points and the checkpoint to load (None: start afresh): `resume=DIR`
     continues DIR's newest checkpoint there; `resume=auto` continues the run directory's
     own, or starts this run afresh there when it has none (a directory of a run with other
     settings is refused). ConfigError (one line) when a checkpoint does not fit."""
-    resume = cfg.get("resume")
+    resume = cfg.resume
     if resume is None:
         return RunDirPlan(), None
     if resume == "auto":
@@ -294,7 +289,7 @@ def locate_resume(cfg: DictConfig, world: int) -> tuple[RunDirPlan, Path | None]
     return RunDirPlan(folder, source is not None, replace), source
 
 
-def check_same_run(folder: Path, cfg: DictConfig) -> bool:
+def check_same_run(folder: Path, cfg: Config) -> bool:
     """resume=auto found no checkpoint: the directory may hold this run's own first attempt
     (killed before its first checkpoint), whose outputs it replaces (True); outputs of a
     run with other settings are refused."""
@@ -310,20 +305,20 @@ def check_same_run(folder: Path, cfg: DictConfig) -> bool:
     return True
 
 
-def execute(cfg: DictConfig) -> dict | None:
+def execute(cfg: Config) -> dict | None:
     from dicesim.plotworkers import take_early
 
     # the plot worker python -m dicesim forked before importing torch: a plain
     # single-process run that draws takes it, every other run releases it
     alone = int(os.environ.get("WORLD_SIZE", "1")) == 1
-    workers = take_early(bool(cfg.get("plots", True)) and alone and not cfg.get("driver")
-                         and not cfg.get("dry_run", False))
+    workers = take_early(cfg.plots and alone and not cfg.driver
+                         and not cfg.dry_run)
     if PREFLIGHT is not None:
         preflight(cfg)
         return None
     session = open_session(cfg)
     record_pid()
-    driver = cfg.get("driver")
+    driver = cfg.driver
     if driver:
         module = importlib.import_module(f"dicesim.experiments.{driver}")
         try:
@@ -339,7 +334,7 @@ def execute(cfg: DictConfig) -> dict | None:
     plan = sim.describe()
     session.say("dicesim: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in plan.items()) + f", backend={session.backend}")
-    if cfg.get("dry_run", False):
+    if cfg.dry_run:
         session.say("dicesim: dry run — configuration is valid, nothing trained")
         return None
     checkpoints, plan = plan_checkpoints(session)
@@ -365,7 +360,7 @@ def execute(cfg: DictConfig) -> dict | None:
     from dicesim.report import write_all
 
     out = session.out
-    summary = write_all(out, sim, result, plots=bool(cfg.get("plots", True)), workers=workers)
+    summary = write_all(out, sim, result, plots=cfg.plots, workers=workers)
     finish_signalled(session)
     f = summary["final"]
     acc = "–" if f["test_acc"] is None else f"{f['test_acc']:.4f}"
@@ -402,9 +397,11 @@ SIGNAL_NAMES = {sig: sig.name for sig in SIGNAL_CODES}
 
 def _hydra_job(cfg: DictConfig) -> None:
     global PLAIN_RUN
+    from hydra.core.hydra_config import HydraConfig
+
     PLAIN_RUN = None  # this job's facts are HydraConfig's
     try:  # the one validation boundary: typed schema, strict booleans, ranges
-        typed = load(cfg)
+        typed = load(cfg, list(HydraConfig.get().overrides.task))
     except ConfigError as err:
         fail(str(err))
     execute(typed)

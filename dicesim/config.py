@@ -1,60 +1,74 @@
-"""The configuration schema and its one validation boundary.
+"""The settings: one typed path from the command line to the objects every builder takes.
 
-Hydra composes `configs/` (the presets users type: `topology=ring`, `experiment=alignment`)
-as before; `load(cfg)` then merges the composed tree onto the typed schema below
-(`OmegaConf.structured`, so an unknown key or a value of the wrong type is refused),
-refuses booleans given as anything but true/false, and `validate` checks ranges and
-cross-field rules. Every failure is a `ConfigError` whose message is one line:
+The dataclasses below are registered with Hydra's ConfigStore (`dicesim_schema`, the first
+entry of configs/config.yaml's defaults, and one schema per group option that has keys of
+its own, named in that option's YAML defaults), so Hydra composes typed: an unknown key, a
+value of the wrong type or a choice that is not one of an Enum's members fails while
+composing. `load` turns the composed tree into a `Config` (`OmegaConf.to_object`), whose
+`__post_init__` checks ranges and cross-field rules; `variant` (a changed copy) goes
+through the same check. Every failure is a ConfigError of one line:
 `<dotted key>=<value>: <what is wrong>; <how to fix it>`.
 
-To add a key: add a field (with the same default as its YAML file) to the dataclass of
-its group below, a range check to `validate` if types cannot express it, and the key to
-the group's YAML file so that `key=value` overrides work without a `+`.
+To add a key: a field (its default, a comment) in its section below, a range check in
+that section's `check_*` when its type cannot express it, its use, its line in
+docs/config-schema.md. A group option's YAML file lists only what differs from the schema.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import importlib.util
 import math
-import operator
+import os
 import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dicesim.errors import ConfigError
 
 # ---------------------------------------------------------------- choices
 
-DTYPES = ("float32", "float64")
-DEVICES = ("auto", "cpu", "cuda")
-BACKENDS = ("auto", "gloo", "nccl")
-INITS = ("same", "per_node")
-TOPOLOGIES = ("ring", "directed_ring", "torus", "exponential", "one_peer_exponential",
-              "complete", "star", "erdos_renyi", "small_world", "hub", "file")
-WEIGHT_SCHEMES = ("uniform", "metropolis_hastings")
+
+def _choices(name: str, *values: str) -> type[StrEnum]:
+    return StrEnum(name, {v: v for v in values})  # member names are the values users type
+
+
+Dtype = _choices("Dtype", "float32", "float64")
+Device = _choices("Device", "auto", "cpu", "cuda")
+Backend = _choices("Backend", "auto", "gloo", "nccl")
+Init = _choices("Init", "same", "per_node")
+TopologyName = _choices("TopologyName", "ring", "directed_ring", "torus", "exponential",
+                        "one_peer_exponential", "complete", "star", "erdos_renyi",
+                        "small_world", "hub", "file")
+Weights = _choices("Weights", "uniform", "metropolis_hastings")
+DataName = _choices("DataName", "digits", "fashion_mnist", "synthetic", "mnist", "cifar10")
+Partition = _choices("Partition", "iid", "dirichlet")
+Probe = _choices("Probe", "shared", "per_node")
+Task = _choices("Task", "classification", "regression")
+ModelName = _choices("ModelName", "logreg", "linear", "mlp", "cnn")
+Activation = _choices("Activation", "gelu", "relu", "sigmoid", "tanh")
+OptimName = _choices("OptimName", "sgd", "adam", "adamw")
+ScheduleName = _choices("ScheduleName", "constant", "cosine", "step", "linear_warmup_cosine")
+AttackKind = _choices("AttackKind", "none", "label_flip", "feature_noise", "free_rider",
+                      "scaled_update")
+DefenseKind = _choices("DefenseKind", "none", "dice", "trimmed_mean", "oracle")
+Sweep = _choices("Sweep", "core", "full", "optimizers")
+Estimator = _choices("Estimator", "dice_e", "dice_mid", "dice_mid2", "dice_e_nostate")
+
+DTYPES, TOPOLOGIES, WEIGHT_SCHEMES = tuple(Dtype), tuple(TopologyName), tuple(Weights)
+DATASETS, MODELS, ACTIVATIONS = tuple(DataName), tuple(ModelName), tuple(Activation)
+ATTACKS, DEFENSES, ESTIMATORS = tuple(AttackKind), tuple(DefenseKind), tuple(Estimator)
+OPTIMIZERS, SCHEDULES = tuple(OptimName), tuple(ScheduleName)
 DIRECTED = ("directed_ring", "exponential", "one_peer_exponential")  # no metropolis_hastings
-DATASETS = ("digits", "fashion_mnist", "synthetic", "mnist", "cifar10")
-PARTITIONS = ("iid", "dirichlet")
-PROBES = ("shared", "per_node")
-TASKS = ("classification", "regression")
-MODELS = ("logreg", "linear", "mlp", "cnn")
-ACTIVATIONS = ("gelu", "relu", "sigmoid", "tanh")
-OPTIMIZERS = ("sgd", "adam", "adamw")  # optim.name (dicesim/optim.py)
-SCHEDULES = ("constant", "cosine", "step", "linear_warmup_cosine")  # optim.schedule
-ATTACKS = ("none", "label_flip", "feature_noise", "free_rider", "scaled_update")
-DEFENSES = ("none", "dice", "trimmed_mean", "oracle")
-SWEEPS = ("core", "full", "optimizers")
-ESTIMATORS = ("dice_e", "dice_mid", "dice_mid2", "dice_e_nostate")  # influence.estimators
 MAX_HOPS = 8
 SEED_MAX = 2**32 - 1
 EVENT_KEYS = ("node", "step", "samples")
@@ -67,14 +81,14 @@ def _list(*items: Any) -> Any:
     return field(default_factory=lambda: list(items))
 
 
-# ---------------------------------------------------------------- groups
+# ---------------------------------------------------------------- sections
 
 @dataclass
 class Topology:
     """configs/topology/*.yaml; options with keys of their own subclass it."""
 
-    name: str = "ring"
-    weights: str = "uniform"  # uniform | metropolis_hastings (ignored by hub and file)
+    name: TopologyName = TopologyName.ring
+    weights: Weights = Weights.uniform  # ignored by hub and file
 
 
 @dataclass
@@ -89,24 +103,24 @@ class StarTopology(Topology):
 
 @dataclass
 class ErdosRenyiTopology(Topology):
-    p: float = 0.3
+    p: float = 0.3  # edge probability; resampled (seed+1, …) until connected
 
 
 @dataclass
 class SmallWorldTopology(Topology):
-    k: int = 4
-    beta: float = 0.2
+    k: int = 4  # each node starts joined to its k nearest ring neighbours
+    beta: float = 0.2  # rewiring probability
 
 
 @dataclass
 class HubTopology(Topology):
     hub: int = 0
-    hub_weight: float = 0.5
+    hub_weight: float = 0.5  # the weight every leaf gives the hub
 
 
 @dataclass
 class FileTopology(Topology):
-    path: str | None = None  # W as .npy ([n, n] or [T, n, n]) or .csv
+    path: str | None = None  # W as .npy ([n, n] or [T, n, n]), .csv or sparse .npz
 
 
 TOPOLOGY_SCHEMAS: dict[str, type[Topology]] = {
@@ -119,15 +133,15 @@ TOPOLOGY_SCHEMAS: dict[str, type[Topology]] = {
 class Data:
     """configs/data/*.yaml: the keys every data set has."""
 
-    name: str = "digits"
-    partition: str = "iid"  # iid | dirichlet
+    name: DataName = DataName.digits
+    partition: Partition = Partition.iid
     alpha: float = 1.0  # Dirichlet concentration
     probe_size: int = 200
     max_train: int | None = None
     max_test: int | None = None
     image: bool = False
     standardize: bool = True
-    probe: str = "shared"  # shared | per_node
+    probe: Probe = Probe.shared
     node_probe_size: int = 16
     label_noise: list[float] | None = None  # per-node fractions of wrong training labels
     input_scale: float = 1.0  # every input (after standardization) times this
@@ -147,8 +161,8 @@ class FileData(Data):
 
 @dataclass
 class SyntheticData(Data):
-    name: str = "synthetic"
-    task: str = "classification"  # classification | regression
+    name: DataName = DataName.synthetic
+    task: Task = Task.classification
     n_samples: int = 2000
     n_features: int = 20
     n_classes: int = 4
@@ -164,29 +178,28 @@ DATA_SCHEMAS: dict[str, type[Data]] = {
 
 @dataclass
 class Model:
-    """configs/model/*.yaml. One schema for all models: experiment presets set
-    model.hidden and model.activation whatever model is chosen (unused keys are ignored)."""
+    """One schema for all models: presets set hidden and activation whatever the model."""
 
-    name: str = "mlp"
+    name: ModelName = ModelName.mlp
     hidden: list[int] = _list(64)  # mlp layer widths
-    activation: str = "tanh"
+    activation: Activation = Activation.tanh
     channels: list[int] = _list(8, 16)  # cnn
 
 
 @dataclass
 class Optim:
-    """configs/optim/*.yaml; the ranges are checked by dicesim.optim.optim_settings."""
+    """The local optimizer (dicesim/optim.py builds it from these)."""
 
-    name: str = "sgd"  # sgd | adam | adamw
+    name: OptimName = OptimName.sgd
     lr: float = 0.05  # η (the schedule's peak)
     momentum: float = 0.0  # sgd: μ
     dampening: float = 0.0  # sgd: τ
     nesterov: bool = False
     weight_decay: float = 0.0  # λ (AdamW: decoupled)
-    betas: list[float] = _list(0.9, 0.999)  # adam, adamw
+    betas: list[float] = _list(0.9, 0.999)  # adam, adamw: (β1, β2)
     eps: float = 1e-8
     gossip_state: bool = False  # also mix the optimizer state (DSGDm mixes θ only)
-    schedule: str = "constant"  # constant | cosine | step | linear_warmup_cosine
+    schedule: ScheduleName = ScheduleName.constant
     min_lr: float = 0.0  # cosine: η at the last step
     warmup_steps: int = 0  # linear_warmup_cosine
     step_size: int = 1  # step: η γ^⌊t / step_size⌋
@@ -200,7 +213,7 @@ class Influence:
     step_range: list[int] | None = None  # [lo, hi]
     hops: int = 1
     ground_truth: Any = True  # true | false | K (spot-check K events)
-    estimators: list[str] = _list("dice_e", "dice_mid")
+    estimators: list[Estimator] = _list(Estimator.dice_e, Estimator.dice_mid)
     curvature: bool = True
     proximal: bool = False
     node_weights: list[float] | None = None  # q_k; null = uniform 1/n
@@ -209,7 +222,7 @@ class Influence:
 
 @dataclass
 class Attack:
-    kind: str = "none"
+    kind: AttackKind = AttackKind.none
     nodes: list[int] = _list()  # attacked nodes; empty = a seeded choice of fraction * nodes
     fraction: float = 0.25
     start: int = 0
@@ -219,7 +232,7 @@ class Attack:
 
 @dataclass
 class Defense:
-    kind: str = "none"
+    kind: DefenseKind = DefenseKind.none
     window: int = 20
     threshold: float = 0.0
     warmup: int = 10
@@ -252,7 +265,8 @@ class Attribution:
 
 @dataclass
 class AlignmentFull:
-    topologies: list[str] = _list("ring", "exponential", "torus", "hub", "one_peer_exponential")
+    topologies: list[TopologyName] = _list("ring", "exponential", "torus", "hub",
+                                           "one_peer_exponential")
     lrs: list[float] = _list(0.1, 0.01)
     batch_sizes: list[int] = _list(16, 32)
     nodes: list[int] = _list(16, 32)
@@ -266,7 +280,7 @@ class AlignmentFull:
 @dataclass
 class AlignmentPrecision:
     enabled: bool = True
-    topology: str = "ring"
+    topology: TopologyName = TopologyName.ring
     lr: float = 0.05
     hops: int = 8
     removal: str | int = "single"
@@ -275,7 +289,7 @@ class AlignmentPrecision:
 
 @dataclass
 class Alignment:
-    sweep: str = "core"  # core | full | optimizers
+    sweep: Sweep = Sweep.core
     min_spearman: float = 0.99
     core: list[Any] = _list()  # [{topology, lr, hops, removal, check, ...}]
     hard: list[Any] = _list()  # the same keys plus data: a data config name
@@ -288,8 +302,9 @@ class Alignment:
 
 @dataclass
 class Cascade:
-    topologies: list[str] = _list("ring", "torus", "exponential", "one_peer_exponential", "hub")
-    draw: list[str] = _list("ring", "torus", "exponential", "hub")
+    topologies: list[TopologyName] = _list("ring", "torus", "exponential",
+                                           "one_peer_exponential", "hub")
+    draw: list[TopologyName] = _list("ring", "torus", "exponential", "hub")
     leaf: int | None = None
     hub_first_step: int = 0
     hub_stride: int = 2
@@ -323,8 +338,9 @@ class Cleansing:
 
 @dataclass
 class Anomaly:
-    attacks: list[str] = _list("label_flip", "feature_noise", "free_rider", "scaled_update")
-    topologies: list[str] = _list("ring", "exponential")
+    attacks: list[AttackKind] = _list("label_flip", "feature_noise", "free_rider",
+                                      "scaled_update")
+    topologies: list[TopologyName] = _list("ring", "exponential")
     window: int | None = None
     per_weight: bool = True
     example: list[str] = _list("label_flip", "ring")
@@ -332,10 +348,10 @@ class Anomaly:
 
 @dataclass
 class Collaborators:
-    topologies: list[str] = _list("ring", "exponential")
+    topologies: list[TopologyName] = _list("ring", "exponential")
 
 
-# present only when an experiment= preset (or the command line) sets them
+# present (not None) only when an experiment= preset sets them
 EXPERIMENT_BLOCKS: dict[str, type] = {
     "alignment": Alignment, "cascade": Cascade, "contribution": Contribution,
     "anomaly": Anomaly, "collaborators": Collaborators, "cleansing": Cleansing,
@@ -354,12 +370,12 @@ class Config:
     steps: int = 200
     batch_size: int = 32
     seed: int = 0
-    dtype: str = "float32"
-    device: str = "auto"
-    backend: str = "auto"
+    dtype: Dtype = Dtype.float32
+    device: Device = Device.auto
+    backend: Backend = Backend.auto
     timeout_s: float = 60.0
     eval_every: int = 10
-    init: str = "same"
+    init: Init = Init.same
     progress: bool = True
     dry_run: bool = False
     driver: str | None = None
@@ -374,75 +390,162 @@ class Config:
     attribution: Attribution = field(default_factory=Attribution)
     counterfactual: Counterfactual = field(default_factory=Counterfactual)
     topology: Topology = field(default_factory=Topology)
-    data: Data = field(default_factory=DigitsData)
+    data: Data = field(default_factory=Data)
     model: Model = field(default_factory=Model)
     optim: Optim = field(default_factory=Optim)
     influence: Influence = field(default_factory=Influence)
     attack: Attack = field(default_factory=Attack)
     defense: Defense = field(default_factory=Defense)
+    alignment: Alignment | None = None
+    cascade: Cascade | None = None
+    contribution: Contribution | None = None
+    anomaly: Anomaly | None = None
+    collaborators: Collaborators | None = None
+    cleansing: Cleansing | None = None
+    retrain: Retrain | None = None
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
-def schema_for(raw: Mapping) -> DictConfig:
-    """The typed schema of one composed config: the root, with the topology and data
-    schemas of the options it names and the experiment blocks it has."""
-    root = OmegaConf.structured(Config)
-    topo = _get(raw, "topology.name")
-    data = _get(raw, "data.name")
-    with open_dict(root):
-        root.topology = TOPOLOGY_SCHEMAS.get(topo, Topology)() if isinstance(topo, str) \
-            else Topology()
-        root.data = DATA_SCHEMAS.get(data, Data)() if isinstance(data, str) else Data()
-        for block, cls in EXPERIMENT_BLOCKS.items():
-            if isinstance(raw, Mapping) and block in raw:
-                root[block] = cls()
-    return root
+def register() -> None:
+    """The schemas in Hydra's ConfigStore: the root (configs/config.yaml's first default)
+    and, under schema/<group>/<option>, each option with keys of its own."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="dicesim_schema", node=Config)
+    for group, schemas in (("topology", TOPOLOGY_SCHEMAS), ("data", DATA_SCHEMAS)):
+        for option, cls in schemas.items():
+            store.store(group=f"schema/{group}", name=option, node=cls)
 
 
 # ---------------------------------------------------------------- loading
 
-def load(cfg: Mapping) -> DictConfig:
-    """The composed config merged onto its schema and validated (struct mode: no new keys).
-    Raises ConfigError with one line on any bad setting."""
+def load(composed: DictConfig, overrides: Sequence[str] = (), quiet: bool = False) -> Config:
+    """The typed, checked settings of a config Hydra composed against the registered schema
+    (`overrides`: the command line's, to tell a preset's value from the user's)."""
     try:
-        for key, choices in (("topology.name", TOPOLOGIES), ("data.name", DATASETS)):
-            name = _get(cfg, key)
-            if isinstance(name, str):  # picks the group's schema; other types: the merge
-                _choice(key, name, choices)
-        schema = schema_for(cfg)
-        _strict_bools(schema, cfg, "")
+        _strict_bools(composed, overrides)
+        for o in overrides:  # Hydra lets `+key=v` add a key the schema does not have
+            parent, _, leaf = _key_of(o).rpartition(".")
+            node = OmegaConf.select(composed, parent) if parent else composed
+            cls = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+            if o.startswith("+") and dataclasses.is_dataclass(cls) and leaf not in {
+                    f.name for f in dataclasses.fields(cls)}:
+                raise ConfigError(unknown_key(_key_of(o), composed))
+        _fit_preset_events(composed, overrides, quiet)
+        return OmegaConf.to_object(composed)
+    except OmegaConfBaseException as err:  # an interpolation that does not resolve or fit
+        raise ConfigError(_explain(err, overrides)) from None
+
+
+def _fit_preset_events(cfg: DictConfig, overrides: Sequence[str], quiet: bool) -> None:
+    """A preset's number of sampled events the user did not set shrinks to what the run
+    holds (an event at step t needs t + hops <= steps and t < steps); an explicit count
+    that does not fit stays an error."""
+    events, hops, steps, nodes = (cfg.influence.events, cfg.influence.hops, cfg.steps,
+                                  cfg.nodes)
+    if any(_key_of(o) in ("influence.events", "influence") for o in overrides) or not (
+            _is_int(events) and events > 0 and _is_int(hops) and _is_int(steps)
+            and _is_int(nodes) and steps >= 1 and nodes >= 1 and 0 <= hops <= MAX_HOPS):
+        return
+    if cfg.influence.removal not in ("batch", "single") and not _is_int(cfg.influence.removal):
+        return
+    starts = max(0, min(steps - hops, steps - 1) + 1)  # steps 0 … min(T - r, T - 1)
+    universe = nodes * starts * (cfg.batch_size if cfg.influence.removal == "single" else 1)
+    if cfg.influence.step_range is None and events > universe:
+        cfg.influence.events = universe
+        if not quiet and os.environ.get("RANK", "0") == "0":
+            print(f"dicesim: influence.events: the preset's {events} events do not fit "
+                  f"{steps} steps with {hops} hops; using {universe}", flush=True)
+
+
+def _key_of(override: str) -> str:
+    return override.lstrip("+~").partition("=")[0]
+
+
+def _strict_bools(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """OmegaConf turns yes/no/on/off/1/0 into booleans: a bool key set on the command line
+    takes only true or false."""
+    from omegaconf.nodes import BooleanNode
+
+    for o in overrides:
+        key, sep, raw = o.lstrip("+~").partition("=")
+        if not sep or "," in raw:
+            continue
+        parent, _, leaf = key.rpartition(".")
         try:
-            typed = OmegaConf.merge(schema, cfg)
-        except OmegaConfBaseException as err:
-            raise ConfigError(_explain(err, schema, cfg)) from None
-        OmegaConf.set_struct(typed, True)
-        validate(typed)
-    except OmegaConfBaseException as err:  # e.g. an interpolation that does not resolve
-        raise ConfigError(_one_line(err)) from None
-    return typed
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            child = node._get_node(leaf) if isinstance(node, DictConfig) else None
+        except OmegaConfBaseException:
+            continue
+        if isinstance(child, BooleanNode) and raw not in ("true", "false", "null"):
+            raise ConfigError(f"{key}={raw}: must be true or false")
+        if isinstance(child, ListConfig) and child._metadata.element_type is bool:
+            items = raw.strip("[]").split(",")
+            for i, item in enumerate(items):
+                if item.strip() not in ("true", "false", ""):
+                    raise ConfigError(f"{key}[{i}]={item.strip()}: must be true or false")
 
 
-def _one_line(err: Exception) -> str:
-    text = str(err)
-    key = getattr(err, "full_key", None)
-    first = text.split("\n")[0].strip()
-    return f"{key}: {first}" if key else " ".join(text.split())
+def with_changes(cfg: Config, **dotted: Any) -> Config:
+    """A checked copy of cfg with some settings changed; keys are dotted paths with '__' for
+    '.', and a mapping for a whole section (`topology={"name": "hub"}`) is that section's
+    (option's) schema with those values."""
+    plain = as_dict(cfg)
+    for key, value in dotted.items():
+        *parents, leaf = key.split("__")
+        node = plain
+        for part in parents:
+            node = node[part]
+        node[leaf] = value.copy() if isinstance(value, dict) else value
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(schema_for(plain), plain))
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err, ())) from None
+
+
+def variant(cfg: Config, **dotted: Any) -> Config:
+    """A copy of an experiment's cfg for one of its runs (no driver, no progress bar)."""
+    return with_changes(cfg, driver=None, progress=False, **dotted)
+
+
+def as_dict(cfg: Any) -> Any:
+    """Settings as plain dicts, lists and strings (config.yaml, checkpoints, summaries)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: as_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, StrEnum):
+        return str(cfg)
+    if isinstance(cfg, Mapping):
+        return {k: as_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, list | tuple | ListConfig):
+        return [as_dict(v) for v in cfg]
+    return cfg
+
+
+def schema_for(raw: Any) -> DictConfig:
+    """The schema of a composed or plain config: the root with the schemas of the topology
+    and data options it names and the experiment blocks it has."""
+    root = OmegaConf.structured(Config)
+    topo, data = _get(raw, "topology.name"), _get(raw, "data.name")
+    root.topology = OmegaConf.structured(TOPOLOGY_SCHEMAS.get(str(topo), Topology))
+    root.data = OmegaConf.structured(DATA_SCHEMAS.get(str(data), Data))
+    for block, cls in EXPERIMENT_BLOCKS.items():
+        if _get(raw, block) is not None:
+            root[block] = OmegaConf.structured(cls)
+    return root
 
 
 def _get(cfg: Any, dotted: str) -> Any:
-    """cfg at a dotted path with [i] list indices; None where it does not exist."""
+    """cfg at a dotted path; None where it does not exist."""
     value = cfg
-    for part in re.findall(r"[^.\[\]]+|\[\d+\]", dotted):
-        if part.startswith("["):
-            i = int(part[1:-1])
-            if not isinstance(value, Sequence) or isinstance(value, str) or i >= len(value):
-                return None
-            value = value[i]
-        elif isinstance(value, Mapping):
-            value = value.get(part)
-        else:
-            return None
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
     return value
 
+
+# ---------------------------------------------------------------- one-line messages
 
 def show(value: Any) -> str:
     """A value as a user would type it on the command line."""
@@ -457,80 +560,77 @@ def show(value: Any) -> str:
     return str(value)
 
 
-def _unwrap(tp: Any) -> tuple[Any, bool]:
-    """(type without Optional, whether None is allowed)."""
-    if typing.get_origin(tp) in (Union, types.UnionType):
+def _field_type(dotted: str, raw: Any = None) -> Any:
+    """The schema's type hint at a dotted path (Any where there is none)."""
+    cls: Any = Config
+    tp: Any = Config
+    for part in dotted.split("."):
+        if part == "topology" and cls is Config:
+            tp = TOPOLOGY_SCHEMAS.get(str(_get(raw, "topology.name")), Topology)
+        elif part == "data" and cls is Config:
+            tp = DATA_SCHEMAS.get(str(_get(raw, "data.name")), Data)
+        else:
+            hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+            tp = hints.get(part, Any)
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(tp))
-        return (args[0] if len(args) == 1 else functools.reduce(operator.or_, args)), optional
-    return tp, False
+        union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+        cls = args[0] if union and len(args) == 1 else tp
+    return tp
 
 
 def describe(tp: Any) -> str:
     """What a field of type tp must be, in words."""
-    tp, optional = _unwrap(tp)
-    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-             Any: "a value"}
-    origin = typing.get_origin(tp)
-    if tp in words:
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    args = typing.get_args(tp) if union else ()
+    optional = type(None) in args
+    inner = [a for a in args if a is not type(None)]
+    if union:
+        tp = inner[0] if len(inner) == 1 else None
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    if tp is None:
+        text = " or ".join(describe(a) for a in inner)
+    elif tp in words:
         text = words[tp]
-    elif origin is list:
+    elif typing.get_origin(tp) is list:
         (item,) = typing.get_args(tp) or (Any,)
-        plural = {int: "integers", float: "numbers", bool: "true/false values",
-                  str: "names"}.get(item, "values")
-        text = f"a list of {plural}"
-    elif origin in (Union, types.UnionType):
-        text = " or ".join(describe(a) for a in typing.get_args(tp))
+        plural = {int: "integers", float: "numbers", bool: "true/false values"}
+        names = "names" if item is str or _is_enum(item) else "values"
+        text = f"a list of {plural.get(item, names)}"
+    elif typing.get_origin(tp) is dict:
+        text = "a mapping of keys to values"
     elif dataclasses.is_dataclass(tp):
-        text = "a group of keys"
+        names = [f.name for f in dataclasses.fields(tp)]
+        text = f"a group of keys ({', '.join(names)})"
     else:
-        text = f"a {getattr(tp, '__name__', tp)}"
+        text = "a value"
     return text + (" or null" if optional else "")
 
 
-def _field_type(schema: DictConfig, dotted: str) -> tuple[Any, Any]:
-    """(type hint, default) of the schema field at a dotted path ([i]: a list's item)."""
-    parts = re.findall(r"[^.\[\]]+|\[\d+\]", dotted)
-    node: Any = schema
-    tp: Any = Config
-    default: Any = None
-    for part in parts:
-        if part.startswith("["):
-            inner, _ = _unwrap(tp)
-            tp = (typing.get_args(inner) or (Any,))[0]
-            default = None
-            node = None
-            continue
-        cls = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
-        if cls is None or not dataclasses.is_dataclass(cls):
-            return Any, None
-        hints = typing.get_type_hints(cls)
-        try:
-            child = node.get(part)  # the schema's default (a DictConfig for a group)
-        except OmegaConfBaseException:  # e.g. out_dir's ${now:...} outside Hydra
-            return hints.get(part, Any), None
-        if isinstance(child, DictConfig):  # a group: its own (option's) dataclass
-            tp = OmegaConf.get_type(child)
-        elif part in hints:
-            tp = hints[part]
-        else:
-            return Any, None
-        node = child
-        default = list(node) if isinstance(node, ListConfig) else (
-            None if isinstance(node, DictConfig) else node)
-    return tp, default
+def _is_enum(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, StrEnum)
 
 
-def _explain(err: OmegaConfBaseException, schema: DictConfig, raw: Mapping) -> str:
+def _explain(err: Exception, overrides: Sequence[str], raw: Any = None) -> str:
+    """An OmegaConf error (while composing or loading) as the one-line message."""
     key = getattr(err, "full_key", None) or ""
-    if isinstance(err, ConfigKeyError) and key:
-        return unknown_key(key, schema)
-    tp, default = _field_type(schema, key)
-    value = _get(raw, key)
-    example = f", e.g. {key}={show(default)}" if default is not None else ""
-    if key:
-        return f"{key}={show(value)}: must be {describe(tp)}{example}"
-    return _one_line(err)
+    key = re.sub(r"\[\d+\]$", "", key)
+    if err.__class__.__name__ in ("ConfigKeyError", "ConfigAttributeError") and key:
+        return unknown_key(key, raw)
+    value = next((o.partition("=")[2] for o in overrides if _key_of(o) == key), None)
+    if value is None:
+        value = show(getattr(err, "_value", None)) if hasattr(err, "_value") else None
+    shown = f"{key}={value}" if value is not None else key
+    tp = _field_type(key, raw) if key else Any
+    inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+    if _is_enum(inner[0]):
+        choices = [str(m) for m in inner[0]]
+        close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
+        guess = f" (did you mean {close[0]}?)" if close else ""
+        return f"{shown}: unknown{guess}; choose one of {', '.join(choices)}"
+    if key and tp is not Any:
+        return f"{shown}: must be {describe(tp)}"
+    first = " ".join(str(err).split("\n")[0].split())
+    return f"{key}: {first}" if key else first
 
 
 def closest(word: str, valid: Sequence[str]) -> list[str]:
@@ -540,19 +640,18 @@ def closest(word: str, valid: Sequence[str]) -> list[str]:
     return close or [v for v in valid if sorted(v) == sorted(word)][:1]
 
 
-def unknown_key(dotted: str, schema: DictConfig) -> str:
+def unknown_key(dotted: str, raw: Any = None) -> str:
     """`nodse: unknown key; did you mean nodes?` (the closest valid key at that level)."""
     parent, _, leaf = dotted.rpartition(".")
-    leaf = re.sub(r"\[\d+\]$", "", leaf)
-    node = OmegaConf.select(schema, parent) if parent else schema
-    if parent and node is None and parent.split(".")[0] in EXPERIMENT_BLOCKS:
-        block = parent.split(".")[0]
-        preset = BLOCK_PRESETS.get(block, block)
-        return (f"{dotted}: {block}.* belongs to experiment={preset}; add experiment={preset} "
+    top = dotted.split(".")[0]
+    if parent and top in EXPERIMENT_BLOCKS and _get(raw, top) is None:
+        preset = BLOCK_PRESETS.get(top, top)
+        return (f"{dotted}: {top}.* belongs to experiment={preset}; add experiment={preset} "
                 "or drop the key")
-    valid = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
-    if not parent:
-        valid += list(EXPERIMENT_BLOCKS)
+    tp = _field_type(parent, raw) if parent else Config
+    inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+    cls = inner[0]
+    valid = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
     where = f" in {parent}" if parent else ""
     close = closest(leaf, valid)
     if close:
@@ -560,43 +659,6 @@ def unknown_key(dotted: str, schema: DictConfig) -> str:
     else:
         fix = f"valid keys{where}: {', '.join(sorted(set(valid)))}"
     return f"{dotted}: unknown key{where}; {fix}"
-
-
-def _strict_bools(schema: DictConfig, raw: Any, path: str) -> None:
-    """OmegaConf would turn yes/no/on/off/1/0 into booleans: a bool key takes only
-    true or false. A group given a plain value is refused here too (the merge's own
-    message does not name the key)."""
-    if not isinstance(raw, Mapping):
-        return
-    cls = OmegaConf.get_type(schema)
-    if cls is None or not dataclasses.is_dataclass(cls):
-        return
-    hints = typing.get_type_hints(cls)
-    for key in list(raw.keys()):
-        dotted = f"{path}{key}"
-        child = schema.get(key) if key in schema else None
-        if isinstance(child, DictConfig):  # a group (experiment blocks have no hint)
-            if not isinstance(raw[key], Mapping):
-                names = [str(k) for k in child.keys()]
-                if not names:  # an open mapping (e.g. alignment.hard_data)
-                    raise ConfigError(f"{dotted}={show(raw[key])}: must be a mapping of keys "
-                                      f"to values, e.g. {dotted}={{max_test: 2000}}")
-                raise ConfigError(f"{dotted}={show(raw[key])}: must be a group of keys "
-                                  f"({', '.join(names)}); set one with {dotted}.{names[0]}=...")
-            _strict_bools(child, raw[key], dotted + ".")
-            continue
-        if key not in hints:
-            continue
-        value = raw[key]
-        tp, optional = _unwrap(hints[key])
-        if tp is bool:
-            if not (isinstance(value, bool) or (value is None and optional)):
-                raise ConfigError(f"{dotted}={show(value)}: must be true or false")
-        elif typing.get_origin(tp) is list and typing.get_args(tp) == (bool,):
-            if isinstance(value, Sequence) and not isinstance(value, str):
-                for i, item in enumerate(value):
-                    if not isinstance(item, bool):
-                        raise ConfigError(f"{dotted}[{i}]={show(item)}: must be true or false")
 
 
 # ---------------------------------------------------------------- ranges and cross-field rules
@@ -630,6 +692,13 @@ def _at_least(key: str, value: Any, low: float, example: Any) -> None:
 def _positive(key: str, value: float, example: Any) -> None:
     if not (value > 0 and math.isfinite(value)):
         raise ConfigError(f"{key}={show(value)}: must be a positive finite number; "
+                          f"set e.g. {key}={show(example)}")
+
+
+def _finite(key: str, value: float, example: Any, low: float = -math.inf) -> None:
+    if not (math.isfinite(value) and value >= low):
+        bound = f" >= {show(low)}" if low > -math.inf else ""
+        raise ConfigError(f"{key}={show(value)}: must be a finite number{bound}; "
                           f"set e.g. {key}={show(example)}")
 
 
@@ -687,14 +756,8 @@ def _events(key: str, items: Sequence[Any], nodes: int, steps: int, hops: int) -
                               "or a list of training sample ids")
 
 
-def _topology_names(key: str, names: Sequence[str]) -> None:
-    for name in names:
-        _choice(key, name, TOPOLOGIES)
-
-
-def validate(cfg: DictConfig) -> None:
+def validate(c: Config) -> None:
     """Ranges and cross-field rules that types cannot express; ConfigError (one line)."""
-    c = cfg
     if c.divergence_factor is not None and not c.divergence_factor > 1:
         raise ConfigError(f"divergence_factor={show(c.divergence_factor)}: a number > 1 (a "
                           "loss above it times the node's first training loss stops the run), "
@@ -706,12 +769,8 @@ def validate(cfg: DictConfig) -> None:
     _at_least("steps", c.steps, 1, 200)
     _at_least("batch_size", c.batch_size, 1, 32)
     _within("seed", c.seed, 0, SEED_MAX, 0)
-    _choice("dtype", c.dtype, DTYPES)
-    _choice("device", c.device, DEVICES)
-    _choice("backend", c.backend, BACKENDS)
     _positive("timeout_s", c.timeout_s, 60)
     _at_least("eval_every", c.eval_every, 1, 10)
-    _choice("init", c.init, INITS, " (one initial θ for all nodes, or one per node)")
     if c.driver is not None:
         if not MODULE_NAME.fullmatch(c.driver):
             raise ConfigError(f"driver={c.driver}: must be the plain name of a module in "
@@ -719,7 +778,7 @@ def validate(cfg: DictConfig) -> None:
         if importlib.util.find_spec(f"dicesim.experiments.{c.driver}") is None:
             raise ConfigError(f"driver={c.driver}: no such experiment driver in "
                               "dicesim/experiments; use an experiment= preset")
-    if not str(OmegaConf.to_container(c, resolve=False)["out_dir"]).strip():
+    if not c.out_dir.strip():
         raise ConfigError("out_dir: must be a directory path; leave it out for "
                           "outputs/<name>/<date_time>")
     if c.resume is not None:
@@ -731,45 +790,15 @@ def validate(cfg: DictConfig) -> None:
     _at_least("checkpoint.every", c.checkpoint.every, 0, 0)
     _at_least("checkpoint.keep", c.checkpoint.keep, 1, 2)
     n, steps = c.nodes, c.steps
-    _validate_topology(c.topology, n)
-    _validate_data(c.data)
-    _validate_model(c.model)
-    _validate_model_data(c.model, c.data)
-    from dicesim.optimsettings import optim_settings  # the optimizer's checks, shared
-
-    optim_settings(c.optim, steps)
-    _validate_influence(c.influence, n, steps, c.batch_size)
-    _validate_attack(c.attack, n, steps)
-    _validate_defense(c.defense, c.influence.proximal)
-    if not _is_list(c.counterfactual.remove):
-        raise ConfigError(f"counterfactual.remove={show(c.counterfactual.remove)}: must be a "
-                          "list, e.g. counterfactual.remove=[{node: 2, step: 5, samples: all}]")
+    check_topology(c.topology, n)
+    check_data(c.data, c.model, n)
+    check_optim(c.optim, steps)
+    check_influence(c.influence, n, steps, c.batch_size)
+    check_attack(c.attack, n, steps)
+    check_defense(c.defense, c.influence.proximal)
     _events("counterfactual.remove", c.counterfactual.remove, n, steps, 0)
-    _validate_attribution(c.attribution, n, steps, c.defense.kind)
-    for block, check in (("alignment", _validate_alignment), ("cascade", _validate_cascade),
-                         ("contribution", _validate_contribution),
-                         ("anomaly", _validate_anomaly),
-                         ("collaborators", _validate_collaborators),
-                         ("cleansing", _validate_cleansing),
-                         ("retrain", _validate_retrain)):
-        if block in c and c[block] is not None:
-            check(c[block])
-    if "alignment" in c and c.alignment is not None:
-        _validate_optimizer_cases(c.alignment.optimizers, c.optim, steps)
-
-
-def _validate_optimizer_cases(cases: Sequence[Any], base: DictConfig, steps: int) -> None:
-    """Each alignment.optimizers case's optimizer: the run's optim with the case's keys."""
-    from dicesim.optimsettings import optim_settings
-
-    for i, case in enumerate(cases):
-        merged = {**OmegaConf.to_container(base, resolve=True),
-                  **OmegaConf.to_container(case.get("optim") or OmegaConf.create({}),
-                                          resolve=True), "lr": case.lr}
-        try:
-            optim_settings(merged, int(case.get("steps", steps)))
-        except ConfigError as err:
-            raise ConfigError(f"alignment.optimizers[{i}].{err}") from None
+    check_attribution(c.attribution, n, steps, c.defense.kind)
+    check_blocks(c)
 
 
 def attribution_targets(target: Any, nodes: int) -> list[int] | None:
@@ -788,7 +817,7 @@ def attribution_targets(target: Any, nodes: int) -> list[int] | None:
                       "list of target node ids, e.g. attribution.target=[0,3]")
 
 
-def _validate_attribution(a: DictConfig, nodes: int, steps: int, defense: str) -> None:
+def check_attribution(a: Attribution, nodes: int, steps: int, defense: str) -> None:
     attribution_targets(a.target, nodes)
     if a.keep_every is not None:
         _within("attribution.keep_every", a.keep_every, 1, steps, max(1, math.isqrt(steps)))
@@ -799,76 +828,64 @@ def _validate_attribution(a: DictConfig, nodes: int, steps: int, defense: str) -
                           "the reverse pass transposes the plain gossip W^t")
 
 
-def _validate_topology(t: DictConfig, nodes: int) -> None:
-    _choice("topology.name", t.name, TOPOLOGIES, " (e.g. topology=ring)")
-    _choice("topology.weights", t.weights, WEIGHT_SCHEMES)
+def check_topology(t: Topology, nodes: int) -> None:
     if t.weights == "metropolis_hastings" and t.name in DIRECTED:
         raise ConfigError(f"topology.weights=metropolis_hastings needs an undirected graph but "
                           f"{t.name} is directed; use topology.weights=uniform")
-    if t.name == "torus" and t.rows is not None:
+    if isinstance(t, TorusTopology) and t.rows is not None:
         _at_least("topology.rows", t.rows, 1, 4)
         if nodes % t.rows:
             raise ConfigError(f"topology.rows={t.rows} does not divide nodes={nodes}; pick a "
                               "divisor of nodes or leave topology.rows=null")
-    if t.name == "star":
+    if isinstance(t, StarTopology):
         _within("topology.center", t.center, 0, nodes - 1, 0)
-    if t.name == "erdos_renyi":
+    if isinstance(t, ErdosRenyiTopology):
         _within("topology.p", t.p, 0, 1, 0.3, open_low=True)
-    if t.name == "small_world":
+    if isinstance(t, SmallWorldTopology):
         _at_least("topology.k", t.k, 2, 4)
-        if nodes > 2 and t.k >= nodes:
+        if nodes > 1 and t.k >= nodes:
+            fix = f"set topology.k between 2 and {nodes - 1}" if nodes > 2 else "use 3+ nodes"
             raise ConfigError(f"topology.k={t.k}: small_world needs 2 <= k < nodes={nodes}; "
-                              f"set topology.k between 2 and {nodes - 1}")
+                              f"{fix}")
         _within("topology.beta", t.beta, 0, 1, 0.2)
-    if t.name == "hub":
+    if isinstance(t, HubTopology):
         _within("topology.hub", t.hub, 0, nodes - 1, 0)
         _within("topology.hub_weight", t.hub_weight, 0, 1, 0.5, open_low=True, open_high=True)
-    if t.name == "file" and (t.path is None or not t.path.strip()):
+    if isinstance(t, FileTopology) and (t.path is None or not t.path.strip()):
         raise ConfigError("topology.path is not set; pass topology.path=/path/to/W.npy "
                           "(or a .csv file)")
 
 
-def _validate_data(d: DictConfig) -> None:
-    _choice("data.name", d.name, DATASETS, " (e.g. data=digits)")
-    _choice("data.partition", d.partition, PARTITIONS)
+def check_data(d: Data, m: Model, nodes: int) -> None:
+    """The data section, the model's widths and the pairings the names alone decide (the
+    shapes are checked when the data loads)."""
     _positive("data.alpha", d.alpha, 1.0)
     _at_least("data.probe_size", d.probe_size, 1, 200)
     for key in ("max_train", "max_test"):
-        if d[key] is not None:
-            _at_least(f"data.{key}", d[key], 1, 1000)
-    _choice("data.probe", d.probe, PROBES)
+        if getattr(d, key) is not None:
+            _at_least(f"data.{key}", getattr(d, key), 1, 1000)
     _positive("data.input_scale", d.input_scale, 1.0)
-    if d.label_noise is not None and any(not 0 <= p <= 1 for p in d.label_noise):
-        raise ConfigError(f"data.label_noise={show(list(d.label_noise))}: fractions in [0, 1], "
-                          "one per node")
+    if d.label_noise is not None and (any(not 0 <= p <= 1 for p in d.label_noise)
+                                      or len(d.label_noise) != nodes):
+        raise ConfigError(f"data.label_noise={show(d.label_noise)}: needs {nodes} fractions "
+                          "in [0, 1], one per node")
     _at_least("data.node_probe_size", d.node_probe_size, 1, 16)
-    if "test_size" in d:
+    if isinstance(d, DigitsData | SyntheticData):
         _within("data.test_size", d.test_size, 0, 1, 0.2, open_low=True, open_high=True)
-    if d.name == "synthetic":
-        _choice("data.task", d.task, TASKS)
+    regression = isinstance(d, SyntheticData) and d.task == "regression"
+    if isinstance(d, SyntheticData):
         _at_least("data.n_samples", d.n_samples, 2, 2000)
         _at_least("data.n_features", d.n_features, 1, 20)
-        if d.task == "classification":
+        if not regression:
             _at_least("data.n_classes", d.n_classes, 2, 4)
         _at_least("data.noise", d.noise, 0, 0.1)
-
-
-def _validate_model(m: DictConfig) -> None:
-    _choice("model.name", m.name, MODELS, " (e.g. model=mlp)")
-    _choice("model.activation", m.activation, ACTIVATIONS)
-    if m.name == "mlp" and not list(m.hidden):
+    if m.name == "mlp" and not m.hidden:
         raise ConfigError("model.hidden=[]: an mlp needs one or more layer widths, e.g. "
                           "model.hidden=[64]")
     for key in ("hidden", "channels"):
-        widths = list(m[key])
-        if any(w < 1 for w in widths):
-            raise ConfigError(f"model.{key}={show(widths)}: layer widths must be positive "
-                              f"integers, e.g. model.{key}=[64]")
-
-
-def _validate_model_data(m: DictConfig, d: DictConfig) -> None:
-    """The pairings the names alone decide (the shapes are checked when the data loads)."""
-    regression = d.name == "synthetic" and d.task == "regression"
+        if any(w < 1 for w in getattr(m, key)):
+            raise ConfigError(f"model.{key}={show(getattr(m, key))}: layer widths must be "
+                              f"positive integers, e.g. model.{key}=[64]")
     if m.name == "linear" and not regression:
         raise ConfigError("model.name=linear is linear regression and needs a regression data "
                           "set; use data=synthetic_regression, or model=logreg for "
@@ -884,24 +901,73 @@ def _validate_model_data(m: DictConfig, d: DictConfig) -> None:
         raise ConfigError("model.name=cnn needs image inputs [C,H,W]; set data.image=true")
 
 
-def _validate_influence(i: DictConfig, nodes: int, steps: int, batch_size: int) -> None:
+OPTIM_EXAMPLES = {"lr": 0.05, "momentum": 0.9, "dampening": 0, "weight_decay": 0.0005,
+                  "eps": 1e-8, "min_lr": 0, "warmup_steps": 10, "step_size": 50, "gamma": 0.5}
+
+
+def check_optim(o: Optim, steps: int, where: str = "optim") -> None:
+    def bounded(key: str, lo: float, hi: float = math.inf, lo_open: bool = False,
+                hi_open: bool = False) -> None:
+        value = getattr(o, key)
+        ok = math.isfinite(value) and (value > lo if lo_open else value >= lo) and (
+            value < hi if hi_open else value <= hi)
+        if not ok:
+            bounds = [f"{'>' if lo_open else '>='} {lo:g}",
+                      f"{'<' if hi_open else '<='} {hi:g}" if hi < math.inf else ""]
+            what = "an integer" if key in ("warmup_steps", "step_size") else "a finite number"
+            raise ConfigError(f"{where}.{key}={show(value)}: must be {what} "
+                              f"{' and '.join(b for b in bounds if b)}; e.g. "
+                              f"{where}.{key}={OPTIM_EXAMPLES[key]}")
+
+    bounded("lr", 0, lo_open=True)
+    bounded("momentum", 0, 1)
+    bounded("dampening", 0, 1)
+    bounded("weight_decay", 0)
+    bounded("eps", 0, lo_open=True)
+    bounded("min_lr", 0)
+    bounded("warmup_steps", 0)
+    bounded("step_size", 1)
+    bounded("gamma", 0, 1, lo_open=True)
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"{where}.betas={show(list(o.betas))}: two numbers in [0, 1), "
+                          "e.g. [0.9, 0.999]")
+    if o.nesterov and (o.momentum <= 0 or o.dampening != 0):
+        raise ConfigError(f"{where}.nesterov=true needs {where}.momentum > 0 and "
+                          f"{where}.dampening=0 (as torch.optim.SGD)")
+    if o.name != "sgd" and (o.momentum or o.nesterov or o.dampening):
+        raise ConfigError(f"{where}.momentum/nesterov/dampening are SGD's; {where}.name="
+                          f"{o.name} uses {where}.betas")
+    if o.schedule == "linear_warmup_cosine" and not 0 < o.warmup_steps < steps:
+        raise ConfigError(f"{where}.warmup_steps={o.warmup_steps}: linear_warmup_cosine needs "
+                          f"0 < warmup_steps < steps ({steps})")
+    if o.schedule in ("cosine", "linear_warmup_cosine") and o.min_lr > o.lr:
+        raise ConfigError(f"{where}.min_lr={show(o.min_lr)}: must not exceed "
+                          f"{where}.lr={show(o.lr)}")
+    if o.gossip_state and not (o.momentum or o.name != "sgd"):
+        raise ConfigError(f"{where}.gossip_state=true mixes the optimizer state, but plain "
+                          f"SGD ({where}.momentum=0) has none")
+
+
+def check_removal(key: str, removal: Any, batch_size: int | None = None) -> None:
+    top = batch_size if batch_size is not None else math.inf
+    if not (removal in ("batch", "single") or (_is_int(removal) and 1 <= removal <= top)):
+        limit = f" from 1 to batch_size={batch_size}" if batch_size is not None else ""
+        raise ConfigError(f"{key}={show(removal)}: choose batch, single or a number of "
+                          f"samples{limit}")
+
+
+def check_influence(i: Influence, nodes: int, steps: int, batch_size: int) -> None:
     _within("influence.hops", i.hops, 0, MAX_HOPS, 1)
     gt = i.ground_truth
     if not (isinstance(gt, bool) or (_is_int(gt) and gt >= 0)):
         raise ConfigError(f"influence.ground_truth={show(gt)}: true, false or a number K of "
                           "events to spot-check, e.g. influence.ground_truth=20")
-    names = list(i.estimators)
-    bad = [n for n in names if n not in ESTIMATORS]
-    if bad or not names or len(set(names)) < len(names):
-        close = closest(str(bad[0]), ESTIMATORS) if bad else []
-        hint = f"did you mean {close[0]}? " if close else ""
-        raise ConfigError(f"influence.estimators={show(names)}: {hint}a list of distinct "
-                          f"estimators from {', '.join(ESTIMATORS)}, e.g. [dice_e, dice_mid]")
+    names = [str(n) for n in i.estimators]
+    if not names or len(set(names)) < len(names):
+        raise ConfigError(f"influence.estimators={show(names)}: a list of distinct estimators "
+                          f"from {', '.join(ESTIMATORS)}, e.g. [dice_e, dice_mid]")
     _at_least("influence.flush_every", i.flush_every, 1, 50)
-    removal = i.removal
-    if not (removal in ("batch", "single") or (_is_int(removal) and 1 <= removal <= batch_size)):
-        raise ConfigError(f"influence.removal={show(removal)}: choose batch, single or a number "
-                          f"of samples from 1 to batch_size={batch_size}")
+    check_removal("influence.removal", i.removal, batch_size)
     events = i.events
     if _is_int(events):
         if events < 0:
@@ -921,7 +987,7 @@ def _validate_influence(i: DictConfig, nodes: int, steps: int, batch_size: int) 
             raise ConfigError(f"influence.step_range={show(r)}: must be a pair [lo, hi], "
                               "e.g. influence.step_range=[0, 50], or null")
         lo, hi = r
-        top = steps - i.hops
+        top = min(steps - i.hops, steps - 1)
         if not 0 <= lo <= hi <= top:
             raise ConfigError(f"influence.step_range={show(r)}: needs 0 <= lo <= hi <= "
                               f"steps - hops = {top}")
@@ -932,165 +998,159 @@ def _validate_influence(i: DictConfig, nodes: int, steps: int, batch_size: int) 
                               "numbers (one per node), or null for uniform 1/n")
 
 
-def _validate_attack(a: DictConfig, nodes: int, steps: int) -> None:
-    _choice("attack.kind", a.kind, ATTACKS, " (e.g. attack=label_flip)")
+def check_attack(a: Attack, nodes: int, steps: int) -> None:
     _node_ids("attack.nodes", list(a.nodes), nodes)
     if len(set(a.nodes)) != len(a.nodes):
         raise ConfigError(f"attack.nodes={show(list(a.nodes))}: lists a node twice")
     _within("attack.fraction", a.fraction, 0, 1, 0.25)
     if a.kind != "none":
         _within("attack.start", a.start, 0, steps - 1, 0)
+        if not a.nodes and not 1 <= round(a.fraction * nodes) <= nodes:
+            raise ConfigError(f"attack.fraction={show(a.fraction)}: attacks "
+                              f"{round(a.fraction * nodes)} of {nodes} nodes; give "
+                              "attack.nodes=[...] or a fraction that picks at least one node")
     else:
         _at_least("attack.start", a.start, 0, 0)
-    if not math.isfinite(a.sigma) or a.sigma < 0:
-        raise ConfigError(f"attack.sigma={show(a.sigma)}: must be a finite number >= 0; "
-                          "set e.g. attack.sigma=1.0")
-    if not math.isfinite(a.scale):
-        raise ConfigError(f"attack.scale={show(a.scale)}: must be a finite number; "
-                          "set e.g. attack.scale=-4.0")
+    _finite("attack.sigma", a.sigma, 1.0, low=0)
+    _finite("attack.scale", a.scale, -4.0)
 
 
-def _validate_defense(d: DictConfig, proximal: bool) -> None:
-    _choice("defense.kind", d.kind, DEFENSES, " (e.g. defense=dice)")
+def check_defense(d: Defense, proximal: bool) -> None:
     if d.kind == "dice" and not proximal:
         raise ConfigError("defense.kind=dice scores neighbours by proximal influence; "
                           "set influence.proximal=true")
     _at_least("defense.window", d.window, 1, 20)
     _at_least("defense.warmup", d.warmup, 0, 10)
     _at_least("defense.trim", d.trim, 0, 1)
-    if not math.isfinite(d.threshold):
-        raise ConfigError(f"defense.threshold={show(d.threshold)}: must be a finite number; "
-                          "set e.g. defense.threshold=0.0")
+    _finite("defense.threshold", d.threshold, 0.0)
 
 
-def _validate_case_removal(key: str, removal: Any) -> None:
-    if not (removal in ("batch", "single") or (_is_int(removal) and removal >= 1)):
-        raise ConfigError(f"{key}={show(removal)}: choose batch, single or a number of samples")
+# ---------------------------------------------------------------- experiment blocks' rules
+
+def check_blocks(c: Config) -> None:
+    if c.alignment is not None:
+        check_alignment(c.alignment, c.optim, c.steps)
+    if c.cascade is not None:
+        if c.cascade.leaf is not None:
+            _at_least("cascade.leaf", c.cascade.leaf, 0, 0)
+        _at_least("cascade.hub_first_step", c.cascade.hub_first_step, 0, 0)
+        _at_least("cascade.hub_stride", c.cascade.hub_stride, 1, 2)
+    if (k := c.contribution) is not None:
+        if not k.node_counts or any(v < 2 for v in k.node_counts):
+            raise ConfigError(f"contribution.node_counts={show(k.node_counts)}: needs one or "
+                              "more node counts >= 2, e.g. contribution.node_counts=[8,16]")
+        _within("contribution.noise_max", k.noise_max, 0, 1, 0.6)
+        if k.noise is not None and (any(not 0 <= v <= 1 for v in k.noise) or any(
+                n != len(k.noise) for n in k.node_counts)):
+            raise ConfigError(f"contribution.noise={show(k.noise)}: fractions in [0, 1], "
+                              "one per node of every contribution.node_counts, or null")
+        _within("contribution.hops", k.hops, 0, MAX_HOPS, 2)
+        _within("contribution.min_spearman", k.min_spearman, -1, 1, 0.8)
+    if (r := c.retrain) is not None:
+        _at_least("retrain.batches", r.batches, 0, 100)
+        _at_least("retrain.samples", r.samples, 0, 100)
+    if (s := c.cleansing) is not None:
+        _at_least("cleansing.noisy_nodes", s.noisy_nodes, 1, 4)
+        _within("cleansing.flip", s.flip, 0, 1, 0.3, open_low=True)
+        if not s.remove or any(not 0 < k < 1 for k in s.remove):
+            raise ConfigError(f"cleansing.remove={show(s.remove)}: fractions in (0, 1) of "
+                              "the training samples, e.g. cleansing.remove=[0.01,0.05]")
+        _within("cleansing.hops", s.hops, 0, MAX_HOPS, 2)
+        _at_least("cleansing.baseline_events", s.baseline_events, 0, 2000)
+        _within("cleansing.min_auc", s.min_auc, 0, 1, 0.95)
+    if c.collaborators is not None and c.attack.kind == "none":
+        raise ConfigError("experiment=collaborators needs an attack: pick one with "
+                          "attack=label_flip, attack=scaled_update, ...")
+    if (a := c.anomaly) is not None:
+        if "none" in a.attacks:
+            raise ConfigError(f"anomaly.attacks={show(a.attacks)}: none is not an attack; "
+                              f"choose from {', '.join(ATTACKS[1:])}")
+        if a.window is not None:
+            _at_least("anomaly.window", a.window, 1, 20)
+        ex = list(a.example)
+        if len(ex) != 2 or ex[0] not in ATTACKS[1:] or ex[1] not in TOPOLOGIES:
+            raise ConfigError(f"anomaly.example={show(ex)}: must be [attack, topology], "
+                              "e.g. anomaly.example=[label_flip, ring]")
 
 
-def _validate_alignment(a: DictConfig) -> None:
-    _choice("alignment.sweep", a.sweep, SWEEPS)
+def check_alignment(a: Alignment, optim: Optim, steps: int) -> None:
     _within("alignment.min_spearman", a.min_spearman, -1, 1, 0.99)
     for i, entry in enumerate(a.mid_min_spearman):
-        ok = isinstance(entry, Mapping) and set(entry) == {"lr", "min"} and _is_num(
-            entry["lr"]) and _is_num(entry["min"]) and -1 <= entry["min"] <= 1
-        if not ok:
+        if not (isinstance(entry, Mapping) and set(entry) == {"lr", "min"} and _is_num(
+                entry["lr"]) and _is_num(entry["min"]) and -1 <= entry["min"] <= 1):
             raise ConfigError(f"alignment.mid_min_spearman[{i}]={show(entry)}: an entry is "
                               "{lr: 0.2, min: 0.99}")
+    data_keys = {f.name for cls in DATA_SCHEMAS.values() for f in dataclasses.fields(cls)}
     for key in a.hard_data:
-        if key not in Data.__dataclass_fields__ and key not in ("test_size", "root"):
+        if key not in data_keys:
             raise ConfigError(f"alignment.hard_data.{key}: not a data key")
-    cases = [(f"alignment.core[{i}]", c) for i, c in enumerate(a.core)]
-    cases += [(f"alignment.hard[{i}]", c) for i, c in enumerate(a.hard)]
-    cases += [(f"alignment.optimizers[{i}]", c) for i, c in enumerate(a.optimizers)]
+    cases = [(f"alignment.{kind}[{i}]", case) for kind in ("core", "hard", "optimizers")
+             for i, case in enumerate(getattr(a, kind))]
     for where, case in cases:
-        if isinstance(case, Mapping) and "optim" in case:
-            given = case["optim"]
-            if not isinstance(given, Mapping) or any(k not in Optim.__dataclass_fields__
-                                                     or k == "lr" for k in given):
-                raise ConfigError(f"{where}.optim={show(given)}: optimizer keys other than lr "
-                                  "(the case's lr), e.g. {name: sgd, momentum: 0.9}")
-        if isinstance(case, Mapping) and "data" in case:
-            _choice(f"{where}.data", case["data"], DATASETS)
-        if not isinstance(case, Mapping):
-            raise ConfigError(f"{where}={show(case)}: a case is {{topology, lr, hops, ...}}")
-        for k in case:
-            if k not in CASE_KEYS:
-                close = closest(str(k), CASE_KEYS)
-                fix = f"did you mean {close[0]}?" if close else f"keys: {', '.join(CASE_KEYS)}"
-                raise ConfigError(f"{where}.{k}: unknown key; {fix}")
-        for k in ("topology", "lr", "hops"):
-            if k not in case:
-                raise ConfigError(f"{where}: {k} is missing")
-        _choice(f"{where}.topology", case["topology"], TOPOLOGIES)
-        if not _is_num(case["lr"]) or not case["lr"] > 0:
-            raise ConfigError(f"{where}.lr={show(case['lr'])}: must be a positive number")
-        for k in ("hops", "batch_size", "nodes", "events", "steps"):
-            if k in case and not _is_int(case[k]):
-                raise ConfigError(f"{where}.{k}={show(case[k])}: must be an integer")
-        if not 0 <= case["hops"] <= MAX_HOPS:
-            raise ConfigError(f"{where}.hops={case['hops']}: must be from 0 to {MAX_HOPS}")
-        for k in ("check", "curvature"):
-            if k in case and not isinstance(case[k], bool):
-                raise ConfigError(f"{where}.{k}={show(case[k])}: must be true or false")
-        if "dtype" in case:
-            _choice(f"{where}.dtype", case["dtype"], DTYPES)
-        if "removal" in case:
-            _validate_case_removal(f"{where}.removal", case["removal"])
+        check_case(where, case)
+        if "optim" in case:
+            try:
+                check_optim(_case_optim(optim, case), int(case.get("steps", steps)),
+                            f"{where}.optim")
+            except (OmegaConfBaseException, TypeError):
+                raise ConfigError(f"{where}.optim={show(case['optim'])}: optimizer keys other "
+                                  "than lr (the case's lr), e.g. {name: sgd, momentum: 0.9}"
+                                  ) from None
     f = a.full
-    _topology_names("alignment.full.topologies", f.topologies)
-    for key in ("lrs",):
-        if any(not (v > 0) for v in f[key]):
-            raise ConfigError(f"alignment.full.{key}={show(list(f[key]))}: must be positive")
+    if any(not v > 0 for v in f.lrs):
+        raise ConfigError(f"alignment.full.lrs={show(f.lrs)}: must be positive")
     for key in ("batch_sizes", "nodes"):
-        if any(v < 1 for v in f[key]):
-            raise ConfigError(f"alignment.full.{key}={show(list(f[key]))}: must be >= 1")
-    _validate_case_removal("alignment.full.removal", f.removal)
+        if any(v < 1 for v in getattr(f, key)):
+            raise ConfigError(f"alignment.full.{key}={show(getattr(f, key))}: must be >= 1")
+    check_removal("alignment.full.removal", f.removal)
     _within("alignment.full.hops", f.hops, 0, MAX_HOPS, 3)
     _at_least("alignment.full.events", f.events, 0, 100)
     _at_least("alignment.full.steps", f.steps, 1, 60)
     p = a.precision
-    _choice("alignment.precision.topology", p.topology, TOPOLOGIES)
     _positive("alignment.precision.lr", p.lr, 0.05)
     _within("alignment.precision.hops", p.hops, 0, MAX_HOPS, 8)
-    _validate_case_removal("alignment.precision.removal", p.removal)
+    check_removal("alignment.precision.removal", p.removal)
     _at_least("alignment.precision.events", p.events, 0, 200)
 
 
-def _validate_cascade(c: DictConfig) -> None:
-    _topology_names("cascade.topologies", c.topologies)
-    _topology_names("cascade.draw", c.draw)
-    if c.leaf is not None:
-        _at_least("cascade.leaf", c.leaf, 0, 0)
-    _at_least("cascade.hub_first_step", c.hub_first_step, 0, 0)
-    _at_least("cascade.hub_stride", c.hub_stride, 1, 2)
+def _case_optim(base: Optim, case: Mapping) -> Optim:
+    """An alignment case's optimizer: the run's with the case's keys and lr."""
+    given = case["optim"]
+    if not isinstance(given, Mapping) or "lr" in given:
+        raise TypeError
+    merged = OmegaConf.merge(OmegaConf.structured(base), dict(given), {"lr": case["lr"]})
+    return OmegaConf.to_object(merged)
 
 
-def _validate_contribution(c: DictConfig) -> None:
-    if not c.node_counts or any(v < 2 for v in c.node_counts):
-        raise ConfigError(f"contribution.node_counts={show(list(c.node_counts))}: needs one or "
-                          "more node counts >= 2, e.g. contribution.node_counts=[8,16]")
-    _within("contribution.noise_max", c.noise_max, 0, 1, 0.6)
-    if c.noise is not None and any(not 0 <= v <= 1 for v in c.noise):
-        raise ConfigError(f"contribution.noise={show(list(c.noise))}: fractions in [0, 1], "
-                          "one per node, or null")
-    _within("contribution.hops", c.hops, 0, MAX_HOPS, 2)
-    _within("contribution.min_spearman", c.min_spearman, -1, 1, 0.8)
-
-
-def _validate_retrain(c: DictConfig) -> None:
-    _at_least("retrain.batches", c.batches, 0, 100)
-    _at_least("retrain.samples", c.samples, 0, 100)
-
-
-def _validate_cleansing(c: DictConfig) -> None:
-    _at_least("cleansing.noisy_nodes", c.noisy_nodes, 1, 4)
-    _within("cleansing.flip", c.flip, 0, 1, 0.3, open_low=True)
-    if not c.remove or any(not 0 < k < 1 for k in c.remove):
-        raise ConfigError(f"cleansing.remove={show(list(c.remove))}: fractions in (0, 1) of "
-                          "the training samples, e.g. cleansing.remove=[0.01,0.05]")
-    _within("cleansing.hops", c.hops, 0, MAX_HOPS, 2)
-    _at_least("cleansing.baseline_events", c.baseline_events, 0, 2000)
-    _within("cleansing.min_auc", c.min_auc, 0, 1, 0.95)
-
-
-def _validate_anomaly(a: DictConfig) -> None:
-    attacks = [x for x in ATTACKS if x != "none"]
-    for name in a.attacks:
-        if name not in attacks:
-            raise ConfigError(f"anomaly.attacks: {name} is not an attack; choose from "
-                              f"{', '.join(attacks)}")
-    _topology_names("anomaly.topologies", a.topologies)
-    if a.window is not None:
-        _at_least("anomaly.window", a.window, 1, 20)
-    ex = list(a.example)
-    if len(ex) != 2 or ex[0] not in attacks or ex[1] not in TOPOLOGIES:
-        raise ConfigError(f"anomaly.example={show(ex)}: must be [attack, topology], "
-                          "e.g. anomaly.example=[label_flip, ring]")
-
-
-def _validate_collaborators(c: DictConfig) -> None:
-    _topology_names("collaborators.topologies", c.topologies)
+def check_case(where: str, case: Any) -> None:
+    """One alignment case: {topology, lr, hops, ...} (the driver fills the rest)."""
+    if not isinstance(case, Mapping):
+        raise ConfigError(f"{where}={show(case)}: a case is {{topology, lr, hops, ...}}")
+    for k in case:
+        if k not in CASE_KEYS:
+            close = closest(str(k), CASE_KEYS)
+            fix = f"did you mean {close[0]}?" if close else f"keys: {', '.join(CASE_KEYS)}"
+            raise ConfigError(f"{where}.{k}: unknown key; {fix}")
+    for k in ("topology", "lr", "hops"):
+        if k not in case:
+            raise ConfigError(f"{where}: {k} is missing")
+    _choice(f"{where}.topology", case["topology"], TOPOLOGIES)
+    if "data" in case:
+        _choice(f"{where}.data", case["data"], DATASETS)
+    if not _is_num(case["lr"]) or not case["lr"] > 0:
+        raise ConfigError(f"{where}.lr={show(case['lr'])}: must be a positive number")
+    for k in ("hops", "batch_size", "nodes", "events", "steps"):
+        if k in case and not _is_int(case[k]):
+            raise ConfigError(f"{where}.{k}={show(case[k])}: must be an integer")
+    if not 0 <= case["hops"] <= MAX_HOPS:
+        raise ConfigError(f"{where}.hops={case['hops']}: must be from 0 to {MAX_HOPS}")
+    for k in ("check", "curvature"):
+        if k in case and not isinstance(case[k], bool):
+            raise ConfigError(f"{where}.{k}={show(case[k])}: must be true or false")
+    if "dtype" in case:
+        _choice(f"{where}.dtype", case["dtype"], DTYPES)
+    if "removal" in case:
+        check_removal(f"{where}.removal", case["removal"])
 
 
 # ---------------------------------------------------------------- composing from overrides
@@ -1116,10 +1176,10 @@ def check_group_choice(override: str) -> None:
                           f"{', '.join(choices)}")
 
 
-def _parse(overrides: Sequence[str]) -> list[Any]:
+def _parse(overrides: Sequence[str], loader: Any = None) -> list[Any]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parser = OverridesParser.create()
+    parser = OverridesParser.create(config_loader=loader)
     parsed = []
     for o in overrides:
         try:
@@ -1134,101 +1194,95 @@ def _parse(overrides: Sequence[str]) -> list[Any]:
 
 
 def sweep_points(overrides: Sequence[str]) -> list[list[str]]:
-    """The override lists of every job of a `-m` sweep, as Hydra's basic sweeper forms
-    them: comma lists, choice(), range() and glob() (config groups) become one job each,
-    the product over keys; a key given twice keeps its last value."""
-    from hydra.core.override_parser.types import Glob
+    """The override lists of every job of a `-m` sweep, expanded by Hydra's basic sweeper
+    itself. Expanded here, not only by Hydra's multirun, because every point is composed
+    and checked before the first job starts: Hydra validates a batch's composition only,
+    and only as the jobs come."""
+    from hydra import initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
 
-    per_key: dict[str, list[str]] = {}
-    for o in _parse(overrides):
-        key = o.get_key_element()
-        if not o.is_sweep_override():
-            per_key[key] = [f"{key}={o.get_value_element_as_str()}"]
-            continue
-        value = o.value()
-        if isinstance(value, Glob):
-            group = o.key_or_group
-            if group not in GROUPS:
-                raise ConfigError(f"{o.input_line}: glob() sweeps only config groups "
-                                  f"({', '.join(GROUPS)})")
-            items = value.filter(group_options(group))
-        elif o.is_discrete_sweep():
-            items = list(o.sweep_string_iterator())
-        else:
-            raise ConfigError(f"{o.input_line}: an interval sweep cannot be enumerated; "
-                              "give a list (a,b,c), choice() or range()")
-        per_key[key] = [f"{key}={v}" for v in items]
-    points: list[list[str]] = [[]]
-    for values in per_key.values():
-        points = [p + [v] for p in points for v in values]
-    return points
+    for o in overrides:
+        group = _key_of(o)
+        if "glob(" in o and group not in GROUPS:
+            raise ConfigError(f"{o}: glob() sweeps only config groups ({', '.join(GROUPS)})")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        parsed = _parse(overrides, GlobalHydra.instance().config_loader())
+        try:
+            return BasicSweeper.split_arguments(parsed, None)[0]
+        except Exception as err:  # an interval cannot be enumerated
+            raise ConfigError(f"{' '.join(overrides)}: {_hydra_line(err)}; give a list "
+                              "(a,b,c), choice() or range()") from None
 
 
-def _missing_key_error(err: Exception, overrides: Sequence[str], compose: Any) -> str | None:
-    """Hydra's `Could not override 'nodse'` as `nodse: unknown key; did you mean nodes?`."""
-    m = re.search(r"Could not override '([^']+)'", str(err))
-    if not m:
-        return None
-    key = m.group(1)
-    groups = [o for o in overrides if o.lstrip("+~").partition("=")[0].split("/")[0]
-              in (*GROUPS, "hydra") and "=" in o]
-    try:
-        base = compose(groups)
-    except Exception:
-        return None
-    value = next((o.partition("=")[2] for o in overrides
-                  if o.lstrip("+~").partition("=")[0] == key), None)
-    schema = schema_for(base)
-    parent, _, leaf = key.rpartition(".")
-    node = OmegaConf.select(schema, parent) if parent else schema
-    if isinstance(node, DictConfig) and leaf in node:
-        shown = f"{key}={value}" if value is not None else key
-        return (f"{shown}: a valid key, but the chosen presets do not set it; "
-                f"add it with +{shown}")
-    line = unknown_key(key, schema)
-    return line.replace(f"{key}: ", f"{key}={value}: ", 1) if value is not None else line
+def compose(overrides: Sequence[str] = (), quiet: bool = False) -> Config:
+    """The typed settings of a command line's overrides, composed with Hydra exactly as
+    `python -m dicesim` would (tests, benchmarks and the CLI's checks use this)."""
+    return compose_points([overrides], quiet=quiet)[0]
 
 
-def compose_checked(points: Sequence[Sequence[str]]) -> list[DictConfig]:
-    """Compose each override list with Hydra, exactly as `python -m dicesim` would, and
-    `load` it: the typed, validated configs, or a one-line ConfigError."""
-    return [typed for typed, _ in _compose_points(points, with_hydra=False)]
+def compose_checked(points: Sequence[Sequence[str]]) -> list[Config]:
+    return compose_points(points)
 
 
-def compose_run(overrides: Sequence[str]) -> tuple[DictConfig, DictConfig]:
-    """One run's typed config and the Hydra node it was composed with (hydra.run.dir,
-    the overrides): what `hydra.main` would hand the job, composed once instead of twice."""
+def compose_run(overrides: Sequence[str]) -> tuple[Config, DictConfig]:
+    """One run's typed settings and the Hydra node it was composed with."""
     return _compose_points([overrides], with_hydra=True)[0]
 
 
-def _compose_points(points: Sequence[Sequence[str]], with_hydra: bool
-                    ) -> list[tuple[DictConfig, DictConfig | None]]:
+def compose_points(points: Sequence[Sequence[str]], quiet: bool = False) -> list[Config]:
+    return [typed for typed, _ in _compose_points(points, with_hydra=False, quiet=quiet)]
+
+
+def _compose_points(points: Sequence[Sequence[str]], with_hydra: bool, quiet: bool = False
+                    ) -> list[tuple[Config, DictConfig | None]]:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import open_dict
 
     out = []
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        def compose(overrides: Sequence[str]) -> DictConfig:
-            return hydra_compose("config", overrides=list(overrides),
-                                 return_hydra_config=with_hydra)
-
         for overrides in points:
             for o in overrides:
                 check_group_choice(o)
             _parse(overrides)
             try:
-                cfg = compose(overrides)
+                cfg = hydra_compose("config", overrides=list(overrides),
+                                    return_hydra_config=with_hydra)
             except Exception as err:  # Hydra's override and composition errors
-                line = _missing_key_error(err, overrides, compose)
-                raise ConfigError(line or _hydra_line(err)) from None
+                raise ConfigError(_compose_error(err, overrides)) from None
             hydra_node = None
             if with_hydra:
                 hydra_node = cfg.hydra
                 with open_dict(cfg):
                     del cfg["hydra"]
-            out.append((load(cfg), hydra_node))
+            out.append((load(cfg, overrides, quiet), hydra_node))
     return out
+
+
+def _compose_error(err: Exception, overrides: Sequence[str]) -> str:
+    """Hydra's composition error as the one-line message."""
+    raw: dict[str, Any] = {}
+    for o in overrides:  # the options chosen decide the schema a key is looked up in
+        key, _, value = o.lstrip("+~").partition("=")
+        if key in ("topology", "data"):
+            raw[key] = {"name": "synthetic" if value == "synthetic_regression" else value}
+        if key == "experiment":
+            raw.update({b: {} for b in EXPERIMENT_BLOCKS if BLOCK_PRESETS.get(b, b) == value})
+    m = re.search(r"Could not (?:override|append to config)[^']*'([^']+)'", str(err))
+    cause = err.__cause__ or err.__context__
+    key = m.group(1) if m else getattr(cause, "full_key", None)
+    if "Unexpected type for root" in str(err):  # a key under a block no preset added
+        key = next(_key_of(o) for o in overrides
+                   if _key_of(o).split(".")[0] in EXPERIMENT_BLOCKS)
+        return unknown_key(key, raw)
+    if m and key:
+        value = next((o.partition("=")[2] for o in overrides if _key_of(o) == key), None)
+        line = unknown_key(key, raw)
+        return line.replace(f"{key}: ", f"{key}={value}: ", 1) if value is not None else line
+    if isinstance(cause, OmegaConfBaseException):
+        return _explain(cause, overrides, raw)
+    return _hydra_line(err)
 
 
 def _hydra_line(err: Exception) -> str:
@@ -1241,3 +1295,6 @@ def _hydra_line(err: Exception) -> str:
         if line:
             lines.append(line)
     return " ".join(lines) or type(err).__name__
+
+
+register()

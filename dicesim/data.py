@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import gzip
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,9 +17,10 @@ import numpy as np
 import torch
 
 from dicesim.arrays import spans
+from dicesim.config import DATASETS as DATASETS  # re-exported
+from dicesim.config import Data, SyntheticData
 from dicesim.errors import ConfigError
 
-DATASETS = ("digits", "fashion_mnist", "synthetic", "mnist", "cifar10")
 PARTITIONS = ("iid", "dirichlet")
 FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_FILES = {  # official names; each may also be gzipped (+ ".gz")
@@ -117,22 +117,13 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return d.images, d.target
 
 
-def _synthetic(cfg: Mapping, seed: int) -> Source:
-    task = cfg.get("task", "classification")
-    n, d = _num(cfg, "n_samples", 2000, int), _num(cfg, "n_features", 20, int)
-    classes, noise = _num(cfg, "n_classes", 4, int), _num(cfg, "noise", 0.1, float)
-    if task not in ("classification", "regression"):
-        raise ConfigError(f"data.task={task} is unknown; choose classification or regression")
-    if n < 2 or d < 1 or noise < 0:
-        raise ConfigError(f"data.n_samples={n}, data.n_features={d}, data.noise={noise}: "
-                          "need n_samples >= 2, n_features >= 1, noise >= 0")
+def _synthetic(cfg: SyntheticData, seed: int) -> Source:
+    task, n, d, classes, noise = cfg.task, cfg.n_samples, cfg.n_features, cfg.n_classes, cfg.noise
     rng = np.random.default_rng([seed, 7])
     if task == "regression":  # y = x . w* + noise
         x = rng.normal(size=(n, d))
         w = rng.normal(size=d) / np.sqrt(d)
         return x, (x @ w + noise * rng.normal(size=n)).astype(np.float32), None, 0, 1.0
-    if classes < 2:
-        raise ConfigError(f"data.n_classes={classes} must be >= 2")
     # Gaussian blobs: unit-variance clouds around centres ~ N(0, I), balanced classes
     y = rng.permutation(np.arange(n) % classes)
     x = rng.normal(size=(classes, d))[y] + rng.normal(size=(n, d))
@@ -188,33 +179,15 @@ def _torchvision(name: str, root: Path) -> Source:
 # --------------------------------------------------------------------------- loading
 
 
-def _num(cfg: Mapping, key: str, default: object, kind: type) -> int | float:
-    """data.<key> as int or float, or a one-line ConfigError naming it."""
-    value = cfg.get(key, default)
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if not ok or (kind is int and not float(value).is_integer()):
-        what = "an integer" if kind is int else "a number"
-        raise ConfigError(f"data.{key}={value}: must be {what}")
-    return kind(value)
+def _limit(ids: np.ndarray, cap: int | None, rng: np.random.Generator) -> np.ndarray:
+    """Seeded subset of at most cap ids (all of them when cap is None)."""
+    return ids if cap is None or cap >= len(ids) else rng.choice(ids, cap, replace=False)
 
 
-def _limit(ids: np.ndarray, key: str, cfg: Mapping, rng: np.random.Generator) -> np.ndarray:
-    """Seeded subset of at most cfg[key] ids (all of them when the key is null)."""
-    cap = cfg.get(key)
-    if cap is None:
-        return ids
-    cap = _num(cfg, key, None, int)
-    if cap < 1:
-        raise ConfigError(f"data.{key}={cap} must be >= 1 or null")
-    return ids if int(cap) >= len(ids) else rng.choice(ids, int(cap), replace=False)
-
-
-def load_dataset(cfg: Mapping, seed: int) -> Dataset:
+def load_dataset(cfg: Data, seed: int) -> Dataset:
     """Load `cfg.name` and split it (seeded) into train / probe / test tensors."""
-    name = cfg.get("name", "digits")
-    if name not in DATASETS:
-        raise ConfigError(f"data.name={name} is unknown; choose one of {', '.join(DATASETS)}")
-    root = Path(os.path.expanduser(str(cfg.get("root") or DEFAULT_ROOTS.get(name, "."))))
+    name = str(cfg.name)
+    root = Path(os.path.expanduser(str(getattr(cfg, "root", None) or DEFAULT_ROOTS.get(name, "."))))
     if name == "digits":
         x, y, official_test, num_classes, scale = _digits()
     elif name == "synthetic":
@@ -225,33 +198,30 @@ def load_dataset(cfg: Mapping, seed: int) -> Dataset:
         x, y, official_test, num_classes, scale = _torchvision(name, root)
 
     rng = np.random.default_rng(seed)
-    n, probe_size = len(y), _num(cfg, "probe_size", 200, int)
+    n, probe_size = len(y), cfg.probe_size
     if official_test is None:
-        test_size = _num(cfg, "test_size", 0.2, float)
-        if not 0 < test_size < 1:
-            raise ConfigError(f"data.test_size={test_size} must be a fraction in (0, 1)")
-        n_test = max(1, round(test_size * n))
+        n_test = max(1, round(cfg.test_size * n))
     else:
         n_test = 0
-    if probe_size < 1 or n - n_test - probe_size < 1:
-        raise ConfigError(f"data.probe_size={probe_size} must be >= 1 and leave training data "
+    if n - n_test - probe_size < 1:
+        raise ConfigError(f"data.probe_size={probe_size} must leave training data "
                           f"({n - n_test} samples for train + probe)")
     perm = rng.permutation(n)
     ids = {"probe": perm[:probe_size], "test": perm[probe_size:probe_size + n_test],
-           "train": _limit(perm[probe_size + n_test:], "max_train", cfg, rng)}
+           "train": _limit(perm[probe_size + n_test:], cfg.max_train, rng)}
     if official_test is not None:
         ids["test"] = np.arange(len(official_test[1]))
-    ids["test"] = _limit(ids["test"], "max_test", cfg, rng)
+    ids["test"] = _limit(ids["test"], cfg.max_test, rng)
     ids = {k: np.sort(v) for k, v in ids.items()}
 
-    image = bool(cfg.get("image", False))
+    image = cfg.image
     if image and x.ndim != 4:
         raise ConfigError(f"data.image=true needs an image dataset; data.name={name} is flat")
     shape = tuple(x.shape[1:]) if image else (int(np.prod(x.shape[1:])),)
     src = {"train": (x, y), "probe": (x, y), "test": official_test or (x, y)}
     xs = {k: src[k][0][v].reshape(len(v), *shape).astype(np.float32) / np.float32(scale)
           for k, v in ids.items()}
-    if cfg.get("standardize", True):  # per-feature, with train statistics
+    if cfg.standardize:  # per-feature, with train statistics
         mean, std = xs["train"].mean(0), xs["train"].std(0)
         std[std < 1e-8] = 1.0
         xs = {k: (v - mean) / std for k, v in xs.items()}

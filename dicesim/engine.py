@@ -9,7 +9,7 @@ import ctypes
 import ctypes.util
 import functools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +19,7 @@ from torch import Tensor
 from dicesim.aggregate import Aggregator, build_aggregator
 from dicesim.attack import Attack, build_attack
 from dicesim.comm import Comm, Layout, check_layout
+from dicesim.config import Config, Data, Influence, Optim
 from dicesim.data import (
     BatchOrder,
     Dataset,
@@ -29,9 +30,9 @@ from dicesim.data import (
     partition,
 )
 from dicesim.errors import ConfigError
-from dicesim.events import ESTIMATORS, Event, EventBook, build_events
+from dicesim.events import Event, EventBook, build_events
 from dicesim.model import FlatModel, Probe, build_model
-from dicesim.optim import LocalOptimizer, OptimSettings, State, build_optimizer, optim_settings
+from dicesim.optim import LocalOptimizer, State, build_optimizer
 from dicesim.topology import Topology, build_topology
 from dicesim.trackers import Tracker
 from dicesim.trainer import RunResult, Step, Trainer
@@ -53,52 +54,15 @@ class RunSettings:
     progress: bool
 
 
-def number(cfg: Mapping, key: str, kind: type = float, default: object = None,
-           minimum: float | None = None) -> int | float:
-    """cfg[key] (a dotted key) as int or float, or a ConfigError naming it."""
-    value: object = cfg
-    for part in key.split("."):
-        value = value.get(part, default) if isinstance(value, Mapping) else default
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if kind is int:
-        ok = ok and float(value).is_integer()
-    if not ok:
-        raise ConfigError(f"{key}={value}: must be {'an integer' if kind is int else 'a number'}")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{key}={value}: must be at least {minimum}")
-    return kind(value)
+def run_settings(cfg: Config) -> RunSettings:
+    return RunSettings(cfg.nodes, cfg.steps, cfg.batch_size, cfg.seed, DTYPES[cfg.dtype],
+                       cfg.eval_every, cfg.init, cfg.timeout_s, cfg.progress)
 
 
-def run_settings(cfg: Mapping) -> RunSettings:
-    def positive_int(key: str) -> int:
-        return number(cfg, key, int, minimum=1)
-
-    dtype = cfg.get("dtype", "float32")
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype={dtype}: choose float32 or float64")
-    init = cfg.get("init", "same")
-    if init not in ("same", "per_node"):
-        raise ConfigError(f"init={init}: choose same (one initial θ for all nodes) or per_node")
-    timeout = number(cfg, "timeout_s", default=60)
-    if timeout <= 0:
-        raise ConfigError(f"timeout_s={timeout}: must be positive")
-    return RunSettings(
-        nodes=positive_int("nodes"), steps=positive_int("steps"),
-        batch_size=positive_int("batch_size"), seed=number(cfg, "seed", int, 0),
-        dtype=DTYPES[dtype], eval_every=positive_int("eval_every"), init=init,
-        timeout_s=timeout, progress=bool(cfg.get("progress", True)),
-    )
-
-
-def resolve_device(cfg: Mapping, local_rank: int) -> tuple[torch.device, str]:
+def resolve_device(cfg: Config, local_rank: int) -> tuple[torch.device, str]:
     """(device, backend): gloo on CPU, nccl with one GPU per rank, unless overridden."""
-    want_device = cfg.get("device", "auto")
-    backend = cfg.get("backend", "auto")
+    want_device, backend = cfg.device, cfg.backend
     gpus = torch.cuda.device_count()
-    if want_device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device={want_device}: choose auto, cpu or cuda")
-    if backend not in ("auto", "gloo", "nccl"):
-        raise ConfigError(f"backend={backend}: choose auto, gloo or nccl")
     use_cuda = want_device == "cuda" or (want_device == "auto" and gpus > 0 and backend != "gloo")
     if (use_cuda or backend == "nccl") and gpus == 0:
         raise ConfigError(
@@ -140,17 +104,17 @@ class Simulation:
     """Builds and checks everything a run needs before any process group exists, so a bad
     setting stops every rank with the same one-line message."""
 
-    def __init__(self, cfg: Mapping, world: int = 1, rank: int = 0):
+    def __init__(self, cfg: Config, world: int = 1, rank: int = 0):
         keep_freed_memory()
         self.cfg = cfg
         self.run = run_settings(cfg)
         s = self.run
-        self.optim: OptimSettings = optim_settings(cfg["optim"], s.steps)
+        self.optim: Optim = cfg.optim
         check_layout(s.nodes, world)
         self.layout = Layout(s.nodes, world, rank)
-        self.topology: Topology = build_topology(cfg["topology"], s.nodes, s.seed)
-        self.data: Dataset = load_dataset(cfg["data"], s.seed)
-        self._scale_inputs(cfg["data"].get("input_scale", 1.0))
+        self.topology: Topology = build_topology(cfg.topology, s.nodes, s.seed)
+        self.data: Dataset = load_dataset(cfg.data, s.seed)
+        self._scale_inputs(cfg.data.input_scale)
         per_node = len(self.data.y_train) // s.nodes
         if s.batch_size > per_node:
             raise ConfigError(
@@ -158,35 +122,32 @@ class Simulation:
                 f"samples with {s.nodes} nodes); lower batch_size or use fewer nodes")
         labels = self.data.y_train.numpy() if self.data.num_classes else np.zeros(
             len(self.data.y_train), dtype=np.int64)
-        dcfg = cfg["data"]
-        self.parts = partition(labels, s.nodes, dcfg.get("partition", "iid"),
-                               float(dcfg.get("alpha", 1.0)), s.seed, min_size=s.batch_size)
-        self.node_probe_ids = self._split_node_probes(cfg["data"])
+        self.parts = partition(labels, s.nodes, cfg.data.partition, cfg.data.alpha, s.seed,
+                               min_size=s.batch_size)
+        self.node_probe_ids = self._split_node_probes(cfg.data)
         check_batch_size(self.parts, s.batch_size)
-        self._add_label_noise(dcfg.get("label_noise"))
-        self.model: FlatModel = build_model(cfg["model"], self.data.input_shape,
+        self._add_label_noise(cfg.data.label_noise)
+        self.model: FlatModel = build_model(cfg.model, self.data.input_shape,
                                             self.data.num_classes)
-        self.attack: Attack = build_attack(cfg.get("attack"), s.nodes, s.steps, s.seed)
-        icfg = cfg.get("influence") or {}
+        self.attack: Attack = build_attack(cfg.attack, s.nodes, s.seed)
+        icfg = cfg.influence
         self.influence = InfluenceSettings(
-            hops=number(cfg, "influence.hops", int, 1),
-            curvature=bool(icfg.get("curvature", True)), proximal=bool(icfg.get("proximal", False)),
-            flush_every=number(cfg, "influence.flush_every", int, 50, minimum=1),
-            estimators=self._estimators(icfg.get("estimators", list(DEFAULT_ESTIMATORS))),
-        )
+            hops=icfg.hops, curvature=icfg.curvature, proximal=icfg.proximal,
+            flush_every=icfg.flush_every, estimators=tuple(str(e) for e in icfg.estimators))
         self.events: list[Event] = build_events(
             icfg, nodes=s.nodes, steps=s.steps, batch_size=s.batch_size, parts=self.parts,
             seed=s.seed)
-        self.influence.ground_truth = self._spot_checks(icfg.get("ground_truth", True))
-        removals = (cfg.get("counterfactual") or {}).get("remove") or []
-        self.removals = build_events({"events": list(removals), "hops": 0}, nodes=s.nodes,
-                                     steps=s.steps, batch_size=s.batch_size, parts=self.parts,
-                                     seed=s.seed, key="counterfactual.remove")
-        self.q = self._node_weights(icfg.get("node_weights"))
-        self.defense_kind = self.new_aggregator().kind  # validates defense.*
+        self.influence.ground_truth = self._spot_checks(icfg.ground_truth)
+        self.removals = build_events(
+            Influence(events=list(cfg.counterfactual.remove), hops=0), nodes=s.nodes,
+            steps=s.steps, batch_size=s.batch_size, parts=self.parts, seed=s.seed,
+            key="counterfactual.remove")
+        self.q = (np.full(s.nodes, 1.0 / s.nodes) if icfg.node_weights is None
+                  else np.asarray(icfg.node_weights, dtype=np.float64))
+        self.defense_kind = str(cfg.defense.kind)
         from dicesim.attribution import Keeper, attribution_settings
 
-        self.attribution = attribution_settings(cfg, s.nodes, s.steps, self.defense_kind)
+        self.attribution = attribution_settings(cfg.attribution, s.nodes, s.steps)
         # extra trackers (experiments, benchmarks): factories called with the run's parts
         self.extra_trackers: list[Callable[[RunParts], Tracker]] = []
         self.on_parts: list[Callable[[RunParts], None]] = []  # e.g. timing hooks of a bench
@@ -195,18 +156,15 @@ class Simulation:
                 parts.optimizer, self.attribution.keep_every, s.steps))
 
     def new_aggregator(self) -> Aggregator:
-        return build_aggregator(self.cfg.get("defense"), self.attack.nodes, self.run.nodes,
-                                self.layout.local_nodes, self.influence.proximal)
+        return build_aggregator(self.cfg.defense, self.attack.nodes, self.run.nodes,
+                                self.layout.local_nodes)
 
-    def _split_node_probes(self, dcfg: Mapping) -> np.ndarray | None:
+    def _split_node_probes(self, dcfg: Data) -> np.ndarray | None:
         """data.probe=per_node: Z'_k = data.node_probe_size samples held out of node k's own
         data (a local validation split) instead of the shared probe set."""
-        mode = dcfg.get("probe", "shared")
-        if mode not in ("shared", "per_node"):
-            raise ConfigError(f"data.probe={mode}: choose shared or per_node")
-        if mode == "shared":
+        if dcfg.probe == "shared":
             return None
-        m = number(dcfg, "node_probe_size", int, 16, minimum=1)
+        m = dcfg.node_probe_size
         smallest = min(len(p) for p in self.parts)
         if m + self.run.batch_size > smallest:
             raise ConfigError(
@@ -218,44 +176,24 @@ class Simulation:
             probes.append(probe_ids)
         return np.stack(probes)
 
-    def _scale_inputs(self, scale: object) -> None:
+    def _scale_inputs(self, scale: float) -> None:
         """data.input_scale=c multiplies every input (after standardization) by c: η‖x‖²
         grows by c², the knob that decides how far first-order influence is off."""
-        if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
-            raise ConfigError(f"data.input_scale={scale}: must be a positive number")
         if scale != 1:
             d = self.data
             d.x_train, d.x_probe, d.x_test = d.x_train * scale, d.x_probe * scale, d.x_test * scale
 
-    def _add_label_noise(self, given: object) -> None:
+    def _add_label_noise(self, given: list[float] | None) -> None:
         """data.label_noise=[p_0, …]: node k's training labels are wrong for a fraction p_k
         of its samples (data of graded quality, e.g. `make contribution`)."""
         if given is None:
             return
-        n, classes = self.run.nodes, self.data.num_classes
-        try:
-            p = np.asarray(list(given), dtype=float)
-        except (TypeError, ValueError):
-            p = np.array([])
-        if p.shape != (n,) or not ((p >= 0) & (p <= 1)).all():
-            raise ConfigError(f"data.label_noise={given}: needs {n} fractions in [0, 1], one "
-                              "per node")
+        classes = self.data.num_classes
+        p = np.asarray(given, dtype=float)
         if classes < 2:
             raise ConfigError("data.label_noise needs a classification data set (e.g. "
                               "data=digits)")
         self.data.y_train = flip_labels(self.data.y_train, self.parts, p, classes, self.run.seed)
-
-    @staticmethod
-    def _estimators(given: object) -> tuple[str, ...]:
-        names = [given] if isinstance(given, str) else given
-        try:
-            names = tuple(names)
-        except TypeError:
-            names = ()
-        if not names or any(n not in ESTIMATORS for n in names) or len(set(names)) < len(names):
-            raise ConfigError(f"influence.estimators={given}: a list of distinct estimators "
-                              f"from {', '.join(ESTIMATORS)}, e.g. [dice_e, dice_mid]")
-        return names
 
     def _spot_checks(self, given: object) -> set[int] | None:
         """influence.ground_truth: true (every event), false (none) or K (K of the events,
@@ -271,15 +209,6 @@ class Simulation:
             return None
         rng = np.random.default_rng([self.run.seed, 5381])
         return {int(i) for i in rng.choice(n, size=given, replace=False)}
-
-    def _node_weights(self, given: object) -> np.ndarray:
-        n = self.run.nodes
-        if given is None:
-            return np.full(n, 1.0 / n)
-        q = np.asarray(list(given), dtype=np.float64)
-        if q.shape != (n,) or (q < 0).any():
-            raise ConfigError(f"influence.node_weights: needs {n} non-negative numbers")
-        return q
 
     @property
     def tracking(self) -> bool:

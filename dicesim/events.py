@@ -10,7 +10,6 @@ and when an event is finished (all its hops recorded, its rows ready to leave th
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -19,12 +18,14 @@ import torch
 from torch import Tensor
 
 from dicesim.comm import Layout
-from dicesim.config import ESTIMATORS  # noqa: F401 - estimator columns, re-exported
+from dicesim.config import (
+    ESTIMATORS,  # noqa: F401 - estimator columns, re-exported
+    Influence,
+)
+from dicesim.config import MAX_HOPS as MAX_HOPS  # re-exported
 from dicesim.data import batch_ids
 from dicesim.errors import ConfigError
 from dicesim.topology import Topology
-
-MAX_HOPS = 8
 
 
 class InfluenceRow(NamedTuple):
@@ -90,66 +91,26 @@ def reach_sets(topology: Topology, source: int, step: int, hops: int,
     return sets
 
 
-def build_events(cfg: Mapping, *, nodes: int, steps: int, batch_size: int,
+def build_events(cfg: Influence, *, nodes: int, steps: int, batch_size: int,
                  parts: list[np.ndarray], seed: int, key: str = "influence.events"
                  ) -> list[Event]:
     """Events from `influence.events`: an int N (N sampled events) or a list of
-    {node, step, samples} with samples = all | [global ids] | k (k random samples)."""
-    hops = cfg.get("hops", 1)
-    if not isinstance(hops, int) or not 0 <= hops <= MAX_HOPS:
-        raise ConfigError(f"influence.hops={hops}: must be an integer from 0 to {MAX_HOPS}")
-    spec = cfg.get("events", 0)
+    {node, step, samples} with samples = all | [global ids] | k (k random samples). The
+    schema checked the spec against the run; what needs the batches is checked here."""
+    hops, spec = cfg.hops, cfg.events
     rng = np.random.default_rng([seed, 7919])
     raw: list[tuple[int, int, object]] = []
-    if isinstance(spec, bool) or not isinstance(spec, int | Sequence) or isinstance(spec, str):
-        raise ConfigError(f"{key}={spec}: give a number of events to sample or a list of "
-                          "{node, step, samples}")
     if isinstance(spec, int):
-        if spec < 0:
-            raise ConfigError(f"{key}={spec}: must be >= 0 or a list of events")
-        if spec and hops > steps:
-            raise ConfigError(f"influence.hops={hops} reaches past the last step (steps={steps});"
-                              " lower influence.hops or raise steps")
         last = min(steps - hops, steps - 1)  # an event at t needs t + r <= T and t < T
-        lo, hi = cfg.get("step_range", None) or (0, last)
-        if spec and not 0 <= lo <= hi <= last:
-            raise ConfigError(f"influence.step_range=[{lo}, {hi}]: needs 0 <= lo <= hi <= "
-                              f"{last} (the last step an event can start at with "
-                              f"influence.hops={hops})")
-        removal = cfg.get("removal", "batch")
-        if removal not in ("batch", "single") and not (
-                isinstance(removal, int) and 1 <= removal <= batch_size):
-            raise ConfigError(f"influence.removal={removal}: choose batch, single or a number "
-                              f"of samples from 1 to batch_size={batch_size}")
+        lo, hi = cfg.step_range or (0, last)
+        removal = cfg.removal
         samples = "all" if removal == "batch" else 1 if removal == "single" else int(removal)
-        raw = sample_events(rng, int(spec), nodes, lo, hi, batch_size, samples, key)
+        raw = sample_events(rng, spec, nodes, lo, hi, batch_size, samples, key)
     else:
-        for i, item in enumerate(spec):
-            if not isinstance(item, Mapping) or not {"node", "step"} <= set(item):
-                raise ConfigError(f"{key}[{i}]={item}: an event needs node and step, e.g. "
-                                  "{node: 3, step: 10, samples: all}")
-            node, step, samples = item["node"], item["step"], item.get("samples", "all")
-            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (node, step)):
-                raise ConfigError(f"{key}[{i}]: node and step must be integers")
-            ok = samples in ("all", None) or (isinstance(samples, int) and samples > 0) or (
-                isinstance(samples, Sequence) and not isinstance(samples, str)
-                and all(isinstance(v, int) for v in samples))
-            if not ok:
-                raise ConfigError(f"{key}[{i}]: samples={samples} must be all, a number k or "
-                                  "a list of training sample ids")
-            raw.append((node, step, samples))
+        raw = [(item["node"], item["step"], item.get("samples", "all")) for item in spec]
     events = []
     for index, (node, step, samples) in enumerate(raw):
         where = f"{key}[{index}] (node={node}, step={step})"
-        if not 0 <= node < nodes:
-            raise ConfigError(f"{where}: node {node} is outside the graph (0..{nodes - 1})")
-        if not 0 <= step < steps:
-            raise ConfigError(f"{where}: step {step} is outside the run (0..{steps - 1})")
-        if step + hops > steps:
-            raise ConfigError(
-                f"{where}: influence.hops={hops} reaches step {step + hops}, past the last "
-                f"step {steps}; lower influence.hops or pick an earlier step"
-            )
         ids = batch_ids(parts[node], batch_size, step, seed, node)
         if isinstance(samples, Position):
             pos = np.array([samples.index])

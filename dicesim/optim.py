@@ -21,17 +21,42 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from dicesim.optimsettings import EXAMPLES as EXAMPLES  # re-exported
-from dicesim.optimsettings import OptimSettings, Schedule
-from dicesim.optimsettings import optim_settings as optim_settings  # re-exported
+from dicesim.config import Optim
 
 Tamper = Callable[[int, np.ndarray, Tensor], Tensor]  # (t, global nodes, Δ rows) → Δ as sent
 State = dict[str, Tensor]  # name → [rows, P]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """η_t for t = 0 … steps − 1 (the index DESIGN §2 gives η)."""
+
+    lr: float
+    name: str = "constant"
+    steps: int = 1  # the horizon T of the cosine
+    min_lr: float = 0.0  # η at the end of a cosine
+    warmup_steps: int = 0  # linear_warmup_cosine: η (t + 1) / warmup for t < warmup
+    step_size: int = 1  # step: η γ^⌊t / step_size⌋
+    gamma: float = 0.1
+
+    def __call__(self, t: int) -> float:
+        if self.name == "constant":
+            return self.lr
+        if self.name == "step":
+            return self.lr * self.gamma ** (t // self.step_size)
+        warm = self.warmup_steps if self.name == "linear_warmup_cosine" else 0
+        if t < warm:
+            return self.lr * (t + 1) / warm
+        span = max(1, self.steps - warm)
+        progress = min(1.0, (t - warm) / span)
+        return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
 
 
 class LocalOptimizer:
@@ -234,11 +259,11 @@ class Adam(LocalOptimizer):
         return bar_theta, bar_g, {"m": b1 * bar_m, "v": b2 * bar_v}
 
 
-def build_optimizer(s: OptimSettings, steps: int, tamper: Tamper | None = None
+def build_optimizer(s: Optim, steps: int, tamper: Tamper | None = None
                     ) -> LocalOptimizer:
     schedule = Schedule(s.lr, s.schedule, steps, s.min_lr, s.warmup_steps, s.step_size, s.gamma)
     if s.name == "sgd":
         return SGD(schedule, tamper, s.momentum, s.dampening, s.nesterov, s.weight_decay,
                    s.gossip_state)
-    return Adam(schedule, tamper, s.betas, s.eps, s.weight_decay, s.name == "adamw",
+    return Adam(schedule, tamper, tuple(s.betas), s.eps, s.weight_decay, s.name == "adamw",
                 s.gossip_state)

@@ -207,7 +207,7 @@ def write_all(out: Path, sim: Simulation, result: RunResult, plots: bool = True,
     started earlier (dicesim/plotworkers.py); else one is started here."""
     outputs_at = time.perf_counter()
     write_csv(out / "metrics.csv", METRIC_COLUMNS, sorted(result.metrics))
-    if sim.cfg.get("save_params", False) and result.final_params is not None:
+    if sim.cfg.save_params and result.final_params is not None:
         torch.save(result.final_params, out / "params.pt")
     if sim.tracking:
         write_influence(out, result)
@@ -267,11 +267,11 @@ def report_md(sim: Simulation, summary: dict, pictures: list[str]) -> str:
     gap = summary["spectral_gap"]  # scale: None (with a note) where the sparse solver failed
     gap = f"{gap:.4f}" if gap is not None else f"not computed: {sim.topology.spectral_gap_note}"
     lines = [
-        f"# dicesim run: {sim.cfg.get('name', 'run')}",
+        f"# dicesim run: {sim.cfg.name}",
         "",
         f"{summary['nodes']} nodes on `{summary['topology']}` (spectral gap "
         f"{gap}), {summary['ranks']} rank(s), {summary['steps']} steps, "
-        f"`{sim.cfg['model']['name']}` ({summary['params_per_node']} parameters per node) on "
+        f"`{sim.cfg.model.name}` ({summary['params_per_node']} parameters per node) on "
         f"`{summary['data']}`, lr {sim.optim.lr:g}, batch {sim.run.batch_size}.",
         "",
         "| final (mean over nodes) | value |",

@@ -12,7 +12,7 @@ small-n callers (oracle, experiments, tests) read.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,18 +21,15 @@ import numpy as np
 from scipy import sparse
 
 from dicesim.arrays import spans
+from dicesim.config import TOPOLOGIES as TOPOLOGIES  # re-exported
+from dicesim.config import WEIGHT_SCHEMES as WEIGHT_SCHEMES  # re-exported
+from dicesim.config import FileTopology
+from dicesim.config import Topology as TopologySettings
 from dicesim.errors import ConfigError
 
 if TYPE_CHECKING:  # networkx is imported where a graph is built with it (~0.1 s)
     import networkx as nx
 
-TOPOLOGIES = ("ring", "directed_ring", "torus", "exponential", "one_peer_exponential",
-              "complete", "star", "erdos_renyi", "small_world", "hub", "file")
-WEIGHT_SCHEMES = ("uniform", "metropolis_hastings")
-# Topologies whose edges are directed: metropolis_hastings weights are undefined for them.
-DIRECTED = ("directed_ring", "exponential", "one_peer_exponential")
-# Topologies that define their own weights and ignore topology.weights.
-OWN_WEIGHTS = ("hub", "file")
 ROW_SUM_TOL = 1e-9
 ER_TRIES = 100
 EIG_TOL = 1e-12
@@ -244,29 +241,16 @@ def _arnoldi_lam2(sp: list, n: int) -> tuple[float | None, str]:
     return float(np.abs(vals).max()), "ARPACK eigsh" if symmetric else "ARPACK eigs"
 
 
-def build_topology(cfg: Mapping, n: int, seed: int) -> Topology:
+def build_topology(cfg: TopologySettings, n: int, seed: int) -> Topology:
     """Build the topology described by ``cfg`` (the ``topology`` config group) for n nodes.
 
-    Raises ConfigError (one line: the setting, what is wrong, how to fix it) on bad input.
+    The schema checked the settings; a ConfigError (one line) here is about the graph: a
+    W file that is not a connected row-stochastic matrix, a random graph that stays
+    disconnected.
     """
-    name = cfg.get("name")
-    if name is None:
-        raise ConfigError(f"topology.name is not set; choose one of {', '.join(TOPOLOGIES)}")
-    if name not in TOPOLOGIES:
-        raise ConfigError(f"topology.name={name!r} is unknown; choose one of "
-                          f"{', '.join(TOPOLOGIES)} (e.g. topology=ring)")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ConfigError(f"nodes={n!r}: need a whole number of nodes >= 1; set e.g. nodes=8")
-    n = int(n)
-    scheme = _opt(cfg, "weights", "uniform")
-    if name not in OWN_WEIGHTS:
-        if scheme not in WEIGHT_SCHEMES:
-            raise ConfigError(f"topology.weights={scheme!r} is unknown; choose one of "
-                              f"{', '.join(WEIGHT_SCHEMES)}")
-        if scheme == "metropolis_hastings" and name in DIRECTED:
-            raise ConfigError(f"topology.weights=metropolis_hastings needs an undirected graph but "
-                              f"{name} is directed; use topology.weights=uniform")
-
+    name, n, scheme = str(cfg.name), int(n), str(cfg.weights)
     if name == "file":
         mats, where = _load_file(cfg, n)
     else:
@@ -279,17 +263,14 @@ def build_topology(cfg: Mapping, n: int, seed: int) -> Topology:
 
 # ---------------------------------------------------------------- builders (n >= 2)
 
-def _ring(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
+def _ring(cfg: Any, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
     k = np.arange(n)
     return [_undirected(np.stack([k, (k + 1) % n], axis=1), n, scheme)]
 
 
-def _torus(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
+def _torus(cfg: Any, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
     divisors = [d for d in range(1, n + 1) if n % d == 0]
-    rows = _int(cfg, "rows", min(divisors, key=lambda d: (abs(d - n**0.5), d)))
-    if rows < 1 or n % rows:
-        raise ConfigError(f"topology.rows={rows} does not divide nodes={n}; pick one of "
-                          f"{', '.join(map(str, divisors))} or leave topology.rows=null")
+    rows = cfg.rows or min(divisors, key=lambda d: (abs(d - n**0.5), d))
     cols = n // rows
     r, c = np.divmod(np.arange(n), cols)
     down, right = ((r + 1) % rows) * cols + c, r * cols + (c + 1) % cols
@@ -298,21 +279,18 @@ def _torus(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_arra
                         n, scheme)]
 
 
-def _complete(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
+def _complete(cfg: Any, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
     return [_undirected(np.stack(np.triu_indices(n, 1), axis=1), n, scheme)]
 
 
-def _star(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
-    center = _node(cfg, "center", n)
+def _star(cfg: Any, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
+    center = cfg.center
     leaves = np.array([k for k in range(n) if k != center], dtype=np.int64)
     return [_undirected(np.stack([np.full_like(leaves, center), leaves], axis=1), n, scheme)]
 
 
-def _erdos_renyi(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
-    p = _float(cfg, "p", 0.3)
-    if not 0.0 < p <= 1.0:
-        raise ConfigError(f"topology.p={p}: the erdos_renyi edge probability must be in (0, 1]; "
-                          "set e.g. topology.p=0.3")
+def _erdos_renyi(cfg: Any, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
+    p = cfg.p
     import networkx as nx
 
     for s in range(seed, seed + ER_TRIES):
@@ -323,14 +301,8 @@ def _erdos_renyi(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.cs
                       f"after {ER_TRIES} tries; raise topology.p")
 
 
-def _small_world(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
-    k, beta = _int(cfg, "k", 4), _float(cfg, "beta", 0.2)
-    if not 2 <= k < n:
-        fix = f"set topology.k between 2 and {n - 1}" if n > 2 else "use at least 3 nodes"
-        raise ConfigError(f"topology.k={k}: small_world needs 2 <= k < nodes={n}; {fix}")
-    if not 0.0 <= beta <= 1.0:
-        raise ConfigError(f"topology.beta={beta}: the small_world rewiring probability must be "
-                          "in [0, 1]; set e.g. topology.beta=0.2")
+def _small_world(cfg: Any, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
+    k, beta = cfg.k, cfg.beta
     import networkx as nx
 
     try:
@@ -341,25 +313,21 @@ def _small_world(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.cs
     return [_undirected(_edges(g), n, scheme)]
 
 
-def _directed_ring(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
+def _directed_ring(cfg: Any, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
     return [_directed(n, [1])]
 
 
-def _exponential(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
+def _exponential(cfg: Any, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
     return [_directed(n, [2**i for i in range((n - 1).bit_length())])]  # 2^0 .. 2^⌊log2(n−1)⌋
 
 
-def _one_peer_exponential(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
+def _one_peer_exponential(cfg: Any, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
     period = (n - 1).bit_length()  # ceil(log2 n)
     return [_directed(n, [2**t]) for t in range(period)]
 
 
-def _hub(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
-    hub = _node(cfg, "hub", n)
-    hub_weight = _float(cfg, "hub_weight", 0.5)
-    if not 0.0 < hub_weight < 1.0:
-        raise ConfigError(f"topology.hub_weight={hub_weight} must be in (0, 1) so that leaves "
-                          "hear the hub and keep a self-weight; set e.g. topology.hub_weight=0.5")
+def _hub(cfg: Any, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
+    hub, hub_weight = cfg.hub, cfg.hub_weight
     leaves = [k for k in range(n) if k != hub]
     ring = {k: set() for k in leaves}  # the leaves' cycle, in leaf order
     if len(leaves) > 1:
@@ -376,7 +344,7 @@ def _hub(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]
     return [_csr(n, np.array(rows), np.array(cols), np.array(vals))]
 
 
-_BUILDERS: dict[str, Callable[[Mapping, int, int, str], list[sparse.csr_array]]] = {
+_BUILDERS: dict[str, Callable[[Any, int, int, str], list[sparse.csr_array]]] = {
     "ring": _ring, "directed_ring": _directed_ring, "torus": _torus,
     "exponential": _exponential, "one_peer_exponential": _one_peer_exponential,
     "complete": _complete, "star": _star, "erdos_renyi": _erdos_renyi,
@@ -424,14 +392,10 @@ def _directed(n: int, hops: Iterable[int]) -> sparse.csr_array:
 
 # ---------------------------------------------------------------- file topology
 
-def _load_file(cfg: Mapping, n: int) -> tuple[list[sparse.csr_array], str]:
+def _load_file(cfg: FileTopology, n: int) -> tuple[list[sparse.csr_array], str]:
     """Load W from .npy ([n, n], or [T, n, n] for a time-varying one), .csv ([n, n]) or a
     scipy.sparse .npz ([n, n], `scipy.sparse.save_npz`: a large graph without n×n)."""
-    raw = cfg.get("path")
-    if raw is None or str(raw) in ("", "???"):
-        raise ConfigError("topology.path is not set; pass topology.path=/path/to/W.npy "
-                          "(or a .csv file)")
-    path = Path(str(raw)).expanduser()
+    path = Path(str(cfg.path)).expanduser()
     where = f"topology.path={path}"
     if not path.is_file():
         raise ConfigError(f"{where}: no such file; pass the path of an existing .npy or .csv")
@@ -516,32 +480,3 @@ def _reaches_all(nbrs: sparse.csr_array) -> bool:
     return bool(seen.all())
 
 
-# ---------------------------------------------------------------- config helpers
-
-def _opt(cfg: Mapping, key: str, default: Any) -> Any:
-    value = cfg.get(key, default)
-    return default if value is None else value
-
-
-def _int(cfg: Mapping, key: str, default: int) -> int:
-    value = _opt(cfg, key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ConfigError(f"topology.{key}={value!r} must be an integer; set e.g. "
-                          f"topology.{key}={default}")
-    return int(value)
-
-
-def _float(cfg: Mapping, key: str, default: float) -> float:
-    value = _opt(cfg, key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        raise ConfigError(f"topology.{key}={value!r} must be a number; set e.g. "
-                          f"topology.{key}={default}")
-    return float(value)
-
-
-def _node(cfg: Mapping, key: str, n: int) -> int:
-    k = _int(cfg, key, 0)
-    if not 0 <= k < n:
-        raise ConfigError(f"topology.{key}={k} is not a node of a {n}-node graph; "
-                          f"pick a node between 0 and {n - 1}")
-    return k

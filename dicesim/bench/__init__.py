@@ -161,12 +161,10 @@ def run_dicesim(overrides: Sequence[str], ranks: int = 1, threads: int | None = 
 
 
 def compose(overrides: Sequence[str]):
-    """The Hydra config `python -m dicesim overrides…` would run with."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """The typed settings `python -m dicesim overrides…` would run with."""
+    from dicesim.config import compose as compose_settings
 
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+    return compose_settings(overrides, quiet=True)
 
 
 def run_in_process(overrides: Sequence[str], repeats: int = 2, warmup: int = 1,
@@ -187,7 +185,7 @@ def run_in_process(overrides: Sequence[str], repeats: int = 2, warmup: int = 1,
         sim = Simulation(cfg, 1, 0)
         if observe is not None and i >= warmup:
             observe(sim)
-        comm = Comm("gloo", float(cfg.get("timeout_s", 60)), torch.device("cpu"))
+        comm = Comm("gloo", cfg.timeout_s, torch.device("cpu"))
         try:
             result = sim.execute(comm, log=lambda *a, **k: None)
         finally:

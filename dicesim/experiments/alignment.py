@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
 
-from dicesim.cli import Session, fail
+from dicesim.cli import Session
+from dicesim.config import Config, as_dict
 from dicesim.events import INFLUENCE_COLUMNS, InfluenceRow
 from dicesim.experiments import group_option, variant
 from dicesim.report import (
@@ -80,7 +80,7 @@ def _removal_tag(removal: str | int) -> str:
     return str(removal) if isinstance(removal, str) else f"{removal}samples"
 
 
-def core_cases(cfg: DictConfig) -> list[Case]:
+def core_cases(cfg: Config) -> list[Case]:
     """The issue-3 target cases listed under `alignment.core` (defaults from the run's config)."""
     out = []
     for item in cfg.alignment.core:
@@ -98,7 +98,7 @@ def core_cases(cfg: DictConfig) -> list[Case]:
     return out
 
 
-def hard_cases(cfg: DictConfig) -> list[Case]:
+def hard_cases(cfg: Config) -> list[Case]:
     """The `alignment.hard` list: settings where η‖x‖² is large. Cases on a data set whose
     files are missing are left out (the caller says which)."""
     out = []
@@ -115,12 +115,12 @@ def hard_cases(cfg: DictConfig) -> list[Case]:
     return out
 
 
-def optimizer_cases(cfg: DictConfig) -> list[Case]:
+def optimizer_cases(cfg: Config) -> list[Case]:
     """`alignment.optimizers`: DICE through stateful local optimizers; each case also runs
     the ablation that drops the optimizer state's perturbation (dice_e_nostate)."""
     out = []
     for item in cfg.alignment.optimizers:
-        c = OmegaConf.to_container(item, resolve=True) if OmegaConf.is_config(item) else item
+        c = dict(item)
         topo, lr, hops = c["topology"], float(c["lr"]), int(c["hops"])
         removal, optim = c.get("removal", "batch"), dict(c.get("optim") or {})
         name = c.get("label") or optim.get("name", "sgd")
@@ -133,7 +133,7 @@ def optimizer_cases(cfg: DictConfig) -> list[Case]:
     return out
 
 
-def sweep_cases(cfg: DictConfig) -> list[Case]:
+def sweep_cases(cfg: Config) -> list[Case]:
     """The issue-4 grid: every combination of the lists under `alignment.full`."""
     f = cfg.alignment.full
     hops = int(f.hops)
@@ -148,7 +148,7 @@ def sweep_cases(cfg: DictConfig) -> list[Case]:
     return out
 
 
-def precision_cases(cfg: DictConfig) -> list[Case]:
+def precision_cases(cfg: Config) -> list[Case]:
     """The same single-sample case in float32 and float64 (events and batches are identical)."""
     p = cfg.alignment.precision
     if not p.enabled:
@@ -161,15 +161,15 @@ def precision_cases(cfg: DictConfig) -> list[Case]:
 
 
 # ---- running ---------------------------------------------------------------------------------
-def topology_options(cfg: DictConfig, name: str) -> dict:
+def topology_options(cfg: Config, name: str) -> dict:
     """configs/topology/<name>.yaml, or the run's topology.* (command line included) when the
     run's topology is `name`."""
     if cfg.topology.name == name:
-        return OmegaConf.to_container(cfg.topology, resolve=True)
+        return as_dict(cfg.topology)
     return group_option("topology", name)
 
 
-def case_config(cfg: DictConfig, case: Case) -> DictConfig:
+def case_config(cfg: Config, case: Case) -> Config:
     extra: dict = {}
     if case.data and case.data != cfg.data.name:
         extra["data"] = {**group_option("data", case.data), **dict(cfg.alignment.hard_data)}
@@ -177,7 +177,7 @@ def case_config(cfg: DictConfig, case: Case) -> DictConfig:
     if case.set == "hard":
         estimators.append("dice_mid2")
     if case.optim:
-        extra["optim"] = {**OmegaConf.to_container(cfg.optim, resolve=True), **case.optim}
+        extra["optim"] = {**as_dict(cfg.optim), **case.optim}
         estimators.append("dice_e_nostate")
     return variant(cfg, **extra, topology=topology_options(cfg, case.topology), optim__lr=case.lr,
                    batch_size=case.batch_size, nodes=case.nodes, steps=case.steps,
@@ -188,7 +188,7 @@ def case_config(cfg: DictConfig, case: Case) -> DictConfig:
                    influence__step_range=None, counterfactual__remove=[])
 
 
-def run_case(session: Session, cfg: DictConfig, case: Case) -> tuple[list[tuple], float]:
+def run_case(session: Session, cfg: Config, case: Case) -> tuple[list[tuple], float]:
     """Influence rows (event, source, step, n_removed, hop, node, dice_e, dice_gt) on rank 0."""
     sim = session.build(case_config(cfg, case))
     result = session.simulate(sim)
@@ -474,9 +474,6 @@ def slug(label: str) -> str:
 def run(session: Session) -> dict | None:
     cfg = session.cfg
     acfg = cfg.alignment
-    if acfg.sweep not in ("core", "full", "optimizers"):
-        fail(f"alignment.sweep={acfg.sweep}: choose core (the issue-3 targets), full "
-             "(adds the topology × lr × batch × nodes × curvature grid) or optimizers")
     hard = hard_cases(cfg)
     missing = sorted({c.data for c in hard if c.data and not data_available(c.data)})
     if missing:
@@ -524,7 +521,7 @@ def run(session: Session) -> dict | None:
     write_csv(out / "alignment.csv", TABLE_COLUMNS, table_rows(summary["cases"]))
     write_json(out / "summary.json", summary)  # strict JSON: no bare NaN
     pictures = []
-    if cfg.get("plots", True):
+    if cfg.plots:
         pictures = plots(out, [c for c in results if c["set"] != "precision"], rows_of)
     write_atomic(out / "report.md", report_md(summary, pictures))
     t = summary["targets"]
@@ -533,14 +530,14 @@ def run(session: Session) -> dict | None:
     return summary
 
 
-def summarize(cfg: DictConfig, results: list[dict], rows_of: dict[str, list[tuple]]) -> dict:
+def summarize(cfg: Config, results: list[dict], rows_of: dict[str, list[tuple]]) -> dict:
     main = [c for c in results if c["set"] != "precision"]
     pairs = np.array([(c["second_order_share"][v], c["alignment"][v]["rel_err"])
                       for c in main for v in c["alignment"]
                       if c["second_order_share"].get(v) and c["alignment"][v]["rel_err"]])
     summary = {
-        "data": cfg.data.name, "model": f"{cfg.model.name} {list(cfg.model.get('hidden', []))} "
-        f"{cfg.model.get('activation', '')}".strip(), "dtype": cfg.dtype,
+        "data": cfg.data.name, "model": f"{cfg.model.name} {list(cfg.model.hidden)} "
+        f"{cfg.model.activation}".strip(), "dtype": cfg.dtype,
         "sweep": cfg.alignment.sweep, "cases": main,
         "calibration": {  # ρ against the true rel_err of dice_e, over every case and view
             "n": len(pairs),

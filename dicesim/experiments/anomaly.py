@@ -26,16 +26,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from sklearn.metrics import roc_auc_score
 from torch.nn.functional import cosine_similarity
 
-from dicesim.attack import ATTACKS
-from dicesim.cli import Session, fail, prepare_output
+from dicesim.cli import Session, prepare_output
 from dicesim.comm import Channel
+from dicesim.config import Config
 from dicesim.engine import RunParts, Simulation
 from dicesim.events import ProximalRow
-from dicesim.experiments import CONFIG_DIR, group_option, variant
+from dicesim.experiments import group_option, variant
 from dicesim.report import footer, write_atomic, write_csv, write_json
 from dicesim.topology import senders
 from dicesim.trackers import Tracker
@@ -147,24 +146,8 @@ def evaluate(scores: dict[Pair, float], attacked: np.ndarray) -> dict:
 
 
 # ---- the driver ---------------------------------------------------------------------------
-def _check(cfg: DictConfig) -> None:
-    spec = cfg.anomaly
-    for a in spec.attacks:
-        if a not in ATTACKS or a == "none":
-            fail(f"anomaly.attacks: {a} is not an attack; choose from "
-                 f"{', '.join(x for x in ATTACKS if x != 'none')}")
-    known = sorted(p.stem for p in (CONFIG_DIR / "topology").glob("*.yaml"))
-    for name in spec.topologies:
-        if name not in known:
-            fail(f"anomaly.topologies: unknown topology {name}; choose from {', '.join(known)}")
-    w = spec.get("window")
-    if w is not None and (not isinstance(w, int) or w < 1):
-        fail(f"anomaly.window={w}: a positive number of steps, or null for every attacked step")
-
-
 def build_cases(session: Session) -> list[Case]:
     cfg = session.cfg
-    _check(cfg)
     return [Case(a, topo, session.build(variant(
         cfg, attack__kind=a, topology=group_option("topology", topo), influence__proximal=True,
         defense__kind="none")))
@@ -220,7 +203,7 @@ def run(session: Session) -> dict | None:
     cases = build_cases(session)  # every variant validated before any training
     session.say(f"dicesim anomaly: {len(cases)} runs ({', '.join(spec.attacks)} × "
                 f"{', '.join(spec.topologies)}), {cfg.nodes} nodes, {cfg.steps} steps")
-    if cfg.get("dry_run", False):
+    if cfg.dry_run:
         session.say("dicesim: dry run — every configuration is valid, nothing trained")
         return None
     prepare_output(session)
@@ -244,7 +227,7 @@ def run(session: Session) -> dict | None:
 
 
 # ---- outputs ------------------------------------------------------------------------------
-def summarize(cfg: DictConfig, cases: list[Case], wall_s: float) -> dict:
+def summarize(cfg: Config, cases: list[Case], wall_s: float) -> dict:
     results = []
     for c in cases:
         for m in METHODS:
@@ -259,7 +242,7 @@ def summarize(cfg: DictConfig, cases: list[Case], wall_s: float) -> dict:
     return {
         "experiment": "anomaly", "nodes": int(cfg.nodes), "steps": int(cfg.steps),
         "data": cfg.data.name, "model": cfg.model.name, "lr": float(cfg.optim.lr),
-        "window": cfg.anomaly.get("window"), "per_weight": bool(cfg.anomaly.per_weight),
+        "window": cfg.anomaly.window, "per_weight": bool(cfg.anomaly.per_weight),
         "attack_start": int(cfg.attack.start), "wall_s": wall_s,
         "cases": [{"attack": c.attack, "topology": c.topology,
                    "attackers": c.outcome["attackers"],
@@ -270,7 +253,7 @@ def summarize(cfg: DictConfig, cases: list[Case], wall_s: float) -> dict:
     }
 
 
-def write_outputs(out: Path, cfg: DictConfig, cases: list[Case], summary: dict) -> None:
+def write_outputs(out: Path, cfg: Config, cases: list[Case], summary: dict) -> None:
     rows = []
     for c in cases:
         s, attacked = c.outcome["scores"], set(c.outcome["attackers"])
@@ -280,7 +263,7 @@ def write_outputs(out: Path, cfg: DictConfig, cases: list[Case], summary: dict) 
     write_csv(out / "scores.csv", ("attack", "topology", "receiver", "sender", "attacked",
                                    *METHODS), rows)
     write_json(out / "summary.json", summary)  # strict JSON: no bare NaN
-    pictures = plots(out, cfg, cases) if cfg.get("plots", True) else []
+    pictures = plots(out, cfg, cases) if cfg.plots else []
     write_atomic(out / "report.md", report_md(summary, pictures))
 
 
@@ -323,7 +306,7 @@ def report_md(summary: dict, pictures: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plots(out: Path, cfg: DictConfig, cases: list[Case]) -> list[str]:
+def plots(out: Path, cfg: Config, cases: list[Case]) -> list[str]:
     from dicesim.plots import plt  # the Agg backend, chosen there
 
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(cases) + 2), 4))
@@ -342,7 +325,7 @@ def plots(out: Path, cfg: DictConfig, cases: list[Case]) -> list[str]:
     fig.savefig(out / "roc_auc.png", dpi=110)
     plt.close(fig)
 
-    ex = list(cfg.anomaly.get("example") or ["label_flip", "ring"])
+    ex = list(cfg.anomaly.example)
     case = next((c for c in cases if [c.attack, c.topology] == ex), cases[0])
     attacked = set(case.outcome["attackers"])
     dice = case.outcome["scores"]["dice"]

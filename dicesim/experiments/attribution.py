@@ -11,9 +11,9 @@ rel_err = Σ|A − R| / Σ|R| per kind; writes retrain.csv and retrain.png.
 from __future__ import annotations
 
 import numpy as np
-from omegaconf import DictConfig
 
 from dicesim.cli import Session
+from dicesim.config import Config
 from dicesim.data import batch_ids
 from dicesim.engine import Simulation
 from dicesim.experiments import variant
@@ -28,7 +28,7 @@ def final_loss(sim: Simulation, metrics) -> float:
     return float(sum(sim.q[k] * last[k] for k in range(sim.run.nodes)))
 
 
-def removals(cfg: DictConfig, sim: Simulation) -> list[tuple[str, int, int, int | None]]:
+def removals(cfg: Config, sim: Simulation) -> list[tuple[str, int, int, int | None]]:
     """(kind, node, step, sample id or None) of every retrained removal, seeded."""
     s, c = sim.run, cfg.retrain
     rng = np.random.default_rng([s.seed, 1212])
@@ -80,7 +80,7 @@ def run(session: Session) -> dict | None:
     if session.rank != 0:
         return None
     out = session.out
-    summary = write_all(out, sim, result, plots=bool(cfg.get("plots", True)))
+    summary = write_all(out, sim, result, plots=cfg.plots)
     write_csv(out / "retrain.csv", RETRAIN_COLUMNS, rows)
     check = {}
     for kind in ("batch", "sample"):
@@ -89,13 +89,13 @@ def run(session: Session) -> dict | None:
             check[kind] = agreement(np.array([r[4] for r in pick]), np.array([r[5] for r in pick]))
     summary["retrain"] = check
     write_json(out / "summary.json", summary)
-    if cfg.get("plots", True) and rows:
+    if cfg.plots and rows:
         retrain_plot(out, rows, check)
     lines = ["", "## Against retraining", "",
              "| removal | n | Spearman | Pearson | rel_err |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {v['n']} | {v['spearman']:.4f} | {v['pearson']:.4f} | "
               f"{v['rel_err']:.4f} |" for k, v in check.items()]
-    if cfg.get("plots", True) and rows:
+    if cfg.plots and rows:
         lines += ["", "![retrain.png](retrain.png)"]
     report = (out / "report.md").read_text()
     write_atomic(out / "report.md", report + "\n".join(lines) + "\n")

@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
 
 from dicesim.cli import Session
+from dicesim.config import Config
 from dicesim.events import InfluenceRow
 from dicesim.experiments import variant
 from dicesim.experiments.alignment import topology_options
@@ -109,12 +109,12 @@ def hub_versus_leaf(rows: list[InfluenceRow], hub: int, leaf: int, hops: int) ->
 
 
 # ---- running ---------------------------------------------------------------------------------
-def topology_config(cfg: DictConfig, name: str, **extra: object) -> DictConfig:
+def topology_config(cfg: Config, name: str, **extra: object) -> Config:
     return variant(cfg, topology=topology_options(cfg, name), counterfactual__remove=[],
                    eval_every=cfg.steps, **extra)
 
 
-def hub_events(cfg: DictConfig, hub: int, leaf: int) -> list[dict]:
+def hub_events(cfg: Config, hub: int, leaf: int) -> list[dict]:
     c = cfg.cascade
     hops, steps = int(cfg.influence.hops), int(cfg.steps)
     chosen = range(int(c.hub_first_step), steps - hops + 1, int(c.hub_stride))
@@ -125,7 +125,7 @@ def run(session: Session) -> dict | None:
     cfg = session.cfg
     c = cfg.cascade
     hops = int(cfg.influence.hops)
-    plan: list[tuple[str, DictConfig]] = [(name, topology_config(cfg, name))
+    plan: list[tuple[str, Config]] = [(name, topology_config(cfg, name))
                                           for name in c.topologies]
     hub = int(topology_options(cfg, "hub").get("hub", 0))
     leaf = int(c.leaf) if c.leaf is not None else (hub + cfg.nodes // 2) % cfg.nodes
@@ -172,7 +172,7 @@ def run(session: Session) -> dict | None:
                 v["mean_reached"], v["walk_mass"])
                for label, r in runs.items() for s, v in r["by_hop"].items()])
     write_json(out / "summary.json", summary)  # strict JSON: no bare NaN
-    pictures = plots(out, runs, hv, c) if cfg.get("plots", True) else []
+    pictures = plots(out, runs, hv, c) if cfg.plots else []
     write_atomic(out / "report.md", report_md(summary, pictures))
     e = hv["dice_e"]
     session.say(f"cascade: hub/leaf influence at hops ≥ 1: ×{e['ratio']:.2f} (hub larger in "
@@ -243,7 +243,7 @@ def report_md(summary: Mapping, pictures: list[str]) -> str:
 
 
 # ---- figures ---------------------------------------------------------------------------------
-def plots(out: Path, runs: dict[str, dict], hv: dict, c: DictConfig) -> list[str]:
+def plots(out: Path, runs: dict[str, dict], hv: dict, c: Config) -> list[str]:
     return [decay_plot(out, runs, hv), graph_plot(out, runs, hv, list(c.draw))]
 
 

@@ -28,9 +28,9 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
 from dicesim.cli import Session
+from dicesim.config import Config
 from dicesim.data import batch_ids
 from dicesim.engine import Simulation
 from dicesim.experiments import variant
@@ -51,7 +51,7 @@ def roc_auc(score: np.ndarray, positive: np.ndarray) -> float | None:
     return float((ranks[positive].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
-def noise_vector(cfg: DictConfig) -> tuple[list[float], list[int]]:
+def noise_vector(cfg: Config) -> tuple[list[float], list[int]]:
     c = cfg.cleansing
     n = int(cfg.nodes)
     rng = np.random.default_rng([int(cfg.seed), 4242])
@@ -72,7 +72,7 @@ def occurrences(sim: Simulation) -> dict[int, list[tuple[int, int]]]:
     return out
 
 
-def removal_config(base: DictConfig, chosen: np.ndarray, occ: dict) -> DictConfig:
+def removal_config(base: Config, chosen: np.ndarray, occ: dict) -> Config:
     per: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i in chosen:
         for k, t in occ.get(int(i), []):
@@ -230,7 +230,7 @@ def run(session: Session) -> dict | None:
     write_csv(out / "removal.csv", REMOVAL_COLUMNS, removal_rows)
     write_json(out / "summary.json", summary)
     pictures = plots(out, value, loss, gnorm, flipped, removal_rows, clean_acc) \
-        if cfg.get("plots", True) else []
+        if cfg.plots else []
     write_atomic(out / "report.md", report_md(summary, pictures))
     session.say(f"cleansing: ROC-AUC full-horizon {auc['full_horizon']:.4f}, train loss "
                 f"{auc['train_loss']:.4f}, grad norm {auc['grad_norm']:.4f}, r-hop DICE "

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
 from scipy.sparse.csgraph import connected_components
 
-from dicesim.cli import Session, fail, prepare_output
+from dicesim.cli import Session, prepare_output
+from dicesim.config import Config
 from dicesim.engine import Simulation
-from dicesim.experiments import CONFIG_DIR, group_option, variant
+from dicesim.experiments import group_option, variant
 from dicesim.report import footer, write_atomic, write_json
 from dicesim.trainer import RunResult
 
@@ -50,14 +50,6 @@ class Run:
 
 def build_runs(session: Session) -> list[Run]:
     cfg = session.cfg
-    if cfg.attack.kind == "none":
-        fail("experiment=collaborators needs an attack: pick one with attack=label_flip, "
-             "attack=scaled_update, ...")
-    known = sorted(p.stem for p in (CONFIG_DIR / "topology").glob("*.yaml"))
-    for name in cfg.collaborators.topologies:
-        if name not in known:
-            fail(f"collaborators.topologies: unknown topology {name}; choose from "
-                 f"{', '.join(known)}")
     runs = []
     for topo in cfg.collaborators.topologies:
         for cond, (attacked, defense) in CONDITIONS.items():
@@ -132,7 +124,7 @@ def run(session: Session) -> dict | None:
     attacked = next(r.sim.attack.nodes for r in runs if r.condition == "no_defense")
     session.say(f"dicesim collaborators: {len(runs)} runs, attack {cfg.attack.kind} on nodes "
                 f"{attacked.tolist()}, topologies {', '.join(cfg.collaborators.topologies)}")
-    if cfg.get("dry_run", False):
+    if cfg.dry_run:
         session.say("dicesim: dry run — every configuration is valid, nothing trained")
         return None
     prepare_output(session)
@@ -148,7 +140,7 @@ def run(session: Session) -> dict | None:
     assert session.out is not None
     summary = summarize(cfg, runs, attacked, time.perf_counter() - t0)
     write_json(session.out / "summary.json", summary)  # strict JSON: no bare NaN
-    pictures = plots(session.out, runs) if cfg.get("plots", True) else []
+    pictures = plots(session.out, runs) if cfg.plots else []
     write_atomic(session.out / "report.md", report_md(summary, pictures))
     for name, met in summary["targets"].items():
         session.say(f"  target {name}: {'met' if met else 'MISSED'}")
@@ -157,7 +149,7 @@ def run(session: Session) -> dict | None:
 
 
 # ---- outputs ------------------------------------------------------------------------------
-def summarize(cfg: DictConfig, runs: list[Run], attacked: np.ndarray, wall_s: float) -> dict:
+def summarize(cfg: Config, runs: list[Run], attacked: np.ndarray, wall_s: float) -> dict:
     results, targets, gap_to_oracle = [], {}, {}
     for topo in cfg.collaborators.topologies:
         mine = {r.condition: r for r in runs if r.topology == topo}

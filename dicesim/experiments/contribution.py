@@ -29,9 +29,9 @@ import math
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
 
-from dicesim.cli import Session, fail
+from dicesim.cli import Session
+from dicesim.config import Config
 from dicesim.engine import Simulation
 from dicesim.events import InfluenceRow
 from dicesim.experiments import variant
@@ -45,14 +45,11 @@ EDGE_COLUMNS = ("nodes", "j", "k", "given_j_to_k", "given_k_to_j", "reciprocity_
 
 
 # ---- data quality ----------------------------------------------------------------------------
-def noise_levels(cfg: DictConfig, nodes: int) -> np.ndarray:
+def noise_levels(cfg: Config, nodes: int) -> np.ndarray:
     """p_k: `contribution.noise` as given, else evenly from 0 to noise_max over the nodes."""
-    given = cfg.contribution.get("noise")
+    given = cfg.contribution.noise
     if given is not None:
-        p = np.asarray(list(given), dtype=float)
-        if p.shape != (nodes,) or (p < 0).any() or (p > 1).any():
-            fail(f"contribution.noise: needs {nodes} fractions in [0, 1], got {list(given)}")
-        return p
+        return np.asarray(given, dtype=float)
     return np.linspace(0.0, float(cfg.contribution.noise_max), nodes)
 
 
@@ -109,7 +106,7 @@ def ranks(values: np.ndarray) -> list[int]:
 
 
 # ---- running ---------------------------------------------------------------------------------
-def setting_configs(cfg: DictConfig, nodes: int) -> tuple[DictConfig, list[DictConfig]]:
+def setting_configs(cfg: Config, nodes: int) -> tuple[Config, list[Config]]:
     """The tracking run (one event per node and step) and the baseline + leave-one-out runs."""
     c = cfg.contribution
     steps, hops = int(cfg.steps), int(c.hops)
@@ -132,7 +129,7 @@ def setting_configs(cfg: DictConfig, nodes: int) -> tuple[DictConfig, list[DictC
     return tracking, runs
 
 
-def run_setting(session: Session, cfg: DictConfig, nodes: int) -> dict | None:
+def run_setting(session: Session, cfg: Config, nodes: int) -> dict | None:
     noise = noise_levels(cfg, nodes)
     tracking_cfg, loo_cfgs = setting_configs(cfg, nodes)
     sim = session.build(tracking_cfg)
@@ -210,7 +207,7 @@ def run(session: Session) -> dict | None:
               [(s["nodes"], e["j"], e["k"], e["given_j_to_k"], e["given_k_to_j"],
                 e["reciprocity_jk"]) for s in settings for e in s["reciprocity"]["edges"]])
     write_json(out / "summary.json", summary)  # strict JSON: no bare NaN
-    pictures = plots(out, settings) if cfg.get("plots", True) else []
+    pictures = plots(out, settings) if cfg.plots else []
     write_atomic(out / "report.md", report_md(cfg, summary, pictures))
     session.say(f"contribution: target {'met' if summary['targets']['all_pass'] else 'NOT met'}"
                 f"; report: {out / 'report.md'}")
@@ -236,7 +233,7 @@ def _f(v: object, fmt: str = ".4g") -> str:
     return format(v, fmt) if isinstance(v, float) else str(v)
 
 
-def report_md(cfg: DictConfig, summary: dict, pictures: list[str]) -> str:
+def report_md(cfg: Config, summary: dict, pictures: list[str]) -> str:
     t = summary["targets"]
     lines = [
         "# Node contributions: DICE-E against leave-one-node-out",
