@@ -489,6 +489,30 @@ def _strict_bools(cfg: DictConfig, overrides: Sequence[str]) -> None:
                     raise ConfigError(f"{key}[{i}]={item.strip()}: must be true or false")
 
 
+SECTIONS: dict[str, type] = {"model": Model, "optim": Optim, "influence": Influence,
+                             "attack": Attack, "defense": Defense, "attribution": Attribution}
+
+
+def section(group: str, values: Mapping, nodes: int | None = None) -> Any:
+    """One typed, checked section from plain values (tests, benchmarks): the schema's types
+    and defaults apply, and the section's own rules (`nodes` for those that need it)."""
+    schemas = {"topology": TOPOLOGY_SCHEMAS, "data": DATA_SCHEMAS}.get(group)
+    if schemas is not None:
+        cls = schemas.get(str(values.get("name", "")), Topology if group == "topology" else Data)
+    else:
+        cls = SECTIONS[group]
+    plain = {k: v for k, v in dict(values).items() if k != "defaults"}
+    try:
+        out = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), plain))
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err, (), {group: plain}, prefix=f"{group}.")) from None
+    if group == "topology" and nodes is not None:
+        check_topology(out, nodes)
+    if group == "data":
+        check_data(out, nodes)
+    return out
+
+
 def with_changes(cfg: Config, **dotted: Any) -> Config:
     """A checked copy of cfg with some settings changed; keys are dotted paths with '__' for
     '.', and a mapping for a whole section (`topology={"name": "hub"}`) is that section's
@@ -610,15 +634,15 @@ def _is_enum(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, StrEnum)
 
 
-def _explain(err: Exception, overrides: Sequence[str], raw: Any = None) -> str:
+def _explain(err: Exception, overrides: Sequence[str], raw: Any = None, prefix: str = "") -> str:
     """An OmegaConf error (while composing or loading) as the one-line message."""
     key = getattr(err, "full_key", None) or ""
-    key = re.sub(r"\[\d+\]$", "", key)
+    key = prefix + re.sub(r"\[\d+\]$", "", key) if key else ""
     if err.__class__.__name__ in ("ConfigKeyError", "ConfigAttributeError") and key:
         return unknown_key(key, raw)
     value = next((o.partition("=")[2] for o in overrides if _key_of(o) == key), None)
-    if value is None:
-        value = show(getattr(err, "_value", None)) if hasattr(err, "_value") else None
+    if value is None and _get(raw, key) is not None:
+        value = show(_get(raw, key))
     shown = f"{key}={value}" if value is not None else key
     tp = _field_type(key, raw) if key else Any
     inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
@@ -791,7 +815,8 @@ def validate(c: Config) -> None:
     _at_least("checkpoint.keep", c.checkpoint.keep, 1, 2)
     n, steps = c.nodes, c.steps
     check_topology(c.topology, n)
-    check_data(c.data, c.model, n)
+    check_data(c.data, n)
+    check_model(c.model, c.data)
     check_optim(c.optim, steps)
     check_influence(c.influence, n, steps, c.batch_size)
     check_attack(c.attack, n, steps)
@@ -856,9 +881,7 @@ def check_topology(t: Topology, nodes: int) -> None:
                           "(or a .csv file)")
 
 
-def check_data(d: Data, m: Model, nodes: int) -> None:
-    """The data section, the model's widths and the pairings the names alone decide (the
-    shapes are checked when the data loads)."""
+def check_data(d: Data, nodes: int | None) -> None:
     _positive("data.alpha", d.alpha, 1.0)
     _at_least("data.probe_size", d.probe_size, 1, 200)
     for key in ("max_train", "max_test"):
@@ -866,7 +889,7 @@ def check_data(d: Data, m: Model, nodes: int) -> None:
             _at_least(f"data.{key}", getattr(d, key), 1, 1000)
     _positive("data.input_scale", d.input_scale, 1.0)
     if d.label_noise is not None and (any(not 0 <= p <= 1 for p in d.label_noise)
-                                      or len(d.label_noise) != nodes):
+                                      or nodes is not None and len(d.label_noise) != nodes):
         raise ConfigError(f"data.label_noise={show(d.label_noise)}: needs {nodes} fractions "
                           "in [0, 1], one per node")
     _at_least("data.node_probe_size", d.node_probe_size, 1, 16)
@@ -879,6 +902,17 @@ def check_data(d: Data, m: Model, nodes: int) -> None:
         if not regression:
             _at_least("data.n_classes", d.n_classes, 2, 4)
         _at_least("data.noise", d.noise, 0, 0.1)
+    if regression and d.partition == "dirichlet":
+        raise ConfigError("data.partition=dirichlet needs class labels; use data.partition=iid "
+                          "with regression data")
+    if d.image and d.name == "synthetic":
+        raise ConfigError("data.image=true needs an image dataset; data.name=synthetic is flat")
+
+
+def check_model(m: Model, d: Data) -> None:
+    """The model's widths and the pairings with the data its name alone decides (the shapes
+    are checked when the data loads)."""
+    regression = isinstance(d, SyntheticData) and d.task == "regression"
     if m.name == "mlp" and not m.hidden:
         raise ConfigError("model.hidden=[]: an mlp needs one or more layer widths, e.g. "
                           "model.hidden=[64]")
@@ -892,11 +926,6 @@ def check_data(d: Data, m: Model, nodes: int) -> None:
                           "classification")
     if m.name == "logreg" and regression:
         raise ConfigError("model.name=logreg needs a classification data set; use model=linear")
-    if regression and d.partition == "dirichlet":
-        raise ConfigError("data.partition=dirichlet needs class labels; use data.partition=iid "
-                          "with regression data")
-    if d.image and d.name == "synthetic":
-        raise ConfigError("data.image=true needs an image dataset; data.name=synthetic is flat")
     if m.name == "cnn" and not d.image:
         raise ConfigError("model.name=cnn needs image inputs [C,H,W]; set data.image=true")
 
@@ -1250,7 +1279,12 @@ def _compose_points(points: Sequence[Sequence[str]], with_hydra: bool, quiet: bo
                 cfg = hydra_compose("config", overrides=list(overrides),
                                     return_hydra_config=with_hydra)
             except Exception as err:  # Hydra's override and composition errors
-                raise ConfigError(_compose_error(err, overrides)) from None
+                groups = [o for o in overrides if _key_of(o) in GROUPS]
+                try:  # the presets chosen decide the schema a key is looked up in
+                    base = hydra_compose("config", overrides=groups)
+                except Exception:
+                    base = None
+                raise ConfigError(_compose_error(err, overrides, base)) from None
             hydra_node = None
             if with_hydra:
                 hydra_node = cfg.hydra
@@ -1260,15 +1294,10 @@ def _compose_points(points: Sequence[Sequence[str]], with_hydra: bool, quiet: bo
     return out
 
 
-def _compose_error(err: Exception, overrides: Sequence[str]) -> str:
-    """Hydra's composition error as the one-line message."""
-    raw: dict[str, Any] = {}
-    for o in overrides:  # the options chosen decide the schema a key is looked up in
-        key, _, value = o.lstrip("+~").partition("=")
-        if key in ("topology", "data"):
-            raw[key] = {"name": "synthetic" if value == "synthetic_regression" else value}
-        if key == "experiment":
-            raw.update({b: {} for b in EXPERIMENT_BLOCKS if BLOCK_PRESETS.get(b, b) == value})
+def _compose_error(err: Exception, overrides: Sequence[str], base: Any) -> str:
+    """Hydra's composition error as the one-line message (`base`: the config of the
+    command line's presets alone)."""
+    raw = base if base is not None else {}
     m = re.search(r"Could not (?:override|append to config)[^']*'([^']+)'", str(err))
     cause = err.__cause__ or err.__context__
     key = m.group(1) if m else getattr(cause, "full_key", None)

@@ -8,16 +8,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+
+from dicesim.config import compose
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 
 
 def make_config(*overrides: str):
-    """The real Hydra config, composed as `python -m dicesim <overrides>` would."""
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    """The typed settings, composed as `python -m dicesim <overrides>` would."""
+    return compose(overrides, quiet=True)
 
 
 def free_port() -> int:

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from dicesim.cli import GROUPS, check_composes, check_group_choices
+from dicesim.config import compose
 from dicesim.engine import Simulation, resolve_device
 from dicesim.errors import ConfigError
 
@@ -36,8 +36,7 @@ TIMEOUT = 300  # a hang guard: the commands start together on a shared 2-core ma
 
 
 def compose_config(*overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return compose(overrides, quiet=True)
 
 
 def write_matrices(folder: Path) -> dict[str, Path]:
@@ -170,8 +169,8 @@ def matrices(tmp_path_factory) -> dict[str, Path]:
 def test_bad_setting_raises_one_line_config_error(case, overrides, keyword, extra, matrices,
                                                   tmp_path):
     out = tmp_path / "run"
-    cfg = compose_config(*FAST, *fill(overrides, matrices), f"out_dir={out}")
     with pytest.raises(ConfigError) as err:
+        cfg = compose_config(*FAST, *fill(overrides, matrices), f"out_dir={out}")
         resolve_device(cfg, 0)
         Simulation(cfg)
     message = str(err.value)
@@ -568,24 +567,24 @@ def test_command_line_refused_up_front(argv, keyword, capsys, tmp_path):
 
 def test_every_schema_key_has_cases():
     """KEYS covers every leaf of the schema (experiment blocks: their main keys)."""
-    from omegaconf import OmegaConf
+    import dataclasses
+    import typing
 
-    from dicesim.config import schema_for
+    from dicesim import config
 
     covered = {key for key, *_ in KEYS}
-    for option in ("torus", "star", "erdos_renyi", "small_world", "hub", "file"):
-        schema = schema_for(compose_config(f"topology={option}"))
-        for key in schema.topology:
-            assert f"topology.{key}" in covered, (option, key)
-    for option in ("digits", "synthetic", "fashion_mnist"):
-        schema = schema_for(compose_config(f"data={option}"))
-        for key in schema.data:
-            assert f"data.{key}" in covered, (option, key)
-    schema = schema_for(compose_config())
-    for key, value in schema.items():
-        if OmegaConf.is_dict(value) and key not in ("topology", "data"):
-            for sub in value:
-                assert f"{key}.{sub}" in covered, f"{key}.{sub}"
-        elif not OmegaConf.is_dict(value):
-            assert key in covered, key
+    options = [*config.TOPOLOGY_SCHEMAS.values(), *config.DATA_SCHEMAS.values()]
+    for cls in options:
+        group = "topology" if issubclass(cls, config.Topology) else "data"
+        for f in dataclasses.fields(cls):
+            assert f"{group}.{f.name}" in covered, (cls.__name__, f.name)
+    hints = typing.get_type_hints(config.Config)
+    for f in dataclasses.fields(config.Config):
+        if f.name in config.EXPERIMENT_BLOCKS or f.name in ("topology", "data"):
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            for sub in dataclasses.fields(hints[f.name]):
+                assert f"{f.name}.{sub.name}" in covered, f"{f.name}.{sub.name}"
+        else:
+            assert f.name in covered, f.name
     assert len(schema_cases()) + len(OTHER_CASES) >= 150

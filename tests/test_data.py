@@ -8,6 +8,7 @@ import yaml
 from sklearn.datasets import load_digits
 
 import dicesim.data as data_module
+from dicesim.config import DigitsData, FileData, section
 from dicesim.data import (
     DATASETS,
     FASHION_FILES,
@@ -41,7 +42,7 @@ def max_class_share(labels: np.ndarray, parts: list[np.ndarray]) -> float:
 
 
 def test_digits_shapes_dtypes_and_disjoint_splits() -> None:
-    ds = load_dataset({"name": "digits", "probe_size": 200, "test_size": 0.2}, seed=0)
+    ds = load_dataset(DigitsData(probe_size=200, test_size=0.2), seed=0)
     assert ds.num_classes == 10 and ds.input_shape == (64,) and ds.task == "classification"
     assert ds.x_train.shape == (1797 - 200 - 359, 64) and ds.x_probe.shape == (200, 64)
     assert ds.x_test.shape == (359, 64)
@@ -52,7 +53,7 @@ def test_digits_shapes_dtypes_and_disjoint_splits() -> None:
     # standardized with train statistics
     assert ds.x_train.mean(0).abs().max() < 1e-4
     # rows and labels really come from those source rows
-    raw = load_dataset({"name": "digits", "standardize": False}, seed=0)
+    raw = load_dataset(section("data", {"name": "digits", "standardize": False}), seed=0)
     d = load_digits()
     assert np.allclose(raw.x_probe.numpy(), d.data[ids["probe"]] / 16)
     assert np.array_equal(raw.y_test.numpy(), d.target[ids["test"]])
@@ -67,7 +68,8 @@ def test_digits_read_without_scikit_learn_equal_load_digits() -> None:
     d = load_digits()
     assert images.dtype == d.images.dtype and np.array_equal(images, d.images)
     assert target.dtype == d.target.dtype and np.array_equal(target, d.target)
-    code = ("import sys; from dicesim.data import load_dataset; load_dataset({}, 0); "
+    code = ("import sys; from dicesim.config import DigitsData; from dicesim.data import "
+            "load_dataset; load_dataset(DigitsData(), 0); "
             "print('sklearn' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
@@ -75,21 +77,21 @@ def test_digits_read_without_scikit_learn_equal_load_digits() -> None:
 
 
 def test_digits_image_shape_and_seeded_split() -> None:
-    ds = load_dataset({"name": "digits", "image": True}, seed=3)
+    ds = load_dataset(section("data", {"name": "digits", "image": True}), seed=3)
     assert ds.input_shape == (1, 8, 8) and ds.x_train.shape[1:] == (1, 8, 8)
-    again = load_dataset({"name": "digits", "image": True}, seed=3)
+    again = load_dataset(section("data", {"name": "digits", "image": True}), seed=3)
     assert torch.equal(ds.x_train, again.x_train)
-    other = load_dataset({"name": "digits", "image": True}, seed=4)
+    other = load_dataset(section("data", {"name": "digits", "image": True}), seed=4)
     assert not np.array_equal(ds.source_ids["probe"], other.source_ids["probe"])
 
 
 def test_synthetic_classification_and_regression() -> None:
-    cls = load_dataset({"name": "synthetic", "n_samples": 500, "n_classes": 3,
-                        "probe_size": 50}, seed=1)
+    cls = load_dataset(section("data", {"name": "synthetic", "n_samples": 500, "n_classes": 3,
+                        "probe_size": 50}), seed=1)
     assert cls.num_classes == 3 and cls.input_shape == (20,) and cls.y_train.dtype == torch.int64
     assert set(cls.y_train.tolist()) == {0, 1, 2}
-    reg = load_dataset({"name": "synthetic", "task": "regression", "n_samples": 300,
-                        "n_features": 10, "probe_size": 30}, seed=1)
+    reg = load_dataset(section("data", {"name": "synthetic", "task": "regression", "n_samples": 300,
+                        "n_features": 10, "probe_size": 30}), seed=1)
     assert reg.num_classes == 0 and reg.task == "regression" and reg.input_shape == (10,)
     assert reg.y_train.dtype == torch.float32 and reg.y_probe.dtype == torch.float32
     assert len(reg.y_train) + len(reg.y_probe) + len(reg.y_test) == 300
@@ -101,7 +103,7 @@ def test_synthetic_classification_and_regression() -> None:
 
 @pytest.mark.parametrize("cfg, key", [
     ({"name": "digits", "probe_size": 0}, "data.probe_size"),
-    ({"name": "digits", "probe_size": 1500}, "data.probe_size"),
+    ({"name": "digits", "probe_size": 1500}, "data.probe_size"),  # needs the data
     ({"name": "digits", "test_size": 1.5}, "data.test_size"),
     ({"name": "imagenet"}, "data.name"),
     ({"name": "synthetic", "task": "ranking"}, "data.task"),
@@ -110,7 +112,7 @@ def test_synthetic_classification_and_regression() -> None:
 ])
 def test_bad_dataset_config(cfg: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
-        load_dataset(cfg, seed=0)
+        load_dataset(section("data", cfg), seed=0)
 
 
 def test_config_files_load() -> None:
@@ -118,7 +120,7 @@ def test_config_files_load() -> None:
         cfg = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
         assert cfg["name"] in DATASETS
         cfg = {**cfg, "n_samples": 400, "probe_size": 40} if cfg["name"] == "synthetic" else cfg
-        assert len(load_dataset(cfg, seed=0).x_train) > 0
+        assert len(load_dataset(section("data", cfg), seed=0).x_train) > 0
     for name in DATASETS:
         assert yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["name"] == name
 
@@ -160,31 +162,33 @@ def write_fashion(root: Path, n_train: int = 30, n_test: int = 12) -> None:
 def test_fashion_mnist_from_dir(tmp_path: Path) -> None:
     write_fashion(tmp_path)
     cfg = {"name": "fashion_mnist", "root": str(tmp_path), "probe_size": 5}
-    ds = load_dataset(cfg, seed=0)
+    ds = load_dataset(section("data", cfg), seed=0)
     assert ds.x_train.shape == (25, 16) and ds.x_probe.shape == (5, 16)
     assert ds.x_test.shape == (12, 16) and ds.num_classes == 10
     assert ds.y_test.tolist() == [i % 10 for i in range(12)]  # official test file, in order
     assert_exact_cover([ds.source_ids["train"], ds.source_ids["probe"]], 30)
-    img = load_dataset({**cfg, "image": True, "max_train": 10, "max_test": 4}, seed=0)
+    img = load_dataset(section("data", {**cfg, "image": True, "max_train": 10,
+                                             "max_test": 4}), seed=0)
     assert img.x_train.shape == (10, 1, 4, 4) and img.x_test.shape == (4, 1, 4, 4)
-    raw = load_dataset({**cfg, "standardize": False}, seed=0)
+    raw = load_dataset(section("data", {**cfg, "standardize": False}), seed=0)
     assert 0 <= raw.x_train.min() and raw.x_train.max() <= 1
 
 
 def test_fashion_mnist_missing_root(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="apt-get install dataset-fashion-mnist") as err:
-        load_dataset({"name": "fashion_mnist", "root": str(tmp_path / "nope")}, seed=0)
+        load_dataset(FileData(name="fashion_mnist", root=str(tmp_path / "nope")), seed=0)
     assert "\n" not in str(err.value) and "data.root=" in str(err.value)
     (tmp_path / FASHION_FILES["x_train"]).write_bytes(b"")  # only some files present
     with pytest.raises(ConfigError, match="apt-get"):
-        load_dataset({"name": "fashion_mnist", "root": str(tmp_path)}, seed=0)
+        load_dataset(FileData(name="fashion_mnist", root=str(tmp_path)), seed=0)
 
 
 @pytest.mark.skipif(not Path(FASHION_ROOT).is_dir(),
                     reason="dataset-fashion-mnist not installed: "
                            "apt-get install dataset-fashion-mnist")
 def test_fashion_mnist_installed() -> None:
-    ds = load_dataset({"name": "fashion_mnist", "max_train": 1000, "probe_size": 100}, seed=0)
+    ds = load_dataset(section("data", {"name": "fashion_mnist", "max_train": 1000,
+                                            "probe_size": 100}), seed=0)
     assert ds.x_train.shape == (1000, 784) and ds.x_probe.shape == (100, 784)
     assert ds.x_test.shape == (10000, 784) and ds.num_classes == 10
     assert np.bincount(ds.y_test.numpy()).tolist() == [1000] * 10
@@ -194,7 +198,7 @@ def test_torchvision_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "torchvision", None)  # import fails even if installed
     for name in ("mnist", "cifar10"):
         with pytest.raises(ConfigError, match=r"torchvision: pip install 'dicesim\[vision\]'"):
-            load_dataset({"name": name}, seed=0)
+            load_dataset(section("data", {"name": name}), seed=0)
 
 
 # --------------------------------------------------------------------------- partition

@@ -8,6 +8,7 @@ import torch
 from conftest import make_config, read_csv, run_dicesim
 
 from dicesim.comm import Comm, Layout, route, send_first
+from dicesim.config import section
 from dicesim.engine import Simulation
 from dicesim.oracle import dense_run
 from dicesim.topology import build_topology
@@ -43,7 +44,7 @@ def test_ranks_reproduce_dense_oracle(tmp_path, tiny, topology, nodes, rank_coun
 
 
 def test_edge_rows_are_stepped_first_so_interior_ones_overlap_the_exchange():
-    W = build_topology({"name": "ring"}, 8, 0).W_sparse(0)
+    W = build_topology(section("topology", {"name": "ring"}), 8, 0).W_sparse(0)
     left, right = (send_first(route(W, Layout(8, 2, rank)), Layout(8, 2, rank))
                    for rank in (0, 1))
     assert [g.tolist() for g in left] == [[0, 3], [1, 2]]  # nodes 0 and 3 face rank 1

@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from scipy import sparse
 
 from dicesim.aggregate import build_aggregator
+from dicesim.config import Defense
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,7 @@ def test_tiny_run_dice_cuts_the_attacker(tmp_path: Path) -> None:
 
 def test_dice_selection_verdict_stands_and_rows_stay_stochastic() -> None:
     W = sparse.csr_array(np.full((3, 3), 1 / 3))  # W^t as the topology gives it: CSR
-    d = build_aggregator({"kind": "dice", "window": 2, "warmup": 1}, attacked=np.array([2]),
+    d = build_aggregator(Defense(kind="dice", window=2, warmup=1), attacked=np.array([2]),
                       nodes=3, local=np.arange(3), proximal=True)
     assert d.weights(W) is W
     d.observe(0, np.array([[0.0, -1.0, 2.0], [-1.0, 0.0, 3.0], [1.0, 1.0, 0.0]]))
@@ -62,6 +63,6 @@ def test_dice_selection_verdict_stands_and_rows_stay_stochastic() -> None:
         d.observe(t, np.array([[0.0, -1.0, 0.0], [-1.0, 0.0, 0.0], [1.0, 1.0, 0.0]]))
         cut = d.weights(W).toarray()
     assert cut[0, 2] == cut[1, 2] == 0.0 and cut[0, 1] == cut[1, 0] == 0.5
-    oracle = build_aggregator({"kind": "oracle"}, attacked=np.array([2]), nodes=3,
+    oracle = build_aggregator(Defense(kind="oracle"), attacked=np.array([2]), nodes=3,
                            local=np.arange(3), proximal=False)
     assert np.allclose(oracle.weights(W).toarray(), cut)

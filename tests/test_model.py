@@ -6,6 +6,7 @@ import torch
 from conftest import make_config
 from torch.func import grad_and_value, vmap
 
+from dicesim.config import Model
 from dicesim.engine import Simulation
 from dicesim.model import build_model
 
@@ -13,7 +14,7 @@ from dicesim.model import build_model
 def _case(name: str, hidden: list[int], activation: str, classes: int, rows: int = 5,
           batch: int = 7, features: tuple[int, ...] = (3, 4)):
     torch.manual_seed(0)
-    model = build_model({"name": name, "hidden": hidden, "activation": activation},
+    model = build_model(Model(name=name, hidden=hidden, activation=activation),
                         features, classes)
     theta = torch.randn(rows, model.P, dtype=torch.float64)
     x = torch.randn(rows, batch, *features, dtype=torch.float64)
@@ -73,7 +74,7 @@ def test_dense_probe_losses_equal_torch_func(per_row):
 
 def test_models_without_a_hand_written_gradient_fall_back_to_torch_func():
     gelu, *_ = _case("mlp", [6], "gelu", 10)
-    cnn = build_model({"name": "cnn", "channels": [2]}, (1, 4, 4), 3)
+    cnn = build_model(Model(name="cnn", channels=[2]), (1, 4, 4), 3)
     assert gelu.dense is None and cnn.dense is None
 
 
@@ -112,7 +113,7 @@ def _reference_probe_eval(model, theta, x, y, per_row):
 ])
 def test_chunked_probe_eval_equals_one_pass(name, hidden, classes, features, per_row):
     torch.manual_seed(1)
-    model = build_model({"name": name, "hidden": hidden, "channels": [2, 3]}, features, classes)
+    model = build_model(Model(name=name, hidden=hidden, channels=[2, 3]), features, classes)
     rows, m = 7, 53
     theta = torch.randn(rows, model.P, dtype=torch.float64)
     lead = (rows, m) if per_row else (m,)
@@ -138,7 +139,8 @@ def test_probe_eval_memory_is_bounded():
     code = (
         "import resource, torch\n"
         "from dicesim.model import build_model\n"
-        "m = build_model({'name': 'mlp', 'hidden': [64]}, (256,), 10)\n"
+        "from dicesim.config import Model\n"
+        "m = build_model(Model(name='mlp', hidden=[64]), (256,), 10)\n"
         "theta = torch.randn(512, m.P)\n"
         "x, y = torch.randn(2000, 256), torch.randint(0, 10, (2000,))\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"

@@ -12,7 +12,7 @@ from conftest import events_arg, execute, make_config, probe_losses, read_csv, r
 from torch.func import hessian, jvp, vjp
 
 from dicesim.engine import Simulation
-from dicesim.optim import Adam, Schedule, build_optimizer, optim_settings
+from dicesim.optim import Adam, Schedule, build_optimizer
 from dicesim.oracle import dense_run, dense_trajectory
 
 TINY = ("nodes=4", "steps=30", "batch_size=8", "dtype=float64", "model.hidden=[8]",
@@ -35,7 +35,7 @@ SETTINGS = {  # optim overrides → what they exercise
 
 def optimizer(*overrides: str, steps: int = 10):
     cfg = make_config(*overrides)
-    return build_optimizer(optim_settings(cfg.optim, steps), steps)
+    return build_optimizer(cfg.optim, steps)
 
 
 # ---- the pure step and its derivatives ---------------------------------------------------

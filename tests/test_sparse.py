@@ -13,6 +13,7 @@ from conftest import make_config, read_csv, run_dicesim
 from scipy import sparse
 
 from dicesim.comm import Channel, Comm, Layout, mix, route
+from dicesim.config import FileTopology, section
 from dicesim.engine import Simulation
 from dicesim.errors import ConfigError
 from dicesim.events import reach_sets
@@ -23,6 +24,10 @@ SMALL = {"ring": 16, "directed_ring": 16, "torus": 16, "exponential": 64,
          "one_peer_exponential": 16, "complete": 8, "star": 8, "erdos_renyi": 16,
          "small_world": 16, "hub": 8, "file": 12}
 
+
+
+def file_topology(path: object) -> FileTopology:
+    return FileTopology(name="file", path=str(path))
 
 def _random_W(n: int, seed: int = 0, density: float = 0.3) -> np.ndarray:
     """A non-symmetric row-stochastic W with self-loops, a directed ring (so it is
@@ -93,7 +98,7 @@ def test_route_and_mix_match_the_dense_formulas(world: int) -> None:
 
 @pytest.mark.parametrize("name", ["exponential", "one_peer_exponential", "hub"])
 def test_reach_sets_follow_the_dense_out_neighbours(name: str) -> None:
-    top = build_topology({"name": name}, 12, 0)
+    top = build_topology(section("topology", {"name": name}), 12, 0)
     for source, step in ((0, 0), (5, 2)):
         sets = reach_sets(top, source, step, 3)
         for s in range(3):
@@ -107,7 +112,7 @@ def test_builders_and_validation_stay_sparse_at_16384_nodes() -> None:
     tracemalloc.start()
     try:
         for name in ("ring", "exponential", "one_peer_exponential"):
-            top = build_topology({"name": name}, 16384, 0)
+            top = build_topology(section("topology", {"name": name}), 16384, 0)
             route(top.W_sparse(0), Layout(16384, 2, 0))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -125,13 +130,13 @@ def test_validation_on_the_sparse_form(tmp_path: Path) -> None:
     for what, (matrix, message) in bad.items():
         np.save(tmp_path / f"{what}.npy", matrix)
         with pytest.raises(ConfigError, match=message):
-            build_topology({"name": "file", "path": str(tmp_path / f"{what}.npy")}, 6, 0)
+            build_topology(file_topology(tmp_path / f"{what}.npy"), 6, 0)
     directed = np.roll(np.eye(6), 1, axis=1) * 0.5 + np.eye(6) * 0.5  # a directed ring
-    assert build_topology({"name": "file", "path": _saved(tmp_path, directed)}, 6, 0).n == 6
+    assert build_topology(file_topology(_saved(tmp_path, directed)), 6, 0).n == 6
     one_way = directed.copy()
     one_way[5] = np.eye(6)[5]  # node 5 no longer hears node 0: 0 reaches nobody past 5
     with pytest.raises(ConfigError, match="not strongly connected"):
-        build_topology({"name": "file", "path": _saved(tmp_path, one_way)}, 6, 0)
+        build_topology(file_topology(_saved(tmp_path, one_way)), 6, 0)
 
 
 def _saved(tmp_path: Path, w: np.ndarray) -> str:
@@ -174,11 +179,11 @@ def test_two_ranks_equal_one_process_at_4096_nodes(tmp_path: Path) -> None:
 def test_file_topology_reads_a_sparse_npz(tmp_path: Path) -> None:
     w = _random_W(20, seed=5, density=0.1)
     sparse.save_npz(tmp_path / "W.npz", sparse.csr_array(w))
-    top = build_topology({"name": "file", "path": str(tmp_path / "W.npz")}, 20, 0)
+    top = build_topology(file_topology(tmp_path / "W.npz"), 20, 0)
     np.testing.assert_array_equal(top.W(0), w)
     assert top.W_sparse(0).nnz == np.count_nonzero(w)
     with pytest.raises(ConfigError, match=r"expected \(21, 21\)"):
-        build_topology({"name": "file", "path": str(tmp_path / "W.npz")}, 21, 0)
+        build_topology(file_topology(tmp_path / "W.npz"), 21, 0)
 
 
 @pytest.mark.parametrize("direct_up_to", [0, 20_000])  # 0: every block through scipy

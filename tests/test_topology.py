@@ -9,6 +9,7 @@ import networkx as nx
 import numpy as np
 import pytest
 
+from dicesim.config import section
 from dicesim.errors import ConfigError
 from dicesim.topology import TOPOLOGIES, Topology, build_topology
 
@@ -18,7 +19,7 @@ UNDIRECTED = ["ring", "torus", "complete", "star", "erdos_renyi", "small_world"]
 
 
 def build(name: str, n: int, seed: int = 0, **kw) -> Topology:
-    return build_topology({"name": name, **kw}, n, seed)
+    return build_topology(section("topology", {"name": name, **kw}, nodes=n), n, seed)
 
 
 def union_strongly_connected(top: Topology) -> bool:
@@ -170,7 +171,6 @@ def block_diagonal() -> np.ndarray:
 
 BAD = {
     "unknown name": (lambda p: {"name": "moebius"}, r"topology\.name=.*ring, directed_ring"),
-    "no name": (lambda p: {}, r"topology\.name is not set"),
     "path not set": (lambda p: {"name": "file"}, r"topology\.path is not set"),
     "missing file": (lambda p: {"name": "file", "path": str(p / "nope.npy")},
                      r"topology\.path=.*no such file"),
@@ -187,13 +187,13 @@ BAD = {
         p / "W.txt"))}, r"topology\.path=.*\.npy or \.csv"),
     "mh on directed": (lambda p: {"name": "directed_ring", "weights": "metropolis_hastings"},
                        r"topology\.weights=metropolis_hastings.*directed_ring"),
-    "unknown weights": (lambda p: {"name": "ring", "weights": "max"}, r"topology\.weights='max'"),
+    "unknown weights": (lambda p: {"name": "ring", "weights": "max"}, r"topology\.weights=max"),
     "er disconnected": (lambda p: {"name": "erdos_renyi", "p": 1e-3},
                         r"topology\.p=0\.001: .*disconnected after 100 tries"),
     "torus rows": (lambda p: {"name": "torus", "rows": 3}, r"topology\.rows=3 does not divide"),
     "star centre": (lambda p: {"name": "star", "center": 4}, r"topology\.center=4"),
     "hub weight": (lambda p: {"name": "hub", "hub_weight": 1.0}, r"topology\.hub_weight=1\.0"),
-    "p not a number": (lambda p: {"name": "erdos_renyi", "p": "lots"}, r"topology\.p='lots'"),
+    "p not a number": (lambda p: {"name": "erdos_renyi", "p": "lots"}, r"topology\.p=lots"),
 }
 
 
@@ -201,7 +201,7 @@ BAD = {
 def test_bad_input_raises_one_line_config_error(tmp_path: Path, case: str) -> None:
     make_cfg, pattern = BAD[case]
     with pytest.raises(ConfigError, match=pattern) as info:
-        build_topology(make_cfg(tmp_path), 4, 0)
+        build_topology(section("topology", make_cfg(tmp_path), nodes=4), 4, 0)
     assert "\n" not in str(info.value)
 
 
@@ -218,9 +218,9 @@ def test_config_files_build(name: str) -> None:
     assert cfg.name == name
     if name == "file":
         with pytest.raises(ConfigError, match=r"topology\.path is not set"):
-            build_topology(cfg, 8, 0)
+            build_topology(section("topology", cfg, nodes=8), 8, 0)
     else:
-        assert build_topology(cfg, 8, 0).n == 8
+        assert build_topology(section("topology", cfg, nodes=8), 8, 0).n == 8
 
 
 # ---- spectral gap without a dense eigendecomposition ---------------------------------------
@@ -255,7 +255,8 @@ def test_time_varying_arnoldi_gap_equals_dense(tmp_path: Path) -> None:
         w = (rng.random((200, 200)) < 0.03) * rng.random((200, 200)) + np.eye(200)
         mats.append(w / w.sum(1, keepdims=True))
     np.save(tmp_path / "w.npy", np.stack(mats))
-    top = build_topology({"name": "file", "path": str(tmp_path / "w.npy")}, 200, 0)
+    top = build_topology(section("topology", {"name": "file", "path": str(tmp_path / "w.npy")}),
+                         200, 0)
     assert top.time_varying
     gap, how = top.spectral_gap_info("sparse")
     assert how == "ARPACK eigs" and gap == pytest.approx(top.spectral_gap("dense"), abs=1e-6)
