@@ -480,12 +480,12 @@ def _strict_bools(cfg: DictConfig, overrides: Sequence[str]) -> None:
             child = node._get_node(leaf) if isinstance(node, DictConfig) else None
         except OmegaConfBaseException:
             continue
-        if isinstance(child, BooleanNode) and raw not in ("true", "false", "null"):
+        if isinstance(child, BooleanNode) and raw.lower() not in ("true", "false", "null"):
             raise ConfigError(f"{key}={raw}: must be true or false")
         if isinstance(child, ListConfig) and child._metadata.element_type is bool:
             items = raw.strip("[]").split(",")
             for i, item in enumerate(items):
-                if item.strip() not in ("true", "false", ""):
+                if item.strip().lower() not in ("true", "false", ""):
                     raise ConfigError(f"{key}[{i}]={item.strip()}: must be true or false")
 
 

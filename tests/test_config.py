@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from dicesim import config
 from dicesim.cli import check_composes
-from dicesim.config import compose_checked, load, sweep_points, validate
+from dicesim.config import as_dict, compose_checked, load, sweep_points, validate
 from dicesim.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,8 +44,11 @@ def same_values(raw, typed, where: str = "") -> None:
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_preset_composes_and_validates(experiment):
     cfg = checked(f"experiment={experiment}")
-    assert OmegaConf.is_struct(cfg)
+    assert isinstance(cfg, config.Config)
     assert cfg.name == experiment
+    for block, cls in config.EXPERIMENT_BLOCKS.items():  # only its own blocks are present
+        present = config.BLOCK_PRESETS.get(block, block) == experiment
+        assert isinstance(getattr(cfg, block), cls) if present else getattr(cfg, block) is None
 
 
 GROUP_OPTIONS = [(g, o) for g in ("topology", "data", "model", "optim", "influence", "attack",
@@ -65,7 +67,7 @@ def test_every_group_option_keeps_its_values(group, option, tmp_path):
 
         raw = compose("config", overrides=[f"{group}={option}", *extra])
     typed = load(raw)
-    same_values(OmegaConf.to_container(raw[group]), OmegaConf.to_container(typed[group]), group)
+    same_values(OmegaConf.to_container(raw[group]), as_dict(getattr(typed, group)), group)
 
 
 def config_dir():
@@ -80,7 +82,7 @@ def test_root_values_unchanged():
 
         raw = compose("config")
     typed = load(raw)
-    same_values(OmegaConf.to_container(raw), OmegaConf.to_container(typed))
+    same_values(OmegaConf.to_container(raw, resolve=True), as_dict(typed))
 
 
 def test_valid_edge_cases_pass(tmp_path):
@@ -88,7 +90,8 @@ def test_valid_edge_cases_pass(tmp_path):
     assert checked("nodes=8", "nodes=16").nodes == 16
     assert checked("topology=file", f"topology.path={tmp_path}/W.npy").topology.path.endswith(
         "W.npy")
-    assert checked("influence.events=[{node:1,step:2,samples:all}]").influence.events[0].node == 1
+    assert checked("influence.events=[{node:1,step:2,samples:all}]").influence.events[0] == {
+        "node": 1, "step": 2, "samples": "all"}
     assert checked("influence.removal=3").influence.removal == 3
     assert checked("attack=label_flip", "attack.nodes=[1,2]").attack.nodes == [1, 2]
     assert checked("resume=auto").resume == "auto"
@@ -98,7 +101,10 @@ def test_valid_edge_cases_pass(tmp_path):
     for key in ("plots", "progress", "dry_run", "save_params", "overwrite", "abort_on_nonfinite",
                 "influence.ground_truth", "influence.curvature", "data.standardize"):
         for value in (True, False):
-            assert OmegaConf.select(checked(f"{key}={str(value).lower()}"), key) is value
+            got = checked(f"{key}={str(value).lower()}")
+            for part in key.split("."):
+                got = getattr(got, part)
+            assert got is value
 
 
 def test_new_keys_and_defaults():
@@ -108,12 +114,12 @@ def test_new_keys_and_defaults():
 
 
 def test_typed_and_closed():
-    cfg = checked("optim.lr=1", "timeout_s=5")
+    cfg = checked("optim.lr=1", "timeout_s=5", "topology=torus", "data=synthetic")
     assert isinstance(cfg.optim.lr, float) and isinstance(cfg.timeout_s, float)
-    with pytest.raises(OmegaConfBaseException):
-        cfg.nodse = 3
-    with pytest.raises(OmegaConfBaseException):
-        cfg.nodes = "abc"
+    assert type(cfg.topology) is config.TorusTopology and type(cfg.data) is config.SyntheticData
+    assert cfg.topology.name == "torus" and f"{cfg.topology.name}" == "torus"  # str Enums
+    with pytest.raises(ConfigError, match="nodse: unknown key; did you mean nodes"):
+        checked("+nodse=3")
 
 
 def test_validate_alone_checks_ranges():
@@ -121,6 +127,28 @@ def test_validate_alone_checks_ranges():
     cfg.nodes = 0
     with pytest.raises(ConfigError, match="nodes=0"):
         validate(cfg)
+    with pytest.raises(ConfigError, match="nodes=0"):  # a changed copy is checked as well
+        dataclasses.replace(checked(), nodes=0)
+    with pytest.raises(ConfigError, match="influence.hops=9"):
+        config.with_changes(checked(), influence__hops=9)
+    assert config.with_changes(checked(), influence__hops=2).influence.hops == 2
+
+
+def test_preset_events_shrink_to_the_run_and_explicit_ones_do_not(capsys):
+    """Part 8: the demo's 40 events over 8 nodes and 5 steps with 3 hops: starts 0..2, so
+    8 · 3 = 24 (node, step) pairs exist; a count the user set that does not fit stays an
+    error."""
+    cfg = compose_checked([["nodes=8", "steps=5"]])[0]
+    assert cfg.influence.events == 24
+    assert capsys.readouterr().out.strip() == (
+        "dicesim: influence.events: the preset's 40 events do not fit 5 steps with 3 hops; "
+        "using 24")
+    assert compose_checked([["nodes=8", "steps=2"]])[0].influence.events == 0
+    assert compose_checked([["nodes=8"]])[0].influence.events == 40  # fits: unchanged
+    with pytest.raises(ConfigError, match="influence.events=40: only 24"):
+        from dicesim.engine import Simulation
+
+        Simulation(compose_checked([["nodes=8", "steps=5", "influence.events=40"]])[0])
 
 
 def test_sweep_points_expand_like_the_basic_sweeper():
@@ -146,17 +174,8 @@ def test_valid_command_lines_pass_the_up_front_check(capsys, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_choices_match_the_builders():
-    from dicesim import aggregate, attack, data, events, model, topology
-
-    assert config.TOPOLOGIES == topology.TOPOLOGIES
-    assert config.WEIGHT_SCHEMES == topology.WEIGHT_SCHEMES
-    assert config.ATTACKS == attack.ATTACKS
-    assert config.DEFENSES == aggregate.DEFENSES
-    assert config.DATASETS == data.DATASETS
-    assert config.MODELS == model.MODELS
-    assert set(config.ACTIVATIONS) == set(model.ACTIVATIONS)
-    assert config.MAX_HOPS == events.MAX_HOPS
+def test_choices_match_the_presets():
+    """Every Enum of a group's option names has a YAML file per member, and no more."""
     assert set(config.TOPOLOGIES) == set(options("topology"))
     assert set(config.ATTACKS) == set(options("attack"))
     assert set(config.DEFENSES) == set(options("defense"))
