@@ -531,8 +531,10 @@ def with_changes(cfg: Config, **dotted: Any) -> Config:
 
 
 def variant(cfg: Config, **dotted: Any) -> Config:
-    """A copy of an experiment's cfg for one of its runs (no driver, no progress bar)."""
-    return with_changes(cfg, driver=None, progress=False, **dotted)
+    """A copy of an experiment's cfg for one of its runs: no driver, no progress bar, no
+    experiment blocks (the driver reads them from its own cfg)."""
+    blocks = {block: None for block in EXPERIMENT_BLOCKS}
+    return with_changes(cfg, driver=None, progress=False, **blocks, **dotted)
 
 
 def as_dict(cfg: Any) -> Any:
@@ -1087,12 +1089,12 @@ def check_blocks(c: Config) -> None:
         _within("cleansing.hops", s.hops, 0, MAX_HOPS, 2)
         _at_least("cleansing.baseline_events", s.baseline_events, 0, 2000)
         _within("cleansing.min_auc", s.min_auc, 0, 1, 0.95)
-    if c.collaborators is not None and c.attack.kind == "none":
+    if c.collaborators is not None and c.driver is not None and c.attack.kind == "none":
         raise ConfigError("experiment=collaborators needs an attack: pick one with "
                           "attack=label_flip, attack=scaled_update, ...")
     if (a := c.anomaly) is not None:
         if "none" in a.attacks:
-            raise ConfigError(f"anomaly.attacks={show(a.attacks)}: none is not an attack; "
+            raise ConfigError("anomaly.attacks: none is not an attack; "
                               f"choose from {', '.join(ATTACKS[1:])}")
         if a.window is not None:
             _at_least("anomaly.window", a.window, 1, 20)

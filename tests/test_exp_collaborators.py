@@ -53,7 +53,7 @@ def test_tiny_run_dice_cuts_the_attacker(tmp_path: Path) -> None:
 def test_dice_selection_verdict_stands_and_rows_stay_stochastic() -> None:
     W = sparse.csr_array(np.full((3, 3), 1 / 3))  # W^t as the topology gives it: CSR
     d = build_aggregator(Defense(kind="dice", window=2, warmup=1), attacked=np.array([2]),
-                      nodes=3, local=np.arange(3), proximal=True)
+                      nodes=3, local=np.arange(3))
     assert d.weights(W) is W
     d.observe(0, np.array([[0.0, -1.0, 2.0], [-1.0, 0.0, 3.0], [1.0, 1.0, 0.0]]))
     cut = d.weights(W).toarray()
@@ -64,5 +64,5 @@ def test_dice_selection_verdict_stands_and_rows_stay_stochastic() -> None:
         cut = d.weights(W).toarray()
     assert cut[0, 2] == cut[1, 2] == 0.0 and cut[0, 1] == cut[1, 0] == 0.5
     oracle = build_aggregator(Defense(kind="oracle"), attacked=np.array([2]), nodes=3,
-                           local=np.arange(3), proximal=False)
+                           local=np.arange(3))
     assert np.allclose(oracle.weights(W).toarray(), cut)

@@ -209,7 +209,7 @@ def run(session: Session) -> dict | None:
     prepare_output(session)
     t0 = time.perf_counter()
     for i, case in enumerate(cases):
-        run_case(session, case, spec.get("window"), bool(spec.get("per_weight", True)))
+        run_case(session, case, spec.window, spec.per_weight)
         if session.rank == 0:
             auc = {m: case.outcome["methods"][m]["roc_auc"] for m in METHODS}
             session.say(f"  [{i + 1}/{len(cases)}] {case.attack:>13} on {case.topology:<12} "

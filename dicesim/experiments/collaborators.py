@@ -168,7 +168,7 @@ def summarize(cfg: Config, runs: list[Run], attacked: np.ndarray, wall_s: float)
         "attack": {"kind": cfg.attack.kind, "nodes": attacked.tolist(),
                    "start": int(cfg.attack.start), "scale": float(cfg.attack.scale),
                    "sigma": float(cfg.attack.sigma)},
-        "defense": {k: cfg.defense[k] for k in ("window", "threshold", "warmup", "trim")},
+        "defense": {k: getattr(cfg.defense, k) for k in ("window", "threshold", "warmup", "trim")},
         "honest_components": {r.topology: honest_components(r.sim, attacked) for r in runs
                               if r.condition == "no_attack"},
         "spectral_gap": {r.topology: r.sim.topology.spectral_gap() for r in runs
