@@ -18,6 +18,7 @@ class Attack:
     kind: str
     nodes: np.ndarray  # attacked global node ids
     start: int = 0
+    end: int | None = None  # attacked at start <= t < end (None: to the end of the run)
     sigma: float = 1.0  # feature_noise: std of the added Gaussian noise
     scale: float = -4.0  # scaled_update: the update is multiplied by this
 
@@ -26,7 +27,7 @@ class Attack:
         return self.kind in ("label_flip", "feature_noise")
 
     def active(self, t: int) -> bool:
-        return self.kind != "none" and t >= self.start
+        return self.kind != "none" and self.start <= t and (self.end is None or t < self.end)
 
     def poison(self, x: Tensor, y: Tensor, ids: np.ndarray, num_classes: int,
                seed: int) -> tuple[Tensor, Tensor]:
@@ -65,4 +66,4 @@ def build_attack(cfg: AttackSettings, nodes: int, seed: int) -> Attack:
     if not len(chosen):  # a seeded choice of round(fraction · nodes) nodes
         count = round(cfg.fraction * nodes)
         chosen = np.sort(np.random.default_rng([seed, 4242]).choice(nodes, count, replace=False))
-    return Attack(str(cfg.kind), chosen, cfg.start, cfg.sigma, cfg.scale)
+    return Attack(str(cfg.kind), chosen, cfg.start, cfg.end, cfg.sigma, cfg.scale)

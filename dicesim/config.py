@@ -226,6 +226,7 @@ class Attack:
     nodes: list[int] = _list()  # attacked nodes; empty = a seeded choice of fraction * nodes
     fraction: float = 0.25
     start: int = 0
+    end: int | None = None  # the first step no longer attacked; null: attacked to the end
     sigma: float = 1.0
     scale: float = -4.0
 
@@ -1034,6 +1035,8 @@ def check_attack(a: Attack, nodes: int, steps: int) -> None:
     if len(set(a.nodes)) != len(a.nodes):
         raise ConfigError(f"attack.nodes={show(list(a.nodes))}: lists a node twice")
     _within("attack.fraction", a.fraction, 0, 1, 0.25)
+    if a.end is not None:
+        _within("attack.end", a.end, a.start + 1, steps, steps)
     if a.kind != "none":
         _within("attack.start", a.start, 0, steps - 1, 0)
         if not a.nodes and not 1 <= round(a.fraction * nodes) <= nodes:

@@ -397,6 +397,7 @@ KEYS = [
     ("attack.nodes", ["attack=label_flip"], ["3", "[a]"], ["[99]", "[-1]", "[1,1]"]),
     ("attack.fraction", ["attack=label_flip"], ["abc"], ["1.5", "-0.1"]),
     ("attack.start", ["attack=label_flip"], ["abc"], ["999", "-1"]),
+    ("attack.end", ["attack=label_flip", "attack.start=5"], ["abc", "1.5"], ["5", "201"]),
     ("attack.sigma", [], ["abc"], ["-1", "inf"]),
     ("attack.scale", [], ["abc"], ["nan"]),
     ("defense.kind", [], ["[x]"], ["bogus"]),

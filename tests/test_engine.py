@@ -100,3 +100,18 @@ def test_digits_mlp_ring_learns():
     sim, result = run_in_process("nodes=16", "steps=300", "topology=ring", "model=mlp",
                                  "influence.events=0", "optim.lr=0.1", "eval_every=100")
     assert np.mean(result.test_acc) >= 0.90
+
+
+def test_attack_end_stops_the_attack_at_that_step(tiny):
+    """attack.end=E: a free rider sends no step for start <= t < E only: the run equals
+    the endless attack up to θ^E and departs from it after; E = steps is the endless
+    attack to the last bit."""
+    free_rider = ("attack=free_rider", "attack.nodes=[1]")
+    probe = {}
+    for end in ("null", "3", "6"):
+        _, result = run_in_process(*tiny, *free_rider, f"attack.end={end}")
+        probe[end] = np.array([[r.probe_loss for r in result.metrics if r.step == t]
+                               for t in range(7)])
+    assert np.array_equal(probe["6"], probe["null"])
+    assert np.array_equal(probe["3"][:4], probe["null"][:4])
+    assert not np.allclose(probe["3"][4:], probe["null"][4:])
