@@ -40,8 +40,7 @@ def test_plots_false_imports_neither_matplotlib_nor_scikit_learn(tmp_path: Path)
     # W^t is a scipy.sparse matrix (~0.08 s to import); nothing heavier of scipy loads
     assert not any(loaded[m] for m in ("scipy.stats", "scipy.sparse.csgraph",
                                         "scipy.sparse.linalg", "networkx"))
-    # on Linux a forked worker composed the config: the run itself never loads Hydra
-    assert loaded["hydra"] != sys.platform.startswith("linux")
+    assert loaded["hydra"]  # the run composes its config itself (hydra.main)
     assert (tmp_path / "run" / "report.md").is_file()
     assert not list((tmp_path / "run").glob("*.png"))
 
@@ -49,8 +48,7 @@ def test_plots_false_imports_neither_matplotlib_nor_scikit_learn(tmp_path: Path)
 def test_plots_true_draws_and_times_its_phases(tmp_path: Path) -> None:
     loaded = _modules_after_run(tmp_path, "nodes=4", "steps=3", "influence.events=2")
     run = tmp_path / "run"
-    # on Linux the figures are drawn by a forked worker: the run itself never loads matplotlib
-    assert loaded["matplotlib"] != sys.platform.startswith("linux")
+    assert loaded["matplotlib"]  # the figures are drawn in the run's own process
     report = (run / "report.md").read_text()
     pictures = ["training.png", "alignment.png", "cascade.png"]  # this order, one each
     assert [ln[2:].split("]")[0] for ln in report.splitlines() if ln.startswith("![")] == pictures

@@ -136,6 +136,22 @@ def test_a_diverged_run_that_continues_writes_strict_json(commands):
     assert "warning: the run diverged" in c.stderr
 
 
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_starting_is_one_line(tmp_path, signum, code):
+    """Ctrl-C / SIGTERM while Python still imports torch and Hydra (0.3 s in): one line,
+    no traceback, nothing written."""
+    proc = subprocess.Popen([sys.executable, "-m", "dicesim", *SMALL, f"out_dir={tmp_path}/run"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    time.sleep(0.3)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err[-3000:]
+    assert err.splitlines() == [
+        f"dicesim: interrupted while starting ({signal.Signals(signum).name})"]
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------------------- unit rules
 def test_guard_rules():
     g = Guard(divergence_factor=100.0)
