@@ -427,6 +427,9 @@ def load(composed: DictConfig, overrides: Sequence[str] = (), quiet: bool = Fals
     """The typed, checked settings of a config Hydra composed against the registered schema
     (`overrides`: the command line's, to tell a preset's value from the user's)."""
     try:
+        notes = keep_named_groups(composed, overrides)
+        if notes and not quiet and os.environ.get("RANK", "0") == "0":
+            print(f"dicesim: kept {'; '.join(notes)}", flush=True)
         _strict_bools(composed, overrides)
         for o in overrides:  # Hydra lets `+key=v` add a key the schema does not have
             parent, _, leaf = _key_of(o).rpartition(".")
@@ -1210,6 +1213,65 @@ def check_group_choice(override: str) -> None:
                           f"{', '.join(choices)}")
 
 
+def keep_named_groups(cfg: DictConfig, overrides: Sequence[str]) -> list[str]:
+    """A config group named on the command line (`optim=adam`) keeps its own values: the
+    experiment preset is composed after the groups (configs/config.yaml), so its values
+    (`optim.lr: 0.05`) would otherwise win over the option the user chose. Every key the
+    option's file sets is put back to the file's value in the composed `cfg`, unless the
+    command line sets that key itself (`optim.lr=…`). Returns one note per value put back
+    (`optim.lr=0.001 over experiment=demo's 0.05`)."""
+    chosen: dict[str, str] = {}
+    keys: list[str] = []
+    for override in overrides:
+        key, sep, value = override.lstrip("+~").partition("=")
+        if not sep:
+            continue
+        if key in GROUPS:
+            chosen[key] = value
+        else:
+            keys.append(key)
+    preset = chosen.pop("experiment", None) or _default_choice("experiment")
+    notes = []
+    for group, option in chosen.items():
+        path = CONFIG_DIR / group / f"{option}.yaml"
+        if not path.is_file() or not isinstance(cfg.get(group), DictConfig):
+            continue
+        own = OmegaConf.load(path)
+        own.pop("defaults", None)  # the option's schema, not a value
+        for dotted in _leaves(own):
+            full = f"{group}.{dotted}"
+            if any(k == full or k.startswith(f"{full}.") or full.startswith(f"{k}.")
+                   for k in keys):
+                continue  # the user's own value for this key
+            composed = OmegaConf.select(cfg, full, throw_on_resolution_failure=False)
+            value = OmegaConf.select(own, dotted)
+            if composed == value:
+                continue
+            OmegaConf.update(cfg, full, OmegaConf.to_container(value)
+                             if isinstance(value, DictConfig | ListConfig) else value,
+                             merge=False)
+            notes.append(f"{full}={show(value)} of {group}={option} over "
+                         f"experiment={preset}'s {show(composed)}")
+    return notes
+
+
+def _default_choice(group: str) -> str | None:
+    """The option configs/config.yaml's defaults list picks for `group`."""
+    for entry in OmegaConf.load(CONFIG_DIR / "config.yaml").defaults:
+        if isinstance(entry, DictConfig) and group in entry:
+            return str(entry[group])
+    return None
+
+
+def _leaves(node: DictConfig, prefix: str = "") -> list[str]:
+    """The dotted keys of `node`'s values that are not mappings (lists are values)."""
+    out = []
+    for key, value in node.items_ex(resolve=False):
+        dotted = f"{prefix}{key}"
+        out += _leaves(value, f"{dotted}.") if isinstance(value, DictConfig) else [dotted]
+    return out
+
+
 def _parse(overrides: Sequence[str], loader: Any = None) -> list[Any]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -1259,20 +1321,11 @@ def compose_checked(points: Sequence[Sequence[str]]) -> list[Config]:
     return compose_points(points)
 
 
-def compose_run(overrides: Sequence[str]) -> tuple[Config, DictConfig]:
-    """One run's typed settings and the Hydra node it was composed with."""
-    return _compose_points([overrides], with_hydra=True)[0]
-
-
 def compose_points(points: Sequence[Sequence[str]], quiet: bool = False) -> list[Config]:
-    return [typed for typed, _ in _compose_points(points, with_hydra=False, quiet=quiet)]
-
-
-def _compose_points(points: Sequence[Sequence[str]], with_hydra: bool, quiet: bool = False
-                    ) -> list[tuple[Config, DictConfig | None]]:
+    """Compose each override list with Hydra, exactly as `python -m dicesim` would, and
+    `load` it: the typed, checked settings, or a one-line ConfigError."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    from omegaconf import open_dict
 
     out = []
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -1281,8 +1334,7 @@ def _compose_points(points: Sequence[Sequence[str]], with_hydra: bool, quiet: bo
                 check_group_choice(o)
             _parse(overrides)
             try:
-                cfg = hydra_compose("config", overrides=list(overrides),
-                                    return_hydra_config=with_hydra)
+                cfg = hydra_compose("config", overrides=list(overrides))
             except Exception as err:  # Hydra's override and composition errors
                 groups = [o for o in overrides if _key_of(o) in GROUPS]
                 try:  # the presets chosen decide the schema a key is looked up in
@@ -1290,12 +1342,7 @@ def _compose_points(points: Sequence[Sequence[str]], with_hydra: bool, quiet: bo
                 except Exception:
                     base = None
                 raise ConfigError(_compose_error(err, overrides, base)) from None
-            hydra_node = None
-            if with_hydra:
-                hydra_node = cfg.hydra
-                with open_dict(cfg):
-                    del cfg["hydra"]
-            out.append((load(cfg, overrides, quiet), hydra_node))
+            out.append(load(cfg, overrides, quiet))
     return out
 
 
