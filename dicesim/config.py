@@ -1318,7 +1318,8 @@ def compose(overrides: Sequence[str] = (), quiet: bool = False) -> Config:
 
 
 def compose_checked(points: Sequence[Sequence[str]]) -> list[Config]:
-    return compose_points(points)
+    """The CLI's up-front check: quiet (the job itself says what load changed)."""
+    return compose_points(points, quiet=True)
 
 
 def compose_points(points: Sequence[Sequence[str]], quiet: bool = False) -> list[Config]:

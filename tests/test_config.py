@@ -8,7 +8,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from conftest import run_dicesim
+from conftest import read_csv, run_dicesim
 from omegaconf import OmegaConf
 
 from dicesim import config
@@ -139,7 +139,7 @@ def test_preset_events_shrink_to_the_run_and_explicit_ones_do_not(capsys):
     """Part 8: the demo's 40 events over 8 nodes and 5 steps with 3 hops: starts 0..2, so
     8 · 3 = 24 (node, step) pairs exist; a count the user set that does not fit stays an
     error."""
-    cfg = compose_checked([["nodes=8", "steps=5"]])[0]
+    cfg = config.compose(["nodes=8", "steps=5"])
     assert cfg.influence.events == 24
     assert capsys.readouterr().out.strip() == (
         "dicesim: influence.events: the preset's 40 events do not fit 5 steps with 3 hops; "
@@ -150,6 +150,14 @@ def test_preset_events_shrink_to_the_run_and_explicit_ones_do_not(capsys):
         from dicesim.engine import Simulation
 
         Simulation(compose_checked([["nodes=8", "steps=5", "influence.events=40"]])[0])
+
+
+def test_a_short_run_of_the_demo_says_it_shrank_its_events_once(tmp_path):
+    proc = run_dicesim(tmp_path, "nodes=8", "steps=5")
+    line = ("dicesim: influence.events: the preset's 40 events do not fit 5 steps with 3 "
+            "hops; using 24")
+    assert proc.stdout.splitlines().count(line) == 1
+    assert len({row["event"] for row in read_csv(tmp_path / "influence.csv")}) == 24
 
 
 def test_sweep_points_expand_like_the_basic_sweeper():
