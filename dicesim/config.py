@@ -678,7 +678,7 @@ def _explain(err: Exception, overrides: Sequence[str], raw: Any = None, prefix: 
     key = prefix + re.sub(r"\[\d+\]$", "", key) if key else ""
     if err.__class__.__name__ in ("ConfigKeyError", "ConfigAttributeError") and key:
         return unknown_key(key, raw)
-    value = next((o.partition("=")[2] for o in overrides if _key_of(o) == key), None)
+    value = next((o.partition("=")[2] for o in reversed(overrides) if _key_of(o) == key), None)
     if value is None and _get(raw, key) is not None:
         value = show(_get(raw, key))
     shown = f"{key}={value}" if value is not None else key
@@ -1292,7 +1292,7 @@ def _compose_error(err: Exception, overrides: Sequence[str], base: Any) -> str:
                    if _key_of(o).split(".")[0] in EXPERIMENT_BLOCKS)
         return unknown_key(key, raw)
     if m and key:
-        value = next((o.partition("=")[2] for o in overrides if _key_of(o) == key), None)
+        value = next((o.partition("=")[2] for o in reversed(overrides) if _key_of(o) == key), None)
         line = unknown_key(key, raw)
         return line.replace(f"{key}: ", f"{key}={value}: ", 1) if value is not None else line
     if isinstance(cause, OmegaConfBaseException):

@@ -477,6 +477,7 @@ def schema_cases() -> list:
 
 OTHER_CASES = [  # (id, argv, keyword)
     ("plus-typo", ["+nodse=8"], "did you mean nodes?"),
+    ("last-value-named", ["nodes=4", "nodes=abc"], "nodes=abc: must be an integer"),
     ("plus-unknown", ["+foo=1"], "foo: unknown key"),
     ("plus-unknown-group-key", ["+topology.foo=1"], "topology.foo: unknown key"),
     ("block-without-experiment", ["alignment.sweep=full"], "experiment=alignment"),
