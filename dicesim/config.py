@@ -9,9 +9,9 @@ composing. `load` turns the composed tree into a `Config` (`OmegaConf.to_object`
 through the same check. Every failure is a ConfigError of one line:
 `<dotted key>=<value>: <what is wrong>; <how to fix it>`.
 
-To add a key: a field (its default, a comment) in its section below, a range check in
-that section's `check_*` when its type cannot express it, its use, its line in
-docs/config-schema.md. A group option's YAML file lists only what differs from the schema.
+To add a key: a field (its default, a comment) in its section below, with `bounded(…)` for
+a range or a rule in the section's `check_*` for a cross-field one; its use; its line in
+docs/config-schema.md.
 """
 
 from __future__ import annotations
