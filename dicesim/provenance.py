@@ -161,3 +161,15 @@ def write_partition(out: Path, sim: Simulation) -> None:
 
     write_csv(out / "partition.csv", partition_columns(sim.data.num_classes),
               partition_rows(sim))
+
+
+def stamped(summary: dict) -> dict:
+    """An experiment's summary with the provenance block added (rank 0, before writing)."""
+    summary["provenance"] = provenance()
+    return summary
+
+
+def provenance_lines(summary: dict) -> list[str]:
+    """report.md lines under the title: the provenance line and a blank, if known."""
+    block = summary.get("provenance")
+    return [provenance_line(block), ""] if block else []
