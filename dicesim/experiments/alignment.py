@@ -1,11 +1,11 @@
-"""`make alignment`: how well DICE-E tracks the exact DICE-GT (issues 3 and 4).
+"""`make alignment`: how well DICE-E tracks the exact DICE-GT.
 
 Every case is one single-run simulation with `influence.events` sampled events
 e = (j, t, S) followed for r hops with ground truth. For each case the alignment of
 E[e,s,k] against G[e,s,k] is reported
 
 - per hop s over the (event, node) entries of that hop (`hop_<s>`),
-- for the one-hop view (Definition 2): E[e,0,j] + Σ_{k≠j} E[e,1,k] per event,
+- for the one-hop view (the DICE paper's Definition 2): E[e,0,j] + Σ_{k≠j} E[e,1,k] per event,
 - over every entry (`all`),
 
 as Pearson, Spearman, sign agreement and rel_err = Σ|E − G| / Σ|G| (report.alignment).
@@ -14,10 +14,10 @@ Both estimators are reported: `dice_e` (the paper's first-order DICE-E) and `dic
 midpoint rule), with the second-order share ρ = Σ|dice_mid − dice_e| / Σ|dice_mid| that every
 run reports without ground truth, so its calibration against the true rel_err shows.
 
-`alignment.sweep=core` (default) runs the issue-3 target cases and the `hard` set
+`alignment.sweep=core` (default) runs the target cases and the `hard` set
 (Fashion-MNIST at lr 0.2 and 0.5, where first-order DICE-E degrades; skipped with a note
 when the Debian package dataset-fashion-mnist is absent); `alignment.sweep=full` adds the
-issue-4 grid (topologies × learning rates × batch sizes × node counts × curvature on/off).
+grid (topologies × learning rates × batch sizes × node counts × curvature on/off).
 `alignment.precision` reruns one single-sample case in float64 and compares the two ground
 truths entry by entry (how precise float32 DICE-GT is).
 """
@@ -82,7 +82,7 @@ def _removal_tag(removal: str | int) -> str:
 
 
 def core_cases(cfg: DictConfig) -> list[Case]:
-    """The issue-3 target cases listed under `alignment.core` (defaults from the run's config)."""
+    """The target cases listed under `alignment.core` (defaults from the run's config)."""
     out = []
     for item in cfg.alignment.core:
         c = dict(item)
@@ -135,7 +135,7 @@ def optimizer_cases(cfg: DictConfig) -> list[Case]:
 
 
 def sweep_cases(cfg: DictConfig) -> list[Case]:
-    """The issue-4 grid: every combination of the lists under `alignment.full`."""
+    """The sweep grid: every combination of the lists under `alignment.full`."""
     f = cfg.alignment.full
     hops = int(f.hops)
     out = []

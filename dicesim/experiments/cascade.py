@@ -1,4 +1,5 @@
-"""`make cascade`: how influence spreads and fades with hop distance (issue 5).
+"""`make cascade`: how influence spreads and fades hop by hop (hop s = s gossip
+rounds after the event, not graph distance).
 
 1. Per topology, sampled whole-batch events followed for r hops. For hop s:
    total(s) = mean over events of |Σ_k E[e,s,k]| (and of |Σ_k G[e,s,k]|), the influence the

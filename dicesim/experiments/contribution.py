@@ -12,7 +12,7 @@ samples (p_k from 0 to `noise_max`; the runs get it as `data.label_noise`).
   gradient step (`counterfactual.remove` of its whole batch at every step), and
     LOO_j = L(θ^T) − L(θ̃^T),   L(θ) = Σ_k q_k L'_k(θ_k),
   the final probe loss with j's data minus without it (negative: j's data helped).
-- Spearman(C, LOO) over nodes; target ≥ `min_spearman` (issue: 0.8 on 8–16 nodes).
+- Spearman(C, LOO) over nodes; target ≥ `min_spearman` (0.8 on 8–16 nodes).
 - Reciprocity (our reading of the paper's Definition 5, built on proximal influence,
   Definition 4). The benefit j's data gave its out-neighbour k over training is
     b_{j→k} = −Σ_t E[(j,t), 1, k]   (k ≠ j; positive: j's batches lowered k's probe loss).
