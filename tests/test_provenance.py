@@ -137,3 +137,13 @@ def test_first_line_names_the_resolved_optimizer():
                                  "optim.min_lr=0.001", "topology=hub", "nodes=4"))
     assert headline(sim) == ("4 nodes, hub (its own weights), digits iid, adamw lr 0.003 betas "
                              "0.9/0.999 weight decay 0.01 (cosine to 0.001), 200 steps, batch 32")
+
+
+def test_no_commit_outside_a_checkout(tmp_path, monkeypatch):
+    from dicesim import provenance as prov
+
+    monkeypatch.setattr(prov, "PACKAGE_DIR", tmp_path)  # e.g. an installed wheel
+    assert prov.git_state() == (None, None)
+    line = prov.provenance_line({"dicesim": "0.1.0", "git_commit": None, "torch": "2",
+                                 "numpy": "2", "python": "3"})
+    assert "not run from a git checkout" in line
