@@ -28,6 +28,7 @@ from dicesim.config import GROUPS as GROUPS  # re-exported: the config groups us
 from dicesim.engine import Simulation, local_rank, resolve_device
 from dicesim.errors import ConfigError
 from dicesim.events import ESTIMATORS
+from dicesim.provenance import headline
 from dicesim.stopping import (
     EXIT_PEER,
     SIGNAL_CODES,
@@ -337,6 +338,7 @@ def execute(cfg: DictConfig) -> dict | None:
         return summary
     sim = session.build(cfg)
     plan = sim.describe()
+    session.say(f"dicesim: {headline(sim)}")
     session.say("dicesim: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in plan.items()) + f", backend={session.backend}")
     if cfg.get("dry_run", False):

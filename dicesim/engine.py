@@ -158,6 +158,7 @@ class Simulation:
                 f"samples with {s.nodes} nodes); lower batch_size or use fewer nodes")
         labels = self.data.y_train.numpy() if self.data.num_classes else np.zeros(
             len(self.data.y_train), dtype=np.int64)
+        self.assigned_labels = labels  # as the data set labels them (partition.csv)
         dcfg = cfg["data"]
         self.parts = partition(labels, s.nodes, dcfg.get("partition", "iid"),
                                float(dcfg.get("alpha", 1.0)), s.seed, min_size=s.batch_size)

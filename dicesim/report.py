@@ -18,6 +18,15 @@ from dicesim import IMPORTED_AT
 from dicesim.engine import Simulation
 from dicesim.events import ESTIMATORS, INFLUENCE_COLUMNS, PROXIMAL_COLUMNS, InfluenceRow
 from dicesim.plotworkers import PlotWorker
+from dicesim.provenance import (
+    describe_optimizer,
+    describe_partition,
+    provenance,
+    provenance_line,
+    resolved,
+    topology_weights,
+    write_partition,
+)
 from dicesim.stats import hop_totals, pearson, spearman  # noqa: F401 - hop_totals re-exported
 from dicesim.trainer import METRIC_COLUMNS, RunResult
 
@@ -165,6 +174,8 @@ def summarize(sim: Simulation, result: RunResult) -> dict:
     final = [r for r in result.metrics if r.step == s.steps]
     summary = {
         **sim.describe(),
+        **resolved(sim),
+        "provenance": provenance(),
         "wall_s": result.wall_s,
         "node_steps_per_s": s.nodes * s.steps / max(result.wall_s, 1e-9),
         "gossip_share": result.gossip_s / max(result.wall_s, 1e-9),
@@ -207,6 +218,7 @@ def write_all(out: Path, sim: Simulation, result: RunResult, plots: bool = True,
     started earlier (dicesim/plotworkers.py); else one is started here."""
     outputs_at = time.perf_counter()
     write_csv(out / "metrics.csv", METRIC_COLUMNS, sorted(result.metrics))
+    write_partition(out, sim)
     if sim.cfg.get("save_params", False) and result.final_params is not None:
         torch.save(result.final_params, out / "params.pt")
     if sim.tracking:
@@ -269,10 +281,13 @@ def report_md(sim: Simulation, summary: dict, pictures: list[str]) -> str:
     lines = [
         f"# dicesim run: {sim.cfg.get('name', 'run')}",
         "",
-        f"{summary['nodes']} nodes on `{summary['topology']}` (spectral gap "
-        f"{gap}), {summary['ranks']} rank(s), {summary['steps']} steps, "
+        f"{summary['nodes']} nodes on `{summary['topology']}` ({topology_weights(sim)} "
+        f"weights, spectral gap {gap}), {summary['ranks']} rank(s), {summary['steps']} steps, "
         f"`{sim.cfg['model']['name']}` ({summary['params_per_node']} parameters per node) on "
-        f"`{summary['data']}`, lr {sim.optim.lr:g}, batch {sim.run.batch_size}.",
+        f"`{summary['data']}` ({describe_partition(sim)} partition; samples per node and class "
+        f"in `partition.csv`), optimizer {describe_optimizer(sim)}, batch {sim.run.batch_size}.",
+        "",
+        provenance_line(summary["provenance"]),
         "",
         "| final (mean over nodes) | value |",
         "|---|---|",
@@ -292,7 +307,8 @@ def report_md(sim: Simulation, summary: dict, pictures: list[str]) -> str:
         lines += [
             "## The estimators against the exact ground truth",
             "",
-            f"{summary['events']} events followed for {summary['hops']} hop(s). Influence = loss "
+            f"{summary['events']} events followed for {summary['hops']} hop(s); hop r = r gossip "
+            "rounds after the event (not graph distance). Influence = loss "
             "with the data − loss without it (negative: the data helped). `dice_e` is the "
             "paper's first-order DICE-E, `dice_mid` its midpoint rule.",
             "",
@@ -322,6 +338,10 @@ def report_md(sim: Simulation, summary: dict, pictures: list[str]) -> str:
 
         lines += report_lines(summary["attribution"])
         pictures = pictures + summary["attribution"].get("plots", [])
-    lines += footer(pictures, "Files: `metrics.csv` (per step and node), `influence.csv` "
-                              "(per event, hop and node), `summary.json`, `config.yaml`.")
+    files = ["`metrics.csv` (per step and node)", "`partition.csv` (per node and class)"]
+    if sim.tracking:
+        files.append("`influence.csv` (per event, hop and node)")
+    if sim.influence.proximal:
+        files.append("`proximal.csv` (per step, sender and receiver)")
+    lines += footer(pictures, f"Files: {', '.join(files)}, `summary.json`, `config.yaml`.")
     return "\n".join(lines)

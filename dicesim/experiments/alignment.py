@@ -1,11 +1,11 @@
-"""`make alignment`: how well DICE-E tracks the exact DICE-GT (issues 3 and 4).
+"""`make alignment`: how well DICE-E tracks the exact DICE-GT.
 
 Every case is one single-run simulation with `influence.events` sampled events
 e = (j, t, S) followed for r hops with ground truth. For each case the alignment of
 E[e,s,k] against G[e,s,k] is reported
 
 - per hop s over the (event, node) entries of that hop (`hop_<s>`),
-- for the one-hop view (Definition 2): E[e,0,j] + Σ_{k≠j} E[e,1,k] per event,
+- for the one-hop view (the DICE paper's Definition 2): E[e,0,j] + Σ_{k≠j} E[e,1,k] per event,
 - over every entry (`all`),
 
 as Pearson, Spearman, sign agreement and rel_err = Σ|E − G| / Σ|G| (report.alignment).
@@ -14,10 +14,10 @@ Both estimators are reported: `dice_e` (the paper's first-order DICE-E) and `dic
 midpoint rule), with the second-order share ρ = Σ|dice_mid − dice_e| / Σ|dice_mid| that every
 run reports without ground truth, so its calibration against the true rel_err shows.
 
-`alignment.sweep=core` (default) runs the issue-3 target cases and the `hard` set
+`alignment.sweep=core` (default) runs the target cases and the `hard` set
 (Fashion-MNIST at lr 0.2 and 0.5, where first-order DICE-E degrades; skipped with a note
 when the Debian package dataset-fashion-mnist is absent); `alignment.sweep=full` adds the
-issue-4 grid (topologies × learning rates × batch sizes × node counts × curvature on/off).
+grid (topologies × learning rates × batch sizes × node counts × curvature on/off).
 `alignment.precision` reruns one single-sample case in float64 and compares the two ground
 truths entry by entry (how precise float32 DICE-GT is).
 """
@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from dicesim.cli import Session, fail
 from dicesim.events import INFLUENCE_COLUMNS, InfluenceRow
 from dicesim.experiments import group_option, variant
+from dicesim.provenance import provenance_lines, stamped
 from dicesim.report import (
     alignment,
     alignment_blocks,
@@ -81,7 +82,7 @@ def _removal_tag(removal: str | int) -> str:
 
 
 def core_cases(cfg: DictConfig) -> list[Case]:
-    """The issue-3 target cases listed under `alignment.core` (defaults from the run's config)."""
+    """The target cases listed under `alignment.core` (defaults from the run's config)."""
     out = []
     for item in cfg.alignment.core:
         c = dict(item)
@@ -134,7 +135,7 @@ def optimizer_cases(cfg: DictConfig) -> list[Case]:
 
 
 def sweep_cases(cfg: DictConfig) -> list[Case]:
-    """The issue-4 grid: every combination of the lists under `alignment.full`."""
+    """The sweep grid: every combination of the lists under `alignment.full`."""
     f = cfg.alignment.full
     hops = int(f.hops)
     out = []
@@ -366,11 +367,13 @@ def report_md(summary: dict, pictures: list[str]) -> str:
     lines = [
         "# DICE-E against DICE-GT",
         "",
+        *provenance_lines(summary),
         f"`{summary['data']}`, `{summary['model']}`, {summary['dtype']}; each case samples "
-        "events e = (j, t, S) uniformly over nodes and steps and follows them for r hops with "
-        "the exact counterfactual. Views: `hop_s` = the (event, node) entries of hop s; "
-        "`one_hop` = E[e,0,j] + Σ_{k≠j} E[e,1,k] per event (Definition 2); `all` = every "
-        "entry. rel_err = Σ|E − G| / Σ|G|.",
+        "events e = (j, t, S) uniformly over nodes and steps and follows them for r hops (hop s = "
+        "s gossip rounds after the event, not graph distance) with the exact counterfactual. "
+        "Views: `hop_s` = the (event, node) entries of hop s; `one_hop` = E[e,0,j] + "
+        "Σ_{k≠j} E[e,1,k] per event (Definition 2 of the DICE paper); `all` = every entry. "
+        "rel_err = Σ|E − G| / Σ|G|.",
         "",
         f"**Targets** (Spearman ≥ {t['min_spearman']} in every view): "
         + ("all met." if t["all_pass"] else "NOT all met."),
@@ -427,7 +430,7 @@ def report_md(summary: dict, pictures: list[str]) -> str:
                               + [(f"rel_err {n}", k, "rel_err", 3) for n, k in shown]), ""]
     sweep = [c for c in summary["cases"] if c["set"] == "sweep"]
     if sweep:
-        lines += ["## Sweep (issue 4)", "",
+        lines += ["## Sweep", "",
                   "Per case: Spearman of the one-hop view, of hop 1 and of the last hop; the "
                   "smallest Pearson and sign agreement over the views; rel_err of the last hop. "
                   "Every view of every case is in `alignment.csv`.", "",
@@ -475,7 +478,7 @@ def run(session: Session) -> dict | None:
     cfg = session.cfg
     acfg = cfg.alignment
     if acfg.sweep not in ("core", "full", "optimizers"):
-        fail(f"alignment.sweep={acfg.sweep}: choose core (the issue-3 targets), full "
+        fail(f"alignment.sweep={acfg.sweep}: choose core (the target cases), full "
              "(adds the topology × lr × batch × nodes × curvature grid) or optimizers")
     hard = hard_cases(cfg)
     missing = sorted({c.data for c in hard if c.data and not data_available(c.data)})
@@ -522,7 +525,7 @@ def run(session: Session) -> dict | None:
     summary = summarize(cfg, results, rows_of)
     out = session.out
     write_csv(out / "alignment.csv", TABLE_COLUMNS, table_rows(summary["cases"]))
-    write_json(out / "summary.json", summary)  # strict JSON: no bare NaN
+    write_json(out / "summary.json", stamped(summary))  # strict JSON: no bare NaN
     pictures = []
     if cfg.get("plots", True):
         pictures = plots(out, [c for c in results if c["set"] != "precision"], rows_of)

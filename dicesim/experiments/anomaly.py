@@ -36,6 +36,7 @@ from dicesim.comm import Channel
 from dicesim.engine import RunParts, Simulation
 from dicesim.events import ProximalRow
 from dicesim.experiments import CONFIG_DIR, group_option, variant
+from dicesim.provenance import provenance_lines, stamped
 from dicesim.report import footer, write_atomic, write_csv, write_json
 from dicesim.topology import senders
 from dicesim.trackers import Tracker
@@ -279,7 +280,7 @@ def write_outputs(out: Path, cfg: DictConfig, cases: list[Case], summary: dict) 
                          *[s[m].get((k, j), float("nan")) for m in METHODS]))
     write_csv(out / "scores.csv", ("attack", "topology", "receiver", "sender", "attacked",
                                    *METHODS), rows)
-    write_json(out / "summary.json", summary)  # strict JSON: no bare NaN
+    write_json(out / "summary.json", stamped(summary))  # strict JSON: no bare NaN
     pictures = plots(out, cfg, cases) if cfg.get("plots", True) else []
     write_atomic(out / "report.md", report_md(summary, pictures))
 
@@ -293,6 +294,7 @@ def report_md(summary: dict, pictures: list[str]) -> str:
     lines = [
         "# Anomaly detection by proximal influence",
         "",
+        *provenance_lines(summary),
         f"{summary['nodes']} nodes, {summary['steps']} steps, `{summary['model']}` on "
         f"`{summary['data']}`, lr {summary['lr']:g}. Each honest node scores each in-neighbour "
         f"by the proximal influence it measured (window: {window}; "
