@@ -5,14 +5,52 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import torch
 from conftest import make_config
+from test_attribution import QUADRATIC, network_loss
+from torch.func import hessian
 
 from dicesim.comm import Comm
 from dicesim.engine import Simulation
+from dicesim.oracle import dense_trajectory
 from dicesim.report import LOSS_METRIC, write_all
 from dicesim.stopping import Guard
 from dicesim.trainer import METRIC_COLUMNS
+
+
+def execute(*overrides: str):
+    sim = Simulation(make_config(*overrides, "progress=false"))
+    return sim, sim.execute(Comm("gloo", 60, torch.device("cpu")))
+
+
+# ---- 1. the reverse pass under a time-varying, asymmetric topology --------------------------
+def test_attribution_is_the_linearized_counterfactual_when_every_phase_is_asymmetric():
+    """one_peer_exponential on 6 nodes: shifts by 1, 2 and 4 (period 3), none of them its own
+    inverse mod 6, so every W^t ≠ (W^t)ᵀ. Linear regression, SGD, float64: A − G equals
+    ½ Σ_k q_k δ_kᵀ H' δ_k (rtol 1e-9) for batches removed in each phase. Mistake caught: W^t
+    instead of (W^t)ᵀ in the reverse pass at one phase (at 4 nodes shift 2 is symmetric)."""
+    base = (*QUADRATIC, "topology=one_peer_exponential", "nodes=6", "steps=9")
+    sim, result = execute(*base)
+    topology = sim.topology
+    assert topology.period == 3
+    for t in range(topology.period):
+        W = topology.W(t)
+        assert np.abs(W - W.T).max() > 0.1, t
+    a = result.attribution
+    real = dense_trajectory(sim)
+    xp, yp = sim.data.x_probe.double(), sim.data.y_probe.double()
+    H = hessian(sim.model.probe_loss)(real[0][0], xp, yp)  # H' (constant: quadratic loss)
+    for j, t in [(0, 0), (3, 1), (5, 2), (1, 4), (4, 5), (2, 6)]:  # steps of every phase
+        cf_sim = Simulation(make_config(
+            *base, f"counterfactual.remove=[{{node:{j},step:{t},samples:all}}]"))
+        cf = dense_trajectory(cf_sim)
+        d = real[-1] - cf[-1]  # δ_k at T
+        G = network_loss(sim, real[-1]) - network_loss(sim, cf[-1])
+        curvature = 0.5 * sum(sim.q[k] * float(d[k] @ H @ d[k]) for k in range(sim.run.nodes))
+        assert abs(G) > 1e-6
+        np.testing.assert_allclose(a.batch[t, 0, j] - G, curvature, rtol=1e-9, atol=1e-18,
+                                   err_msg=f"node {j}, step {t}")
 
 
 # ---- 4. the divergence rule's reference -----------------------------------------------------
