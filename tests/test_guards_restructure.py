@@ -4,11 +4,14 @@ realistic mistake that every other test let pass (named in its docstring)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 import numpy as np
+import pytest
 import torch
-from conftest import make_config
-from test_attribution import QUADRATIC, network_loss
+from conftest import REPO, dicesim_command, make_config, run_dicesim
+from test_attribution import QUADRATIC, SMALL_MLP, _attribution_table, network_loss
 from torch.func import hessian
 
 from dicesim.comm import Comm
@@ -51,6 +54,34 @@ def test_attribution_is_the_linearized_counterfactual_when_every_phase_is_asymme
         assert abs(G) > 1e-6
         np.testing.assert_allclose(a.batch[t, 0, j] - G, curvature, rtol=1e-9, atol=1e-18,
                                    err_msg=f"node {j}, step {t}")
+
+
+# ---- 2. resume with attribution and a stateful optimizer -------------------------------------
+@pytest.mark.parametrize("optim", [("optim=momentum",), ("optim=adam", "optim.lr=0.01")],
+                         ids=["momentum", "adam"])
+def test_a_resumed_run_attributes_as_one_that_never_stopped_with_optimizer_state(tmp_path,
+                                                                                 optim):
+    """Killed after step 7 (checkpoints every 2 steps, θ and s kept every 3): the resumed
+    run's attribution.csv equals the uninterrupted run's (1e-12). The kept s^t (momentum
+    buffer / Adam's m, v) feed the reverse pass's tangent. Mistake caught: the keeper's
+    checkpoint without the optimizer state (loading tolerating the missing key); the plain
+    SGD resume test cannot see it (s is empty)."""
+    overrides = (*SMALL_MLP, *optim, "nodes=4", "steps=8", "influence.events=0",
+                 "attribution.keep_every=3", "checkpoint.every=2")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run_dicesim(whole, *overrides)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DICESIM_FAULT": "kill:0:7"}
+    killed = subprocess.run([*dicesim_command(), *overrides, f"out_dir={cut}", "progress=false",
+                             "plots=false"], cwd=REPO, capture_output=True, text=True,
+                            timeout=240, env=env)
+    assert killed.returncode != 0 and (cut / "checkpoints").is_dir()
+    assert not (cut / "attribution.csv").exists()
+    run_dicesim(cut, *overrides, f"resume={cut}")
+    expected, resumed = _attribution_table(whole), _attribution_table(cut)
+    assert expected.keys() == resumed.keys() and len(expected) == 8 * 4
+    assert any(abs(v) > 1e-6 for v in expected.values())
+    for key, v in expected.items():
+        assert abs(resumed[key] - v) <= 1e-12 * max(1.0, abs(v)), key
 
 
 # ---- 4. the divergence rule's reference -----------------------------------------------------
