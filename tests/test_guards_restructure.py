@@ -14,6 +14,7 @@ from conftest import REPO, dicesim_command, make_config, run_dicesim
 from test_attribution import QUADRATIC, SMALL_MLP, _attribution_table, network_loss
 from torch.func import hessian
 
+from dicesim.attribution import write_attribution
 from dicesim.comm import Comm
 from dicesim.engine import Simulation
 from dicesim.oracle import dense_trajectory
@@ -72,7 +73,9 @@ def test_a_resumed_run_attributes_as_one_that_never_stopped_with_optimizer_state
     overrides = (*SMALL_MLP, *optim, "nodes=4", "steps=8", "influence.events=0",
                  "attribution.keep_every=3", "checkpoint.every=2")
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    run_dicesim(whole, *overrides)
+    whole.mkdir()
+    sim, result = execute(*overrides)  # the uninterrupted run, in this process
+    write_attribution(whole, sim, result.attribution, False)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DICESIM_FAULT": "kill:0:7"}
     killed = subprocess.run([*dicesim_command(), *overrides, f"out_dir={cut}", "progress=false",
                              "plots=false"], cwd=REPO, capture_output=True, text=True,
