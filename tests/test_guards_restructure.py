@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, dicesim_command, make_config, run_dicesim
-from test_attribution import QUADRATIC, SMALL_MLP, _attribution_table, network_loss
+from test_attribution import QUADRATIC, SMALL_MLP, _attribution_table, execute, network_loss
 from torch.func import hessian
 
 from dicesim.attribution import write_attribution
@@ -24,11 +24,6 @@ from dicesim.trainer import METRIC_COLUMNS
 
 #: the two-point Gauss–Legendre estimator's column (one name to change if it is renamed)
 TWO_POINT = "dice_mid2"
-
-
-def execute(*overrides: str):
-    sim = Simulation(make_config(*overrides, "progress=false"))
-    return sim, sim.execute(Comm("gloo", 60, torch.device("cpu")))
 
 
 # ---- 1. the reverse pass under a time-varying, asymmetric topology --------------------------
