@@ -165,7 +165,7 @@ def stopped(session: Session, stop: Stopped, sim: Simulation | None) -> None:
     torchrun, which ends the remaining ranks once one has exited non-zero, cannot cut the
     writing short), run the signal hooks, exit with one line."""
     if session.rank == 0 and session.out is not None and sim is not None:
-        from dicesim.report import write_all
+        from dicesim.report import LOSS_METRIC, write_all
 
         status = {"status": "interrupted" if stop.reason == "signal" else "diverged",
                   "stopped_at": stop.step,
@@ -173,7 +173,7 @@ def stopped(session: Session, stop: Stopped, sim: Simulation | None) -> None:
         if stop.reason == "diverged":
             f = stop.detail
             status["first_nonfinite"] = {"step": f.step, "node": f.node,
-                                         "metric": f"{f.what}_loss", "value": f.value}
+                                         "metric": LOSS_METRIC[f.what], "value": f.value}
         write_all(session.out, sim, stop.result, plots=False, status=status)
     session.close()
     if stop.reason == "signal":

@@ -198,16 +198,21 @@ def summarize(sim: Simulation, result: RunResult) -> dict:
     return summary
 
 
+#: summary.json's name of a diverged loss ("training" / "probe", stopping.Finding.what): the
+#: metrics.csv column, whether the divergence guard or the metric rows found it
+LOSS_METRIC = {"training": "train_loss", "probe": "probe_loss"}
+
+
 def diverged_rows(result: RunResult, steps: int) -> list[dict]:
     """Metric rows with a non-finite training or probe loss (the final rows' training loss
     is NaN by design and not counted)."""
     bad = []
     for step, node, train, probe, *_ in result.metrics:
-        for what, v in (("train_loss", train), ("probe_loss", probe)):
-            if what == "train_loss" and step in (0, steps):  # NaN by design there
+        for what, v in (("training", train), ("probe", probe)):
+            if what == "training" and step in (0, steps):  # NaN by design there
                 continue
             if v is not None and not math.isfinite(v):
-                bad.append({"step": step, "node": node, "metric": what})
+                bad.append({"step": step, "node": node, "metric": LOSS_METRIC[what]})
     return bad
 
 
@@ -231,7 +236,7 @@ def write_all(out: Path, sim: Simulation, result: RunResult, plots: bool = True,
     summary.update(status or {"status": "complete"})
     bad = diverged_rows(result, sim.run.steps)
     summary["diverged"] = bool(bad) or summary.get("status") == "diverged"
-    if bad:
+    if bad and "first_nonfinite" not in summary:  # the guard's finding stopped the run
         summary["first_nonfinite"] = bad[0]
     timings = summary["timings_s"] = run_timings(result)
     summary = write_json(out / "summary.json", summary)
