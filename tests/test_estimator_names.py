@@ -86,3 +86,13 @@ def test_dice_gauss2_is_preferred_over_dice_mid():
             for r in _rows([1.0, 1.0], [1.0, 1.0], "dice_gauss2")]
     rel = reliability(rows)  # against dice_gauss2: no gap; against dice_mid it would be ½
     assert rel["accurate"] == "dice_gauss2" and rel["max"] == 0 and rel["warning"] is None
+
+
+def test_a_run_written_under_the_old_name_has_the_same_result_settings():
+    from dicesim.checkpoint import result_settings
+
+    old = result_settings({"influence": {"estimators": ["dice_e", "dice_mid2"], "hops": 2}})
+    new = result_settings({"influence": {"estimators": ["dice_e", "dice_gauss2"], "hops": 2}})
+    assert old == new
+    assert old != result_settings({"influence": {"estimators": ["dice_e", "dice_mid"],
+                                                 "hops": 2}})
