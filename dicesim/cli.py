@@ -382,7 +382,7 @@ def execute(cfg: DictConfig) -> dict | None:
         if name not in ESTIMATORS:
             continue
         for view, block in blocks.items():
-            session.say(f"  {name:>8} {view:>8}: n={block['n']} spearman={block['spearman']} "
+            session.say(f"  {name:>11} {view:>8}: n={block['n']} spearman={block['spearman']} "
                         f"pearson={block['pearson']} rel_err={block['rel_err']}")
     warning = (summary.get("reliability") or {}).get("warning")
     if warning:

@@ -20,7 +20,9 @@ import functools
 import importlib.util
 import math
 import operator
+import os
 import re
+import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -54,7 +56,8 @@ SCHEDULES = ("constant", "cosine", "step", "linear_warmup_cosine")  # optim.sche
 ATTACKS = ("none", "label_flip", "feature_noise", "free_rider", "scaled_update")
 DEFENSES = ("none", "dice", "trimmed_mean", "oracle")
 SWEEPS = ("core", "full", "optimizers")
-ESTIMATORS = ("dice_e", "dice_mid", "dice_mid2", "dice_e_nostate")  # influence.estimators
+ESTIMATORS = ("dice_e", "dice_mid", "dice_gauss2", "dice_e_nostate")  # influence.estimators
+RENAMED_ESTIMATORS = {"dice_mid2": "dice_gauss2"}  # old name → new; accepted until next release
 MAX_HOPS = 8
 SEED_MAX = 2**32 - 1
 EVENT_KEYS = ("node", "step", "samples")
@@ -200,7 +203,7 @@ class Influence:
     step_range: list[int] | None = None  # [lo, hi]
     hops: int = 1
     ground_truth: Any = True  # true | false | K (spot-check K events)
-    estimators: list[str] = _list("dice_e", "dice_mid")
+    estimators: list[str] = _list("dice_e", "dice_gauss2")
     curvature: bool = True
     proximal: bool = False
     node_weights: list[float] | None = None  # q_k; null = uniform 1/n
@@ -414,11 +417,32 @@ def load(cfg: Mapping) -> DictConfig:
             typed = OmegaConf.merge(schema, cfg)
         except OmegaConfBaseException as err:
             raise ConfigError(_explain(err, schema, cfg)) from None
+        typed.influence.estimators = renamed_estimators(typed.influence.estimators)
         OmegaConf.set_struct(typed, True)
         validate(typed)
     except OmegaConfBaseException as err:  # e.g. an interpolation that does not resolve
         raise ConfigError(_one_line(err)) from None
     return typed
+
+
+_ANNOUNCED_RENAMES: set[str] = set()
+
+
+def renamed_estimators(names: Any) -> Any:
+    """influence.estimators with old names (RENAMED_ESTIMATORS) replaced by the new ones;
+    the first use of an old name in a process is said once on stderr (rank 0)."""
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        return names  # not a list: the checks refuse it
+    out = []
+    for name in names:
+        new = RENAMED_ESTIMATORS.get(name) if isinstance(name, str) else None
+        if new is not None and name not in _ANNOUNCED_RENAMES:
+            _ANNOUNCED_RENAMES.add(name)
+            if os.environ.get("RANK", "0") == "0":
+                print(f"dicesim: influence.estimators: {name} is now {new} (the old name is "
+                      "accepted until the next release)", file=sys.stderr, flush=True)
+        out.append(new or name)
+    return out
 
 
 def _one_line(err: Exception) -> str:
@@ -896,7 +920,7 @@ def _validate_influence(i: DictConfig, nodes: int, steps: int, batch_size: int) 
         close = closest(str(bad[0]), ESTIMATORS) if bad else []
         hint = f"did you mean {close[0]}? " if close else ""
         raise ConfigError(f"influence.estimators={show(names)}: {hint}a list of distinct "
-                          f"estimators from {', '.join(ESTIMATORS)}, e.g. [dice_e, dice_mid]")
+                          f"estimators from {', '.join(ESTIMATORS)}, e.g. [dice_e, dice_gauss2]")
     _at_least("influence.flush_every", i.flush_every, 1, 50)
     removal = i.removal
     if not (removal in ("batch", "single") or (_is_int(removal) and 1 <= removal <= batch_size)):

@@ -19,6 +19,7 @@ from torch import Tensor
 from dicesim.aggregate import Aggregator, build_aggregator
 from dicesim.attack import Attack, build_attack
 from dicesim.comm import Comm, Layout, check_layout
+from dicesim.config import renamed_estimators
 from dicesim.data import (
     BatchOrder,
     Dataset,
@@ -37,7 +38,7 @@ from dicesim.trackers import Tracker
 from dicesim.trainer import RunResult, Step, Trainer
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-DEFAULT_ESTIMATORS = ("dice_e", "dice_mid")
+DEFAULT_ESTIMATORS = ("dice_e", "dice_gauss2")
 
 
 @dataclass
@@ -248,14 +249,14 @@ class Simulation:
 
     @staticmethod
     def _estimators(given: object) -> tuple[str, ...]:
-        names = [given] if isinstance(given, str) else given
+        names = [given] if isinstance(given, str) else renamed_estimators(given)
         try:
             names = tuple(names)
         except TypeError:
             names = ()
         if not names or any(n not in ESTIMATORS for n in names) or len(set(names)) < len(names):
             raise ConfigError(f"influence.estimators={given}: a list of distinct estimators "
-                              f"from {', '.join(ESTIMATORS)}, e.g. [dice_e, dice_mid]")
+                              f"from {', '.join(ESTIMATORS)}, e.g. [dice_e, dice_gauss2]")
         return names
 
     def _spot_checks(self, given: object) -> set[int] | None:
@@ -367,7 +368,7 @@ class RunParts:
 
     def __init__(self, sim: Simulation, device: torch.device):
         from dicesim.trackers.dice_e import DiceE
-        from dicesim.trackers.dice_mid import DiceMid
+        from dicesim.trackers.dice_gauss import DiceGauss
         from dicesim.trackers.ground_truth import GroundTruth
         from dicesim.trackers.proximal import Proximal
 
@@ -423,10 +424,10 @@ class RunParts:
             if "dice_e_nostate" in inf.estimators:
                 self.trackers.append(DiceE(self.book, lay, self.model, self.probe, sim.q,
                                            self.optimizer, inf.curvature, with_state=False))
-            for points, name in ((1, "dice_mid"), (2, "dice_mid2")):
+            for points, name in DiceGauss.COLUMNS.items():
                 if name in inf.estimators:
-                    self.trackers.append(DiceMid(self.book, lay, self.model, self.probe, sim.q,
-                                                 self.optimizer, inf.curvature, points))
+                    self.trackers.append(DiceGauss(self.book, lay, self.model, self.probe,
+                                                   sim.q, self.optimizer, inf.curvature, points))
         if inf.proximal:
             self.trackers.append(Proximal(lay, sim.q))
         self.trackers += [make(self) for make in sim.extra_trackers]

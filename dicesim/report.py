@@ -129,11 +129,19 @@ def alignment_blocks(rows: list[InfluenceRow], estimator: str = "dice_e") -> dic
 RELIABILITY_LIMIT = 0.05
 
 
-def second_order_share(rows: list[InfluenceRow]) -> dict[str, float | None]:
-    """ρ = Σ|dice_mid − dice_e| / Σ|dice_mid| per view: how much of the influence the
-    first-order estimator misses. Needs no ground truth."""
+ACCURATE = ("dice_gauss2", "dice_mid")  # the columns ρ judges DICE-E by, best first
+
+
+def accurate_column(rows: list[InfluenceRow]) -> str | None:
+    """The most accurate higher-order estimator the rows carry (dice_gauss2, else dice_mid)."""
+    return next((c for c in ACCURATE if any(getattr(r, c) is not None for r in rows)), None)
+
+
+def second_order_share(rows: list[InfluenceRow], accurate: str) -> dict[str, float | None]:
+    """ρ = Σ|A − dice_e| / Σ|A| per view, A the accurate column: how much of the
+    influence the first-order estimator misses. Needs no ground truth."""
     out: dict[str, float | None] = {}
-    for view, p in view_pairs(rows, "dice_mid", "dice_e").items():
+    for view, p in view_pairs(rows, accurate, "dice_e").items():
         denom = np.abs(p[:, 0]).sum()
         out[view] = float(np.abs(p[:, 0] - p[:, 1]).sum() / denom) if denom > 0 else None
     return out
@@ -141,8 +149,10 @@ def second_order_share(rows: list[InfluenceRow]) -> dict[str, float | None]:
 
 def reliability(rows: list[InfluenceRow]) -> dict | None:
     """The second-order share per view and, above RELIABILITY_LIMIT in any view, one
-    warning line for the end of the run and the top of report.md."""
-    shares = second_order_share(rows)
+    warning line for the end of the run and the top of report.md that names the accurate
+    column to read instead."""
+    accurate = accurate_column(rows)
+    shares = second_order_share(rows, accurate) if accurate else {}
     if not shares:
         return None
     worst_view, worst = max(((v, s) for v, s in shares.items() if s is not None),
@@ -150,10 +160,10 @@ def reliability(rows: list[InfluenceRow]) -> dict | None:
     warning = None
     if worst > RELIABILITY_LIMIT:
         warning = (f"first-order DICE-E is off by ~{100 * worst:.0f} % at these settings "
-                   f"(second-order share {worst:.3f} in view {worst_view}); use the dice_mid "
-                   "column or lower optim.lr")
-    return {"second_order_share": shares, "limit": RELIABILITY_LIMIT, "max": worst,
-            "max_view": worst_view, "warning": warning}
+                   f"(second-order share {worst:.3f} in view {worst_view}, against "
+                   f"{accurate}); use the {accurate} column or lower optim.lr")
+    return {"accurate": accurate, "second_order_share": shares, "limit": RELIABILITY_LIMIT,
+            "max": worst, "max_view": worst_view, "warning": warning}
 
 
 def views(alignment_summary: dict) -> dict[str, dict]:
@@ -279,6 +289,10 @@ def _g3(v: float | None) -> str:
     return "–" if v is None or not math.isfinite(v) else f"{v:.3g}"
 
 
+TOTAL_NAMES = (("mean_abs_e", "E"), ("mean_abs_mid", "mid"), ("mean_abs_gauss2", "gauss2"),
+               ("mean_abs_gt", "GT"))  # hop_totals keys and their column names
+
+
 def report_md(sim: Simulation, summary: dict, pictures: list[str]) -> str:
     f = summary["final"]
     gap = summary["spectral_gap"]  # scale: None (with a note) where the sparse solver failed
@@ -315,7 +329,8 @@ def report_md(sim: Simulation, summary: dict, pictures: list[str]) -> str:
             f"{summary['events']} events followed for {summary['hops']} hop(s); hop r = r gossip "
             "rounds after the event (not graph distance). Influence = loss "
             "with the data − loss without it (negative: the data helped). `dice_e` is the "
-            "paper's first-order DICE-E, `dice_mid` its midpoint rule.",
+            "paper's first-order DICE-E, `dice_gauss2` its two-point Gauss–Legendre rule, "
+            "`dice_mid` its midpoint rule.",
             "",
             "| estimator | view | n | Pearson | Spearman | sign agreement | rel. error |",
             "|---|---|---|---|---|---|---|",
@@ -326,16 +341,19 @@ def report_md(sim: Simulation, summary: dict, pictures: list[str]) -> str:
                              f"{_fmt(b['spearman'])} | {_fmt(b['sign_agreement'])} | "
                              f"{_fmt(b['rel_err'])} |")
     if "hop_totals" in summary:
-        lines += ["", "| hop | mean \\|Σ_k E\\| | mean \\|Σ_k mid\\| | mean \\|Σ_k GT\\| |",
-                  "|---|---|---|---|"]
+        totals = summary["hop_totals"].values()
+        shown = [(key, name) for key, name in TOTAL_NAMES
+                 if any(v.get(key) is not None for v in totals)]
+        lines += ["", "| hop | " + " | ".join(f"mean \\|Σ_k {name}\\|" for _, name in shown)
+                  + " |", "|---|" + "---|" * len(shown)]
         for hop, v in summary["hop_totals"].items():
-            lines.append(f"| {hop} | {_fmt(v['mean_abs_e'])} | {_fmt(v['mean_abs_mid'])} | "
-                         f"{_fmt(v['mean_abs_gt'])} |")
+            lines.append(f"| {hop} | " + " | ".join(_fmt(v.get(key)) for key, _ in shown) + " |")
         rel = summary.get("reliability")
         if rel:
             shares = ", ".join(f"{view} {_fmt(v)}" for view, v in
                                rel["second_order_share"].items())
-            lines += ["", f"Second-order share ρ = Σ\\|dice_mid − dice_e\\| / Σ\\|dice_mid\\| "
+            a = rel["accurate"]
+            lines += ["", f"Second-order share ρ = Σ\\|{a} − dice_e\\| / Σ\\|{a}\\| "
                           f"(no ground truth needed; warning above {rel['limit']}): {shares}."]
         lines.append("")
     if "attribution" in summary:

@@ -23,7 +23,7 @@ from dicesim.stopping import Guard
 from dicesim.trainer import METRIC_COLUMNS
 
 #: the two-point Gauss–Legendre estimator's column (one name to change if it is renamed)
-TWO_POINT = "dice_mid2"
+TWO_POINT = "dice_gauss2"
 
 
 # ---- 1. the reverse pass under a time-varying, asymmetric topology --------------------------
