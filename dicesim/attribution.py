@@ -42,6 +42,7 @@ from dicesim.comm import Channel, mix, route, sparse_tensor
 from dicesim.errors import ConfigError
 from dicesim.optim import State
 from dicesim.trackers import Tracker
+from dicesim.writers import write_csv
 
 BATCH_COLUMNS = ("source", "step", "target", "value")
 SAMPLE_COLUMNS = ("sample", "node", "count", "value")
@@ -353,7 +354,6 @@ def summary_block(a: Attribution) -> dict:
 
 
 def write_attribution(out: Path, sim, a: Attribution, plots: bool = True) -> dict:
-    from dicesim.report import write_csv
 
     write_csv(out / "attribution.csv", BATCH_COLUMNS, batch_rows(a))
     if a.samples is not None:

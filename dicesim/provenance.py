@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dicesim.writers import write_csv
+
 if TYPE_CHECKING:
     from dicesim.engine import Simulation
 
@@ -157,8 +159,6 @@ def partition_rows(sim: Simulation) -> list[Sequence[int]]:
 
 
 def write_partition(out: Path, sim: Simulation) -> None:
-    from dicesim.report import write_csv
-
     write_csv(out / "partition.csv", partition_columns(sim.data.num_classes),
               partition_rows(sim))
 
