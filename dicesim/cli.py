@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import sys
 from dataclasses import dataclass
@@ -15,12 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 from dicesim import rundir
 from dicesim.checkpoint import Checkpoints, find_resume, first_difference, result_settings
 from dicesim.comm import Comm, PeerError
-from dicesim.composeworker import RunInfo, compose_plain, install_resolvers, plain
-from dicesim.composeworker import take_early as take_early_config
 from dicesim.config import (
     CONFIG_DIR,
     check_group_choice,
     compose_checked,
+    keep_named_groups,
     load,
     sweep_points,
 )
@@ -60,17 +58,9 @@ def check_group_choices(argv: list[str]) -> None:
             fail(str(err))
 
 
-#: the Hydra facts of a plain run (`run_single`); None under Hydra's main (HydraConfig)
-PLAIN_RUN: RunInfo | None = None
-
-
 def run_target(cfg: DictConfig) -> rundir.Target:
     """Where this run writes (precedence in dicesim/rundir.py): out_dir, else Hydra's
     hydra.run.dir / sweep job directory when given, else the unique default name."""
-    if PLAIN_RUN is not None:
-        return rundir.choose(str(cfg.out_dir), PLAIN_RUN.task_overrides,
-                             PLAIN_RUN.hydra_overrides, hydra_run_dir=PLAIN_RUN.output_dir,
-                             job_dir=None, job_num=None)
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -214,43 +204,6 @@ def prepare_output(session: Session, resume: bool = False,
         session.say(f"dicesim: writing to {session.out}")
 
 
-#: (world size, ranks per machine) while `python -m dicesim.preflight` checks a launch
-PREFLIGHT: tuple[int, int] | None = None
-
-
-def preflight(cfg: DictConfig) -> None:
-    """What every rank would check at start, done once before torchrun starts them: the
-    device of the highest local rank, the simulation (or every run of an experiment driver)
-    for the launch's world size, and the run directory. Prints nothing when all is well;
-    otherwise one line, exit 2. Writes nothing."""
-    import contextlib
-    import io
-
-    assert PREFLIGHT is not None
-    world, procs = PREFLIGHT
-    try:
-        device, backend = resolve_device(cfg, procs - 1)
-    except ConfigError as err:
-        fail(str(err))
-    session = Session(cfg, world, 0, device, backend)
-    dry = bool(cfg.get("dry_run", False))
-    with contextlib.redirect_stdout(io.StringIO()):
-        driver = cfg.get("driver")
-        if driver:
-            cfg.dry_run = True  # drivers check every run they would make, then stop
-            importlib.import_module(f"dicesim.experiments.{driver}").run(session)
-        else:
-            session.build(cfg)
-    if not dry:
-        try:
-            if cfg.get("resume") is None:
-                rundir.probe(run_target(cfg), bool(cfg.get("overwrite", False)))
-            else:  # the checkpoint must fit this launch (settings, number of ranks)
-                locate_resume(cfg, world)
-        except ConfigError as err:
-            fail(str(err))
-
-
 @dataclass
 class RunDirPlan:
     folder: Path | None = None  # the directory resume names (None: the usual choice)
@@ -312,16 +265,6 @@ def check_same_run(folder: Path, cfg: DictConfig) -> bool:
 
 
 def execute(cfg: DictConfig) -> dict | None:
-    from dicesim.plotworkers import take_early
-
-    # the plot worker python -m dicesim forked before importing torch: a plain
-    # single-process run that draws takes it, every other run releases it
-    alone = int(os.environ.get("WORLD_SIZE", "1")) == 1
-    workers = take_early(bool(cfg.get("plots", True)) and alone and not cfg.get("driver")
-                         and not cfg.get("dry_run", False))
-    if PREFLIGHT is not None:
-        preflight(cfg)
-        return None
     session = open_session(cfg)
     record_pid()
     driver = cfg.get("driver")
@@ -357,8 +300,6 @@ def execute(cfg: DictConfig) -> dict | None:
     try:
         result = session.simulate(sim, on_flush=on_flush, checkpoints=checkpoints)
     except Stopped as stop:
-        if workers is not None:
-            workers.close()
         stopped(session, stop, sim)
     session.close()
     if session.rank != 0:
@@ -367,7 +308,7 @@ def execute(cfg: DictConfig) -> dict | None:
     from dicesim.report import write_all
 
     out = session.out
-    summary = write_all(out, sim, result, plots=bool(cfg.get("plots", True)), workers=workers)
+    summary = write_all(out, sim, result, plots=bool(cfg.get("plots", True)))
     finish_signalled(session)
     f = summary["final"]
     acc = "–" if f["test_acc"] is None else f"{f['test_acc']:.4f}"
@@ -402,34 +343,32 @@ def finish_signalled(session: Session) -> None:
 SIGNAL_NAMES = {sig: sig.name for sig in SIGNAL_CODES}
 
 
-def _hydra_job(cfg: DictConfig) -> None:
-    global PLAIN_RUN
-    PLAIN_RUN = None  # this job's facts are HydraConfig's
+def _hydra_job(composed: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    notes = keep_named_groups(composed, list(HydraConfig.get().overrides.task))
+    if notes and int(os.environ.get("RANK", "0")) == 0:
+        print(f"dicesim: kept {'; '.join(notes)}", flush=True)
     try:  # the one validation boundary: typed schema, strict booleans, ranges
-        typed = load(cfg)
+        settings = load(composed)
     except ConfigError as err:
         fail(str(err))
-    execute(typed)
-
-
-def _hydra_main() -> None:
-    """Hydra's own main (sweeps, --cfg, --help, …), imported only for those."""
-    import hydra
-
-    hydra.main(config_path=str(CONFIG_DIR), config_name="config",
-               version_base="1.3")(_hydra_job)()
+    execute(settings)
 
 
 def check_composes(argv: list[str]) -> None:
-    """Compose and validate the config up front so that a typo, a wrong type or a bad
-    value is one line, exit 2, before anything runs. With -m every point of the sweep is
-    checked before the first job starts. Command lines with Hydra's other flags (--cfg,
-    --help, …) go straight to Hydra."""
+    """Compose and validate the config up front, in this process and with the same Hydra
+    compose path as the job, so that a typo, a wrong type or a bad value is one line,
+    exit 2, before anything runs (Hydra's own main would print several lines and exit 1).
+    Command lines with Hydra's other flags (--cfg, --help, …) go straight to Hydra."""
     flags = [a for a in argv if a.startswith("-")]
     if any(f not in SWEEP_FLAGS for f in flags):
         return
     overrides = [a for a in argv if not a.startswith("-")]
     try:
+        # Hydra's sweeper composes a job only when it starts it, so a bad value in the
+        # last point would fail after the first jobs ran: the points are expanded here
+        # and every one is checked before the first job.
         points = sweep_points(overrides) if flags else [overrides]
         configs = compose_checked(points)
         # a sweep that runs here (Hydra's basic launcher): the builders' checks too (data
@@ -445,32 +384,17 @@ def check_composes(argv: list[str]) -> None:
         fail(str(err))
 
 
-def run_single(overrides: list[str]) -> None:
-    """A plain run (no Hydra flags): compose once (the worker `python -m dicesim` forked
-    may have done it already, dicesim/composeworker.py), then do what `hydra.main` does
-    for a single job with this project's Hydra settings (no .hydra folder, no logging
-    set-up): create hydra.run.dir, run. `hydra.main` would compose twice more (~0.25 s
-    each); the run's Hydra facts live in PLAIN_RUN instead of HydraConfig."""
-    global PLAIN_RUN
-    try:
-        composed = take_early_config(overrides) or compose_plain(overrides)
-    except ConfigError as err:
-        fail(str(err))
-    cfg, PLAIN_RUN = composed
-    install_resolvers()
-    os.makedirs(PLAIN_RUN.output_dir, exist_ok=True)
-    execute(cfg)
-
-
 def main() -> None:
+    """`python -m dicesim [overrides]`: check the command line, then Hydra's main runs it
+    (build, train, write, draw: all in this process)."""
+    import hydra
+
     SIGNALS.install()  # Ctrl-C / SIGTERM: stop at an agreed step, flush, one line (130/143)
     argv = sys.argv[1:]
     check_group_choices(argv)
-    if plain(argv):
-        run_single(argv)
-    else:  # sweeps and Hydra's own flags: Hydra's main
-        check_composes(argv)
-        _hydra_main()
+    check_composes(argv)
+    hydra.main(config_path=str(CONFIG_DIR), config_name="config",
+               version_base="1.3")(_hydra_job)()
     record_status(0, "")  # under dicesim.launch: this rank finished
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Everything is written and the process group destroyed. Gloo's worker threads can

@@ -1140,6 +1140,64 @@ def check_group_choice(override: str) -> None:
                           f"{', '.join(choices)}")
 
 
+def keep_named_groups(cfg: DictConfig, overrides: Sequence[str]) -> list[str]:
+    """A config group named on the command line (`optim=adam`) keeps its own values: the
+    experiment preset is composed after the groups (configs/config.yaml), so its values
+    (`optim.lr: 0.05`) would otherwise win over the option the user chose. Every key the
+    option's file sets is put back to the file's value in the composed `cfg`, unless the
+    command line sets that key itself (`optim.lr=…`). Returns one note per value put back
+    (`optim.lr=0.001 over experiment=demo's 0.05`)."""
+    chosen: dict[str, str] = {}
+    keys: list[str] = []
+    for override in overrides:
+        key, sep, value = override.lstrip("+~").partition("=")
+        if not sep:
+            continue
+        if key in GROUPS:
+            chosen[key] = value
+        else:
+            keys.append(key)
+    preset = chosen.pop("experiment", None) or _default_choice("experiment")
+    notes = []
+    for group, option in chosen.items():
+        path = CONFIG_DIR / group / f"{option}.yaml"
+        if not path.is_file() or not isinstance(cfg.get(group), DictConfig):
+            continue
+        own = OmegaConf.load(path)
+        for dotted in _leaves(own):
+            full = f"{group}.{dotted}"
+            if any(k == full or k.startswith(f"{full}.") or full.startswith(f"{k}.")
+                   for k in keys):
+                continue  # the user's own value for this key
+            composed = OmegaConf.select(cfg, full, throw_on_resolution_failure=False)
+            value = OmegaConf.select(own, dotted)
+            if composed == value:
+                continue
+            OmegaConf.update(cfg, full, OmegaConf.to_container(value)
+                             if isinstance(value, DictConfig | ListConfig) else value,
+                             merge=False)
+            notes.append(f"{full}={show(value)} of {group}={option} over "
+                         f"experiment={preset}'s {show(composed)}")
+    return notes
+
+
+def _default_choice(group: str) -> str | None:
+    """The option configs/config.yaml's defaults list picks for `group`."""
+    for entry in OmegaConf.load(CONFIG_DIR / "config.yaml").defaults:
+        if isinstance(entry, DictConfig) and group in entry:
+            return str(entry[group])
+    return None
+
+
+def _leaves(node: DictConfig, prefix: str = "") -> list[str]:
+    """The dotted keys of `node`'s values that are not mappings (lists are values)."""
+    out = []
+    for key, value in node.items_ex(resolve=False):
+        dotted = f"{prefix}{key}"
+        out += _leaves(value, f"{dotted}.") if isinstance(value, DictConfig) else [dotted]
+    return out
+
+
 def _parse(overrides: Sequence[str]) -> list[Any]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -1216,26 +1274,17 @@ def _missing_key_error(err: Exception, overrides: Sequence[str], compose: Any) -
 def compose_checked(points: Sequence[Sequence[str]]) -> list[DictConfig]:
     """Compose each override list with Hydra, exactly as `python -m dicesim` would, and
     `load` it: the typed, validated configs, or a one-line ConfigError."""
-    return [typed for typed, _ in _compose_points(points, with_hydra=False)]
+    return _compose_points(points)
 
 
-def compose_run(overrides: Sequence[str]) -> tuple[DictConfig, DictConfig]:
-    """One run's typed config and the Hydra node it was composed with (hydra.run.dir,
-    the overrides): what `hydra.main` would hand the job, composed once instead of twice."""
-    return _compose_points([overrides], with_hydra=True)[0]
-
-
-def _compose_points(points: Sequence[Sequence[str]], with_hydra: bool
-                    ) -> list[tuple[DictConfig, DictConfig | None]]:
+def _compose_points(points: Sequence[Sequence[str]]) -> list[DictConfig]:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    from omegaconf import open_dict
 
     out = []
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         def compose(overrides: Sequence[str]) -> DictConfig:
-            return hydra_compose("config", overrides=list(overrides),
-                                 return_hydra_config=with_hydra)
+            return hydra_compose("config", overrides=list(overrides))
 
         for overrides in points:
             for o in overrides:
@@ -1246,12 +1295,8 @@ def _compose_points(points: Sequence[Sequence[str]], with_hydra: bool
             except Exception as err:  # Hydra's override and composition errors
                 line = _missing_key_error(err, overrides, compose)
                 raise ConfigError(line or _hydra_line(err)) from None
-            hydra_node = None
-            if with_hydra:
-                hydra_node = cfg.hydra
-                with open_dict(cfg):
-                    del cfg["hydra"]
-            out.append((load(cfg), hydra_node))
+            keep_named_groups(cfg, overrides)
+            out.append(load(cfg))
     return out
 
 

@@ -7,8 +7,8 @@ SLURM scripts can be tested without a cluster. The CLI wraps them::
     python -m dicesim.launch sbatch --machines 2 --gpus 8 --time 02:00:00 -- nodes=64
     python -m dicesim.launch sbatch --machines 2 --procs 16 --submit -- experiment=alignment
 
-`torchrun` checks the configuration once (``python -m dicesim.preflight``: a bad setting is
-one line, exit 2, before any rank starts), then runs ``python -m dicesim.torchrun`` (torchrun
+`torchrun` checks the configuration once, in its own process (a bad setting is one line,
+exit 2, before any rank starts), then runs ``python -m dicesim.torchrun`` (torchrun
 that keeps quiet and returns the failing rank's exit code) and supervises it: a signal is
 passed on once (a second one ends everything at once), a rank that failed, died or stopped
 answering gets its peers and torchrun ended within a few seconds (no process is left
@@ -413,12 +413,28 @@ def _clean_env() -> dict[str, str]:
 
 
 def preflight(spec: LaunchSpec) -> int:
-    """Check the configuration in one process for the launch's world size; its one line
-    (if any) goes straight to stderr. Returns its exit code (0: go ahead)."""
-    cmd = [spec.python, "-m", "dicesim.preflight", str(spec.world_size), str(spec.procs),
-           *spec.effective_overrides()]
-    return subprocess.run(cmd, env=_clean_env(), stdout=subprocess.DEVNULL,
-                          check=False).returncode
+    """Check the configuration here, once, for the launch's world size: the composed and
+    validated config, the nodes' split over the ranks, and the checkpoint `resume=DIR`
+    names. A bad setting is one line on stderr and 2; 0: go ahead. What only a rank can
+    see (its device, the data files of its machine, the run directory) a rank checks."""
+    overrides = spec.effective_overrides()
+    if any(o.startswith("-") for o in overrides):  # Hydra's flags: the ranks' Hydra decides
+        return 0
+    from dicesim.checkpoint import find_resume
+    from dicesim.comm import check_layout
+    from dicesim.config import compose_checked
+    from dicesim.errors import ConfigError
+
+    try:
+        [cfg] = compose_checked([overrides])
+        if not cfg.driver:  # a driver picks its own node counts per run
+            check_layout(cfg.nodes, spec.world_size)
+        if cfg.resume not in (None, "auto"):
+            find_resume(Path(cfg.resume), cfg, spec.world_size, explicit=True)
+    except ConfigError as err:
+        print(f"dicesim: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
 
 
 def _end_with_parent() -> None:

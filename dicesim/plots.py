@@ -1,7 +1,6 @@
-"""PNG figures of a run. Imported only when plotting (matplotlib, Agg backend), and
-without torch: the plot worker (dicesim/plotworkers.py) imports it in a process that
-never loads torch. `result` is anything with `metrics` (rows indexable like MetricRow)
-and `influence` (rows with InfluenceRow's attributes)."""
+"""PNG figures of a run. Imported only when plotting (matplotlib, Agg backend). `result`
+is anything with `metrics` (rows indexable like MetricRow) and `influence` (rows with
+InfluenceRow's attributes)."""
 
 from __future__ import annotations
 
@@ -225,7 +224,7 @@ def _totals_by_round(ax, totals: dict[int, dict[str, float | None]]) -> None:
 
 
 # every figure of a plain run: name -> draw(out, result), the file name or None (nothing to
-# draw). dicesim.plotworkers draws them in forked workers, in this order in report.md.
+# draw), in report.md's order (dicesim.report.draw_figures).
 FIGURES: dict[str, Callable[[Path, RunResult], str | None]] = {
     "training": lambda out, r: training_curves(out, r) if r.metrics else None,
     "alignment": lambda out, r: scatter_by_hop(out, r.influence) if r.influence else None,

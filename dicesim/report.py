@@ -13,7 +13,6 @@ import torch
 from dicesim import IMPORTED_AT
 from dicesim.engine import Simulation
 from dicesim.events import ESTIMATORS, INFLUENCE_COLUMNS, PROXIMAL_COLUMNS, InfluenceRow
-from dicesim.plotworkers import PlotWorker
 from dicesim.provenance import (
     describe_optimizer,
     describe_partition,
@@ -173,10 +172,9 @@ def diverged_rows(result: RunResult, steps: int) -> list[dict]:
 
 
 def write_all(out: Path, sim: Simulation, result: RunResult, plots: bool = True,
-              status: dict | None = None, workers: PlotWorker | None = None) -> dict:
+              status: dict | None = None) -> dict:
     """Every output of one run. `status` (e.g. {"status": "interrupted", "stopped_at": 12})
-    goes into summary.json; without it the run is "complete". `workers`: a plot worker
-    started earlier (dicesim/plotworkers.py); else one is started here."""
+    goes into summary.json; without it the run is "complete"."""
     outputs_at = time.perf_counter()
     write_csv(out / "metrics.csv", METRIC_COLUMNS, sorted(result.metrics))
     write_partition(out, sim)
@@ -199,13 +197,22 @@ def write_all(out: Path, sim: Simulation, result: RunResult, plots: bool = True,
     pictures = []
     if plots:
         plots_at = time.perf_counter()
-        pictures = (workers or PlotWorker.start()).draw(out, result)
+        pictures = draw_figures(out, result)
         timings["plots"] = time.perf_counter() - plots_at
     write_atomic(out / "report.md", report_md(sim, summary, pictures))
     timings["outputs"] = time.perf_counter() - outputs_at - timings.get("plots", 0.0)
     timings["total"] = time.perf_counter() - IMPORTED_AT
     summary["timings_s"] = timings
     return write_json(out / "summary.json", summary)
+
+
+def draw_figures(out: Path, result: RunResult) -> list[str]:
+    """Every figure of a plain run in `out`, drawn in this process; the file names in
+    report order."""
+    from dicesim.plots import FIGURES  # matplotlib: imported only when drawing
+
+    drawn = (draw(out, result) for draw in FIGURES.values())
+    return [name for name in drawn if name]
 
 
 def run_timings(result: RunResult) -> dict[str, float]:

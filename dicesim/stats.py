@@ -1,6 +1,6 @@
 """Pearson and Spearman correlation in numpy: what every run's alignment table needs,
 without importing scipy.stats (about a second of start-up) for two formulas; the cascade's
-per-hop totals. numpy only (the plot worker imports this without torch)."""
+per-hop totals."""
 
 from __future__ import annotations
 

@@ -16,8 +16,12 @@ CONFIGS = REPO / "configs"
 
 def make_config(*overrides: str):
     """The real Hydra config, composed as `python -m dicesim <overrides>` would."""
+    from dicesim.config import keep_named_groups
+
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+        cfg = compose("config", overrides=list(overrides))
+    keep_named_groups(cfg, overrides)
+    return cfg
 
 
 def free_port() -> int:

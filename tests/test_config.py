@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from conftest import run_dicesim
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -189,3 +190,49 @@ def test_schema_defaults_match_the_yaml_presets():
                 continue
             assert key in defaults, f"{path}: {key} has no schema field"
             assert defaults[key] == value, f"{path}: {key}: {defaults[key]!r} != yaml {value!r}"
+
+
+def option_values(group: str, option: str) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(CONFIGS / group / f"{option}.yaml"))
+
+
+@pytest.mark.parametrize("experiment, group, option", [
+    ("demo", "optim", "adam"),  # demo sets optim.lr: 0.05, adam.yaml 0.001
+    ("cascade", "optim", "sgd"),  # cascade sets 0.1; sgd named by the user: its own 0.05
+    ("attribution", "topology", "exponential"),  # attribution sets topology.name: ring
+    ("cleansing", "data", "digits"),  # cleansing sets data.probe_size: 400
+])
+def test_a_group_named_by_the_user_keeps_its_own_values(experiment, group, option):
+    cfg = checked(f"experiment={experiment}", f"{group}={option}")
+    own = option_values(group, option)
+    same_values(own, OmegaConf.to_container(cfg[group]), group)
+    # the preset does set one of these keys to another value: it is what was dropped
+    preset = option_values("experiment", experiment)[group]
+    assert any(own[key] != value for key, value in preset.items() if key in own)
+
+
+def test_a_key_the_user_sets_wins_and_unnamed_groups_keep_the_preset():
+    assert checked("optim=adam", "optim.lr=0.2").optim.lr == 0.2
+    assert checked("experiment=cascade").optim.lr == 0.1  # optim not named: the preset's
+    assert checked("experiment=cascade", "optim=adam").optim.lr == 0.001
+    cfg = checked("experiment=cascade", "optim=adam", "optim.betas=[0.8,0.9]")
+    assert list(cfg.optim.betas) == [0.8, 0.9] and cfg.optim.lr == 0.001
+
+
+def test_keeping_a_group_says_which_values_it_put_back():
+    with config_dir():
+        from hydra import compose
+
+        raw = compose("config", overrides=["experiment=cascade", "optim=adam"])
+    assert raw.optim.lr == 0.1  # Hydra's order alone: the preset composed last wins
+    notes = config.keep_named_groups(raw, ["experiment=cascade", "optim=adam"])
+    assert notes == ["optim.lr=0.001 of optim=adam over experiment=cascade's 0.1"]
+    assert raw.optim.lr == 0.001
+    assert config.keep_named_groups(raw, ["experiment=cascade", "optim=adam"]) == []
+
+
+def test_a_run_trains_with_the_named_group_s_own_values(tmp_path):
+    proc = run_dicesim(tmp_path, "optim=adam", "nodes=2", "steps=2", "influence.events=0")
+    assert "dicesim: kept optim.lr=0.001 of optim=adam over experiment=demo's 0.05" in \
+        proc.stdout.splitlines()
+    assert OmegaConf.load(tmp_path / "config.yaml").optim.lr == 0.001

@@ -331,7 +331,8 @@ def test_cli_torchrun_print_and_exec(tmp_path, capsys):
     assert main(["torchrun", "--procs", "2", "--python", "py", "--print", "--", "a=1 2"]) == 0
     assert capsys.readouterr().out.strip() == (
         "py -m torch.distributed.run --standalone --nproc_per_node=2 -m dicesim 'a=1 2'")
-    # Without --print: the pre-flight check, then the quiet torchrun under supervision.
+    # Without --print: the check (in the launcher's process), then the quiet torchrun
+    # under supervision: the only command started.
     record = tmp_path / "argv"
     fake = _exe(tmp_path / "python",
                 f'printf "%s\\0" "$@" >> {shlex.quote(str(record))}; printf "\\n" >> '
@@ -339,8 +340,7 @@ def test_cli_torchrun_print_and_exec(tmp_path, capsys):
     run = _cli("torchrun", "--machines", "2", "--rdzv-endpoint", "10.0.0.1", "--python",
                str(fake), "--", "nodes=4")
     assert run.returncode == 0, run.stderr
-    check, torchrun = [line.split("\0")[:-1] for line in record.read_text().splitlines()]
-    assert check == ["-m", "dicesim.preflight", "2", "1", "nodes=4"]
+    [torchrun] = [line.split("\0")[:-1] for line in record.read_text().splitlines()]
     assert torchrun == [
         "-m", "dicesim.torchrun", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
         "--rdzv_endpoint=10.0.0.1:29500", "--rdzv_id=dicesim", "-m", "dicesim", "nodes=4"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,8 +40,7 @@ def test_plots_false_imports_neither_matplotlib_nor_scikit_learn(tmp_path: Path)
     # W^t is a scipy.sparse matrix (~0.08 s to import); nothing heavier of scipy loads
     assert not any(loaded[m] for m in ("scipy.stats", "scipy.sparse.csgraph",
                                         "scipy.sparse.linalg", "networkx"))
-    # on Linux a forked worker composed the config: the run itself never loads Hydra
-    assert loaded["hydra"] != sys.platform.startswith("linux")
+    assert loaded["hydra"]  # the run composes its config itself (hydra.main)
     assert (tmp_path / "run" / "report.md").is_file()
     assert not list((tmp_path / "run").glob("*.png"))
 
@@ -50,8 +48,7 @@ def test_plots_false_imports_neither_matplotlib_nor_scikit_learn(tmp_path: Path)
 def test_plots_true_draws_and_times_its_phases(tmp_path: Path) -> None:
     loaded = _modules_after_run(tmp_path, "nodes=4", "steps=3", "influence.events=2")
     run = tmp_path / "run"
-    # on Linux the figures are drawn by a forked worker: the run itself never loads matplotlib
-    assert loaded["matplotlib"] != sys.platform.startswith("linux")
+    assert loaded["matplotlib"]  # the figures are drawn in the run's own process
     report = (run / "report.md").read_text()
     pictures = ["training.png", "alignment.png", "cascade.png"]  # this order, one each
     assert [ln[2:].split("]")[0] for ln in report.splitlines() if ln.startswith("![")] == pictures
@@ -76,55 +73,20 @@ def _influence_rows(hops: int = 3, events: int = 6):
     return rows
 
 
-@pytest.mark.parametrize("where", ["worker", "no fork", "worker fails", "helper fails"])
-def test_plot_worker_draws_the_same_figures_as_this_process(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
-    """A forked worker (and its helper, for the second share) draws the figures on Linux;
-    without fork (another platform) or where a worker fails, this process draws what is
-    missing: the same files, in report order."""
-    import os
-
-    from dicesim import plots
-    from dicesim.plotworkers import PlotWorker
+def test_a_run_draws_its_figures_in_report_order(tmp_path: Path) -> None:
+    """Every figure with something to draw, in report.md's order; none without rows."""
+    from dicesim.report import draw_figures
 
     result = _fake_result(8)
     result.influence = _influence_rows()
-    parent = os.getpid()
-    drawn_here = []
-    figures = dict(plots.FIGURES)
-
-    def spy(name):
-        def draw(out, res):
-            if os.getpid() != parent and (where == "worker fails" or (
-                    where == "helper fails" and name != "training")):
-                raise RuntimeError("a worker's drawing fails")
-            if os.getpid() == parent:
-                drawn_here.append(name)
-            return figures[name](out, res)
-        return draw
-
-    for name in figures:
-        monkeypatch.setitem(plots.FIGURES, name, spy(name))
-    if where == "no fork":
-        monkeypatch.setattr(sys, "platform", "darwin")
-    pictures = ["training.png", "alignment.png", "cascade.png"]
-    worker = PlotWorker.start()
-    assert worker.draw(tmp_path, result) == pictures
+    pictures = draw_figures(tmp_path, result)
+    assert pictures == ["training.png", "alignment.png", "cascade.png"]
     assert all((tmp_path / p).stat().st_size > 5_000 for p in pictures)
-    expected = {"worker": [], "no fork": list(figures), "worker fails": list(figures),
-                "helper fails": ["alignment", "cascade"]}[where]
-    assert drawn_here == expected
-
-
-def test_an_unused_plot_worker_is_released(tmp_path: Path) -> None:
-    from dicesim.plotworkers import PlotWorker
-
-    worker = PlotWorker.start()
-    pid = worker.pid
-    worker.close()
-    assert worker.pid is None and pid is not None
-    with pytest.raises(ChildProcessError):  # reaped: nothing left to wait for
-        os.waitpid(pid, 0)
+    result.influence = []
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    assert draw_figures(bare, result) == ["training.png"]
+    assert sorted(p.name for p in bare.iterdir()) == ["training.png"]
 
 
 # ---- plots of many nodes ------------------------------------------------------------------
@@ -197,29 +159,3 @@ def test_bench_scale_timeout_skips_larger_sizes(capsys: pytest.CaptureFixture) -
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [r["status"] for r in rows] == ["timeout", "skipped"]
     assert "16 nodes already did not finish" in rows[1]["reason"]
-
-
-@pytest.mark.parametrize("argv, env, forks", [
-    (["nodes=4"], {}, True),
-    (["nodes=4", "plots=false"], {}, False),
-    (["dry_run=true"], {}, False),
-    (["-m", "nodes=4,8"], {}, False),
-    (["nodes=4"], {"WORLD_SIZE": "2"}, False),
-])
-def test_the_early_worker_is_forked_only_when_a_run_may_draw(
-        monkeypatch: pytest.MonkeyPatch, argv: list[str], env: dict, forks: bool) -> None:
-    """python -m dicesim forks the plot worker before importing torch unless the command
-    line shows no figure will be drawn; a run that draws none releases it."""
-    from dicesim import plotworkers
-
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    plotworkers.start_early(argv)
-    worker = plotworkers.EARLY
-    assert (worker is not None and worker.pid is not None) == (
-        forks and sys.platform.startswith("linux"))
-    pid = worker.pid if worker is not None else None
-    assert plotworkers.take_early(False) is None and plotworkers.EARLY is None
-    if pid is not None:
-        with pytest.raises(ChildProcessError):  # released and reaped
-            os.waitpid(pid, 0)

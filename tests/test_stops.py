@@ -136,6 +136,30 @@ def test_a_diverged_run_that_continues_writes_strict_json(commands):
     assert "warning: the run diverged" in c.stderr
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_starting_is_one_line(tmp_path, signum, code):
+    """Ctrl-C / SIGTERM while Python still imports torch and Hydra (right after
+    dicesim/__main__.py caught SIGTERM, which Python itself leaves alone): one line, no
+    traceback, nothing written."""
+    proc = subprocess.Popen([sys.executable, "-m", "dicesim", *SMALL, f"out_dir={tmp_path}/run"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    status = Path(f"/proc/{proc.pid}/status")
+    deadline = time.time() + 30
+    while time.time() < deadline:  # SigCgt: the caught signals, a hex mask (bit s − 1)
+        caught = next(ln for ln in status.read_text().splitlines() if ln.startswith("SigCgt"))
+        if int(caught.split()[1], 16) >> (signal.SIGTERM - 1) & 1:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err[-3000:]
+    assert err.splitlines() == [
+        f"dicesim: interrupted while starting ({signal.Signals(signum).name})"]
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------------------- unit rules
 def test_guard_rules():
     g = Guard(divergence_factor=100.0)

@@ -165,8 +165,12 @@ def compose(overrides: Sequence[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from dicesim.config import keep_named_groups
+
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    keep_named_groups(cfg, overrides)
+    return cfg
 
 
 def run_in_process(overrides: Sequence[str], repeats: int = 2, warmup: int = 1,
