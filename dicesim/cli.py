@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -264,11 +265,15 @@ def check_same_run(folder: Path, cfg: DictConfig) -> bool:
     return True
 
 
-def execute(cfg: DictConfig) -> dict | None:
+def execute(cfg: DictConfig, kept: Sequence[str] = ()) -> dict | None:
+    """Run one command's settings; `kept` are the values a named group kept over the
+    preset's (config.keep_named_groups), said after the run's headline."""
     session = open_session(cfg)
     record_pid()
     driver = cfg.get("driver")
     if driver:
+        if kept:
+            session.say(f"dicesim: kept {'; '.join(kept)}")
         module = importlib.import_module(f"dicesim.experiments.{driver}")
         try:
             summary = module.run(session)
@@ -282,6 +287,8 @@ def execute(cfg: DictConfig) -> dict | None:
     sim = session.build(cfg)
     plan = sim.describe()
     session.say(f"dicesim: {headline(sim)}")
+    if kept:
+        session.say(f"dicesim: kept {'; '.join(kept)}")
     session.say("dicesim: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in plan.items()) + f", backend={session.backend}")
     if cfg.get("dry_run", False):
@@ -346,14 +353,12 @@ SIGNAL_NAMES = {sig: sig.name for sig in SIGNAL_CODES}
 def _hydra_job(composed: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    notes = keep_named_groups(composed, list(HydraConfig.get().overrides.task))
-    if notes and int(os.environ.get("RANK", "0")) == 0:
-        print(f"dicesim: kept {'; '.join(notes)}", flush=True)
+    kept = keep_named_groups(composed, list(HydraConfig.get().overrides.task))
     try:  # the one validation boundary: typed schema, strict booleans, ranges
         settings = load(composed)
     except ConfigError as err:
         fail(str(err))
-    execute(settings)
+    execute(settings, kept)
 
 
 def check_composes(argv: list[str]) -> None:
