@@ -42,6 +42,7 @@ from dicesim.config import Attribution as AttributionConfig
 from dicesim.config import attribution_targets
 from dicesim.optim import State
 from dicesim.trackers import Tracker
+from dicesim.writers import write_csv
 
 BATCH_COLUMNS = ("source", "step", "target", "value")
 SAMPLE_COLUMNS = ("sample", "node", "count", "value")
@@ -332,7 +333,6 @@ def summary_block(a: Attribution) -> dict:
 
 
 def write_attribution(out: Path, sim, a: Attribution, plots: bool = True) -> dict:
-    from dicesim.report import write_csv
 
     write_csv(out / "attribution.csv", BATCH_COLUMNS, batch_rows(a))
     if a.samples is not None:

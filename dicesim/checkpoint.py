@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dicesim.config import as_dict
+from dicesim.config import RENAMED_ESTIMATORS, as_dict
 from dicesim.errors import ConfigError
 from dicesim.faults import inject
 
@@ -53,6 +53,10 @@ def result_settings(cfg: Mapping) -> dict[str, object]:
             out[prefix.rstrip(".")] = node
 
     walk(plain, "")
+    names = out.get("influence.estimators")
+    if isinstance(names, list):  # a run written under an estimator's old name resumes
+        out["influence.estimators"] = [RENAMED_ESTIMATORS.get(n, n) if isinstance(n, str)
+                                       else n for n in names]
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from dicesim.config import (
     as_dict,
     check_group_choice,
     compose_checked,
+    keep_named_groups,
     load,
     sweep_points,
 )
@@ -27,6 +29,7 @@ from dicesim.config import GROUPS as GROUPS  # re-exported: the config groups us
 from dicesim.engine import Simulation, local_rank, resolve_device
 from dicesim.errors import ConfigError
 from dicesim.events import ESTIMATORS
+from dicesim.provenance import headline
 from dicesim.stopping import (
     EXIT_PEER,
     SIGNAL_CODES,
@@ -147,7 +150,7 @@ def stopped(session: Session, stop: Stopped, sim: Simulation | None) -> None:
     torchrun, which ends the remaining ranks once one has exited non-zero, cannot cut the
     writing short), run the signal hooks, exit with one line."""
     if session.rank == 0 and session.out is not None and sim is not None:
-        from dicesim.report import write_all
+        from dicesim.report import LOSS_METRIC, write_all
 
         status = {"status": "interrupted" if stop.reason == "signal" else "diverged",
                   "stopped_at": stop.step,
@@ -155,7 +158,7 @@ def stopped(session: Session, stop: Stopped, sim: Simulation | None) -> None:
         if stop.reason == "diverged":
             f = stop.detail
             status["first_nonfinite"] = {"step": f.step, "node": f.node,
-                                         "metric": f"{f.what}_loss", "value": f.value}
+                                         "metric": LOSS_METRIC[f.what], "value": f.value}
         write_all(session.out, sim, stop.result, plots=False, status=status)
     session.close()
     if stop.reason == "signal":
@@ -256,11 +259,15 @@ def check_same_run(folder: Path, cfg: Config) -> bool:
     return True
 
 
-def execute(cfg: Config) -> dict | None:
+def execute(cfg: Config, kept: Sequence[str] = ()) -> dict | None:
+    """Run one command's settings; `kept` are the values a named group kept over the
+    preset's (config.keep_named_groups), said after the run's headline."""
     session = open_session(cfg)
     record_pid()
     driver = cfg.driver
     if driver:
+        if kept:
+            session.say(f"dicesim: kept {'; '.join(kept)}")
         module = importlib.import_module(f"dicesim.experiments.{driver}")
         try:
             summary = module.run(session)
@@ -273,6 +280,9 @@ def execute(cfg: Config) -> dict | None:
         return summary
     sim = session.build(cfg)
     plan = sim.describe()
+    session.say(f"dicesim: {headline(sim)}")
+    if kept:
+        session.say(f"dicesim: kept {'; '.join(kept)}")
     session.say("dicesim: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in plan.items()) + f", backend={session.backend}")
     if cfg.dry_run:
@@ -314,7 +324,7 @@ def execute(cfg: Config) -> dict | None:
         if name not in ESTIMATORS:
             continue
         for view, block in blocks.items():
-            session.say(f"  {name:>8} {view:>8}: n={block['n']} spearman={block['spearman']} "
+            session.say(f"  {name:>11} {view:>8}: n={block['n']} spearman={block['spearman']} "
                         f"pearson={block['pearson']} rel_err={block['rel_err']}")
     warning = (summary.get("reliability") or {}).get("warning")
     if warning:
@@ -337,11 +347,12 @@ SIGNAL_NAMES = {sig: sig.name for sig in SIGNAL_CODES}
 def _hydra_job(composed: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    kept = keep_named_groups(composed, list(HydraConfig.get().overrides.task))
     try:  # the one validation boundary: typed schema, strict booleans, ranges
         settings = load(composed, list(HydraConfig.get().overrides.task))
     except ConfigError as err:
         fail(str(err))
-    execute(settings)
+    execute(settings, kept)
 
 
 def check_composes(argv: list[str]) -> None:

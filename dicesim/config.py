@@ -22,6 +22,7 @@ import importlib.util
 import math
 import os
 import re
+import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -62,13 +63,14 @@ AttackKind = _choices("AttackKind", "none", "label_flip", "feature_noise", "free
                       "scaled_update")
 DefenseKind = _choices("DefenseKind", "none", "dice", "trimmed_mean", "oracle")
 Sweep = _choices("Sweep", "core", "full", "optimizers")
-Estimator = _choices("Estimator", "dice_e", "dice_mid", "dice_mid2", "dice_e_nostate")
 
 DTYPES, TOPOLOGIES, WEIGHT_SCHEMES = tuple(Dtype), tuple(TopologyName), tuple(Weights)
 DATASETS, MODELS, ACTIVATIONS = tuple(DataName), tuple(ModelName), tuple(Activation)
-ATTACKS, DEFENSES, ESTIMATORS = tuple(AttackKind), tuple(DefenseKind), tuple(Estimator)
+ATTACKS, DEFENSES = tuple(AttackKind), tuple(DefenseKind)
+ESTIMATORS = ("dice_e", "dice_mid", "dice_gauss2", "dice_e_nostate")  # influence.estimators
 OPTIMIZERS, SCHEDULES = tuple(OptimName), tuple(ScheduleName)
 DIRECTED = ("directed_ring", "exponential", "one_peer_exponential")  # no metropolis_hastings
+RENAMED_ESTIMATORS = {"dice_mid2": "dice_gauss2"}  # old name → new; accepted until next release
 MAX_HOPS = 8
 SEED_MAX = 2**32 - 1
 EVENT_KEYS = ("node", "step", "samples")
@@ -244,7 +246,7 @@ class Influence:
     step_range: list[int] | None = None  # [lo, hi]
     hops: int = bounded(1, 0, MAX_HOPS)
     ground_truth: Any = True  # true | false | K (spot-check K events)
-    estimators: list[Estimator] = _list(Estimator.dice_e, Estimator.dice_mid)
+    estimators: list[str] = _list("dice_e", "dice_gauss2")
     curvature: bool = True
     proximal: bool = False
     node_weights: list[float] | None = None  # q_k; null = uniform 1/n
@@ -470,6 +472,7 @@ def load(composed: DictConfig, overrides: Sequence[str] = (), quiet: bool = Fals
                     f.name for f in dataclasses.fields(cls)}:
                 raise ConfigError(unknown_key(_key_of(o), composed))
         _fit_preset_events(composed, overrides, quiet)
+        composed.influence.estimators = renamed_estimators(composed.influence.estimators)
         return OmegaConf.to_object(composed)
     except OmegaConfBaseException as err:  # an interpolation that does not resolve or fit
         raise ConfigError(_explain(err, overrides)) from None
@@ -597,6 +600,26 @@ def schema_for(raw: Any) -> DictConfig:
         if _get(raw, block) is not None:
             root[block] = OmegaConf.structured(cls)
     return root
+
+
+_ANNOUNCED_RENAMES: set[str] = set()
+
+
+def renamed_estimators(names: Any) -> Any:
+    """influence.estimators with old names (RENAMED_ESTIMATORS) replaced by the new ones;
+    the first use of an old name in a process is said once on stderr (rank 0)."""
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        return names  # not a list: the checks refuse it
+    out = []
+    for name in names:
+        new = RENAMED_ESTIMATORS.get(name) if isinstance(name, str) else None
+        if new is not None and name not in _ANNOUNCED_RENAMES:
+            _ANNOUNCED_RENAMES.add(name)
+            if os.environ.get("RANK", "0") == "0":
+                print(f"dicesim: influence.estimators: {name} is now {new} (the old name is "
+                      "accepted until the next release)", file=sys.stderr, flush=True)
+        out.append(new or name)
+    return out
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -964,10 +987,13 @@ def check_influence(i: Influence, nodes: int, steps: int, batch_size: int) -> No
     if not (isinstance(gt, bool) or (_is_int(gt) and gt >= 0)):
         raise ConfigError(f"influence.ground_truth={show(gt)}: true, false or a number K of "
                           "events to spot-check, e.g. influence.ground_truth=20")
-    names = [str(n) for n in i.estimators]
-    if not names or len(set(names)) < len(names):
-        raise ConfigError(f"influence.estimators={show(names)}: a list of distinct estimators "
-                          f"from {', '.join(ESTIMATORS)}, e.g. [dice_e, dice_mid]")
+    names = list(i.estimators)
+    bad = [n for n in names if n not in ESTIMATORS]
+    if bad or not names or len(set(names)) < len(names):
+        close = closest(str(bad[0]), ESTIMATORS) if bad else []
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"influence.estimators={show(names)}: {hint}a list of distinct "
+                          f"estimators from {', '.join(ESTIMATORS)}, e.g. [dice_e, dice_gauss2]")
     check_removal("influence.removal", i.removal, batch_size)
     events = i.events
     if _is_int(events):

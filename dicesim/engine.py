@@ -38,7 +38,7 @@ from dicesim.trackers import Tracker
 from dicesim.trainer import RunResult, Step, Trainer
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-DEFAULT_ESTIMATORS = ("dice_e", "dice_mid")
+DEFAULT_ESTIMATORS = ("dice_e", "dice_gauss2")
 
 
 @dataclass
@@ -122,6 +122,7 @@ class Simulation:
                 f"samples with {s.nodes} nodes); lower batch_size or use fewer nodes")
         labels = self.data.y_train.numpy() if self.data.num_classes else np.zeros(
             len(self.data.y_train), dtype=np.int64)
+        self.assigned_labels = labels  # as the data set labels them (partition.csv)
         self.parts = partition(labels, s.nodes, cfg.data.partition, cfg.data.alpha, s.seed,
                                min_size=s.batch_size)
         self.node_probe_ids = self._split_node_probes(cfg.data)
@@ -295,7 +296,7 @@ class RunParts:
 
     def __init__(self, sim: Simulation, device: torch.device):
         from dicesim.trackers.dice_e import DiceE
-        from dicesim.trackers.dice_mid import DiceMid
+        from dicesim.trackers.dice_gauss import DiceGauss
         from dicesim.trackers.ground_truth import GroundTruth
         from dicesim.trackers.proximal import Proximal
 
@@ -351,10 +352,10 @@ class RunParts:
             if "dice_e_nostate" in inf.estimators:
                 self.trackers.append(DiceE(self.book, lay, self.model, self.probe, sim.q,
                                            self.optimizer, inf.curvature, with_state=False))
-            for points, name in ((1, "dice_mid"), (2, "dice_mid2")):
+            for points, name in DiceGauss.COLUMNS.items():
                 if name in inf.estimators:
-                    self.trackers.append(DiceMid(self.book, lay, self.model, self.probe, sim.q,
-                                                 self.optimizer, inf.curvature, points))
+                    self.trackers.append(DiceGauss(self.book, lay, self.model, self.probe,
+                                                   sim.q, self.optimizer, inf.curvature, points))
         if inf.proximal:
             self.trackers.append(Proximal(lay, sim.q))
         self.trackers += [make(self) for make in sim.extra_trackers]

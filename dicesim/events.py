@@ -20,6 +20,7 @@ from torch import Tensor
 from dicesim.comm import Layout
 from dicesim.config import (
     ESTIMATORS,  # noqa: F401 - estimator columns, re-exported
+    RENAMED_ESTIMATORS,
     Influence,
 )
 from dicesim.config import MAX_HOPS as MAX_HOPS  # re-exported
@@ -41,7 +42,8 @@ class InfluenceRow(NamedTuple):
     dice_gt: float | None  # G[e,s,k] (None: not requested for this event)
     dice_mid: float | None = None  # the midpoint estimator (None: switched off)
     dice_e_nostate: float | None = None  # DICE-E ignoring the optimizer state (ablation)
-    dice_mid2: float | None = None  # the two-point Gauss–Legendre rule
+    dice_gauss2: float | None = None  # the two-point Gauss–Legendre rule
+    distance: int | None = None  # shortest-path hops j → k in the (union) communication graph
 
 
 class ProximalRow(NamedTuple):
@@ -175,6 +177,7 @@ class EventBook:
                  cumulative: bool = False):
         self.hops = hops
         self.layout = layout
+        self.topology = topology
         for e in events:
             e.reach = reach_sets(topology, e.source, e.step, hops, cumulative)
         self.events = sorted(events, key=lambda e: (e.step, e.index))
@@ -228,11 +231,12 @@ class EventBook:
         done = [i for i in self.cells if self.by_index[i].step + self.hops <= t]
         for i in sorted(done):
             e = self.by_index[i]
+            far = self.topology.hops_from(e.source, self.hops)
             for (s, k), cols in sorted(self.cells.pop(i).items()):
                 self.finished.append(InfluenceRow(
                     e.index, e.source, e.step, e.n_removed, s, k,
                     cols.get("dice_e"), cols.get("dice_gt"), cols.get("dice_mid"),
-                    cols.get("dice_e_nostate"), cols.get("dice_mid2")))
+                    cols.get("dice_e_nostate"), cols.get("dice_gauss2"), int(far[k])))
         self.active = [e for e in self.active if e.step + self.hops > t]
 
     def take_rows(self) -> list[InfluenceRow]:
@@ -249,7 +253,8 @@ class EventBook:
     def load_state_dict(self, state: dict) -> None:
         self.started = int(state["started"])
         self.active = [self.by_index[i] for i in state["active"]]
-        self.cells = {int(i): {(s, k): dict(c) for s, k, c in cells}
+        self.cells = {int(i): {(s, k): {RENAMED_ESTIMATORS.get(n, n): v for n, v in c}
+                               for s, k, c in cells}
                       for i, cells in state["cells"].items()}
         self.finished = [InfluenceRow(*r) for r in state["finished"]]
 

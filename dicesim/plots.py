@@ -90,7 +90,8 @@ def training_curves(out: Path, result: RunResult) -> str:
 
 
 ESTIMATOR_STYLE = {"dice_e": ("DICE-E (first order)", "tab:blue", "o"),
-                   "dice_mid": ("dice_mid (midpoint)", "tab:orange", "x")}
+                   "dice_mid": ("dice_mid (midpoint)", "tab:orange", "x"),
+                   "dice_gauss2": ("dice_gauss2 (two-point)", "tab:green", "+")}
 
 
 def scatter_by_hop(out: Path, rows: list[InfluenceRow]) -> str | None:
@@ -122,31 +123,104 @@ def scatter_by_hop(out: Path, rows: list[InfluenceRow]) -> str | None:
     return "alignment.png"
 
 
+# the cascade figure reads the first of these columns that every row carries (else the
+# first that some rows carry): the exact counterfactual, then the most accurate estimator
+CASCADE_COLUMNS = (("dice_gt", "DICE-GT"), ("dice_gauss2", "dice_gauss2"),
+                   ("dice_mid", "dice_mid"), ("dice_e", "DICE-E"))
+TOTAL_STYLE = (("mean_abs_e", "o-", "DICE-E"), ("mean_abs_mid", "x-", "dice_mid"),
+               ("mean_abs_gauss2", "d-", "dice_gauss2"), ("mean_abs_gt", "s--", "DICE-GT"))
+MAX_POINTS = 20_000  # points drawn in the distance panel (the medians use every row)
+
+
+def cascade_column(rows: list[InfluenceRow]) -> tuple[str, str] | None:
+    """(column, label) the cascade figure plots: see CASCADE_COLUMNS."""
+    for complete in (True, False):
+        for column, label in CASCADE_COLUMNS:
+            present = [getattr(r, column, None) is not None for r in rows]
+            if all(present) if complete else any(present):
+                return column, label
+    return None
+
+
 def cascade_decay(out: Path, rows: list[InfluenceRow]) -> str | None:
+    """Left: |influence| per (event, node) against the node's graph distance from the
+    event's source, one colour per hop r (gossip rounds after the event), the median per
+    distance drawn as a line. Right: the total over nodes per gossip round."""
     totals = hop_totals(rows)
-    if len(totals) < 2:
+    chosen = cascade_column(rows)
+    if len(totals) < 2 or chosen is None:
         return None
-    hops = list(totals)
-    fig, ax = plt.subplots(figsize=(5, 3.8))
-    drawn = []
-    for key, style, label in (("mean_abs_e", "o-", "DICE-E"), ("mean_abs_mid", "x-", "dice_mid"),
-                              ("mean_abs_gt", "s--", "DICE-GT")):
-        values = [totals[h][key] for h in hops]
-        if all(v is not None for v in values):
-            ax.plot(hops, values, style, label=label)
-            drawn += values
-    positive = [v for v in drawn if v > 0]
-    if positive and max(positive) >= 10 * min(positive):  # a log axis when it spans a decade
-        ax.set_yscale("log")
-    else:
-        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    ax.set(xlabel="hop s", ylabel="mean over events of |Σ_k influence|",
-           title="the cascade's decay with distance", xticks=hops)
-    ax.legend()
-    fig.subplots_adjust(left=0.17, right=0.97, bottom=0.13, top=0.9)
+    column, label = chosen
+    fig, (by_distance, by_round) = plt.subplots(
+        1, 2, figsize=(12.5, 4.6), gridspec_kw={"width_ratios": (1.7, 1)})
+    _influence_by_distance(by_distance, rows, column, label)
+    _totals_by_round(by_round, totals)
+    fig.subplots_adjust(left=0.065, right=0.985, bottom=0.13, top=0.9, wspace=0.22)
     fig.savefig(out / "cascade.png", dpi=110)
     plt.close(fig)
     return "cascade.png"
+
+
+def _influence_by_distance(ax, rows: list[InfluenceRow], column: str, label: str) -> None:
+    kept = [r for r in rows if getattr(r, column) is not None
+            and getattr(r, "distance", None) is not None and r.distance >= 0]
+    if not kept:
+        ax.set_axis_off()
+        return
+    hop = np.array([r.hop for r in kept])
+    distance = np.array([r.distance for r in kept])
+    size = np.abs(np.array([getattr(r, column) for r in kept], dtype=float))
+    hops = np.unique(hop)
+    positive = size[size > 0]
+    log = len(positive) > 0 and positive.max() >= 100 * positive.min()
+    shown = np.maximum(size, positive.min()) if log else size  # exact zeros at the floor
+    width = 0.8 / len(hops)  # each hop its own lane within a distance
+    drawn = np.random.default_rng(0).permutation(len(kept))[:MAX_POINTS]
+    jitter = np.random.default_rng(1).uniform(-0.3, 0.3, len(kept)) * width
+    colours = plt.cm.viridis(np.linspace(0, 0.9, len(hops)))
+    for colour, r in zip(colours, hops, strict=True):
+        lane = (r - (hops[0] + hops[-1]) / 2) * width
+        here = drawn[hop[drawn] == r]
+        ax.scatter(distance[here] + lane + jitter[here], shown[here], s=6, alpha=0.35,
+                   color=colour, lw=0, rasterized=len(here) > 2000)
+        at_r = hop == r
+        ds = np.unique(distance[at_r])
+        medians = [np.median(shown[at_r & (distance == d)]) for d in ds]
+        ax.plot(ds + lane, medians, "o-", color=colour, lw=1.8, ms=5, mec="black", mew=0.6,
+                label=f"r = {r}")
+    if log:
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(bottom=0)
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    ax.set_xticks(np.unique(distance))
+    ax.set(xlabel="graph distance from the event's source (fewest edges j → k; a time-varying "
+                  "graph: the union over its period)",
+           ylabel=f"|{label}[e, r, k]| per node",
+           title=f"influence per node by distance from the source ({label}; points: one per "
+                 "event and node, lines: median)")
+    ax.title.set_fontsize(9.5)
+    ax.legend(fontsize=7, title="gossip rounds r\nafter the event", title_fontsize=7)
+
+
+def _totals_by_round(ax, totals: dict[int, dict[str, float | None]]) -> None:
+    rounds = list(totals)
+    drawn: list[float] = []
+    for key, style, label in TOTAL_STYLE:
+        values = [totals[r][key] for r in rounds]
+        if all(v is not None for v in values):
+            ax.plot(rounds, values, style, label=label)
+            drawn += values
+    positive = [v for v in drawn if v > 0]
+    if positive and max(positive) >= 100 * min(positive):  # log when it spans two decades
+        ax.set_yscale("log")
+    else:  # from zero: a change of a few per cent looks like one
+        ax.set_ylim(bottom=0, top=1.1 * max(drawn, default=1.0))
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    ax.set(xlabel="gossip rounds r after the event", ylabel="mean over events of |Σ_k influence|",
+           title="total over nodes per gossip round", xticks=rounds)
+    ax.title.set_fontsize(9.5)
+    ax.legend(fontsize=7)
 
 
 # every figure of a plain run: name -> draw(out, result), the file name or None (nothing to

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import os
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,59 +13,18 @@ import torch
 from dicesim import IMPORTED_AT
 from dicesim.engine import Simulation
 from dicesim.events import ESTIMATORS, INFLUENCE_COLUMNS, PROXIMAL_COLUMNS, InfluenceRow
+from dicesim.provenance import (
+    describe_optimizer,
+    describe_partition,
+    provenance,
+    provenance_line,
+    resolved,
+    topology_weights,
+    write_partition,
+)
 from dicesim.stats import hop_totals, pearson, spearman  # noqa: F401 - hop_totals re-exported
 from dicesim.trainer import METRIC_COLUMNS, RunResult
-
-
-def temp_path(path: Path) -> Path:
-    """A temporary name next to `path`, unique to this process (.NAME.PID.tmp)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = temp_path(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def strict(value: object, where: str = "", found: list[str] | None = None) -> object:
-    """`value` with every NaN/±Infinity float replaced by None; their JSON paths are
-    appended to `found` (e.g. "final.probe_loss", "alignment.all.pearson")."""
-    if isinstance(value, dict):
-        return {k: strict(v, f"{where}.{k}" if where else str(k), found)
-                for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [strict(v, f"{where}[{i}]", found) for i, v in enumerate(value)]
-    if isinstance(value, float | np.floating) and not math.isfinite(float(value)):
-        if found is not None:
-            found.append(where)
-        return None
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def write_json(path: Path, obj: dict) -> dict:
-    """Write strictly valid JSON (no bare NaN/Infinity): non-finite numbers become null
-    and, if there were any, their paths are listed under "nonfinite". Returns what was
-    written."""
-    found: list[str] = []
-    clean = strict(obj, "", found)
-    if found:
-        clean["nonfinite"] = sorted(set(clean.get("nonfinite") or []) | set(found))
-    write_atomic(path, json.dumps(clean, indent=2, allow_nan=False) + "\n")
-    return clean
-
-
-def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Sequence]) -> None:
-    tmp = temp_path(path)
-    with tmp.open("w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(columns)
-        for row in rows:
-            out.writerow(["" if v is None or (isinstance(v, float) and math.isnan(v))
-                          else f"{v:.10g}" if isinstance(v, float) else v for v in row])
-    os.replace(tmp, path)
+from dicesim.writers import strict, temp_path, write_atomic, write_csv, write_json  # noqa: F401
 
 
 # ---- alignment of DICE-E with DICE-GT -----------------------------------------------------
@@ -119,11 +74,19 @@ def alignment_blocks(rows: list[InfluenceRow], estimator: str = "dice_e") -> dic
 RELIABILITY_LIMIT = 0.05
 
 
-def second_order_share(rows: list[InfluenceRow]) -> dict[str, float | None]:
-    """ρ = Σ|dice_mid − dice_e| / Σ|dice_mid| per view: how much of the influence the
-    first-order estimator misses. Needs no ground truth."""
+ACCURATE = ("dice_gauss2", "dice_mid")  # the columns ρ judges DICE-E by, best first
+
+
+def accurate_column(rows: list[InfluenceRow]) -> str | None:
+    """The most accurate higher-order estimator the rows carry (dice_gauss2, else dice_mid)."""
+    return next((c for c in ACCURATE if any(getattr(r, c) is not None for r in rows)), None)
+
+
+def second_order_share(rows: list[InfluenceRow], accurate: str) -> dict[str, float | None]:
+    """ρ = Σ|A − dice_e| / Σ|A| per view, A the accurate column: how much of the
+    influence the first-order estimator misses. Needs no ground truth."""
     out: dict[str, float | None] = {}
-    for view, p in view_pairs(rows, "dice_mid", "dice_e").items():
+    for view, p in view_pairs(rows, accurate, "dice_e").items():
         denom = np.abs(p[:, 0]).sum()
         out[view] = float(np.abs(p[:, 0] - p[:, 1]).sum() / denom) if denom > 0 else None
     return out
@@ -131,8 +94,10 @@ def second_order_share(rows: list[InfluenceRow]) -> dict[str, float | None]:
 
 def reliability(rows: list[InfluenceRow]) -> dict | None:
     """The second-order share per view and, above RELIABILITY_LIMIT in any view, one
-    warning line for the end of the run and the top of report.md."""
-    shares = second_order_share(rows)
+    warning line for the end of the run and the top of report.md that names the accurate
+    column to read instead."""
+    accurate = accurate_column(rows)
+    shares = second_order_share(rows, accurate) if accurate else {}
     if not shares:
         return None
     worst_view, worst = max(((v, s) for v, s in shares.items() if s is not None),
@@ -140,10 +105,10 @@ def reliability(rows: list[InfluenceRow]) -> dict | None:
     warning = None
     if worst > RELIABILITY_LIMIT:
         warning = (f"first-order DICE-E is off by ~{100 * worst:.0f} % at these settings "
-                   f"(second-order share {worst:.3f} in view {worst_view}); use the dice_mid "
-                   "column or lower optim.lr")
-    return {"second_order_share": shares, "limit": RELIABILITY_LIMIT, "max": worst,
-            "max_view": worst_view, "warning": warning}
+                   f"(second-order share {worst:.3f} in view {worst_view}, against "
+                   f"{accurate}); use the {accurate} column or lower optim.lr")
+    return {"accurate": accurate, "second_order_share": shares, "limit": RELIABILITY_LIMIT,
+            "max": worst, "max_view": worst_view, "warning": warning}
 
 
 def views(alignment_summary: dict) -> dict[str, dict]:
@@ -164,6 +129,8 @@ def summarize(sim: Simulation, result: RunResult) -> dict:
     final = [r for r in result.metrics if r.step == s.steps]
     summary = {
         **sim.describe(),
+        **resolved(sim),
+        "provenance": provenance(),
         "wall_s": result.wall_s,
         "node_steps_per_s": s.nodes * s.steps / max(result.wall_s, 1e-9),
         "gossip_share": result.gossip_s / max(result.wall_s, 1e-9),
@@ -186,16 +153,21 @@ def summarize(sim: Simulation, result: RunResult) -> dict:
     return summary
 
 
+#: summary.json's name of a diverged loss ("training" / "probe", stopping.Finding.what): the
+#: metrics.csv column, whether the divergence guard or the metric rows found it
+LOSS_METRIC = {"training": "train_loss", "probe": "probe_loss"}
+
+
 def diverged_rows(result: RunResult, steps: int) -> list[dict]:
     """Metric rows with a non-finite training or probe loss (the final rows' training loss
     is NaN by design and not counted)."""
     bad = []
     for step, node, train, probe, *_ in result.metrics:
-        for what, v in (("train_loss", train), ("probe_loss", probe)):
-            if what == "train_loss" and step in (0, steps):  # NaN by design there
+        for what, v in (("training", train), ("probe", probe)):
+            if what == "training" and step in (0, steps):  # NaN by design there
                 continue
             if v is not None and not math.isfinite(v):
-                bad.append({"step": step, "node": node, "metric": what})
+                bad.append({"step": step, "node": node, "metric": LOSS_METRIC[what]})
     return bad
 
 
@@ -205,6 +177,7 @@ def write_all(out: Path, sim: Simulation, result: RunResult, plots: bool = True,
     goes into summary.json; without it the run is "complete"."""
     outputs_at = time.perf_counter()
     write_csv(out / "metrics.csv", METRIC_COLUMNS, sorted(result.metrics))
+    write_partition(out, sim)
     if sim.cfg.save_params and result.final_params is not None:
         torch.save(result.final_params, out / "params.pt")
     if sim.tracking:
@@ -217,7 +190,7 @@ def write_all(out: Path, sim: Simulation, result: RunResult, plots: bool = True,
     summary.update(status or {"status": "complete"})
     bad = diverged_rows(result, sim.run.steps)
     summary["diverged"] = bool(bad) or summary.get("status") == "diverged"
-    if bad:
+    if bad and "first_nonfinite" not in summary:  # the guard's finding stopped the run
         summary["first_nonfinite"] = bad[0]
     timings = summary["timings_s"] = run_timings(result)
     summary = write_json(out / "summary.json", summary)
@@ -269,6 +242,10 @@ def _g3(v: float | None) -> str:
     return "–" if v is None or not math.isfinite(v) else f"{v:.3g}"
 
 
+TOTAL_NAMES = (("mean_abs_e", "E"), ("mean_abs_mid", "mid"), ("mean_abs_gauss2", "gauss2"),
+               ("mean_abs_gt", "GT"))  # hop_totals keys and their column names
+
+
 def report_md(sim: Simulation, summary: dict, pictures: list[str]) -> str:
     f = summary["final"]
     gap = summary["spectral_gap"]  # scale: None (with a note) where the sparse solver failed
@@ -276,10 +253,13 @@ def report_md(sim: Simulation, summary: dict, pictures: list[str]) -> str:
     lines = [
         f"# dicesim run: {sim.cfg.name}",
         "",
-        f"{summary['nodes']} nodes on `{summary['topology']}` (spectral gap "
-        f"{gap}), {summary['ranks']} rank(s), {summary['steps']} steps, "
+        f"{summary['nodes']} nodes on `{summary['topology']}` ({topology_weights(sim)} "
+        f"weights, spectral gap {gap}), {summary['ranks']} rank(s), {summary['steps']} steps, "
         f"`{sim.cfg.model.name}` ({summary['params_per_node']} parameters per node) on "
-        f"`{summary['data']}`, lr {sim.optim.lr:g}, batch {sim.run.batch_size}.",
+        f"`{summary['data']}` ({describe_partition(sim)} partition; samples per node and class "
+        f"in `partition.csv`), optimizer {describe_optimizer(sim)}, batch {sim.run.batch_size}.",
+        "",
+        provenance_line(summary["provenance"]),
         "",
         "| final (mean over nodes) | value |",
         "|---|---|",
@@ -299,9 +279,11 @@ def report_md(sim: Simulation, summary: dict, pictures: list[str]) -> str:
         lines += [
             "## The estimators against the exact ground truth",
             "",
-            f"{summary['events']} events followed for {summary['hops']} hop(s). Influence = loss "
+            f"{summary['events']} events followed for {summary['hops']} hop(s); hop r = r gossip "
+            "rounds after the event (not graph distance). Influence = loss "
             "with the data − loss without it (negative: the data helped). `dice_e` is the "
-            "paper's first-order DICE-E, `dice_mid` its midpoint rule.",
+            "paper's first-order DICE-E, `dice_gauss2` its two-point Gauss–Legendre rule, "
+            "`dice_mid` its midpoint rule.",
             "",
             "| estimator | view | n | Pearson | Spearman | sign agreement | rel. error |",
             "|---|---|---|---|---|---|---|",
@@ -312,16 +294,19 @@ def report_md(sim: Simulation, summary: dict, pictures: list[str]) -> str:
                              f"{_fmt(b['spearman'])} | {_fmt(b['sign_agreement'])} | "
                              f"{_fmt(b['rel_err'])} |")
     if "hop_totals" in summary:
-        lines += ["", "| hop | mean \\|Σ_k E\\| | mean \\|Σ_k mid\\| | mean \\|Σ_k GT\\| |",
-                  "|---|---|---|---|"]
+        totals = summary["hop_totals"].values()
+        shown = [(key, name) for key, name in TOTAL_NAMES
+                 if any(v.get(key) is not None for v in totals)]
+        lines += ["", "| hop | " + " | ".join(f"mean \\|Σ_k {name}\\|" for _, name in shown)
+                  + " |", "|---|" + "---|" * len(shown)]
         for hop, v in summary["hop_totals"].items():
-            lines.append(f"| {hop} | {_fmt(v['mean_abs_e'])} | {_fmt(v['mean_abs_mid'])} | "
-                         f"{_fmt(v['mean_abs_gt'])} |")
+            lines.append(f"| {hop} | " + " | ".join(_fmt(v.get(key)) for key, _ in shown) + " |")
         rel = summary.get("reliability")
         if rel:
             shares = ", ".join(f"{view} {_fmt(v)}" for view, v in
                                rel["second_order_share"].items())
-            lines += ["", f"Second-order share ρ = Σ\\|dice_mid − dice_e\\| / Σ\\|dice_mid\\| "
+            a = rel["accurate"]
+            lines += ["", f"Second-order share ρ = Σ\\|{a} − dice_e\\| / Σ\\|{a}\\| "
                           f"(no ground truth needed; warning above {rel['limit']}): {shares}."]
         lines.append("")
     if "attribution" in summary:
@@ -329,6 +314,10 @@ def report_md(sim: Simulation, summary: dict, pictures: list[str]) -> str:
 
         lines += report_lines(summary["attribution"])
         pictures = pictures + summary["attribution"].get("plots", [])
-    lines += footer(pictures, "Files: `metrics.csv` (per step and node), `influence.csv` "
-                              "(per event, hop and node), `summary.json`, `config.yaml`.")
+    files = ["`metrics.csv` (per step and node)", "`partition.csv` (per node and class)"]
+    if sim.tracking:
+        files.append("`influence.csv` (per event, hop and node)")
+    if sim.influence.proximal:
+        files.append("`proximal.csv` (per step, sender and receiver)")
+    lines += footer(pictures, f"Files: {', '.join(files)}, `summary.json`, `config.yaml`.")
     return "\n".join(lines)

@@ -29,7 +29,8 @@ from dicesim.errors import ConfigError
 #: Files a run (or an experiment driver) writes; overwrite=true removes exactly these.
 OUTPUT_FILES = ("config.yaml", "metrics.csv", "influence.csv", "proximal.csv", "summary.json",
                 "report.md", "params.pt", "alignment.csv", "scores.csv", "cascade.csv",
-                "nodes.csv", "edges.csv")
+                "nodes.csv", "edges.csv", "partition.csv", "attribution.csv", "samples.csv",
+                "retrain.csv", "removal.csv")
 OUTPUT_GLOBS = ("*.png",)
 OUTPUT_DIRS = ("checkpoints", "cases")
 DEFAULT_OUT_DIR = "outputs/${name}/${now:%Y-%m-%d_%H-%M-%S}"

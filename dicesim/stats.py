@@ -40,8 +40,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 def hop_totals(rows: Sequence) -> dict[int, dict[str, float]]:
     """Mean over events of |Σ_k value| per hop s and estimator: the cascade's decay.
     `rows`: influence rows (InfluenceRow or anything with the same attributes)."""
-    columns = ("dice_e", "dice_gt", "dice_mid")
-    per: dict[tuple[int, int], np.ndarray] = defaultdict(lambda: np.zeros(3))
+    columns = ("dice_e", "dice_gt", "dice_mid", "dice_gauss2")
+    per: dict[tuple[int, int], np.ndarray] = defaultdict(lambda: np.zeros(len(columns)))
     for r in rows:
         per[(r.event, r.hop)] += [math.nan if v is None else v
                                   for v in (getattr(r, c) for c in columns)]
@@ -50,6 +50,6 @@ def hop_totals(rows: Sequence) -> dict[int, dict[str, float]]:
         vals = np.array([v for (_, h), v in per.items() if h == hop])
         means = np.mean(np.abs(vals), axis=0)
         out[hop] = {name: float(m) if np.isfinite(m) else None  # None: column switched off
-                    for name, m in zip(("mean_abs_e", "mean_abs_gt", "mean_abs_mid"), means,
-                                       strict=True)}
+                    for name, m in zip(("mean_abs_e", "mean_abs_gt", "mean_abs_mid",
+                                        "mean_abs_gauss2"), means, strict=True)}
     return out

@@ -54,6 +54,8 @@ class Topology:
         default_factory=dict, init=False, repr=False, compare=False)
     _dense: dict[int, np.ndarray] = field(  # W(t) views built so far
         default_factory=dict, init=False, repr=False, compare=False)
+    _receivers: sparse.csr_array | None = field(  # built by `union_receivers`
+        default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.matrices:
@@ -85,6 +87,32 @@ class Topology:
     def support(self) -> np.ndarray:
         """[k, l]: W^t[k, l] > 0 for some t of the period (dense bool: for small n)."""
         return np.any(np.stack([self.W(t) for t in range(self.period)]) > 0, axis=0)
+
+    def union_receivers(self) -> sparse.csr_array:
+        """Row l: the receivers k with W^t[k, l] > 0 for some t of the period (cached)."""
+        if self._receivers is None:
+            union = self.matrices[0] > 0
+            for m in self.matrices[1:]:
+                union = union + (m > 0)  # boolean: an edge of any W^t
+            self._receivers = sparse.csr_array(union.T)
+        return self._receivers
+
+    def hops_from(self, source: int, limit: int | None = None) -> np.ndarray:
+        """Graph distance from `source` to every node: the fewest edges sender → receiver
+        in the union graph over the period (breadth first); −1 where a node is farther
+        than `limit` hops or unreachable."""
+        receivers = self.union_receivers()
+        far = np.full(self.n, -1, dtype=np.int64)
+        far[source] = 0
+        frontier = np.array([source], dtype=np.int64)
+        hop = 0
+        while frontier.size and (limit is None or hop < limit):
+            hop += 1
+            lo = receivers.indptr[frontier]
+            reached = np.unique(receivers.indices[spans(lo, receivers.indptr[frontier + 1] - lo)])
+            frontier = reached[far[reached] < 0]
+            far[frontier] = hop
+        return far
 
     def in_neighbours(self, k: int, t: int) -> np.ndarray:
         """Sorted senders l with W^t[k, l] > 0 (k itself included when W^t[k, k] > 0)."""

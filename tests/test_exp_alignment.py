@@ -44,9 +44,9 @@ def test_tiny_alignment_run(tmp_path):
     assert hard["set"] == "hard" and hard["lr"] == 0.3
     assert hard["alignment_mid"]["all"]["rel_err"] < hard["alignment"]["all"]["rel_err"]
     assert set(summary["targets"]["midpoint"]) == {batch["label"], single["label"],
-                                                   hard["label"], hard["label"] + " (dice_mid2)"}
+                                                   hard["label"], hard["label"] + " (dice_gauss2)"}
     # the two-point rule on the hard case: closer to G than the midpoint in every view
-    for view, block in hard["alignment_mid2"].items():
+    for view, block in hard["alignment_gauss2"].items():
         assert block["rel_err"] < hard["alignment_mid"][view]["rel_err"], view
     assert summary["targets"]["all_pass"], summary["targets"]
     assert summary["calibration"]["n"] > 10

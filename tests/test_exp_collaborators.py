@@ -48,6 +48,8 @@ def test_tiny_run_dice_cuts_the_attacker(tmp_path: Path) -> None:
     assert summary["targets"]["complete_dice_within_2_points_of_no_attack"]
     for name in ("report.md", "collaborators.png", "config.yaml"):
         assert (out / name).is_file()
+    version = summary["provenance"]["dicesim"]  # experiments carry provenance too
+    assert version and f"dicesim {version}, " in (out / "report.md").read_text()
 
 
 def test_dice_selection_verdict_stands_and_rows_stay_stochastic() -> None:

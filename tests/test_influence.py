@@ -191,10 +191,11 @@ def test_influence_table_does_not_depend_on_ranks(tmp_path):
     for ranks in (2, 4):
         out = tmp_path / f"r{ranks}"
         run_dicesim(out, *overrides, ranks=ranks)
-        got = {(int(r["event"]), int(r["hop"]), int(r["node"])): (float(r["dice_e"]),
-               float(r["dice_gt"]), float(r["dice_mid"])) for r in read_csv(out / "influence.csv")}
+        got = {(int(r["event"]), int(r["hop"]), int(r["node"])):
+               (float(r["dice_e"]), float(r["dice_gt"]), float(r["dice_gauss2"]))
+               for r in read_csv(out / "influence.csv")}
         assert set(got) == set(single)
-        mid = {(r.event, r.hop, r.node): r.dice_mid for r in result.influence}
+        mid = {(r.event, r.hop, r.node): r.dice_gauss2 for r in result.influence}
         for key, (E, G) in single.items():
             np.testing.assert_allclose(got[key], (E, G, mid[key]), rtol=1e-8, atol=1e-15)
         prox = {(int(r["step"]), int(r["sender"]), int(r["receiver"])): float(r["value"])

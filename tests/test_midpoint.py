@@ -1,5 +1,6 @@
-"""The midpoint estimator `dice_mid`, the reliability warning, spot-checked ground truth and
-events drawn without replacement (DESIGN §2, "The midpoint estimator")."""
+"""The Gauss–Legendre estimators `dice_mid` and `dice_gauss2`, the reliability warning,
+spot-checked ground truth and events drawn without replacement (DESIGN §2, "The midpoint
+estimator")."""
 
 from __future__ import annotations
 
@@ -26,18 +27,19 @@ def test_midpoint_equals_ground_truth_for_a_quadratic_loss(topology):
     """Linear regression, float64: the midpoint rule is exact for the probe loss and for the
     propagation, so dice_mid = G at every hop (dice_e is off by ½ q δᵀH'δ there)."""
     _, result = execute(*QUADRATIC, f"topology={topology}", "influence.hops=4", EVENTS,
-                        "influence.estimators=[dice_e,dice_mid,dice_mid2]")
+                        "influence.estimators=[dice_e,dice_mid,dice_gauss2]")
     assert len(result.influence) >= 40
     worst_e = 0.0
     for row in result.influence:
         np.testing.assert_allclose(row.dice_mid, row.dice_gt, rtol=1e-9, atol=1e-17)
-        np.testing.assert_allclose(row.dice_mid2, row.dice_gt, rtol=1e-9, atol=1e-17)
+        np.testing.assert_allclose(row.dice_gauss2, row.dice_gt, rtol=1e-9, atol=1e-17)
         worst_e = max(worst_e, abs(row.dice_e - row.dice_gt) / abs(row.dice_gt))
     assert worst_e > 1e-3  # the first-order estimator is not exact here
 
 
 def test_midpoint_is_exact_on_two_ranks_too(tmp_path):
-    overrides = (*QUADRATIC, "topology=hub", "influence.hops=4", EVENTS)
+    overrides = (*QUADRATIC, "topology=hub", "influence.hops=4", EVENTS,
+                 "influence.estimators=[dice_e,dice_mid]")
     _, single = execute(*overrides)
     run_dicesim(tmp_path, *overrides, ranks=2)
     rows = read_csv(tmp_path / "influence.csv")
@@ -55,7 +57,8 @@ def test_midpoint_error_shrinks_cubically_in_the_learning_rate():
     for lr in (0.2, 0.1, 0.05):
         _, result = execute("nodes=4", "batch_size=32", "dtype=float64", "model.hidden=[64]",
                             "data.probe_size=40", "steps=6", "topology=ring",
-                            "influence.hops=3", f"optim.lr={lr}", events)
+                            "influence.hops=3", f"optim.lr={lr}", events,
+                            "influence.estimators=[dice_e,dice_mid]")
         per_hop = {}
         for hop in range(4):
             rows = [r for r in result.influence if r.hop == hop]
@@ -69,8 +72,8 @@ def test_midpoint_error_shrinks_cubically_in_the_learning_rate():
 
 
 def test_two_point_rule_error_shrinks_like_the_fifth_power_of_the_learning_rate():
-    """dice_mid2 (Gauss–Legendre nodes ½ ± 1/(2√3)): local error O(‖δ‖⁵), so halving η
-    divides Σ|dice_mid2 − G| by ≥ 25 at every hop (≈ 32 for η⁵; measured 32.8–41 on this
+    """dice_gauss2 (Gauss–Legendre nodes ½ ± 1/(2√3)): local error O(‖δ‖⁵), so halving η
+    divides Σ|dice_gauss2 − G| by ≥ 25 at every hop (≈ 32 for η⁵; measured 32.8–41 on this
     setting), where dice_mid's falls about 8× (η³)."""
     events = "influence.events=[" + ",".join(f"{{node:{n},step:1}}" for n in range(4)) + "]"
     per_lr = []
@@ -78,8 +81,8 @@ def test_two_point_rule_error_shrinks_like_the_fifth_power_of_the_learning_rate(
         _, result = execute("nodes=4", "batch_size=32", "dtype=float64", "model.hidden=[64]",
                             "data.probe_size=40", "steps=6", "topology=ring",
                             "influence.hops=3", f"optim.lr={lr}", events,
-                            "influence.estimators=[dice_mid,dice_mid2]")
-        per_lr.append({hop: (sum(abs(r.dice_mid2 - r.dice_gt) for r in result.influence
+                            "influence.estimators=[dice_mid,dice_gauss2]")
+        per_lr.append({hop: (sum(abs(r.dice_gauss2 - r.dice_gt) for r in result.influence
                                  if r.hop == hop),
                              sum(abs(r.dice_mid - r.dice_gt) for r in result.influence
                                  if r.hop == hop)) for hop in range(4)})
@@ -111,7 +114,7 @@ def test_the_warning_fires_when_eta_x_squared_is_large(tmp_path):
     proc = run_dicesim(tmp_path, "experiment=demo", "steps=60", "influence.events=12",
                        "optim.lr=0.5", "data.input_scale=3", "model.hidden=[64]")
     warning = _warning(tmp_path, proc)
-    assert warning is not None and "use the dice_mid column or lower optim.lr" in warning
+    assert warning is not None and "use the dice_gauss2 column or lower optim.lr" in warning
 
 
 @pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST needs the Debian package "
@@ -130,7 +133,7 @@ def test_ground_truth_spot_checks_k_events():
     with_gt = {r.event for r in result.influence if r.dice_gt is not None}
     assert len(with_gt) == 3
     assert {r.event for r in result.influence} == set(range(10))
-    assert all(r.dice_e is not None and r.dice_mid is not None for r in result.influence)
+    assert all(r.dice_e is not None and r.dice_gauss2 is not None for r in result.influence)
 
 
 def test_estimators_can_be_switched_off():

@@ -210,7 +210,8 @@ def test_a_removed_batch_keeps_acting_through_the_momentum_after_theta_moved_on(
     W = np.roll(np.eye(n), 1, axis=0)  # row k receives from k − 1 only
     np.save(tmp_path / "W.npy", W)
     base = (*QUADRATIC, "topology=file", f"topology.path={tmp_path / 'W.npy'}",
-            "influence.hops=3", events_arg([{"node": 0, "step": 1}]))
+            "influence.hops=3", "influence.estimators=[dice_e,dice_mid]",
+            events_arg([{"node": 0, "step": 1}]))
     _, plain = execute(*base)
     assert {(r.hop, r.node) for r in plain.influence} == {(s, s) for s in range(4)}
     _, mom = execute(*base, "optim=momentum")

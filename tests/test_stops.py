@@ -121,7 +121,7 @@ def test_a_diverged_loss_stops_with_exit_4(commands):
     assert re.search(r"(non-finite|exploding) training loss \(.*\) at step \d+ on node \d+", line)
     summary = strict_json((c.out / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["diverged"] is True
-    assert summary["first_nonfinite"]["metric"] == "training_loss"
+    assert summary["first_nonfinite"]["metric"] == "train_loss"  # metrics.csv's column
     assert (c.out / "metrics.csv").exists()
     events_complete(c.out / "influence.csv", 1)
 

@@ -1,23 +1,25 @@
-"""`make alignment`: how well DICE-E tracks the exact DICE-GT (issues 3 and 4).
+"""`make alignment`: how well DICE-E tracks the exact DICE-GT.
 
 Every case is one single-run simulation with `influence.events` sampled events
 e = (j, t, S) followed for r hops with ground truth. For each case the alignment of
 E[e,s,k] against G[e,s,k] is reported
 
 - per hop s over the (event, node) entries of that hop (`hop_<s>`),
-- for the one-hop view (Definition 2): E[e,0,j] + Σ_{k≠j} E[e,1,k] per event,
+- for the one-hop view (the DICE paper's Definition 2): E[e,0,j] + Σ_{k≠j} E[e,1,k] per event,
 - over every entry (`all`),
 
 as Pearson, Spearman, sign agreement and rel_err = Σ|E − G| / Σ|G| (report.alignment).
 
 Both estimators are reported: `dice_e` (the paper's first-order DICE-E) and `dice_mid` (its
-midpoint rule), with the second-order share ρ = Σ|dice_mid − dice_e| / Σ|dice_mid| that every
-run reports without ground truth, so its calibration against the true rel_err shows.
+midpoint rule; the hard cases add `dice_gauss2`, the two-point rule), with the second-order
+share ρ = Σ|dice_mid − dice_e| / Σ|dice_mid|, the quantity a plain run reports without ground
+truth (there against its accurate column, dice_gauss2 by default), so its calibration
+against the true rel_err shows.
 
-`alignment.sweep=core` (default) runs the issue-3 target cases and the `hard` set
+`alignment.sweep=core` (default) runs the target cases and the `hard` set
 (Fashion-MNIST at lr 0.2 and 0.5, where first-order DICE-E degrades; skipped with a note
 when the Debian package dataset-fashion-mnist is absent); `alignment.sweep=full` adds the
-issue-4 grid (topologies × learning rates × batch sizes × node counts × curvature on/off).
+grid (topologies × learning rates × batch sizes × node counts × curvature on/off).
 `alignment.precision` reruns one single-sample case in float64 and compares the two ground
 truths entry by entry (how precise float32 DICE-GT is).
 """
@@ -37,6 +39,7 @@ from dicesim.cli import Session
 from dicesim.config import Config, as_dict
 from dicesim.events import INFLUENCE_COLUMNS, InfluenceRow
 from dicesim.experiments import group_option, variant
+from dicesim.provenance import provenance_lines, stamped
 from dicesim.report import (
     alignment,
     alignment_blocks,
@@ -81,7 +84,7 @@ def _removal_tag(removal: str | int) -> str:
 
 
 def core_cases(cfg: Config) -> list[Case]:
-    """The issue-3 target cases listed under `alignment.core` (defaults from the run's config)."""
+    """The target cases listed under `alignment.core` (defaults from the run's config)."""
     out = []
     for item in cfg.alignment.core:
         c = dict(item)
@@ -134,7 +137,7 @@ def optimizer_cases(cfg: Config) -> list[Case]:
 
 
 def sweep_cases(cfg: Config) -> list[Case]:
-    """The issue-4 grid: every combination of the lists under `alignment.full`."""
+    """The sweep grid: every combination of the lists under `alignment.full`."""
     f = cfg.alignment.full
     hops = int(f.hops)
     out = []
@@ -175,7 +178,7 @@ def case_config(cfg: Config, case: Case) -> Config:
         extra["data"] = {**group_option("data", case.data), **dict(cfg.alignment.hard_data)}
     estimators = ["dice_e", "dice_mid"]
     if case.set == "hard":
-        estimators.append("dice_mid2")
+        estimators.append("dice_gauss2")
     if case.optim:
         extra["optim"] = {**as_dict(cfg.optim), **case.optim}
         estimators.append("dice_e_nostate")
@@ -302,10 +305,10 @@ def midpoint_targets(cases: list[dict], limits: Iterable[Mapping]) -> dict:
             value, where = worst(mid)
             out[c["label"]] = {"kind": f"Spearman(dice_mid, GT) >= {bar}", "value": value,
                                "at": where, "pass": bool(value >= bar)}
-            if c.get("alignment_mid2"):
-                value, where = worst(c["alignment_mid2"])
-                out[c["label"] + " (dice_mid2)"] = {
-                    "kind": f"Spearman(dice_mid2, GT) >= {bar}", "value": value, "at": where,
+            if c.get("alignment_gauss2"):
+                value, where = worst(c["alignment_gauss2"])
+                out[c["label"] + " (dice_gauss2)"] = {
+                    "kind": f"Spearman(dice_gauss2, GT) >= {bar}", "value": value, "at": where,
                     "pass": bool(value >= bar)}
         elif c["set"] == "core" and c["curvature"]:
             worse = [view for view in e if mid[view]["spearman"] is not None
@@ -323,7 +326,7 @@ def table_rows(cases: Iterable[dict]) -> list[tuple]:
     out = []
     for c in cases:
         for estimator, key in (("dice_e", "alignment"), ("dice_mid", "alignment_mid"),
-                               ("dice_mid2", "alignment_mid2"),
+                               ("dice_gauss2", "alignment_gauss2"),
                                ("dice_e_nostate", "alignment_nostate")):
             for view, b in (c.get(key) or {}).items():
                 out.append((c["set"], c["label"], c["data"], c["topology"], c["lr"],
@@ -366,11 +369,13 @@ def report_md(summary: dict, pictures: list[str]) -> str:
     lines = [
         "# DICE-E against DICE-GT",
         "",
+        *provenance_lines(summary),
         f"`{summary['data']}`, `{summary['model']}`, {summary['dtype']}; each case samples "
-        "events e = (j, t, S) uniformly over nodes and steps and follows them for r hops with "
-        "the exact counterfactual. Views: `hop_s` = the (event, node) entries of hop s; "
-        "`one_hop` = E[e,0,j] + Σ_{k≠j} E[e,1,k] per event (Definition 2); `all` = every "
-        "entry. rel_err = Σ|E − G| / Σ|G|.",
+        "events e = (j, t, S) uniformly over nodes and steps and follows them for r hops (hop s = "
+        "s gossip rounds after the event, not graph distance) with the exact counterfactual. "
+        "Views: `hop_s` = the (event, node) entries of hop s; `one_hop` = E[e,0,j] + "
+        "Σ_{k≠j} E[e,1,k] per event (Definition 2 of the DICE paper); `all` = every entry. "
+        "rel_err = Σ|E − G| / Σ|G|.",
         "",
         f"**Targets** (Spearman ≥ {t['min_spearman']} in every view): "
         + ("all met." if t["all_pass"] else "NOT all met."),
@@ -404,12 +409,12 @@ def report_md(summary: dict, pictures: list[str]) -> str:
         chosen = [c for c in summary["cases"] if c["set"] == kind]
         if not chosen:
             continue
-        two = kind == "hard"  # the hard cases also run dice_mid2
-        shown = estimators + ((("mid2", "alignment_mid2"),) if two else ())
+        two = kind == "hard"  # the hard cases also run dice_gauss2
+        shown = estimators + ((("gauss2", "alignment_gauss2"),) if two else ())
         lines += [f"## {title}", "",
-                  "ρ = Σ\\|dice_mid − dice_e\\| / Σ\\|dice_mid\\|, the second-order share every "
-                  "run reports without ground truth."
-                  + (" mid2 = `dice_mid2`, the two-point Gauss–Legendre rule." if two else ""),
+                  "ρ = Σ\\|dice_mid − dice_e\\| / Σ\\|dice_mid\\|, the second-order share (no "
+                  "ground truth needed)."
+                  + (" gauss2 = `dice_gauss2`, the two-point Gauss–Legendre rule." if two else ""),
                   "",
                   *view_table(chosen, [(f"Spearman {n}", k, "spearman", 6) for n, k in shown]
                               + [(f"rel_err {n}", k, "rel_err", 3) for n, k in shown]
@@ -427,7 +432,7 @@ def report_md(summary: dict, pictures: list[str]) -> str:
                               + [(f"rel_err {n}", k, "rel_err", 3) for n, k in shown]), ""]
     sweep = [c for c in summary["cases"] if c["set"] == "sweep"]
     if sweep:
-        lines += ["## Sweep (issue 4)", "",
+        lines += ["## Sweep", "",
                   "Per case: Spearman of the one-hop view, of hop 1 and of the last hop; the "
                   "smallest Pearson and sign agreement over the views; rel_err of the last hop. "
                   "Every view of every case is in `alignment.csv`.", "",
@@ -500,11 +505,11 @@ def run(session: Session) -> dict | None:
         mid = ordered_blocks(rows, "dice_mid")
         results.append({**asdict(case), "wall_s": wall, "alignment": blocks,
                         "alignment_mid": mid,
-                        "second_order_share": _ordered(second_order_share(rows))})
+                        "second_order_share": _ordered(second_order_share(rows, "dice_mid"))})
         if case.optim:
             results[-1]["alignment_nostate"] = ordered_blocks(rows, "dice_e_nostate")
         if case.set == "hard":
-            results[-1]["alignment_mid2"] = ordered_blocks(rows, "dice_mid2")
+            results[-1]["alignment_gauss2"] = ordered_blocks(rows, "dice_gauss2")
         value, where = worst(blocks)
         value_mid, where_mid = worst(mid)
         session.say(f"[{i}/{len(cases)}] {case.label}: {wall:.1f} s, min Spearman dice_e "
@@ -519,7 +524,7 @@ def run(session: Session) -> dict | None:
     summary = summarize(cfg, results, rows_of)
     out = session.out
     write_csv(out / "alignment.csv", TABLE_COLUMNS, table_rows(summary["cases"]))
-    write_json(out / "summary.json", summary)  # strict JSON: no bare NaN
+    write_json(out / "summary.json", stamped(summary))  # strict JSON: no bare NaN
     pictures = []
     if cfg.plots:
         pictures = plots(out, [c for c in results if c["set"] != "precision"], rows_of)

@@ -35,6 +35,7 @@ from dicesim.config import Config
 from dicesim.engine import RunParts, Simulation
 from dicesim.events import ProximalRow
 from dicesim.experiments import group_option, variant
+from dicesim.provenance import provenance_lines, stamped
 from dicesim.report import footer, write_atomic, write_csv, write_json
 from dicesim.topology import senders
 from dicesim.trackers import Tracker
@@ -262,7 +263,7 @@ def write_outputs(out: Path, cfg: Config, cases: list[Case], summary: dict) -> N
                          *[s[m].get((k, j), float("nan")) for m in METHODS]))
     write_csv(out / "scores.csv", ("attack", "topology", "receiver", "sender", "attacked",
                                    *METHODS), rows)
-    write_json(out / "summary.json", summary)  # strict JSON: no bare NaN
+    write_json(out / "summary.json", stamped(summary))  # strict JSON: no bare NaN
     pictures = plots(out, cfg, cases) if cfg.plots else []
     write_atomic(out / "report.md", report_md(summary, pictures))
 
@@ -276,6 +277,7 @@ def report_md(summary: dict, pictures: list[str]) -> str:
     lines = [
         "# Anomaly detection by proximal influence",
         "",
+        *provenance_lines(summary),
         f"{summary['nodes']} nodes, {summary['steps']} steps, `{summary['model']}` on "
         f"`{summary['data']}`, lr {summary['lr']:g}. Each honest node scores each in-neighbour "
         f"by the proximal influence it measured (window: {window}; "

@@ -1,4 +1,5 @@
-"""`make cascade`: how influence spreads and fades with hop distance (issue 5).
+"""`make cascade`: how influence spreads and fades hop by hop (hop s = s gossip
+rounds after the event, not graph distance).
 
 1. Per topology, sampled whole-batch events followed for r hops. For hop s:
    total(s) = mean over events of |Σ_k E[e,s,k]| (and of |Σ_k G[e,s,k]|), the influence the
@@ -26,6 +27,7 @@ from dicesim.config import Config
 from dicesim.events import InfluenceRow
 from dicesim.experiments import variant
 from dicesim.experiments.alignment import topology_options
+from dicesim.provenance import provenance_lines, stamped
 from dicesim.report import footer, hop_totals, write_atomic, write_csv, write_json
 from dicesim.topology import Topology
 
@@ -171,7 +173,7 @@ def run(session: Session) -> dict | None:
               [(label, s, v["mean_abs_total_e"], v["mean_abs_total_gt"], v["mean_abs_entry_e"],
                 v["mean_reached"], v["walk_mass"])
                for label, r in runs.items() for s, v in r["by_hop"].items()])
-    write_json(out / "summary.json", summary)  # strict JSON: no bare NaN
+    write_json(out / "summary.json", stamped(summary))  # strict JSON: no bare NaN
     pictures = plots(out, runs, hv, c) if cfg.plots else []
     write_atomic(out / "report.md", report_md(summary, pictures))
     e = hv["dice_e"]
@@ -192,9 +194,11 @@ def report_md(summary: Mapping, pictures: list[str]) -> str:
     lines = [
         "# The influence cascade",
         "",
+        *provenance_lines(summary),
         f"{summary['nodes']} nodes, {summary['steps']} steps, lr {summary['lr']:g}, batch "
-        f"{summary['batch_size']}; whole-batch events followed for r = {hops} hops with the "
-        "exact counterfactual. total(s) = mean over events of |Σ_k E[e,s,k]| (the batch's "
+        f"{summary['batch_size']}; whole-batch events followed for r = {hops} hops (hop s = s "
+        "gossip rounds after the event, not graph distance) with the exact counterfactual. "
+        "total(s) = mean over events of |Σ_k E[e,s,k]| (the batch's "
         "effect on the network's q-weighted probe loss s rounds later); entry(s) = mean "
         "|E[e,s,k]| over reached nodes; walk mass = 1ᵀ W^s e_j (what W alone predicts for "
         "the total, relative to hop 0).",

@@ -34,6 +34,7 @@ from dicesim.config import Config
 from dicesim.data import batch_ids
 from dicesim.engine import Simulation
 from dicesim.experiments import variant
+from dicesim.provenance import provenance_lines, stamped
 from dicesim.report import footer, write_atomic, write_csv, write_json
 from dicesim.stats import average_ranks
 
@@ -228,7 +229,7 @@ def run(session: Session) -> dict | None:
                 dice.get(int(i), "")) for i, o, f, v, lo, g in
                zip(ids, owner, flipped, value, loss, gnorm, strict=True)])
     write_csv(out / "removal.csv", REMOVAL_COLUMNS, removal_rows)
-    write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", stamped(summary))
     pictures = plots(out, value, loss, gnorm, flipped, removal_rows, clean_acc) \
         if cfg.plots else []
     write_atomic(out / "report.md", report_md(summary, pictures))
@@ -258,6 +259,7 @@ def report_md(s: dict, pictures: list[str]) -> str:
     lines = [
         "# Data cleansing by full-horizon attribution",
         "",
+        *provenance_lines(s),
         f"{s['nodes']} nodes, {s['steps']} steps; nodes {s['noisy_nodes']} have {s['flip']:.0%} "
         f"of their labels flipped ({s['flipped']} of {s['samples']} samples). Score = the "
         "sample's first-order influence on the final network probe loss (positive: harmful).",
@@ -266,7 +268,8 @@ def report_md(s: dict, pictures: list[str]) -> str:
         f"| full-horizon attribution | {_f(a['full_horizon'])} |",
         f"| per-sample training loss | {_f(a['train_loss'])} |",
         f"| per-sample gradient norm | {_f(a['grad_norm'])} |",
-        f"| r-hop DICE-E (r = {s['hops']}; {sub['n']} sampled samples) | "
+        f"| r-hop DICE-E (r = {s['hops']} gossip rounds after the step; {sub['n']} sampled "
+        "samples) | "
         f"{_f(sub['dice_r_hop'])} (full-horizon on the same: {_f(sub['full_horizon'])}) |",
         "",
         f"Honest test accuracy: clean {acc['clean']:.4f}, noisy {acc['noisy']:.4f} (the noise "

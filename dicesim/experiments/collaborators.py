@@ -28,6 +28,7 @@ from dicesim.cli import Session, prepare_output
 from dicesim.config import Config
 from dicesim.engine import Simulation
 from dicesim.experiments import group_option, variant
+from dicesim.provenance import provenance_lines, stamped
 from dicesim.report import footer, write_atomic, write_json
 from dicesim.trainer import RunResult
 
@@ -139,7 +140,7 @@ def run(session: Session) -> dict | None:
         return None
     assert session.out is not None
     summary = summarize(cfg, runs, attacked, time.perf_counter() - t0)
-    write_json(session.out / "summary.json", summary)  # strict JSON: no bare NaN
+    write_json(session.out / "summary.json", stamped(summary))  # strict JSON: no bare NaN
     pictures = plots(session.out, runs) if cfg.plots else []
     write_atomic(session.out / "report.md", report_md(summary, pictures))
     for name, met in summary["targets"].items():
@@ -188,6 +189,7 @@ def report_md(summary: dict, pictures: list[str]) -> str:
     lines = [
         "# Influence-guided collaborator selection",
         "",
+        *provenance_lines(summary),
         f"{summary['nodes']} nodes, {summary['steps']} steps, `{summary['model']}` on "
         f"`{summary['data']}`, lr {summary['lr']:g}. Attack `{a['kind']}` on nodes {a['nodes']} "
         f"from step {a['start']}. DICE selection: an honest node drops an in-neighbour whose "

@@ -12,7 +12,7 @@ samples (p_k from 0 to `noise_max`; the runs get it as `data.label_noise`).
   gradient step (`counterfactual.remove` of its whole batch at every step), and
     LOO_j = L(θ^T) − L(θ̃^T),   L(θ) = Σ_k q_k L'_k(θ_k),
   the final probe loss with j's data minus without it (negative: j's data helped).
-- Spearman(C, LOO) over nodes; target ≥ `min_spearman` (issue: 0.8 on 8–16 nodes).
+- Spearman(C, LOO) over nodes; target ≥ `min_spearman` (0.8 on 8–16 nodes).
 - Reciprocity (our reading of the paper's Definition 5, built on proximal influence,
   Definition 4). The benefit j's data gave its out-neighbour k over training is
     b_{j→k} = −Σ_t E[(j,t), 1, k]   (k ≠ j; positive: j's batches lowered k's probe loss).
@@ -36,6 +36,7 @@ from dicesim.engine import Simulation
 from dicesim.events import InfluenceRow
 from dicesim.experiments import variant
 from dicesim.experiments.alignment import topology_options
+from dicesim.provenance import provenance_lines, stamped
 from dicesim.report import footer, write_atomic, write_csv, write_json
 from dicesim.stats import pearson, spearman
 
@@ -206,7 +207,7 @@ def run(session: Session) -> dict | None:
     write_csv(out / "edges.csv", EDGE_COLUMNS,
               [(s["nodes"], e["j"], e["k"], e["given_j_to_k"], e["given_k_to_j"],
                 e["reciprocity_jk"]) for s in settings for e in s["reciprocity"]["edges"]])
-    write_json(out / "summary.json", summary)  # strict JSON: no bare NaN
+    write_json(out / "summary.json", stamped(summary))  # strict JSON: no bare NaN
     pictures = plots(out, settings) if cfg.plots else []
     write_atomic(out / "report.md", report_md(cfg, summary, pictures))
     session.say(f"contribution: target {'met' if summary['targets']['all_pass'] else 'NOT met'}"
@@ -238,10 +239,12 @@ def report_md(cfg: Config, summary: dict, pictures: list[str]) -> str:
     lines = [
         "# Node contributions: DICE-E against leave-one-node-out",
         "",
+        *provenance_lines(summary),
         f"`{cfg.data.name}`, `{cfg.model.name}`, lr {cfg.optim.lr:g}, batch {cfg.batch_size}, "
         f"{cfg.steps} steps on `{cfg.topology.name}`. Node k's labels are wrong for a fraction "
         "p_k of its samples. DICE-E contribution C_j = Σ_t Σ_{s≤r} Σ_k E[(j,t,B_j^t),s,k] (one "
-        "whole-batch event per node and step); leave-one-out LOO_j = L(θ^T) − L(θ̃^T) with "
+        "whole-batch event per node and step, followed r hops: hop s = s gossip rounds after "
+        "the step, not graph distance); leave-one-out LOO_j = L(θ^T) − L(θ̃^T) with "
         "θ̃ the run where node j gossips but takes no gradient step. Negative = helped; "
         "rank 1 = most helpful.",
         "",
@@ -283,7 +286,8 @@ def report_md(cfg: Config, summary: dict, pictures: list[str]) -> str:
         "## Reciprocity",
         "",
         "b_{j→k} = −Σ_t E[(j,t),1,k] is the benefit node j's batches gave out-neighbour k one "
-        "gossip round later (accumulated proximal influence, Definition 4). Per edge "
+        "gossip round later (accumulated proximal influence, Definition 4 of the DICE "
+        "paper). Per edge "
         "ρ_{jk} = b_{k→j} / b_{j→k} (what j got back per unit given; in `edges.csv`); per node "
         "given_j = Σ_k b_{j→k}, received_j = Σ_k b_{k→j}, ρ_j = received_j / given_j and "
         "β_j = (received − given) / (|received| + |given|) ∈ [−1, 1]: β ≈ 0 trades evenly, "

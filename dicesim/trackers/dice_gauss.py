@@ -1,5 +1,6 @@
-"""`dice_mid`: DICE-E evaluated at the midpoint of each segment (DESIGN §2), and
-`dice_mid2`: the same with the two-point Gauss–Legendre rule.
+"""Gauss–Legendre rules for the influence integral: `dice_mid`, DICE-E evaluated at the
+midpoint of each segment (DESIGN §2), and `dice_gauss2`, the two-point rule (named
+`dice_mid2` before; the old name is still accepted, dicesim.config.RENAMED_ESTIMATORS).
 
 For any smooth f, f(θ) − f(θ − δ) = ∇f(θ − δ/2)ᵀδ + O(‖δ‖³), with no Hessian of f; the
 first-order DICE-E takes the gradient at one end instead and errs by ½ δᵀH'δ. So
@@ -13,7 +14,7 @@ exact, so dice_mid = DICE-GT at every hop; in general its error shrinks like η�
 DICE-E's shrinks like η².
 
 The midpoint is the one-point Gauss–Legendre rule for ∫₀¹ ∇f(θ − δ + uδ)ᵀδ du (and for
-∫₀¹ H(θ − δ + uδ)δ du in the propagation). `dice_mid2` uses the two nodes
+∫₀¹ H(θ − δ + uδ)δ du in the propagation). `dice_gauss2` uses the two nodes
 u = ½ ± 1/(2√3) with weights ½ each: exact for cubic f, error O(‖δ‖⁵), at twice the extra
 cost (two probe gradients and two HVPs per reached row and hop, the two points batched
 into one call each).
@@ -36,16 +37,17 @@ GAUSS_LEGENDRE = {1: ((0.5, 1.0),),
                   2: ((0.5 - 0.5 / math.sqrt(3), 0.5), (0.5 + 0.5 / math.sqrt(3), 0.5))}
 
 
-class DiceMid(PerturbationTracker):
-    column = "dice_mid"
+class DiceGauss(PerturbationTracker):
+    """The `points`-point Gauss–Legendre rule; its column is COLUMNS[points]."""
+
+    COLUMNS = {1: "dice_mid", 2: "dice_gauss2"}
 
     def __init__(self, book: EventBook, layout: Layout, model: FlatModel, probe: Probe,
                  q: np.ndarray, optimizer, curvature: bool, points: int = 1):
         super().__init__(book, layout, q, optimizer)
         self.model, self.probe, self.curvature = model, probe, curvature
         self.rule = GAUSS_LEGENDRE[points]
-        if points == 2:
-            self.column = "dice_mid2"
+        self.column = self.COLUMNS[points]
 
     def _points(self, at: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The rule's points θ_k − u_i v_k, stacked point after point: [points · rows, P]

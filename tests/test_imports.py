@@ -1,0 +1,181 @@
+"""dicesim's modules import one another without cycles: the graph of imports (read with
+ast; `if TYPE_CHECKING:` blocks left out, imports inside functions counted) over every module
+of the package is acyclic."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+from conftest import REPO
+
+PACKAGE = "dicesim"
+
+
+def package_modules(root: Path = REPO / PACKAGE) -> dict[str, Path]:
+    """Dotted name → file of every module in the package (a package is its __init__.py)."""
+    modules = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join(parts)] = path
+    return modules
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return ((isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+            or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+
+
+def module_level_imports(tree: ast.Module, in_functions: bool = False
+                         ) -> Iterator[ast.Import | ast.ImportFrom]:
+    """Imports run when the module is imported: at top level or nested in if/try/with/class
+    bodies, but not in an `if TYPE_CHECKING:` branch; with `in_functions`, also the imports
+    functions make when they run (a dependency all the same)."""
+    pending: list[ast.AST] = list(tree.body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            if in_functions:
+                pending.extend(node.body)
+        elif isinstance(node, ast.If) and _is_type_checking(node.test):
+            pending.extend(node.orelse)
+        elif isinstance(node, ast.stmt):
+            pending.extend(child for child in ast.iter_child_nodes(node)
+                           if isinstance(child, ast.stmt | ast.excepthandler))
+        elif isinstance(node, ast.excepthandler):
+            pending.extend(node.body)
+
+
+def imported_modules(name: str, path: Path, modules: dict[str, Path],
+                     in_functions: bool = False) -> set[str]:
+    """The package's modules that importing `name` imports directly (with `in_functions`,
+    also those its functions import)."""
+    is_package = path.name == "__init__.py"
+    found: set[str] = set()
+    for node in module_level_imports(ast.parse(path.read_text(), str(path)), in_functions):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        else:
+            if node.level:  # relative: from the module's own package upwards
+                base = name.split(".") if is_package else name.split(".")[:-1]
+                base = base[:len(base) - (node.level - 1)]
+                origin = ".".join(base + ([node.module] if node.module else []))
+            else:
+                origin = node.module or ""
+            # `from a import b` imports a, and a.b too where b is a module
+            targets = [origin] + [f"{origin}.{alias.name}" for alias in node.names]
+        for target in targets:
+            while target and target not in modules:  # the nearest enclosing module
+                target = target.rpartition(".")[0]
+            while target.startswith(PACKAGE):  # importing a.b.c runs a, a.b and a.b.c
+                if target != name:
+                    found.add(target)
+                target = target.rpartition(".")[0]
+    return found
+
+
+def import_graph(in_functions: bool = False) -> dict[str, set[str]]:
+    modules = package_modules()
+    return {name: imported_modules(name, path, modules, in_functions)
+            for name, path in modules.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle (as a closed path) per strongly connected component of more than one module
+    (Tarjan's algorithm, iterative), the shortest through the component's first module."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[set[str]] = []
+    for start in sorted(graph):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            for child in children:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                    break
+                if child in on_stack:
+                    low[node] = min(low[node], index[child])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    component = set()
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        component.add(member)
+                        if member == node:
+                            break
+                    if len(component) > 1:
+                        components.append(component)
+    return [_shortest_cycle(graph, sorted(c)[0], c) for c in components]
+
+
+def _shortest_cycle(graph: dict[str, set[str]], start: str, within: set[str]) -> list[str]:
+    previous: dict[str, str] = {}
+    frontier = [start]
+    while frontier:  # breadth first from start until an edge leads back to it
+        following = []
+        for node in frontier:
+            for child in sorted(graph[node] & within):
+                if child == start:
+                    path = [node]
+                    while path[-1] != start:
+                        path.append(previous[path[-1]])
+                    return [*reversed(path), start]
+                if child not in previous:
+                    previous[child] = node
+                    following.append(child)
+        frontier = following
+    raise AssertionError(f"{start} is in a cycle yet no path leads back to it")
+
+
+# ---- the cycle finder itself ------------------------------------------------------------------
+def test_the_cycle_finder_names_each_cycle_and_nothing_else():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"f"}, "f": {"e"},
+             "g": {"a"}}
+    assert sorted(cycles(graph)) == [["a", "b", "c", "a"], ["e", "f", "e"]]
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_imports_inside_functions_and_type_checking_are_not_module_level(tmp_path):
+    source = ("from typing import TYPE_CHECKING\nimport dicesim.errors\n"
+              "if TYPE_CHECKING:\n    import dicesim.engine\nelse:\n    import dicesim.data\n"
+              "try:\n    from dicesim import comm\nexcept ImportError:\n    import dicesim.model\n"
+              "from dicesim.trackers import dice_e, Tracker\n"
+              "def late():\n    import dicesim.report\n"
+              "class Holder:\n    import dicesim.topology\n")
+    path = tmp_path / "probe.py"
+    path.write_text(source)
+    found = imported_modules("dicesim.probe", path, package_modules())
+    assert found == {"dicesim", "dicesim.errors", "dicesim.data", "dicesim.comm", "dicesim.model",
+                     "dicesim.trackers", "dicesim.trackers.dice_e", "dicesim.topology"}
+    with_functions = imported_modules("dicesim.probe", path, package_modules(), in_functions=True)
+    assert with_functions == found | {"dicesim.report"}
+
+
+# ---- the package --------------------------------------------------------------------------
+def test_the_package_has_no_import_cycle():
+    """Imports made inside functions count: deferring an import hides a cycle from the
+    interpreter, not from a reader."""
+    graph = import_graph(in_functions=True)
+    assert {"dicesim.engine", "dicesim.report", "dicesim.attribution"} <= graph.keys()
+    found = cycles(graph)
+    assert not found, "import cycles: " + "; ".join(" -> ".join(c) for c in found)
