@@ -9,6 +9,7 @@ import pytest
 from conftest import execute
 
 from dicesim import plots
+from dicesim.config import section
 from dicesim.events import InfluenceRow
 from dicesim.topology import Topology, build_topology
 
@@ -26,7 +27,7 @@ def union_digraph(top: Topology) -> nx.DiGraph:
                                      ("one_peer_exponential", 12), ("hub", 7),
                                      ("erdos_renyi", 20)])
 def test_hops_from_equals_networkx_shortest_paths(name, n):
-    top = build_topology({"name": name}, n, 3)
+    top = build_topology(section("topology", {"name": name}), n, 3)
     g = union_digraph(top)
     for source in range(n):
         want = nx.single_source_shortest_path_length(g, source)
@@ -40,7 +41,7 @@ def test_hops_from_equals_networkx_shortest_paths(name, n):
 def test_a_time_varying_graph_is_measured_on_its_union():
     """one_peer_exponential with 8 nodes: W^t sends j → j + 2^t (t = 0, 1, 2); no single W^t
     reaches past one hop, the union over the period reaches everything in ≤ 3 hops."""
-    top = build_topology({"name": "one_peer_exponential"}, 8, 0)
+    top = build_topology(section("topology", {"name": "one_peer_exponential"}), 8, 0)
     assert top.period == 3
     single = nx.single_source_shortest_path_length(top.graph(0), 0)
     assert max(single.values()) == 7  # W^0 alone is the directed ring
@@ -48,7 +49,7 @@ def test_a_time_varying_graph_is_measured_on_its_union():
 
 
 def test_directed_edges_count_one_way():
-    top = build_topology({"name": "directed_ring"}, 6, 0)  # k receives from k − 1
+    top = build_topology(section("topology", {"name": "directed_ring"}), 6, 0)  # k receives from k − 1
     assert top.hops_from(0).tolist() == [0, 1, 2, 3, 4, 5]
     assert top.hops_from(5).tolist() == [1, 2, 3, 4, 5, 0]
 

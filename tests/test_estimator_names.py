@@ -62,7 +62,7 @@ def test_the_rename_is_said_once_per_process_and_only_on_rank_0(fresh_notes, mon
 
 
 def test_the_old_name_is_accepted_by_the_validated_config(fresh_notes):
-    cfg = config.load(make_config("influence.estimators=[dice_mid2,dice_e]"))
+    cfg = make_config("influence.estimators=[dice_mid2,dice_e]")  # composed and loaded
     assert list(cfg.influence.estimators) == ["dice_gauss2", "dice_e"]
 
 
