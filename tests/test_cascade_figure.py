@@ -49,7 +49,8 @@ def test_a_time_varying_graph_is_measured_on_its_union():
 
 
 def test_directed_edges_count_one_way():
-    top = build_topology(section("topology", {"name": "directed_ring"}), 6, 0)  # k receives from k − 1
+    # k receives from k − 1
+    top = build_topology(section("topology", {"name": "directed_ring"}), 6, 0)
     assert top.hops_from(0).tolist() == [0, 1, 2, 3, 4, 5]
     assert top.hops_from(5).tolist() == [1, 2, 3, 4, 5, 0]
 
