@@ -319,6 +319,8 @@ def execute(cfg: DictConfig, kept: Sequence[str] = ()) -> dict | None:
     finish_signalled(session)
     f = summary["final"]
     acc = "–" if f["test_acc"] is None else f"{f['test_acc']:.4f}"
+    if f.get("consensus_test_acc") is not None:
+        acc += f" (consensus model θ̄: {f['consensus_test_acc']:.4f})"
     session.say(f"dicesim: done in {summary['wall_s']:.1f} s ({summary['node_steps_per_s']:.0f} "
                 f"node-steps/s); test accuracy {acc}; report: {out / 'report.md'}")
     if summary.get("diverged"):

@@ -241,6 +241,13 @@ class Checkpoint:
 
 
 @dataclass
+class Eval:
+    """How much one per-node evaluation may cost (engine.EvalPlan, docs/configuration.md)."""
+
+    budget: int | None = 1_000_000  # sample-forwards (nodes × samples); null: all of them
+
+
+@dataclass
 class Attribution:
     """Full-horizon attribution (dicesim/attribution.py): one reverse pass after training."""
 
@@ -374,6 +381,7 @@ class Config:
     divergence_factor: float | None = 1.0e6  # null: only NaN/inf count as diverged
     resume: str | None = None  # a run directory, or auto
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    eval: Eval = field(default_factory=Eval)
     attribution: Attribution = field(default_factory=Attribution)
     counterfactual: Counterfactual = field(default_factory=Counterfactual)
     topology: Topology = field(default_factory=Topology)
@@ -754,6 +762,8 @@ def validate(cfg: DictConfig) -> None:
                               "an earlier run or resume=auto")
     _at_least("checkpoint.every", c.checkpoint.every, 0, 0)
     _at_least("checkpoint.keep", c.checkpoint.keep, 1, 2)
+    if c.eval.budget is not None:  # ≥ nodes (one sample per node) is checked by the engine
+        _at_least("eval.budget", c.eval.budget, 1, 1_000_000)
     n, steps = c.nodes, c.steps
     _validate_topology(c.topology, n)
     _validate_data(c.data)

@@ -135,12 +135,14 @@ def summarize(sim: Simulation, result: RunResult) -> dict:
         "node_steps_per_s": s.nodes * s.steps / max(result.wall_s, 1e-9),
         "gossip_share": result.gossip_s / max(result.wall_s, 1e-9),
         "gossip_cpu_share": result.gossip_cpu_s / max(result.cpu_s, 1e-9),
-        "final": {
+        "final": {  # per-node numbers: means over nodes
             "probe_loss": float(np.mean([r.probe_loss for r in final])) if final else None,
             "probe_acc": float(np.mean([r.probe_acc for r in final])) if final else None,
             "test_acc": float(np.mean(result.test_acc)) if result.test_acc else None,
             "consensus_dist": float(np.mean([r.consensus_dist for r in final])) if final else None,
+            "consensus_test_acc": result.consensus_test_acc,
         },
+        "evaluation": evaluation_block(sim, result),
     }
     if result.influence:
         per = {name: alignment_blocks(result.influence, name)
@@ -151,6 +153,34 @@ def summarize(sim: Simulation, result: RunResult) -> dict:
         summary["hop_totals"] = {str(k): v for k, v in hop_totals(result.influence).items()}
         summary["reliability"] = reliability(result.influence)
     return summary
+
+
+def evaluation_block(sim: Simulation, result: RunResult) -> dict:
+    """What the evaluations covered (engine.EvalPlan) and the spread of the per-node test
+    accuracy over nodes."""
+    block = sim.evaluation.describe()
+    acc = np.asarray(result.test_acc, dtype=float)
+    if len(acc):
+        q10, median, q90 = np.quantile(acc, (0.1, 0.5, 0.9))
+        block["node_test_acc"] = {"mean": float(acc.mean()), "min": float(acc.min()),
+                                  "q10": float(q10), "median": float(median),
+                                  "q90": float(q90), "max": float(acc.max())}
+    return block
+
+
+def evaluation_line(evaluation: dict) -> str:
+    """report.md's sentence on what the test and probe numbers were measured on."""
+    n, m, total = evaluation["nodes"], evaluation["test_samples"], evaluation["test_total"]
+    test = (f"all {total:,} test samples" if m == total else
+            f"the same {m:,} of the {total:,} test samples (a seeded subset)")
+    pm, ptotal = evaluation["probe_samples"], evaluation["probe_total"]
+    probe = (f"all {ptotal:,} probe samples" if pm == ptotal else
+             f"{pm:,} of the {ptotal:,} probe samples")
+    budget = evaluation["budget"]
+    limit = ("no budget (eval.budget=null)" if budget is None else
+             f"eval.budget={budget:,} sample-forwards per evaluation")
+    return (f"Evaluated: the consensus model θ̄ on all {total:,} test samples; each of the "
+            f"{n:,} nodes on {test}; the metrics every eval_every steps on {probe} ({limit}).")
 
 
 #: summary.json's name of a diverged loss ("training" / "probe", stopping.Finding.what): the
@@ -218,8 +248,9 @@ def draw_figures(out: Path, result: RunResult) -> list[str]:
 def run_timings(result: RunResult) -> dict[str, float]:
     """Where this process's wall time went (seconds): `startup` from dicesim's first import
     to the first step (imports, config, graph, data, model), `training` the step loop;
-    after the outputs, `outputs` (files and report), `plots` and `total`."""
-    timings = {"training": result.wall_s}
+    `evaluation` the test accuracies after it; after the outputs, `outputs` (files and
+    report), `plots` and `total`."""
+    timings = {"training": result.wall_s, "evaluation": result.eval_s}
     if result.first_step_at > 0:
         timings = {"startup": result.first_step_at - IMPORTED_AT, **timings}
     return timings
@@ -266,9 +297,12 @@ def report_md(sim: Simulation, summary: dict, pictures: list[str]) -> str:
         f"| probe loss | {_fmt(f['probe_loss'])} |",
         f"| probe accuracy | {_fmt(f['probe_acc'])} |",
         f"| test accuracy | {_fmt(f['test_acc'])} |",
+        f"| test accuracy of the consensus model θ̄ | {_fmt(f['consensus_test_acc'])} |",
         f"| consensus distance ‖θ_k − θ̄‖ | {_fmt(f['consensus_dist'])} |",
         f"| wall time (s) | {summary['wall_s']:.2f} |",
         f"| node-steps/s | {summary['node_steps_per_s']:.1f} |",
+        "",
+        evaluation_line(summary["evaluation"]),
         "",
     ]
     warning = (summary.get("reliability") or {}).get("warning")

@@ -77,7 +77,9 @@ class RunResult:
     influence: list[InfluenceRow] = field(default_factory=list)
     proximal: list[ProximalRow] = field(default_factory=list)
     final_params: Tensor | None = None  # [nodes, P] on rank 0 (gathered)
-    test_acc: list[float] = field(default_factory=list)  # per node, at θ^T
+    test_acc: list[float] = field(default_factory=list)  # per node, at θ^T (EvalPlan's subset)
+    consensus_test_acc: float | None = None  # θ̄^T = (1/n) Σ_k θ_k^T on the whole test split
+    eval_s: float = 0.0  # wall time of the test evaluation after the step loop
     aggregator: list[dict] = field(default_factory=list)  # per rank (rank 0): final state
     wall_s: float = 0.0
     first_step_at: float = 0.0  # perf_counter when the step loop started
@@ -345,12 +347,16 @@ class Trainer:
         p.reused = None
         if trackers:
             self._flush()
-        acc = sim.test_accuracy(model, theta, p.test)
+        eval_at = time.perf_counter()
+        acc = sim.test_accuracy(model, theta, p.node_test)
         gathered = comm.gather_to_root((theta.cpu(), acc, aggregator.state_dict()))
         if comm.rank == 0:
             result.final_params = torch.cat([g[0] for g in gathered])
             result.test_acc = [a for g in gathered for a in g[1]]
             result.aggregator = [g[2] for g in gathered]
+            theta_bar = result.final_params.mean(0, keepdim=True).to(theta.device)  # θ̄^T
+            result.consensus_test_acc = sim.test_accuracy(model, theta_bar, p.test)[0]
+        result.eval_s = time.perf_counter() - eval_at
         return result
 
     def _stop(self, t: int, clock: StepClock) -> None:
@@ -385,7 +391,7 @@ class Trainer:
 
     def _metrics(self, t: int, theta: Tensor, final: bool) -> None:
         sim, comm, p = self.sim, self.comm, self.parts
-        loss, acc = p.model.probe_eval(theta, p.probe.x, p.probe.y, p.probe.per_node)
+        loss, acc = p.model.probe_eval(theta, *p.metric_probe)  # within eval.budget
         comm.guard.observe(t, sim.layout.local_nodes, loss, "probe")  # divergence rule
         mean = comm.all_sum(theta.sum(0)) / sim.run.nodes  # θ̄
         dist = (theta - mean).norm(dim=1)
