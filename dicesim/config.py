@@ -762,8 +762,8 @@ def validate(cfg: DictConfig) -> None:
                               "an earlier run or resume=auto")
     _at_least("checkpoint.every", c.checkpoint.every, 0, 0)
     _at_least("checkpoint.keep", c.checkpoint.keep, 1, 2)
-    if c.eval.budget is not None:  # ≥ nodes (one sample per node) is checked by the engine
-        _at_least("eval.budget", c.eval.budget, 1, 1_000_000)
+    if c.eval.budget is not None:  # one sample per node at least
+        _at_least("eval.budget", c.eval.budget, c.nodes, 1_000_000)
     n, steps = c.nodes, c.steps
     _validate_topology(c.topology, n)
     _validate_data(c.data)

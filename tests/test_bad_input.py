@@ -327,6 +327,7 @@ KEYS = [
     ("resume", [], ["[x]"], ["/nonexistent/run", "''"]),
     ("checkpoint.every", [], ["abc"], ["-1"]),
     ("checkpoint.keep", [], ["abc"], ["0"]),
+    ("eval.budget", [], ["abc", "1.5"], ["0", "-1", "8"]),
     ("counterfactual.remove", [], ["5"], ["[{node:99,step:1}]", "[{node:0,step:999}]"]),
     ("attribution.enabled", [], ["yes", "1"], []),
     ("attribution.target", [], ["5", "[a]", "[1.5]"], ["[99]", "[-1]", "[1,1]", "[]", "everyone"]),
