@@ -108,3 +108,23 @@ def test_a_budget_below_one_sample_per_node_is_one_line(budget, where):
     with pytest.raises(ConfigError) as err:
         Simulation(load(cfg)) if where == "config" else Simulation(cfg)
     assert "eval.budget" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_two_ranks_evaluate_the_same_subset(tmp_path):
+    """Each rank evaluates its own nodes on the plan's subset: the mean per-node test
+    accuracy and θ̄'s accuracy from params.pt (every node's θ^T) match the summary."""
+    import json
+
+    from conftest import run_dicesim
+
+    overrides = (*FAST, "nodes=32", "eval.budget=960", "save_params=true", "plots=false")
+    run_dicesim(tmp_path / "run", *overrides, ranks=2)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    params = torch.load(tmp_path / "run" / "params.pt")
+    sim = Simulation(make_config(*overrides))
+    ids = sim.evaluation.test_ids
+    assert summary["evaluation"]["test_samples"] == len(ids) == 30
+    mean = np.mean([accuracy(sim, theta, ids) for theta in params])
+    assert summary["final"]["test_acc"] == pytest.approx(mean, abs=1e-12)
+    consensus = accuracy(sim, params.mean(0), None)
+    assert summary["final"]["consensus_test_acc"] == pytest.approx(consensus, abs=1e-12)
