@@ -128,3 +128,21 @@ def test_two_ranks_evaluate_the_same_subset(tmp_path):
     assert summary["final"]["test_acc"] == pytest.approx(mean, abs=1e-12)
     consensus = accuracy(sim, params.mean(0), None)
     assert summary["final"]["consensus_test_acc"] == pytest.approx(consensus, abs=1e-12)
+
+
+def test_per_node_probes_take_the_same_positions_of_every_z_k():
+    """data.probe=per_node, 16 probe samples per node, budget 32 × 8: every node's metrics
+    on positions plan.probe_ids of its own Z'_k."""
+    sim, result = run("nodes=32", "data.probe=per_node", "data.node_probe_size=16",
+                      "eval.budget=256")
+    ids = sim.evaluation.probe_ids
+    assert len(ids) == 8 and sim.evaluation.probe_total == 16
+    final = sorted((r for r in result.metrics if r.step == 4), key=lambda r: r.node)
+    x, y = sim.data.x_train.double(), sim.data.y_train
+    want = []
+    with torch.no_grad():
+        for k, theta in enumerate(result.final_params):
+            mine = torch.as_tensor(sim.node_probe_ids[k][ids])
+            want.append(float(torch.nn.functional.cross_entropy(
+                sim.model.forward(theta, x[mine]), y[mine])))
+    np.testing.assert_allclose([r.probe_loss for r in final], want, rtol=1e-10)
