@@ -39,6 +39,7 @@ from dicesim.stopping import (
     record_pid,
     record_status,
 )
+from dicesim.topology import infer_nodes
 from dicesim.trainer import RunResult
 
 # flags after which the command line is still a list of overrides to check (a sweep)
@@ -78,7 +79,7 @@ def guard_for(cfg: DictConfig, world: int, rank: int) -> Guard:
     abort = cfg.get("abort_on_nonfinite", True)
     if not isinstance(abort, bool):
         raise ConfigError(f"abort_on_nonfinite={abort}: choose true or false")
-    factor = cfg.get("divergence_factor", 1e6)
+    factor = cfg.get("divergence_factor", 1e3)
     if factor is not None and (isinstance(factor, bool) or not isinstance(factor, int | float)
                                or not factor > 1):
         raise ConfigError(f"divergence_factor={factor}: a number > 1 (a loss above it times "
@@ -353,7 +354,9 @@ SIGNAL_NAMES = {sig: sig.name for sig in SIGNAL_CODES}
 def _hydra_job(composed: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    kept = keep_named_groups(composed, list(HydraConfig.get().overrides.task))
+    overrides = list(HydraConfig.get().overrides.task)
+    kept = keep_named_groups(composed, overrides)
+    infer_nodes(composed, overrides)  # topology=file without nodes=: the file's size
     try:  # the one validation boundary: typed schema, strict booleans, ranges
         settings = load(composed)
     except ConfigError as err:
@@ -389,6 +392,19 @@ def check_composes(argv: list[str]) -> None:
         fail(str(err))
 
 
+def check_hydra_dirs(argv: list[str]) -> None:
+    """hydra.run.dir / hydra.sweep.dir given literally: Hydra makes them before the job
+    starts, so one that cannot be made (/proc/x) would end in its traceback; say it here."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if sep and key in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
+            try:
+                rundir.probe(rundir.Target(Path(value), False, key), overwrite=True,
+                             resume=True)
+            except ConfigError as err:
+                fail(str(err))
+
+
 def main() -> None:
     """`python -m dicesim [overrides]`: check the command line, then Hydra's main runs it
     (build, train, write, draw: all in this process)."""
@@ -398,6 +414,7 @@ def main() -> None:
     argv = sys.argv[1:]
     check_group_choices(argv)
     check_composes(argv)
+    check_hydra_dirs(argv)
     hydra.main(config_path=str(CONFIG_DIR), config_name="config",
                version_base="1.3")(_hydra_job)()
     record_status(0, "")  # under dicesim.launch: this rank finished

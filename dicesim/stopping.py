@@ -147,7 +147,7 @@ class Guard:
     world: int = 1
     rank: int = 0
     abort_on_nonfinite: bool = True
-    divergence_factor: float | None = 1e6
+    divergence_factor: float | None = 1e3
     t: int = -1  # the step of the latest observation (the metrics pass sets it)
     first: Finding | None = None  # this rank's first diverged loss
     initial: dict[int, float] = field(default_factory=dict)  # node → first positive loss
