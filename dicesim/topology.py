@@ -585,7 +585,7 @@ def _read_edges(path: Path, where: str) -> tuple[np.ndarray, np.ndarray | None]:
                 if len(text) == 3:
                     weights.append(float(text[2]))
             except ValueError:
-                raise ConfigError(f"{where}: line {number} ({line.strip()!r}) is not "
+                raise ConfigError(f"{where}: line {number} ({line.strip()[:40]!r}) is not "
                                   "`src dst [weight]` with node ids >= 0 (every line with a "
                                   "weight or none)") from None
             pairs.append((src, dst))
