@@ -218,7 +218,7 @@ def test_default_divergence_factor_stops_a_huge_lr_not_a_high_one(lr: float, div
     from dicesim.engine import Simulation
     from dicesim.stopping import Stopped
 
-    cfg = make_config("nodes=4", "steps=10", "influence.events=0", "progress=false",
+    cfg = make_config("nodes=4", "steps=10", "eval_every=2", "influence.events=0", "progress=false",
                       f"optim.lr={lr}")
     assert cfg.divergence_factor == 1e3
     sim = Simulation(cfg)
