@@ -33,6 +33,7 @@ from dicesim.stopping import (
     SIGNAL_CODES,
     SIGNALS,
     Guard,
+    Interrupted,
     Stopped,
     exit_with,
     on_signal,
@@ -128,6 +129,8 @@ class Session:
     def simulate(self, sim: Simulation, on_flush=None, checkpoints=None) -> RunResult:
         """Run one simulation. A peer failure ends this rank (exit 3, one line); a signal
         or a diverged loss raises Stopped on every rank at the same step."""
+        if self.cfg.driver:  # an experiment's next run
+            SIGNALS.check("experiment")
         try:
             if self.comm is None:
                 self.comm = Comm(self.backend, sim.run.timeout_s, self.device)
@@ -155,7 +158,10 @@ def stopped(session: Session, stop: Stopped, sim: Simulation | None) -> None:
     """A signal or a diverged loss stopped every rank at the same step: rank 0 writes what
     is finished, then all leave together (the others wait in the closing barrier, so plain
     torchrun, which ends the remaining ranks once one has exited non-zero, cannot cut the
-    writing short), run the signal hooks, exit with one line."""
+    writing short), run the signal hooks, exit with one line. A signal answered after the
+    step loop (stop.phase) was seen by this rank alone: no closing barrier then."""
+    if stop.reason == "signal":
+        SIGNALS.answered = True  # writing the finished rows below is not interrupted again
     if session.rank == 0 and session.out is not None and sim is not None:
         from dicesim.report import LOSS_METRIC, write_all
 
@@ -167,7 +173,8 @@ def stopped(session: Session, stop: Stopped, sim: Simulation | None) -> None:
             status["first_nonfinite"] = {"step": f.step, "node": f.node,
                                          "metric": LOSS_METRIC[f.what], "value": f.value}
         write_all(session.out, sim, stop.result, plots=False, status=status)
-    session.close()
+    if stop.phase is None or session.world == 1:
+        session.close()
     if stop.reason == "signal":
         for hook in on_signal:
             hook(stop.detail, stop.step)
@@ -271,6 +278,17 @@ def execute(cfg: DictConfig, kept: Sequence[str] = ()) -> dict | None:
     preset's (config.keep_named_groups), said after the run's headline."""
     session = open_session(cfg)
     record_pid()
+    try:
+        return run_session(session, kept)
+    except Interrupted as stop:  # a phase outside the step loop answered a signal
+        where = f"; the files written so far are in {session.out}" if session.out else ""
+        exit_with(f"interrupted in the {stop.phase} phase ({SIGNAL_NAMES[stop.signum]})"
+                  f"{where}", stop.code, prefix="")
+        return None  # unreachable: exit_with exits
+
+
+def run_session(session: Session, kept: Sequence[str]) -> dict | None:
+    cfg = session.cfg
     driver = cfg.get("driver")
     if driver:
         if kept:
