@@ -481,7 +481,7 @@ def _file_path(cfg: Mapping) -> tuple[Path, str]:
     return path, where
 
 
-def _is_edge_list(path: Path) -> bool:
+def is_edge_list(path: Path) -> bool:
     """.txt/.edges files, and a .csv whose first line is a `src,dst[,weight]` header."""
     suffix = path.suffix.lower()
     if suffix in EDGE_SUFFIXES:
@@ -498,7 +498,7 @@ def file_nodes(cfg: Mapping) -> int | None:
     edge list + 1); None when the file cannot be read (building it then says why)."""
     try:
         path, _ = _file_path(cfg)
-        if _is_edge_list(path):
+        if is_edge_list(path):
             edges, _ = _read_edges(path, "")
             return int(edges.max()) + 1 if edges.size else None
         suffix = path.suffix.lower()
@@ -531,7 +531,7 @@ def _load_file(cfg: Mapping, n: int, scheme: str) -> tuple[list[sparse.csr_array
     scipy.sparse .npz ([n, n], `scipy.sparse.save_npz`: a large graph without n×n); or build
     it from an edge list (:func:`_from_edge_list`)."""
     path, where = _file_path(cfg)
-    if _is_edge_list(path):
+    if is_edge_list(path):
         return [_from_edge_list(cfg, path, where, n, scheme)], where
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".csv", ".npz"):
