@@ -109,3 +109,17 @@ def test_phase_answers_sigterm_with_one_line(runs, phase: str):
     else:  # figures: the summary was written, the report was not
         assert json.loads(summary.read_text())["status"] == "complete"
         assert not (run.out / "report.md").exists()
+
+
+def test_check_raises_once_per_signal():
+    """No signal: nothing. A signal: the first check raises (with the phase and the exit
+    code), later checks do not: the stop that answers it writes the finished rows."""
+    from dicesim.stopping import Interrupted, Signals
+
+    signals = Signals()
+    signals.check("outputs")
+    signals.received = signal.SIGINT
+    with pytest.raises(Interrupted) as info:
+        signals.check("figures")
+    assert (info.value.phase, info.value.code) == ("figures", 130)
+    signals.check("outputs")  # answered: the writing that follows goes on
