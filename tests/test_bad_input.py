@@ -354,6 +354,7 @@ KEYS = [
     ("topology.hub", ["topology=hub"], ["abc"], ["99"]),
     ("topology.hub_weight", ["topology=hub"], ["abc"], ["1", "0"]),
     ("topology.path", ["topology=file"], ["[x]"], ["''"]),
+    ("topology.directed", ["topology=file"], ["yes", "2"], []),
     ("data.name", [], ["[x]"], ["foo"]),
     ("data.partition", [], ["[x]"], ["random"]),
     ("data.alpha", [], ["abc"], ["0", "-1"]),
