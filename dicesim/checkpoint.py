@@ -36,7 +36,7 @@ from dicesim.stopping import SIGNALS, Interrupted
 # keys that do not change any number the run writes (where, how verbose, how checkpointed)
 NOT_RESULTS = {"name", "out_dir", "progress", "plots", "dry_run", "timeout_s", "checkpoint",
                "resume", "overwrite", "save_params", "device", "backend", "hydra",
-               "abort_on_nonfinite", "influence.flush_every"}
+               "abort_on_nonfinite", "divergence_factor", "influence.flush_every"}
 PREFIX = "step_"
 
 
