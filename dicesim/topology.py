@@ -31,8 +31,6 @@ TOPOLOGIES = ("ring", "directed_ring", "torus", "exponential", "one_peer_exponen
 WEIGHT_SCHEMES = ("uniform", "metropolis_hastings")
 # Topologies whose edges are directed: metropolis_hastings weights are undefined for them.
 DIRECTED = ("directed_ring", "exponential", "one_peer_exponential")
-# Topologies that define their own weights and ignore topology.weights.
-OWN_WEIGHTS = ("hub", "file")
 ROW_SUM_TOL = 1e-9
 ER_TRIES = 100
 EIG_TOL = 1e-12
@@ -488,8 +486,11 @@ def is_edge_list(path: Path) -> bool:
         return True
     if suffix != ".csv":
         return False
-    with path.open(errors="replace") as f:
-        first = next((line for line in f if line.strip() and not line.startswith("#")), "")
+    try:
+        with path.open(errors="replace") as f:
+            first = next((line for line in f if line.strip() and not line.startswith("#")), "")
+    except OSError:
+        return False  # reading it as a matrix says why
     return first.strip().lower().startswith("src")
 
 
@@ -516,7 +517,7 @@ def file_nodes(cfg: Mapping) -> int | None:
         return None
 
 
-def infer_nodes(cfg, overrides: Iterable[str]) -> None:
+def infer_nodes(cfg: Any, overrides: Iterable[str]) -> None:
     """`topology=file` without `nodes=` on the command line: nodes is the file's size."""
     if cfg.topology.name != "file" or any(
             o.lstrip("+~").partition("=")[0] == "nodes" for o in overrides):
@@ -568,27 +569,30 @@ def _load_file(cfg: Mapping, n: int, scheme: str) -> tuple[list[sparse.csr_array
 def _read_edges(path: Path, where: str) -> tuple[np.ndarray, np.ndarray | None]:
     """(edges [E, 2] of (src, dst), weights [E] or None) from `src dst [weight]` lines
     (whitespace or commas; `#` comments and a `src,dst[,weight]` header skipped)."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError as err:
+        raise ConfigError(f"{where}: cannot read the edge list ({err.strerror})") from None
     pairs, weights = [], []
     width = 0  # 2 or 3 columns: every line as the first
-    with path.open(errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            text = line.split("#", 1)[0].replace(",", " ").split()
-            if not text or (not pairs and text[0].lower() == "src"):
-                continue
-            width = width or len(text)
-            try:
-                if len(text) != width or width not in (2, 3):
-                    raise ValueError
-                src, dst = int(text[0]), int(text[1])
-                if src < 0 or dst < 0:
-                    raise ValueError
-                if len(text) == 3:
-                    weights.append(float(text[2]))
-            except ValueError:
-                raise ConfigError(f"{where}: line {number} ({line.strip()[:40]!r}) is not "
-                                  "`src dst [weight]` with node ids >= 0 (every line with a "
-                                  "weight or none)") from None
-            pairs.append((src, dst))
+    for number, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].replace(",", " ").split()
+        if not text or (not pairs and text[0].lower() == "src"):
+            continue
+        width = width or len(text)
+        try:
+            if len(text) != width or width not in (2, 3):
+                raise ValueError
+            src, dst = int(text[0]), int(text[1])
+            if src < 0 or dst < 0:
+                raise ValueError
+            if len(text) == 3:
+                weights.append(float(text[2]))
+        except ValueError:
+            raise ConfigError(f"{where}: line {number} ({line.strip()[:40]!r}) is not "
+                              "`src dst [weight]` with node ids >= 0 (every line with a "
+                              "weight or none)") from None
+        pairs.append((src, dst))
     edges = np.array(pairs, dtype=np.int64).reshape(-1, 2)
     return edges, (np.array(weights, dtype=np.float64) if weights else None)
 
