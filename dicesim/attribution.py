@@ -41,6 +41,7 @@ from torch import Tensor
 from dicesim.comm import Channel, mix, route, sparse_tensor
 from dicesim.errors import ConfigError
 from dicesim.optim import State
+from dicesim.stopping import SIGNALS
 from dicesim.trackers import Tracker
 from dicesim.writers import write_csv
 
@@ -210,6 +211,7 @@ class ReversePass:
         mixed = opt.state_names if opt.gossip_state else ()
         out = []
         for t in range(a, b):
+            SIGNALS.check("attribution")
             x, y, w = p.batch(t)
             g, _ = p.model.grads(theta, x, y, w)
             update, new = opt.step(t, self.local, theta, state, g)
@@ -273,6 +275,7 @@ class ReversePass:
             adj_numel = (1 + len(mu)) * lam.numel()
             self.peak = max(self.peak, kept_numel + seg_numel + 2 * adj_numel)
             for t in reversed(range(a, b)):
+                SIGNALS.check("attribution")
                 r = seg[t - a]
                 theta, state, g = r["theta"], r["state"], r["grad"]
                 x, y, w = r["batch"]

@@ -33,12 +33,14 @@ from dicesim.stopping import (
     SIGNAL_CODES,
     SIGNALS,
     Guard,
+    Interrupted,
     Stopped,
     exit_with,
     on_signal,
     record_pid,
     record_status,
 )
+from dicesim.topology import infer_nodes
 from dicesim.trainer import RunResult
 
 # flags after which the command line is still a list of overrides to check (a sweep)
@@ -78,7 +80,7 @@ def guard_for(cfg: DictConfig, world: int, rank: int) -> Guard:
     abort = cfg.get("abort_on_nonfinite", True)
     if not isinstance(abort, bool):
         raise ConfigError(f"abort_on_nonfinite={abort}: choose true or false")
-    factor = cfg.get("divergence_factor", 1e6)
+    factor = cfg.get("divergence_factor", 1e3)
     if factor is not None and (isinstance(factor, bool) or not isinstance(factor, int | float)
                                or not factor > 1):
         raise ConfigError(f"divergence_factor={factor}: a number > 1 (a loss above it times "
@@ -127,6 +129,8 @@ class Session:
     def simulate(self, sim: Simulation, on_flush=None, checkpoints=None) -> RunResult:
         """Run one simulation. A peer failure ends this rank (exit 3, one line); a signal
         or a diverged loss raises Stopped on every rank at the same step."""
+        if self.cfg.driver:  # an experiment's next run
+            SIGNALS.check("experiment")
         try:
             if self.comm is None:
                 self.comm = Comm(self.backend, sim.run.timeout_s, self.device)
@@ -154,7 +158,10 @@ def stopped(session: Session, stop: Stopped, sim: Simulation | None) -> None:
     """A signal or a diverged loss stopped every rank at the same step: rank 0 writes what
     is finished, then all leave together (the others wait in the closing barrier, so plain
     torchrun, which ends the remaining ranks once one has exited non-zero, cannot cut the
-    writing short), run the signal hooks, exit with one line."""
+    writing short), run the signal hooks, exit with one line. A signal answered after the
+    step loop (stop.phase) was seen by this rank alone: no closing barrier then."""
+    if stop.reason == "signal":
+        SIGNALS.answered = True  # writing the finished rows below is not interrupted again
     if session.rank == 0 and session.out is not None and sim is not None:
         from dicesim.report import LOSS_METRIC, write_all
 
@@ -166,7 +173,8 @@ def stopped(session: Session, stop: Stopped, sim: Simulation | None) -> None:
             status["first_nonfinite"] = {"step": f.step, "node": f.node,
                                          "metric": LOSS_METRIC[f.what], "value": f.value}
         write_all(session.out, sim, stop.result, plots=False, status=status)
-    session.close()
+    if stop.phase is None or session.world == 1:
+        session.close()
     if stop.reason == "signal":
         for hook in on_signal:
             hook(stop.detail, stop.step)
@@ -270,6 +278,17 @@ def execute(cfg: DictConfig, kept: Sequence[str] = ()) -> dict | None:
     preset's (config.keep_named_groups), said after the run's headline."""
     session = open_session(cfg)
     record_pid()
+    try:
+        return run_session(session, kept)
+    except Interrupted as stop:  # a phase outside the step loop answered a signal
+        where = f"; the files written so far are in {session.out}" if session.out else ""
+        exit_with(f"interrupted in the {stop.phase} phase ({SIGNAL_NAMES[stop.signum]})"
+                  f"{where}", stop.code, prefix="")
+        return None  # unreachable: exit_with exits
+
+
+def run_session(session: Session, kept: Sequence[str]) -> dict | None:
+    cfg = session.cfg
     driver = cfg.get("driver")
     if driver:
         if kept:
@@ -355,7 +374,9 @@ SIGNAL_NAMES = {sig: sig.name for sig in SIGNAL_CODES}
 def _hydra_job(composed: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    kept = keep_named_groups(composed, list(HydraConfig.get().overrides.task))
+    overrides = list(HydraConfig.get().overrides.task)
+    kept = keep_named_groups(composed, overrides)
+    infer_nodes(composed, overrides)  # topology=file without nodes=: the file's size
     try:  # the one validation boundary: typed schema, strict booleans, ranges
         settings = load(composed)
     except ConfigError as err:
@@ -391,6 +412,19 @@ def check_composes(argv: list[str]) -> None:
         fail(str(err))
 
 
+def check_hydra_dirs(argv: list[str]) -> None:
+    """hydra.run.dir / hydra.sweep.dir given literally: Hydra makes them before the job
+    starts, so one that cannot be made (/proc/x) would end in its traceback; say it here."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if sep and key in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
+            try:
+                rundir.probe(rundir.Target(Path(value), False, key), overwrite=True,
+                             resume=True)
+            except ConfigError as err:
+                fail(str(err))
+
+
 def main() -> None:
     """`python -m dicesim [overrides]`: check the command line, then Hydra's main runs it
     (build, train, write, draw: all in this process)."""
@@ -400,6 +434,7 @@ def main() -> None:
     argv = sys.argv[1:]
     check_group_choices(argv)
     check_composes(argv)
+    check_hydra_dirs(argv)
     hydra.main(config_path=str(CONFIG_DIR), config_name="config",
                version_base="1.3")(_hydra_job)()
     record_status(0, "")  # under dicesim.launch: this rank finished

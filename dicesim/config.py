@@ -77,7 +77,7 @@ class Topology:
     """configs/topology/*.yaml; options with keys of their own subclass it."""
 
     name: str = "ring"
-    weights: str = "uniform"  # uniform | metropolis_hastings (ignored by hub and file)
+    weights: str = "uniform"  # uniform | metropolis_hastings (hub and a matrix file: uniform only)
 
 
 @dataclass
@@ -109,7 +109,8 @@ class HubTopology(Topology):
 
 @dataclass
 class FileTopology(Topology):
-    path: str | None = None  # W as .npy ([n, n] or [T, n, n]) or .csv
+    path: str | None = None  # W as .npy ([n, n] or [T, n, n]) or .csv, or an edge list (.txt)
+    directed: bool = False  # an edge list's `src dst` lines: true = src sends to dst only
 
 
 TOPOLOGY_SCHEMAS: dict[str, type[Topology]] = {
@@ -378,7 +379,7 @@ class Config:
     out_dir: str = "outputs/${name}/${now:%Y-%m-%d_%H-%M-%S}"
     overwrite: bool = False
     abort_on_nonfinite: bool = True
-    divergence_factor: float | None = 1.0e6  # null: only NaN/inf count as diverged
+    divergence_factor: float | None = 1.0e3  # null: only NaN/inf count as diverged
     resume: str | None = None  # a run directory, or auto
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     eval: Eval = field(default_factory=Eval)
@@ -1291,6 +1292,8 @@ def _compose_points(points: Sequence[Sequence[str]]) -> list[DictConfig]:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from dicesim.topology import infer_nodes
+
     out = []
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         def compose(overrides: Sequence[str]) -> DictConfig:
@@ -1306,6 +1309,7 @@ def _compose_points(points: Sequence[Sequence[str]]) -> list[DictConfig]:
                 line = _missing_key_error(err, overrides, compose)
                 raise ConfigError(line or _hydra_line(err)) from None
             keep_named_groups(cfg, overrides)
+            infer_nodes(cfg, overrides)  # topology=file without nodes=: the file's size
             out.append(load(cfg))
     return out
 

@@ -33,6 +33,7 @@ from dicesim.errors import ConfigError
 from dicesim.events import ESTIMATORS, Event, EventBook, build_events
 from dicesim.model import FlatModel, Probe, build_model
 from dicesim.optim import LocalOptimizer, OptimSettings, State, build_optimizer, optim_settings
+from dicesim.stopping import Interrupted, Stopped
 from dicesim.topology import Topology, build_topology
 from dicesim.trackers import Tracker
 from dicesim.trainer import RunResult, Step, Trainer
@@ -375,7 +376,10 @@ class Simulation:
         if self.attribution.enabled:  # full horizon: one reverse pass (dicesim/attribution.py)
             from dicesim.attribution import reverse_pass
 
-            result.attribution = reverse_pass(trainer)
+            try:
+                result.attribution = reverse_pass(trainer)
+            except Interrupted as stop:
+                raise Stopped.after(stop, self.run.steps, result) from None
         return result
 
     def warm_up(self, parts: RunParts, hvp: bool) -> None:
@@ -397,7 +401,7 @@ class Simulation:
     def test_accuracy(self, model: FlatModel, theta: Tensor,
                       test: tuple[Tensor, Tensor]) -> list[float]:
         """Per-row accuracy on `test` (RunParts.node_test: the evaluation plan's subset)."""
-        _, acc = model.probe_eval(theta, *test)
+        _, acc = model.probe_eval(theta, *test, interruptible=True)
         return [float(a) for a in acc]
 
 

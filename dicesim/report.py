@@ -23,6 +23,7 @@ from dicesim.provenance import (
     write_partition,
 )
 from dicesim.stats import hop_totals, pearson, spearman  # noqa: F401 - hop_totals re-exported
+from dicesim.stopping import SIGNALS
 from dicesim.trainer import METRIC_COLUMNS, RunResult
 from dicesim.writers import strict, temp_path, write_atomic, write_csv, write_json  # noqa: F401
 
@@ -212,10 +213,12 @@ def write_all(out: Path, sim: Simulation, result: RunResult, plots: bool = True,
         torch.save(result.final_params, out / "params.pt")
     if sim.tracking:
         write_influence(out, result)
+    SIGNALS.check("outputs")  # the rows are on disk; the summary and figures may not be
     summary = summarize(sim, result)
     if result.attribution is not None:  # full horizon (dicesim/attribution.py)
         from dicesim.attribution import write_attribution
 
+        SIGNALS.check("outputs")
         summary["attribution"] = write_attribution(out, sim, result.attribution, plots)
     summary.update(status or {"status": "complete"})
     bad = diverged_rows(result, sim.run.steps)
@@ -223,12 +226,14 @@ def write_all(out: Path, sim: Simulation, result: RunResult, plots: bool = True,
     if bad and "first_nonfinite" not in summary:  # the guard's finding stopped the run
         summary["first_nonfinite"] = bad[0]
     timings = summary["timings_s"] = run_timings(result)
+    SIGNALS.check("outputs")
     summary = write_json(out / "summary.json", summary)
     pictures = []
     if plots:
         plots_at = time.perf_counter()
         pictures = draw_figures(out, result)
         timings["plots"] = time.perf_counter() - plots_at
+    SIGNALS.check("outputs")
     write_atomic(out / "report.md", report_md(sim, summary, pictures))
     timings["outputs"] = time.perf_counter() - outputs_at - timings.get("plots", 0.0)
     timings["total"] = time.perf_counter() - IMPORTED_AT
@@ -241,7 +246,10 @@ def draw_figures(out: Path, result: RunResult) -> list[str]:
     report order."""
     from dicesim.plots import FIGURES  # matplotlib: imported only when drawing
 
-    drawn = (draw(out, result) for draw in FIGURES.values())
+    drawn = []
+    for draw in FIGURES.values():
+        SIGNALS.check("figures")
+        drawn.append(draw(out, result))
     return [name for name in drawn if name]
 
 

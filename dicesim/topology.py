@@ -31,8 +31,6 @@ TOPOLOGIES = ("ring", "directed_ring", "torus", "exponential", "one_peer_exponen
 WEIGHT_SCHEMES = ("uniform", "metropolis_hastings")
 # Topologies whose edges are directed: metropolis_hastings weights are undefined for them.
 DIRECTED = ("directed_ring", "exponential", "one_peer_exponential")
-# Topologies that define their own weights and ignore topology.weights.
-OWN_WEIGHTS = ("hub", "file")
 ROW_SUM_TOL = 1e-9
 ER_TRIES = 100
 EIG_TOL = 1e-12
@@ -287,16 +285,18 @@ def build_topology(cfg: Mapping, n: int, seed: int) -> Topology:
         raise ConfigError(f"nodes={n!r}: need a whole number of nodes >= 1; set e.g. nodes=8")
     n = int(n)
     scheme = _opt(cfg, "weights", "uniform")
-    if name not in OWN_WEIGHTS:
-        if scheme not in WEIGHT_SCHEMES:
-            raise ConfigError(f"topology.weights={scheme!r} is unknown; choose one of "
-                              f"{', '.join(WEIGHT_SCHEMES)}")
-        if scheme == "metropolis_hastings" and name in DIRECTED:
-            raise ConfigError(f"topology.weights=metropolis_hastings needs an undirected graph but "
-                              f"{name} is directed; use topology.weights=uniform")
+    if scheme not in WEIGHT_SCHEMES:
+        raise ConfigError(f"topology.weights={scheme!r} is unknown; choose one of "
+                          f"{', '.join(WEIGHT_SCHEMES)}")
+    if scheme == "metropolis_hastings" and name in DIRECTED:
+        raise ConfigError(f"topology.weights=metropolis_hastings needs an undirected graph but "
+                          f"{name} is directed; use topology.weights=uniform")
+    if scheme != "uniform" and name == "hub":
+        raise ConfigError(f"topology.weights={scheme}: topology=hub sets its own weights "
+                          "(topology.hub_weight); leave topology.weights=uniform")
 
     if name == "file":
-        mats, where = _load_file(cfg, n)
+        mats, where = _load_file(cfg, n, scheme)
     else:
         mats = ([_csr(1, np.zeros(1, int), np.zeros(1, int), np.ones(1))] if n == 1
                 else _BUILDERS[name](cfg, n, seed, scheme))
@@ -315,6 +315,13 @@ def _ring(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array
 def _torus(cfg: Mapping, n: int, seed: int, scheme: str) -> list[sparse.csr_array]:
     divisors = [d for d in range(1, n + 1) if n % d == 0]
     rows = _int(cfg, "rows", min(divisors, key=lambda d: (abs(d - n**0.5), d)))
+    if rows == 1 and _opt(cfg, "rows", None) is None and n >= 4:
+        # n prime: the only rows×cols grid is 1×n, a ring; say so instead of building it
+        below = next(m for m in range(n - 1, 1, -1) if not _is_prime(m))
+        above = next(m for m in range(n + 1, 2 * n + 2) if not _is_prime(m))
+        raise ConfigError(f"topology=torus nodes={n}: {n} is prime, so the only grid is 1×{n}, "
+                          f"a ring; use nodes={below} or nodes={above}, topology=ring, or "
+                          "topology.rows=1 to accept the ring")
     if rows < 1 or n % rows:
         raise ConfigError(f"topology.rows={rows} does not divide nodes={n}; pick one of "
                           f"{', '.join(map(str, divisors))} or leave topology.rows=null")
@@ -440,6 +447,10 @@ def _undirected(edges: np.ndarray, n: int, scheme: str) -> sparse.csr_array:
                 np.concatenate([w, own]))
 
 
+def _is_prime(m: int) -> bool:
+    return m >= 2 and all(m % d for d in range(2, int(m**0.5) + 1))
+
+
 def _directed(n: int, hops: Iterable[int]) -> sparse.csr_array:
     """Uniform weights over self and the in-neighbours (k − h) mod n, h in hops, of each
     receiver k: W[k, l] = 1/|{k} ∪ {k − h}|."""
@@ -452,21 +463,86 @@ def _directed(n: int, hops: Iterable[int]) -> sparse.csr_array:
 
 # ---------------------------------------------------------------- file topology
 
-def _load_file(cfg: Mapping, n: int) -> tuple[list[sparse.csr_array], str]:
-    """Load W from .npy ([n, n], or [T, n, n] for a time-varying one), .csv ([n, n]) or a
-    scipy.sparse .npz ([n, n], `scipy.sparse.save_npz`: a large graph without n×n)."""
+EDGE_SUFFIXES = (".txt", ".edges")  # always edge lists; a .csv is one when it has a header
+
+
+def _file_path(cfg: Mapping) -> tuple[Path, str]:
     raw = cfg.get("path")
     if raw is None or str(raw) in ("", "???"):
         raise ConfigError("topology.path is not set; pass topology.path=/path/to/W.npy "
-                          "(or a .csv file)")
+                          "(a matrix) or an edge list (.txt)")
     path = Path(str(raw)).expanduser()
     where = f"topology.path={path}"
     if not path.is_file():
-        raise ConfigError(f"{where}: no such file; pass the path of an existing .npy or .csv")
+        raise ConfigError(f"{where}: no such file; pass the path of an existing .npy or .csv "
+                          "matrix, or a .txt edge list")
+    return path, where
+
+
+def is_edge_list(path: Path) -> bool:
+    """.txt/.edges files, and a .csv whose first line is a `src,dst[,weight]` header."""
+    suffix = path.suffix.lower()
+    if suffix in EDGE_SUFFIXES:
+        return True
+    if suffix != ".csv":
+        return False
+    try:
+        with path.open(errors="replace") as f:
+            first = next((line for line in f if line.strip() and not line.startswith("#")), "")
+    except OSError:
+        return False  # reading it as a matrix says why
+    return first.strip().lower().startswith("src")
+
+
+def file_nodes(cfg: Mapping) -> int | None:
+    """The node count a file topology gives (its matrix's size, or the largest node id of an
+    edge list + 1); None when the file cannot be read (building it then says why)."""
+    try:
+        path, _ = _file_path(cfg)
+        if is_edge_list(path):
+            edges, _ = _read_edges(path, "")
+            return int(edges.max()) + 1 if edges.size else None
+        suffix = path.suffix.lower()
+        if suffix == ".npy":
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+        elif suffix == ".npz":
+            shape = sparse.load_npz(path).shape
+        elif suffix == ".csv":
+            with path.open() as f:
+                shape = (sum(1 for line in f if line.strip()),)
+        else:
+            return None
+        return int(shape[-1]) if shape and shape[-1] > 0 else None
+    except (ConfigError, ValueError, OSError, EOFError):
+        return None
+
+
+def infer_nodes(cfg: Any, overrides: Iterable[str]) -> None:
+    """`topology=file` without `nodes=` on the command line: nodes is the file's size."""
+    if cfg.topology.name != "file" or any(
+            o.lstrip("+~").partition("=")[0] == "nodes" for o in overrides):
+        return
+    n = file_nodes(cfg.topology)
+    if n is not None:
+        cfg.nodes = n
+
+
+def _load_file(cfg: Mapping, n: int, scheme: str) -> tuple[list[sparse.csr_array], str]:
+    """Load W from .npy ([n, n], or [T, n, n] for a time-varying one), .csv ([n, n]) or a
+    scipy.sparse .npz ([n, n], `scipy.sparse.save_npz`: a large graph without n×n); or build
+    it from an edge list (:func:`_from_edge_list`)."""
+    path, where = _file_path(cfg)
+    if is_edge_list(path):
+        return [_from_edge_list(cfg, path, where, n, scheme)], where
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".csv", ".npz"):
         raise ConfigError(f"{where}: unsupported file type {suffix!r}; save W as .npy or .csv "
-                          "(or a sparse W with scipy.sparse.save_npz as .npz)")
+                          "(or a sparse W with scipy.sparse.save_npz as .npz), or give an edge "
+                          "list as .txt")
+    if scheme != "uniform":
+        raise ConfigError(f"topology.weights={scheme}: the matrix in {path.name} gives the "
+                          "weights itself; leave topology.weights=uniform, or give the graph "
+                          "as an edge list (.txt) to have weights computed")
     try:
         if suffix == ".npz":
             a = sparse.csr_array(sparse.load_npz(path), dtype=np.float64)
@@ -476,16 +552,92 @@ def _load_file(cfg: Mapping, n: int) -> tuple[list[sparse.csr_array], str]:
             a = np.loadtxt(path, delimiter=",", ndmin=2)
         if suffix != ".npz":
             a = np.asarray(a, dtype=np.float64)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError) as e:  # EOFError: an empty .npy
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"{where}: could not read the matrix ({msg}); "
                           "save W with numpy.save or as comma-separated rows") from e
     if a.ndim == 3 and a.shape[1:] == (n, n) and a.shape[0] >= 1:  # dense [T, n, n]
         return [sparse.csr_array(m) for m in a], where
     if a.shape != (n, n):
+        hint = (" (an edge list in a .csv needs the header src,dst[,weight])"
+                if a.ndim == 2 and a.shape[1] in (2, 3) and suffix == ".csv" else "")
         raise ConfigError(f"{where}: matrix has shape {a.shape}, expected ({n}, {n}) for "
-                          f"nodes={n}; provide an n x n matrix or set nodes to match")
+                          f"nodes={n}; provide an n x n matrix or set nodes to match{hint}")
     return [sparse.csr_array(a)], where
+
+
+def _read_edges(path: Path, where: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(edges [E, 2] of (src, dst), weights [E] or None) from `src dst [weight]` lines
+    (whitespace or commas; `#` comments and a `src,dst[,weight]` header skipped)."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError as err:
+        raise ConfigError(f"{where}: cannot read the edge list ({err.strerror})") from None
+    pairs, weights = [], []
+    width = 0  # 2 or 3 columns: every line as the first
+    for number, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].replace(",", " ").split()
+        if not text or (not pairs and text[0].lower() == "src"):
+            continue
+        width = width or len(text)
+        try:
+            if len(text) != width or width not in (2, 3):
+                raise ValueError
+            src, dst = int(text[0]), int(text[1])
+            if src < 0 or dst < 0:
+                raise ValueError
+            if len(text) == 3:
+                weights.append(float(text[2]))
+        except ValueError:
+            raise ConfigError(f"{where}: line {number} ({line.strip()[:40]!r}) is not "
+                              "`src dst [weight]` with node ids >= 0 (every line with a "
+                              "weight or none)") from None
+        pairs.append((src, dst))
+    edges = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    return edges, (np.array(weights, dtype=np.float64) if weights else None)
+
+
+def _from_edge_list(cfg: Mapping, path: Path, where: str, n: int,
+                    scheme: str) -> sparse.csr_array:
+    """W from an edge list. `topology.directed=false`: each line is an undirected edge;
+    true: src sends to dst (W[dst, src] > 0). topology.weights=uniform gives receiver k
+    W[k, l] = a_kl / (1 + Σ_l a_kl) and W[k, k] = 1 / (1 + Σ_l a_kl), a_kl the line's weight
+    (1 without a weight column: 1/(deg_k + 1), as the built-in graphs); metropolis_hastings
+    needs an undirected list without weights."""
+    directed = cfg.get("directed", False)
+    if not isinstance(directed, bool):
+        raise ConfigError(f"topology.directed={directed!r}: choose true or false")
+    edges, a = _read_edges(path, where)
+    if edges.size == 0:
+        raise ConfigError(f"{where}: the edge list has no edges; write one `src dst` line per "
+                          "edge")
+    if edges.max() >= n:
+        raise ConfigError(f"{where}: node id {int(edges.max())} is not a node of a {n}-node "
+                          f"graph (ids 0..{n - 1}); set nodes={int(edges.max()) + 1} or leave "
+                          "nodes unset to take it from the file")
+    if a is not None and not (np.all(np.isfinite(a)) and np.all(a > 0)):
+        raise ConfigError(f"{where}: edge weights must be finite and > 0")
+    if scheme == "metropolis_hastings":
+        if directed or a is not None:
+            why = "a directed list" if directed else "a list with a weight column"
+            raise ConfigError(f"topology.weights=metropolis_hastings needs an undirected edge "
+                              f"list without weights, not {why}; use topology.weights=uniform")
+        return _undirected(edges, n, scheme)
+    keep = edges[:, 0] != edges[:, 1]  # self-loops: every node keeps a self-weight anyway
+    edges, a = edges[keep], (np.ones(int(keep.sum())) if a is None else a[keep])
+    senders, receivers = edges[:, 0], edges[:, 1]
+    if not directed:
+        senders, receivers = (np.concatenate([senders, receivers]),
+                              np.concatenate([receivers, senders]))
+        a = np.concatenate([a, a])
+    key = receivers * n + senders
+    unique, first = np.unique(key, return_index=True)
+    if unique.size < key.size:  # the same edge twice: one link, its weight the first given
+        receivers, senders, a = receivers[first], senders[first], a[first]
+    total = 1.0 + np.bincount(receivers, weights=a, minlength=n)  # 1 + Σ_l a_kl
+    own = np.arange(n)
+    return _csr(n, np.concatenate([receivers, own]), np.concatenate([senders, own]),
+                np.concatenate([a / total[receivers], 1.0 / total]))
 
 
 # ---------------------------------------------------------------- validation

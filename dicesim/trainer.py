@@ -31,6 +31,7 @@ from dicesim.comm import Channel, Comm, Route, route, send_first, sparse_tensor
 from dicesim.events import Event, InfluenceRow, ProximalRow
 from dicesim.faults import inject
 from dicesim.optim import State
+from dicesim.stopping import SIGNALS, Interrupted, Stopped
 
 if TYPE_CHECKING:
     from scipy import sparse
@@ -335,7 +336,11 @@ class Trainer:
             flush = trackers and (t + 1) % sim.influence.flush_every == 0
             if self.checkpoints is not None and self.checkpoints.due(t + 1) and t + 1 < s.steps:
                 self._flush()
-                self.checkpoints.save(self, t + 1)
+                try:
+                    self.checkpoints.save(self, t + 1)
+                except Interrupted as stop:  # one process: the previous checkpoint is kept
+                    clock.stop(result)
+                    raise Stopped.after(stop, t + 1, result) from None
             elif flush:
                 self._flush()
             if s.progress and comm.rank == 0 and ((t + 1) % every == 0 or t == 0):
@@ -348,7 +353,10 @@ class Trainer:
         if trackers:
             self._flush()
         eval_at = time.perf_counter()
-        acc = sim.test_accuracy(model, theta, p.node_test)
+        try:
+            acc = sim.test_accuracy(model, theta, p.node_test)
+        except Interrupted as stop:
+            raise Stopped.after(stop, s.steps, result) from None
         gathered = comm.gather_to_root((theta.cpu(), acc, aggregator.state_dict()))
         if comm.rank == 0:
             result.final_params = torch.cat([g[0] for g in gathered])
@@ -367,6 +375,8 @@ class Trainer:
         if self.parts.trackers:
             self._flush()
         reason, _ = self.comm.guard.agreed
+        if reason == "signal":
+            SIGNALS.answered = True  # this stop answers it: the checkpoint below is written
         if reason == "signal" and self.checkpoints is not None and t > self.result.start_step:
             self.checkpoints.save(self, t)
         self.comm.stop(t, self.result)
