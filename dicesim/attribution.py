@@ -41,6 +41,7 @@ from dicesim.comm import Channel, mix, route, sparse_tensor
 from dicesim.config import Attribution as AttributionConfig
 from dicesim.config import attribution_targets
 from dicesim.optim import State
+from dicesim.stopping import SIGNALS
 from dicesim.trackers import Tracker
 from dicesim.writers import write_csv
 
@@ -189,6 +190,7 @@ class ReversePass:
         mixed = opt.state_names if opt.gossip_state else ()
         out = []
         for t in range(a, b):
+            SIGNALS.check("attribution")
             x, y, w = p.batch(t)
             g, _ = p.model.grads(theta, x, y, w)
             update, new = opt.step(t, self.local, theta, state, g)
@@ -252,6 +254,7 @@ class ReversePass:
             adj_numel = (1 + len(mu)) * lam.numel()
             self.peak = max(self.peak, kept_numel + seg_numel + 2 * adj_numel)
             for t in reversed(range(a, b)):
+                SIGNALS.check("attribution")
                 r = seg[t - a]
                 theta, state, g = r["theta"], r["state"], r["grad"]
                 x, y, w = r["batch"]
@@ -347,17 +350,28 @@ def write_attribution(out: Path, sim, a: Attribution, plots: bool = True) -> dic
 
 
 def attribution_plots(out: Path, a: Attribution) -> list[str]:
-    from dicesim.plots import plt  # the Agg backend, chosen there
+    from dicesim.plots import AGGREGATE_ABOVE, plt  # the Agg backend, chosen there
 
     totals = a.node_totals  # [m, n]
     T, m, n = a.batch.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * n + 2), max(2.2, 0.35 * m + 1.6)))
-    lim = float(np.abs(totals).max()) or 1.0
-    im = ax.imshow(totals, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
-    ax.set(xlabel="source node j (its data)", ylabel="target",
-           yticks=range(m), yticklabels=a.settings.target_names,
-           title="full-horizon influence Σ_t λ_j^{t+½}·δ_j^{t+½} (negative: helped)")
-    fig.colorbar(im, ax=ax)
+    title = "full-horizon influence Σ_t λ_j^{t+½}·δ_j^{t+½} (negative: helped)"
+    if n > AGGREGATE_ABOVE and m <= 8:  # a population: one curve per target over node ids
+        fig, ax = plt.subplots(figsize=(10, 3.6))
+        for i, name in enumerate(a.settings.target_names):
+            ax.plot(np.arange(n), totals[i], lw=0.5, label=f"target {name}")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set(xlabel="source node j (its data)", ylabel="influence", title=title, xlim=(0, n - 1))
+        ax.legend(fontsize=7)
+    else:  # one cell per (target, source); at most 12 × 8 inches, ticks only where they read
+        fig, ax = plt.subplots(figsize=(min(12.0, max(4.0, 0.35 * n + 2)),
+                                        min(8.0, max(2.2, 0.35 * m + 1.6))))
+        lim = float(np.abs(totals).max()) or 1.0
+        im = ax.imshow(totals, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto",
+                       interpolation="nearest")
+        ax.set(xlabel="source node j (its data)", ylabel="target", title=title)
+        if m <= AGGREGATE_ABOVE:
+            ax.set(yticks=range(m), yticklabels=a.settings.target_names)
+        fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(out / "attribution_heatmap.png", dpi=110)
     plt.close(fig)

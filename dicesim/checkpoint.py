@@ -30,11 +30,12 @@ import torch
 from dicesim.config import RENAMED_ESTIMATORS, as_dict
 from dicesim.errors import ConfigError
 from dicesim.faults import inject
+from dicesim.stopping import SIGNALS, Interrupted
 
 # keys that do not change any number the run writes (where, how verbose, how checkpointed)
 NOT_RESULTS = {"name", "out_dir", "progress", "plots", "dry_run", "timeout_s", "checkpoint",
                "resume", "overwrite", "save_params", "device", "backend", "hydra",
-               "abort_on_nonfinite", "influence.flush_every"}
+               "abort_on_nonfinite", "divergence_factor", "influence.flush_every"}
 PREFIX = "step_"
 
 
@@ -140,9 +141,15 @@ class Checkpoints:
         tmp = root / f"{final.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        for rank, state in enumerate(gathered):
-            _fsync_write(tmp / f"rank{rank}.pt", lambda f, s=state: torch.save(s, f))
-            inject(0, step, "checkpoint")  # tests: die halfway through
+        try:
+            for rank, state in enumerate(gathered):
+                if self.world == 1:  # several ranks: the next agreed step answers a signal
+                    SIGNALS.check("checkpoint")
+                _fsync_write(tmp / f"rank{rank}.pt", lambda f, s=state: torch.save(s, f))
+                inject(0, step, "checkpoint")  # tests: die halfway through
+        except Interrupted:  # the previous checkpoint stays the newest complete one
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         meta = {"step": step, "ranks": self.world, "settings": self.settings}
         _fsync_write(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
         if final.exists():  # a rerun of the same step (after a resume): replace it

@@ -35,6 +35,7 @@ from dicesim.stopping import (
     SIGNAL_CODES,
     SIGNALS,
     Guard,
+    Interrupted,
     Stopped,
     exit_with,
     on_signal,
@@ -121,6 +122,8 @@ class Session:
     def simulate(self, sim: Simulation, on_flush=None, checkpoints=None) -> RunResult:
         """Run one simulation. A peer failure ends this rank (exit 3, one line); a signal
         or a diverged loss raises Stopped on every rank at the same step."""
+        if self.cfg.driver:  # an experiment's next run
+            SIGNALS.check("experiment")
         try:
             if self.comm is None:
                 self.comm = Comm(self.backend, sim.run.timeout_s, self.device)
@@ -148,7 +151,10 @@ def stopped(session: Session, stop: Stopped, sim: Simulation | None) -> None:
     """A signal or a diverged loss stopped every rank at the same step: rank 0 writes what
     is finished, then all leave together (the others wait in the closing barrier, so plain
     torchrun, which ends the remaining ranks once one has exited non-zero, cannot cut the
-    writing short), run the signal hooks, exit with one line."""
+    writing short), run the signal hooks, exit with one line. A signal answered after the
+    step loop (stop.phase) was seen by this rank alone: no closing barrier then."""
+    if stop.reason == "signal":
+        SIGNALS.answered = True  # writing the finished rows below is not interrupted again
     if session.rank == 0 and session.out is not None and sim is not None:
         from dicesim.report import LOSS_METRIC, write_all
 
@@ -160,7 +166,8 @@ def stopped(session: Session, stop: Stopped, sim: Simulation | None) -> None:
             status["first_nonfinite"] = {"step": f.step, "node": f.node,
                                          "metric": LOSS_METRIC[f.what], "value": f.value}
         write_all(session.out, sim, stop.result, plots=False, status=status)
-    session.close()
+    if stop.phase is None or session.world == 1:
+        session.close()
     if stop.reason == "signal":
         for hook in on_signal:
             hook(stop.detail, stop.step)
@@ -264,6 +271,17 @@ def execute(cfg: Config, kept: Sequence[str] = ()) -> dict | None:
     preset's (config.keep_named_groups), said after the run's headline."""
     session = open_session(cfg)
     record_pid()
+    try:
+        return run_session(session, kept)
+    except Interrupted as stop:  # a phase outside the step loop answered a signal
+        where = f"; the files written so far are in {session.out}" if session.out else ""
+        exit_with(f"interrupted in the {stop.phase} phase ({SIGNAL_NAMES[stop.signum]})"
+                  f"{where}", stop.code, prefix="")
+        return None  # unreachable: exit_with exits
+
+
+def run_session(session: Session, kept: Sequence[str]) -> dict | None:
+    cfg = session.cfg
     driver = cfg.driver
     if driver:
         if kept:
@@ -313,6 +331,8 @@ def execute(cfg: Config, kept: Sequence[str] = ()) -> dict | None:
     finish_signalled(session)
     f = summary["final"]
     acc = "–" if f["test_acc"] is None else f"{f['test_acc']:.4f}"
+    if f.get("consensus_test_acc") is not None:
+        acc += f" (consensus model θ̄: {f['consensus_test_acc']:.4f})"
     session.say(f"dicesim: done in {summary['wall_s']:.1f} s ({summary['node_steps_per_s']:.0f} "
                 f"node-steps/s); test accuracy {acc}; report: {out / 'report.md'}")
     if summary.get("diverged"):
@@ -347,9 +367,10 @@ SIGNAL_NAMES = {sig: sig.name for sig in SIGNAL_CODES}
 def _hydra_job(composed: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    kept = keep_named_groups(composed, list(HydraConfig.get().overrides.task))
+    overrides = list(HydraConfig.get().overrides.task)
+    kept = keep_named_groups(composed, overrides)
     try:  # the one validation boundary: typed schema, strict booleans, ranges
-        settings = load(composed, list(HydraConfig.get().overrides.task))
+        settings = load(composed, overrides)
     except ConfigError as err:
         fail(str(err))
     execute(settings, kept)
@@ -383,6 +404,19 @@ def check_composes(argv: list[str]) -> None:
         fail(str(err))
 
 
+def check_hydra_dirs(argv: list[str]) -> None:
+    """hydra.run.dir / hydra.sweep.dir given literally: Hydra makes them before the job
+    starts, so one that cannot be made (/proc/x) would end in its traceback; say it here."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if sep and key in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
+            try:
+                rundir.probe(rundir.Target(Path(value), False, key), overwrite=True,
+                             resume=True)
+            except ConfigError as err:
+                fail(str(err))
+
+
 def main() -> None:
     """`python -m dicesim [overrides]`: check the command line, then Hydra's main runs it
     (build, train, write, draw: all in this process)."""
@@ -392,6 +426,7 @@ def main() -> None:
     argv = sys.argv[1:]
     check_group_choices(argv)
     check_composes(argv)
+    check_hydra_dirs(argv)
     hydra.main(config_path=str(CONFIG_DIR), config_name="config",
                version_base="1.3")(_hydra_job)()
     record_status(0, "")  # under dicesim.launch: this rank finished

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dicesim.errors import ConfigError
+from dicesim.graphfile import infer_nodes
 
 # ---------------------------------------------------------------- choices
 
@@ -121,7 +122,7 @@ class Topology:
     """configs/topology/*.yaml; options with keys of their own subclass it."""
 
     name: TopologyName = TopologyName.ring
-    weights: Weights = Weights.uniform  # ignored by hub and file
+    weights: Weights = Weights.uniform  # hub and a matrix file: uniform only
 
 
 @dataclass
@@ -154,6 +155,7 @@ class HubTopology(Topology):
 @dataclass
 class FileTopology(Topology):
     path: str | None = None  # W as .npy ([n, n] or [T, n, n]), .csv or sparse .npz
+    directed: bool = False  # an edge list's `src dst` lines: true = src sends to dst only
 
 
 TOPOLOGY_SCHEMAS: dict[str, type[Topology]] = {
@@ -282,6 +284,13 @@ class Counterfactual:
 class Checkpoint:
     every: int = bounded(0, 0)  # steps between checkpoints; 0 = off
     keep: int = bounded(2, 1)  # most recent checkpoints kept
+
+
+@dataclass
+class Eval:
+    """How much one per-node evaluation may cost (engine.EvalPlan, docs/configuration.md)."""
+
+    budget: int | None = 1_000_000  # sample-forwards (nodes × samples); null: all of them
 
 
 @dataclass
@@ -418,9 +427,10 @@ class Config:
     out_dir: str = "outputs/${name}/${now:%Y-%m-%d_%H-%M-%S}"
     overwrite: bool = False
     abort_on_nonfinite: bool = True
-    divergence_factor: float | None = 1.0e6  # null: only NaN/inf count as diverged
+    divergence_factor: float | None = 1.0e3  # null: only NaN/inf count as diverged
     resume: str | None = None  # a run directory, or auto
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    eval: Eval = field(default_factory=Eval)
     attribution: Attribution = field(default_factory=Attribution)
     counterfactual: Counterfactual = field(default_factory=Counterfactual)
     topology: Topology = field(default_factory=Topology)
@@ -463,6 +473,7 @@ def load(composed: DictConfig, overrides: Sequence[str] = (), quiet: bool = Fals
         notes = keep_named_groups(composed, overrides)
         if notes and not quiet and os.environ.get("RANK", "0") == "0":
             print(f"dicesim: kept {'; '.join(notes)}", flush=True)
+        infer_nodes(composed, overrides)  # topology=file without nodes=: the file's size
         _strict_bools(composed, overrides)
         for o in overrides:  # Hydra lets `+key=v` add a key the schema does not have
             parent, _, leaf = _key_of(o).rpartition(".")
@@ -854,6 +865,8 @@ def validate(c: Config) -> None:
         if c.resume != "auto" and not Path(c.resume).expanduser().is_dir():
             raise ConfigError(f"resume={c.resume}: no such directory; give the directory of "
                               "an earlier run or resume=auto")
+    if c.eval.budget is not None:  # one sample per node at least
+        _at_least("eval.budget", c.eval.budget, c.nodes, 1_000_000)
     n, steps = c.nodes, c.steps
     check_topology(c.topology, n)
     check_data(c.data, n)
@@ -894,14 +907,28 @@ def check_attribution(a: Attribution, nodes: int, steps: int, defense: str) -> N
                           "the reverse pass transposes the plain gossip W^t")
 
 
+def _is_prime(n: int) -> bool:
+    return n >= 2 and all(n % d for d in range(2, int(n**0.5) + 1))
+
+
 def check_topology(t: Topology, nodes: int) -> None:
     if t.weights == "metropolis_hastings" and t.name in DIRECTED:
         raise ConfigError(f"topology.weights=metropolis_hastings needs an undirected graph but "
                           f"{t.name} is directed; use topology.weights=uniform")
+    if t.weights != "uniform" and t.name == "hub":
+        raise ConfigError(f"topology.weights={t.weights}: topology=hub sets its own weights "
+                          "(topology.hub_weight); leave topology.weights=uniform")
     if isinstance(t, TorusTopology) and t.rows is not None:
         if nodes % t.rows:
             raise ConfigError(f"topology.rows={t.rows} does not divide nodes={nodes}; pick a "
                               "divisor of nodes or leave topology.rows=null")
+    elif isinstance(t, TorusTopology) and nodes >= 4 and _is_prime(nodes):
+        # the only rows × cols grid is 1 × n, a ring: say so instead of building it
+        below = next(m for m in range(nodes - 1, 1, -1) if not _is_prime(m))
+        above = next(m for m in range(nodes + 1, 2 * nodes + 2) if not _is_prime(m))
+        raise ConfigError(f"topology=torus nodes={nodes}: {nodes} is prime, so the only grid is "
+                          f"1×{nodes}, a ring; use nodes={below} or nodes={above}, "
+                          "topology=ring, or topology.rows=1 to accept the ring")
     if isinstance(t, StarTopology):
         _within("topology.center", t.center, 0, nodes - 1, 0)
     if isinstance(t, SmallWorldTopology):

@@ -33,6 +33,7 @@ from dicesim.errors import ConfigError
 from dicesim.events import Event, EventBook, build_events
 from dicesim.model import FlatModel, Probe, build_model
 from dicesim.optim import LocalOptimizer, State, build_optimizer
+from dicesim.stopping import Interrupted, Stopped
 from dicesim.topology import Topology, build_topology
 from dicesim.trackers import Tracker
 from dicesim.trainer import RunResult, Step, Trainer
@@ -82,6 +83,64 @@ def resolve_device(cfg: Config, local_rank: int) -> tuple[torch.device, str]:
     return device, backend
 
 
+# seeds of the evaluation subsets, apart from every other stream drawn from `seed`
+TEST_SUBSET_STREAM, PROBE_SUBSET_STREAM = 0x7E57, 0x9B0E
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """What one per-node evaluation covers (config `eval.budget`, in sample-forwards).
+
+    Every node is evaluated, on the whole split while nodes × samples ≤ budget, else on a
+    seeded subset of ⌊budget / nodes⌋ samples shared by every node (`*_ids`, sorted; None:
+    all of it). The test split's subset serves the per-node test accuracy at θ^T, the probe
+    set's the metrics every `eval_every` steps (for data.probe=per_node: the same positions
+    of every Z'_k). The consensus model θ̄^T is evaluated on the whole test split apart
+    from this budget (one model, |test| forwards)."""
+
+    budget: int | None
+    nodes: int
+    test_total: int
+    probe_total: int
+    test_ids: np.ndarray | None = None
+    probe_ids: np.ndarray | None = None
+
+    @property
+    def test_samples(self) -> int:
+        return self.test_total if self.test_ids is None else len(self.test_ids)
+
+    @property
+    def probe_samples(self) -> int:
+        return self.probe_total if self.probe_ids is None else len(self.probe_ids)
+
+    def describe(self) -> dict:
+        """summary.json's "evaluation" block, less the accuracies."""
+        return {"budget": self.budget, "nodes": self.nodes,
+                "test_samples": self.test_samples, "test_total": self.test_total,
+                "probe_samples": self.probe_samples, "probe_total": self.probe_total}
+
+
+def eval_subset(total: int, nodes: int, budget: int | None, seed: int,
+                stream: int) -> np.ndarray | None:
+    """The sorted sample ids each of `nodes` models is evaluated on within `budget`
+    sample-forwards; None when every sample fits."""
+    if budget is None or nodes * total <= budget:
+        return None
+    rng = np.random.default_rng([seed, stream])
+    return np.sort(rng.choice(total, size=budget // nodes, replace=False))
+
+
+def eval_plan(budget: int | None, nodes: int, test_total: int, probe_total: int,
+              seed: int) -> EvalPlan:
+    if budget is not None and budget < nodes:
+        raise ConfigError(f"eval.budget={budget}: an evaluation needs at least one sample per "
+                          f"node, {nodes} sample-forwards with nodes={nodes}; set eval.budget="
+                          f"{max(nodes, 1_000_000)}, or null for every node on everything")
+    return EvalPlan(budget, nodes, test_total, probe_total,
+                    eval_subset(test_total, nodes, budget, seed, TEST_SUBSET_STREAM),
+                    eval_subset(probe_total, nodes, budget, seed, PROBE_SUBSET_STREAM))
+
+
 @functools.cache
 def keep_freed_memory() -> bool:
     """Stop glibc from returning each freed tensor buffer to the OS.
@@ -127,6 +186,10 @@ class Simulation:
                                min_size=s.batch_size)
         self.node_probe_ids = self._split_node_probes(cfg.data)
         check_batch_size(self.parts, s.batch_size)
+        probe_total = (len(self.data.y_probe) if self.node_probe_ids is None
+                       else self.node_probe_ids.shape[1])
+        self.evaluation = eval_plan(cfg.eval.budget, s.nodes, len(self.data.y_test),
+                                    probe_total, s.seed)
         self._add_label_noise(cfg.data.label_noise)
         self.model: FlatModel = build_model(cfg.model, self.data.input_shape,
                                             self.data.num_classes)
@@ -241,7 +304,10 @@ class Simulation:
         if self.attribution.enabled:  # full horizon: one reverse pass (dicesim/attribution.py)
             from dicesim.attribution import reverse_pass
 
-            result.attribution = reverse_pass(trainer)
+            try:
+                result.attribution = reverse_pass(trainer)
+            except Interrupted as stop:
+                raise Stopped.after(stop, self.run.steps, result) from None
         return result
 
     def warm_up(self, parts: RunParts, hvp: bool) -> None:
@@ -262,7 +328,8 @@ class Simulation:
 
     def test_accuracy(self, model: FlatModel, theta: Tensor,
                       test: tuple[Tensor, Tensor]) -> list[float]:
-        _, acc = model.probe_eval(theta, *test)
+        """Per-row accuracy on `test` (RunParts.node_test: the evaluation plan's subset)."""
+        _, acc = model.probe_eval(theta, *test, interruptible=True)
         return [float(a) for a in acc]
 
 
@@ -319,6 +386,17 @@ class RunParts:
             self.probe = Probe(data.x_train[ids].to(device, s.dtype),
                                data.y_train[ids].to(device, ydt), per_node=True)
         self.test = (data.x_test.to(device, s.dtype), data.y_test.to(device, ydt))
+        plan = sim.evaluation
+        self.node_test = self.test  # what each node's test accuracy is measured on
+        if plan.test_ids is not None:
+            ids = torch.as_tensor(plan.test_ids, device=device)
+            self.node_test = (self.test[0][ids], self.test[1][ids])
+        # the probe samples of the metrics every eval_every steps: x, y, per node
+        self.metric_probe = (self.probe.x, self.probe.y, self.probe.per_node)
+        if plan.probe_ids is not None:
+            ids = torch.as_tensor(plan.probe_ids, device=device)
+            cut = (slice(None), ids) if self.probe.per_node else (ids,)
+            self.metric_probe = (self.probe.x[cut], self.probe.y[cut], self.probe.per_node)
         self.order = BatchOrder(sim.parts, s.batch_size, s.seed)  # every node's batches
         row_of = {int(k): i for i, k in enumerate(local)}
         self.removals: dict[int, list[tuple[int, list[int]]]] = {}  # t → (local row, positions)

@@ -19,6 +19,7 @@ from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 from dicesim.config import MODELS as MODELS  # re-exported
 from dicesim.config import Model
 from dicesim.errors import ConfigError
+from dicesim.stopping import SIGNALS
 
 # activation elements one evaluation chunk may hold (16 MiB in float32, 32 MiB in float64)
 EVAL_BUDGET = 1 << 22
@@ -308,8 +309,11 @@ class FlatModel:
 
     # x, y: one probe set for every row, or (per_row=True) one per row, stacked
     def probe_eval(self, theta: Tensor, x: Tensor, y: Tensor, per_row: bool = False,
-                   budget: int = EVAL_BUDGET, accuracy: bool = True) -> tuple[Tensor, Tensor]:
+                   budget: int = EVAL_BUDGET, accuracy: bool = True,
+                   interruptible: bool = False) -> tuple[Tensor, Tensor]:
         """Probe loss L'(θ) and accuracy per row (for regression the "accuracy" is −loss).
+        `interruptible`: a signal raises Interrupted between chunks (the test pass after
+        training; not the step loop's probes, which stop at an agreed step).
 
         Streams over chunks of rows and of samples so that no chunk holds more than about
         `budget` activation elements, whatever the number of rows and samples: the same
@@ -324,6 +328,8 @@ class FlatModel:
             for r0 in range(0, rows, step):
                 r = slice(r0, min(rows, r0 + step))
                 for s0 in range(0, m, samples):
+                    if interruptible:
+                        SIGNALS.check("evaluation")
                     s = slice(s0, min(m, s0 + samples))
                     xs, ys = (x[r, s], y[r, s]) if per_row else (x[s], y[s])
                     out = self._forward_rows(theta[r], xs, per_row)  # [rows, samples, out]

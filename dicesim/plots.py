@@ -77,7 +77,7 @@ def training_curves(out: Path, result: RunResult) -> str:
                 ax.plot(steps, values[:, col], lw=0.8, alpha=0.6,
                         color=plt.cm.viridis(col / max(len(nodes) - 1, 1)))
         ax.plot(steps, np.nanmean(values, axis=1), color="black", lw=2, label="mean over nodes")
-        who = f"{len(nodes)} nodes" if aggregate else "per node"
+        who = f"{len(nodes):,} nodes" if aggregate else "per node"
         ax.set(title=f"{title} ({who})", xlabel="step", ylabel=ylabel)
     axes[2].set_yscale("log")
     axes[0].legend(fontsize=7 if aggregate else None)

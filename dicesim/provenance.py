@@ -93,7 +93,11 @@ def partition_block(sim: Simulation) -> dict:
 
 
 def topology_weights(sim: Simulation) -> str:
+    from dicesim.topology import is_edge_list
+
     name = sim.topology.name
+    if name == "file" and is_edge_list(Path(str(sim.cfg.topology.path)).expanduser()):
+        return f"{sim.cfg.topology.weights} from the edge list"
     return OWN_WEIGHTS.get(name) or str(sim.cfg.topology.weights)
 
 

@@ -23,6 +23,7 @@ from dicesim.provenance import (
     write_partition,
 )
 from dicesim.stats import hop_totals, pearson, spearman  # noqa: F401 - hop_totals re-exported
+from dicesim.stopping import SIGNALS
 from dicesim.trainer import METRIC_COLUMNS, RunResult
 from dicesim.writers import strict, temp_path, write_atomic, write_csv, write_json  # noqa: F401
 
@@ -135,12 +136,14 @@ def summarize(sim: Simulation, result: RunResult) -> dict:
         "node_steps_per_s": s.nodes * s.steps / max(result.wall_s, 1e-9),
         "gossip_share": result.gossip_s / max(result.wall_s, 1e-9),
         "gossip_cpu_share": result.gossip_cpu_s / max(result.cpu_s, 1e-9),
-        "final": {
+        "final": {  # per-node numbers: means over nodes
             "probe_loss": float(np.mean([r.probe_loss for r in final])) if final else None,
             "probe_acc": float(np.mean([r.probe_acc for r in final])) if final else None,
             "test_acc": float(np.mean(result.test_acc)) if result.test_acc else None,
             "consensus_dist": float(np.mean([r.consensus_dist for r in final])) if final else None,
+            "consensus_test_acc": result.consensus_test_acc,
         },
+        "evaluation": evaluation_block(sim, result),
     }
     if result.influence:
         per = {name: alignment_blocks(result.influence, name)
@@ -151,6 +154,34 @@ def summarize(sim: Simulation, result: RunResult) -> dict:
         summary["hop_totals"] = {str(k): v for k, v in hop_totals(result.influence).items()}
         summary["reliability"] = reliability(result.influence)
     return summary
+
+
+def evaluation_block(sim: Simulation, result: RunResult) -> dict:
+    """What the evaluations covered (engine.EvalPlan) and the spread of the per-node test
+    accuracy over nodes."""
+    block = sim.evaluation.describe()
+    acc = np.asarray(result.test_acc, dtype=float)
+    if len(acc):
+        q10, median, q90 = np.quantile(acc, (0.1, 0.5, 0.9))
+        block["node_test_acc"] = {"mean": float(acc.mean()), "min": float(acc.min()),
+                                  "q10": float(q10), "median": float(median),
+                                  "q90": float(q90), "max": float(acc.max())}
+    return block
+
+
+def evaluation_line(evaluation: dict) -> str:
+    """report.md's sentence on what the test and probe numbers were measured on."""
+    n, m, total = evaluation["nodes"], evaluation["test_samples"], evaluation["test_total"]
+    test = (f"all {total:,} test samples" if m == total else
+            f"the same {m:,} of the {total:,} test samples (a seeded subset)")
+    pm, ptotal = evaluation["probe_samples"], evaluation["probe_total"]
+    probe = (f"all {ptotal:,} probe samples" if pm == ptotal else
+             f"{pm:,} of the {ptotal:,} probe samples")
+    budget = evaluation["budget"]
+    limit = ("no budget (eval.budget=null)" if budget is None else
+             f"eval.budget={budget:,} sample-forwards per evaluation")
+    return (f"Evaluated: the consensus model θ̄ on all {total:,} test samples; each of the "
+            f"{n:,} nodes on {test}; the metrics every eval_every steps on {probe} ({limit}).")
 
 
 #: summary.json's name of a diverged loss ("training" / "probe", stopping.Finding.what): the
@@ -182,10 +213,12 @@ def write_all(out: Path, sim: Simulation, result: RunResult, plots: bool = True,
         torch.save(result.final_params, out / "params.pt")
     if sim.tracking:
         write_influence(out, result)
+    SIGNALS.check("outputs")  # the rows are on disk; the summary and figures may not be
     summary = summarize(sim, result)
     if result.attribution is not None:  # full horizon (dicesim/attribution.py)
         from dicesim.attribution import write_attribution
 
+        SIGNALS.check("outputs")
         summary["attribution"] = write_attribution(out, sim, result.attribution, plots)
     summary.update(status or {"status": "complete"})
     bad = diverged_rows(result, sim.run.steps)
@@ -193,12 +226,14 @@ def write_all(out: Path, sim: Simulation, result: RunResult, plots: bool = True,
     if bad and "first_nonfinite" not in summary:  # the guard's finding stopped the run
         summary["first_nonfinite"] = bad[0]
     timings = summary["timings_s"] = run_timings(result)
+    SIGNALS.check("outputs")
     summary = write_json(out / "summary.json", summary)
     pictures = []
     if plots:
         plots_at = time.perf_counter()
         pictures = draw_figures(out, result)
         timings["plots"] = time.perf_counter() - plots_at
+    SIGNALS.check("outputs")
     write_atomic(out / "report.md", report_md(sim, summary, pictures))
     timings["outputs"] = time.perf_counter() - outputs_at - timings.get("plots", 0.0)
     timings["total"] = time.perf_counter() - IMPORTED_AT
@@ -211,15 +246,19 @@ def draw_figures(out: Path, result: RunResult) -> list[str]:
     report order."""
     from dicesim.plots import FIGURES  # matplotlib: imported only when drawing
 
-    drawn = (draw(out, result) for draw in FIGURES.values())
+    drawn = []
+    for draw in FIGURES.values():
+        SIGNALS.check("figures")
+        drawn.append(draw(out, result))
     return [name for name in drawn if name]
 
 
 def run_timings(result: RunResult) -> dict[str, float]:
     """Where this process's wall time went (seconds): `startup` from dicesim's first import
     to the first step (imports, config, graph, data, model), `training` the step loop;
-    after the outputs, `outputs` (files and report), `plots` and `total`."""
-    timings = {"training": result.wall_s}
+    `evaluation` the test accuracies after it; after the outputs, `outputs` (files and
+    report), `plots` and `total`."""
+    timings = {"training": result.wall_s, "evaluation": result.eval_s}
     if result.first_step_at > 0:
         timings = {"startup": result.first_step_at - IMPORTED_AT, **timings}
     return timings
@@ -266,9 +305,12 @@ def report_md(sim: Simulation, summary: dict, pictures: list[str]) -> str:
         f"| probe loss | {_fmt(f['probe_loss'])} |",
         f"| probe accuracy | {_fmt(f['probe_acc'])} |",
         f"| test accuracy | {_fmt(f['test_acc'])} |",
+        f"| test accuracy of the consensus model θ̄ | {_fmt(f['consensus_test_acc'])} |",
         f"| consensus distance ‖θ_k − θ̄‖ | {_fmt(f['consensus_dist'])} |",
         f"| wall time (s) | {summary['wall_s']:.2f} |",
         f"| node-steps/s | {summary['node_steps_per_s']:.1f} |",
+        "",
+        evaluation_line(summary["evaluation"]),
         "",
     ]
     warning = (summary.get("reliability") or {}).get("warning")

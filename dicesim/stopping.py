@@ -13,6 +13,12 @@
   rank makes at the same steps (``eval_every``): each rank writes its own slots of a small
   vector appended to that reduction, so after it every rank knows every rank's flags and all
   stop at the same step. One process checks its flags every step.
+- Phases after (or between) training steps — the final evaluation, the attribution reverse
+  pass, writing outputs and figures, a checkpoint's files, an experiment's next run — call
+  ``SIGNALS.check(phase)`` at their iteration points: the first signal not yet answered
+  raises :class:`Interrupted` there (within one iteration), and the caller turns it into
+  the same one line and exit 130/143. ``DICESIM_TEST_PAUSE=<phase>[@N]:<marker file>`` (tests
+  only) pauses at that phase's N-th check until a signal arrives (:func:`pause_for_test`).
 - Exit: :func:`exit_with` prints the one line (in a multi-rank run rank 0 prints, unless
   ``everyone``), or, under ``python -m dicesim.launch`` (``DICESIM_STATUS_DIR`` set), leaves it
   in a status file for the launcher, which prints exactly one line for the whole run.
@@ -35,6 +41,7 @@ import torch
 
 EXIT_CONFIG, EXIT_PEER, EXIT_DIVERGED = 2, 3, 4
 STATUS_ENV = "DICESIM_STATUS_DIR"
+PAUSE_ENV = "DICESIM_TEST_PAUSE"
 SIGNAL_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 #: Called as hook(signum, step) on every rank when a run stops for a signal, after the
@@ -89,8 +96,10 @@ def exit_with(message: str, code: int, everyone: bool = False, prefix: str = "er
         pass
     elif world == 1 or rank == 0 or everyone:
         print(line, file=sys.stderr, flush=True)
-    if world > 1:
-        # gloo's threads can abort the interpreter's finalization: leave without it
+    if world > 1 or code in SIGNAL_CODES.values():
+        # gloo's threads can abort the interpreter's finalization, and after a signal its
+        # second or so (torch, gloo) is time a preempted job does not have: every file is
+        # written and closed by now, so leave without it
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -103,7 +112,15 @@ class Signals:
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.answered = False  # a stop for `received` is under way: check() raises no more
         self.previous: dict[int, object] = {}
+
+    def check(self, phase: str) -> None:
+        """Raise Interrupted if a signal arrived that no stop has answered yet."""
+        pause_for_test(phase)
+        if self.received is not None and not self.answered:
+            self.answered = True
+            raise Interrupted(self.received, phase)
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -127,6 +144,37 @@ class Signals:
 SIGNALS = Signals()
 
 
+class Interrupted(Exception):  # noqa: N818 - not an error: a requested stop
+    """A signal answered at a phase's check (outside the step loop's agreed stops)."""
+
+    def __init__(self, signum: int, phase: str):
+        super().__init__(phase)
+        self.signum, self.phase = signum, phase
+
+    @property
+    def code(self) -> int:
+        return SIGNAL_CODES.get(self.signum, 130)
+
+
+_checks_seen: dict[str, int] = {}
+
+
+def pause_for_test(phase: str) -> None:
+    """Tests only: with DICESIM_TEST_PAUSE=<phase>[@N]:<marker>, at the N-th (default first)
+    check of `phase` write the marker file and wait (at most 60 s) for a signal."""
+    name, _, marker = os.environ.get(PAUSE_ENV, "").partition(":")
+    name, _, nth = name.partition("@")
+    if name != phase or not marker:
+        return
+    _checks_seen[phase] = _checks_seen.get(phase, 0) + 1
+    if _checks_seen[phase] != int(nth or 1):
+        return
+    Path(marker).write_text(str(os.getpid()))
+    deadline = time.monotonic() + 60
+    while SIGNALS.received is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 # ---- divergence and the agreed stop ----------------------------------------------------------
 @dataclass
 class Finding:
@@ -147,7 +195,7 @@ class Guard:
     world: int = 1
     rank: int = 0
     abort_on_nonfinite: bool = True
-    divergence_factor: float | None = 1e6
+    divergence_factor: float | None = 1e3
     t: int = -1  # the step of the latest observation (the metrics pass sets it)
     first: Finding | None = None  # this rank's first diverged loss
     initial: dict[int, float] = field(default_factory=dict)  # node → first positive loss
@@ -212,12 +260,19 @@ class Guard:
 class Stopped(Exception):  # noqa: N818 - not an error: a requested stop
     """Raised on every rank at the same step when the run stops early."""
 
-    def __init__(self, reason: str, step: int, detail: object, result: object):
+    def __init__(self, reason: str, step: int, detail: object, result: object,
+                 phase: str | None = None):
         super().__init__(reason)
         self.reason = reason  # "signal" | "diverged"
         self.step = step
         self.detail = detail  # the signal number, or the diverged loss's Finding
         self.result = result  # the RunResult so far (rank 0 holds the gathered rows)
+        self.phase = phase  # None: the step loop; else where a signal was answered
+
+    @classmethod
+    def after(cls, interrupted: Interrupted, step: int, result: object) -> Stopped:
+        """A signal answered in a phase after step `step`'s training (this rank only)."""
+        return cls("signal", step, interrupted.signum, result, phase=interrupted.phase)
 
     @property
     def code(self) -> int:
@@ -228,6 +283,9 @@ class Stopped(Exception):  # noqa: N818 - not an error: a requested stop
     def message(self, out: Path | None) -> str:
         where = f"; finished rows are in {out}" if out is not None else ""
         if self.reason == "signal":
-            return f"interrupted at step {self.step} ({signal.Signals(self.detail).name}){where}"
+            name = signal.Signals(self.detail).name
+            if self.phase is not None:
+                return f"interrupted in the {self.phase} phase at step {self.step} ({name}){where}"
+            return f"interrupted at step {self.step} ({name}){where}"
         return (f"{self.detail.describe()}; run stopped (abort_on_nonfinite=true; lower "
                 f"optim.lr, or set abort_on_nonfinite=false to continue){where}")

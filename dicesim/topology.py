@@ -26,6 +26,7 @@ from dicesim.config import WEIGHT_SCHEMES as WEIGHT_SCHEMES  # re-exported
 from dicesim.config import FileTopology
 from dicesim.config import Topology as TopologySettings
 from dicesim.errors import ConfigError
+from dicesim.graphfile import file_path, is_edge_list, read_edges
 
 if TYPE_CHECKING:  # networkx is imported where a graph is built with it (~0.1 s)
     import networkx as nx
@@ -280,7 +281,7 @@ def build_topology(cfg: TopologySettings, n: int, seed: int) -> Topology:
         raise ConfigError(f"nodes={n!r}: need a whole number of nodes >= 1; set e.g. nodes=8")
     name, n, scheme = str(cfg.name), int(n), str(cfg.weights)
     if name == "file":
-        mats, where = _load_file(cfg, n)
+        mats, where = _load_file(cfg, n, scheme)
     else:
         mats = ([_csr(1, np.zeros(1, int), np.zeros(1, int), np.ones(1))] if n == 1
                 else _BUILDERS[name](cfg, n, seed, scheme))
@@ -420,17 +421,22 @@ def _directed(n: int, hops: Iterable[int]) -> sparse.csr_array:
 
 # ---------------------------------------------------------------- file topology
 
-def _load_file(cfg: FileTopology, n: int) -> tuple[list[sparse.csr_array], str]:
+def _load_file(cfg: FileTopology, n: int, scheme: str) -> tuple[list[sparse.csr_array], str]:
     """Load W from .npy ([n, n], or [T, n, n] for a time-varying one), .csv ([n, n]) or a
-    scipy.sparse .npz ([n, n], `scipy.sparse.save_npz`: a large graph without n×n)."""
-    path = Path(str(cfg.path)).expanduser()
-    where = f"topology.path={path}"
-    if not path.is_file():
-        raise ConfigError(f"{where}: no such file; pass the path of an existing .npy or .csv")
+    scipy.sparse .npz ([n, n], `scipy.sparse.save_npz`: a large graph without n×n); or build
+    it from an edge list (:func:`_from_edge_list`)."""
+    path, where = file_path(cfg)
+    if is_edge_list(path):
+        return [_from_edge_list(cfg, path, where, n, scheme)], where
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".csv", ".npz"):
         raise ConfigError(f"{where}: unsupported file type {suffix!r}; save W as .npy or .csv "
-                          "(or a sparse W with scipy.sparse.save_npz as .npz)")
+                          "(or a sparse W with scipy.sparse.save_npz as .npz), or give an edge "
+                          "list as .txt")
+    if scheme != "uniform":
+        raise ConfigError(f"topology.weights={scheme}: the matrix in {path.name} gives the "
+                          "weights itself; leave topology.weights=uniform, or give the graph "
+                          "as an edge list (.txt) to have weights computed")
     try:
         if suffix == ".npz":
             a = sparse.csr_array(sparse.load_npz(path), dtype=np.float64)
@@ -440,16 +446,59 @@ def _load_file(cfg: FileTopology, n: int) -> tuple[list[sparse.csr_array], str]:
             a = np.loadtxt(path, delimiter=",", ndmin=2)
         if suffix != ".npz":
             a = np.asarray(a, dtype=np.float64)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError) as e:  # EOFError: an empty .npy
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"{where}: could not read the matrix ({msg}); "
                           "save W with numpy.save or as comma-separated rows") from e
     if a.ndim == 3 and a.shape[1:] == (n, n) and a.shape[0] >= 1:  # dense [T, n, n]
         return [sparse.csr_array(m) for m in a], where
     if a.shape != (n, n):
+        hint = (" (an edge list in a .csv needs the header src,dst[,weight])"
+                if a.ndim == 2 and a.shape[1] in (2, 3) and suffix == ".csv" else "")
         raise ConfigError(f"{where}: matrix has shape {a.shape}, expected ({n}, {n}) for "
-                          f"nodes={n}; provide an n x n matrix or set nodes to match")
+                          f"nodes={n}; provide an n x n matrix or set nodes to match{hint}")
     return [sparse.csr_array(a)], where
+
+
+def _from_edge_list(cfg: FileTopology, path: Path, where: str, n: int,
+                    scheme: str) -> sparse.csr_array:
+    """W from an edge list. `topology.directed=false`: each line is an undirected edge;
+    true: src sends to dst (W[dst, src] > 0). topology.weights=uniform gives receiver k
+    W[k, l] = a_kl / (1 + Σ_l a_kl) and W[k, k] = 1 / (1 + Σ_l a_kl), a_kl the line's weight
+    (1 without a weight column: 1/(deg_k + 1), as the built-in graphs); metropolis_hastings
+    needs an undirected list without weights."""
+    directed = cfg.directed
+    edges, a = read_edges(path, where)
+    if edges.size == 0:
+        raise ConfigError(f"{where}: the edge list has no edges; write one `src dst` line per "
+                          "edge")
+    if edges.max() >= n:
+        raise ConfigError(f"{where}: node id {int(edges.max())} is not a node of a {n}-node "
+                          f"graph (ids 0..{n - 1}); set nodes={int(edges.max()) + 1} or leave "
+                          "nodes unset to take it from the file")
+    if a is not None and not (np.all(np.isfinite(a)) and np.all(a > 0)):
+        raise ConfigError(f"{where}: edge weights must be finite and > 0")
+    if scheme == "metropolis_hastings":
+        if directed or a is not None:
+            why = "a directed list" if directed else "a list with a weight column"
+            raise ConfigError(f"topology.weights=metropolis_hastings needs an undirected edge "
+                              f"list without weights, not {why}; use topology.weights=uniform")
+        return _undirected(edges, n, scheme)
+    keep = edges[:, 0] != edges[:, 1]  # self-loops: every node keeps a self-weight anyway
+    edges, a = edges[keep], (np.ones(int(keep.sum())) if a is None else a[keep])
+    senders, receivers = edges[:, 0], edges[:, 1]
+    if not directed:
+        senders, receivers = (np.concatenate([senders, receivers]),
+                              np.concatenate([receivers, senders]))
+        a = np.concatenate([a, a])
+    key = receivers * n + senders
+    unique, first = np.unique(key, return_index=True)
+    if unique.size < key.size:  # the same edge twice: one link, its weight the first given
+        receivers, senders, a = receivers[first], senders[first], a[first]
+    total = 1.0 + np.bincount(receivers, weights=a, minlength=n)  # 1 + Σ_l a_kl
+    own = np.arange(n)
+    return _csr(n, np.concatenate([receivers, own]), np.concatenate([senders, own]),
+                np.concatenate([a / total[receivers], 1.0 / total]))
 
 
 # ---------------------------------------------------------------- validation

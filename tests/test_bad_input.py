@@ -53,6 +53,8 @@ def write_matrices(folder: Path) -> dict[str, Path]:
         paths[name] = folder / f"{name}.npy"
         np.save(paths[name], w)
     paths["missing"] = folder / "missing.npy"
+    paths["empty"] = folder / "empty.npy"
+    paths["empty"].write_bytes(b"")  # np.load: EOFError
     return paths
 
 
@@ -101,6 +103,12 @@ IN_PROCESS = [
     ("file-missing", ["topology=file", "topology.path={missing}"], "topology.path",
      "no such file"),
     ("file-path-unset", ["topology=file"], "topology.path", None),
+    ("file-empty-npy", ["topology=file", "topology.path={empty}"], "topology.path",
+     "could not read"),
+    ("file-matrix-with-metropolis", ["topology=file", "topology.path={negative}",
+                                     "topology.weights=metropolis_hastings"],
+     "topology.weights=metropolis_hastings", "gives the weights itself"),
+    ("torus-prime-nodes", ["topology=torus", "nodes=7"], "nodes=7", "nodes=6 or nodes=8"),
     ("missing-dataset", ["data=fashion_mnist", "data.root=/nonexistent"], "data.root",
      "apt-get"),
     ("steps-0", ["steps=0"], "steps", None),
@@ -191,6 +199,9 @@ SUBPROCESS = {  # id: (overrides, keyword)
     "hops-past-last-step": (["influence.hops=4", "influence.events=[{node:0,step:3}]"],
                             "influence.hops"),
     "unknown-key": (["stpes=5"], "stpes"),
+    "file-empty-npy": (["topology=file", "topology.path={empty}"], "topology.path"),
+    "hydra-run-dir-unmakeable": (["hydra.run.dir=/proc/dicesim-x"], "hydra.run.dir"),
+    "torus-prime-nodes": (["topology=torus", "nodes=7"], "topology.rows=1"),
     "appended-typo": (["+nodse=8"], "did you mean nodes?"),
     "bool-not-true-false": (["save_params=no"], "save_params=no"),
     # every sweep point is checked before the first job starts (no sweep directory either)
@@ -326,6 +337,7 @@ KEYS = [
     ("resume", [], ["[x]"], ["/nonexistent/run", "''"]),
     ("checkpoint.every", [], ["abc"], ["-1"]),
     ("checkpoint.keep", [], ["abc"], ["0"]),
+    ("eval.budget", [], ["abc", "1.5"], ["0", "-1", "8"]),
     ("counterfactual.remove", [], ["5"], ["[{node:99,step:1}]", "[{node:0,step:999}]"]),
     ("attribution.enabled", [], ["yes", "1"], []),
     ("attribution.target", [], ["5", "[a]", "[1.5]"], ["[99]", "[-1]", "[1,1]", "[]", "everyone"]),
@@ -342,6 +354,7 @@ KEYS = [
     ("topology.hub", ["topology=hub"], ["abc"], ["99"]),
     ("topology.hub_weight", ["topology=hub"], ["abc"], ["1", "0"]),
     ("topology.path", ["topology=file"], ["[x]"], ["''"]),
+    ("topology.directed", ["topology=file"], ["yes", "2"], []),
     ("data.name", [], ["[x]"], ["foo"]),
     ("data.partition", [], ["[x]"], ["random"]),
     ("data.alpha", [], ["abc"], ["0", "-1"]),

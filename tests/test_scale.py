@@ -54,9 +54,10 @@ def test_plots_true_draws_and_times_its_phases(tmp_path: Path) -> None:
     assert [ln[2:].split("]")[0] for ln in report.splitlines() if ln.startswith("![")] == pictures
     assert all((run / p).stat().st_size > 5_000 for p in pictures)
     timings = json.loads((run / "summary.json").read_text())["timings_s"]
-    assert set(timings) == {"startup", "training", "outputs", "plots", "total"}
+    assert set(timings) == {"startup", "training", "evaluation", "outputs", "plots", "total"}
     assert all(v > 0 for v in timings.values())
-    parts = timings["startup"] + timings["training"] + timings["outputs"] + timings["plots"]
+    parts = (timings["startup"] + timings["training"] + timings["evaluation"]
+             + timings["outputs"] + timings["plots"])
     assert parts <= timings["total"] < parts + 5  # only warm-up and gathering between them
 
 
@@ -159,3 +160,24 @@ def test_bench_scale_timeout_skips_larger_sizes(capsys: pytest.CaptureFixture) -
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [r["status"] for r in rows] == ["timeout", "skipped"]
     assert "16 nodes already did not finish" in rows[1]["reason"]
+
+
+@pytest.mark.parametrize(("nodes", "targets"), [(16, 1), (5000, 1), (200, 200)])
+def test_attribution_figures_stay_a_readable_size(tmp_path: Path, nodes: int,
+                                                  targets: int) -> None:
+    """One cell or point per source node, in a figure of at most 12 × 8 inches (it grew
+    0.35 inch a node: 631,004 pixels wide at 16,384 nodes)."""
+    from types import SimpleNamespace
+
+    import matplotlib.image
+
+    from dicesim.attribution import attribution_plots
+
+    batch = np.random.default_rng(0).normal(size=(5, targets, nodes))
+    names = ["network"] if targets == 1 else [f"node {k}" for k in range(targets)]
+    a = SimpleNamespace(batch=batch, node_totals=batch.sum(0),
+                        settings=SimpleNamespace(target_names=names, plot_node=None))
+    assert attribution_plots(tmp_path, a) == ["attribution_heatmap.png",
+                                              "attribution_over_time.png"]
+    height, width, _ = matplotlib.image.imread(tmp_path / "attribution_heatmap.png").shape
+    assert width <= 12 * 110 and height <= 8 * 110

@@ -5,6 +5,7 @@ summary.json. The commands start together (module fixture); unit tests cover the
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -201,3 +202,34 @@ def test_write_json_is_strict(tmp_path):
     assert clean["a"] is None and clean["b"]["c"] == [1.0, None] and clean["d"] == 2.5
     assert clean["nonfinite"] == ["a", "b.c[1]"]
     json.loads(text)
+
+
+# ---- the default divergence rule (issue 21): lr=1e6 stops, a high but healthy lr does not
+@pytest.mark.parametrize(("lr", "diverges"), [(1e6, True), (3.0, False)])
+def test_default_divergence_factor_stops_a_huge_lr_not_a_high_one(lr: float, diverges: bool):
+    """The default config (digits, mlp, sgd; only steps and nodes cut down). lr=1e6: the
+    training loss jumps from ~2.3 to ~4e5 at step 1, far past the default 1000× its start
+    (exit 4 in the CLI; the old default 1e6 let it finish with exit 0). lr=3 (30× the
+    preset's 0.1) stays within ~1.02× its start (60 steps, 16 nodes): it runs to the end."""
+    from conftest import make_config
+
+    from dicesim.cli import guard_for
+    from dicesim.comm import Comm
+    from dicesim.engine import Simulation
+    from dicesim.stopping import Stopped
+
+    cfg = make_config("nodes=4", "steps=10", "eval_every=2", "influence.events=0", "progress=false",
+                      f"optim.lr={lr}")
+    assert cfg.divergence_factor == 1e3
+    sim = Simulation(cfg)
+    comm = Comm("gloo", 60, torch.device("cpu"))
+    comm.guard = guard_for(cfg, 1, 0)
+    if diverges:
+        with pytest.raises(Stopped) as info:
+            sim.execute(comm)
+        assert info.value.reason == "diverged" and info.value.code == 4
+        assert info.value.detail.value > 1e3 * 2.0
+    else:
+        result = sim.execute(comm)
+        measured = [r.train_loss for r in result.metrics if not math.isnan(r.train_loss)]
+        assert measured and max(measured) < 10  # rows between evaluations hold NaN

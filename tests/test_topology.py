@@ -9,8 +9,9 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from dicesim.config import section
+from dicesim.config import FileTopology, section
 from dicesim.errors import ConfigError
+from dicesim.graphfile import file_nodes
 from dicesim.topology import TOPOLOGIES, Topology, build_topology
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "topology"
@@ -148,7 +149,7 @@ def test_file_round_trip(tmp_path: Path, suffix: str) -> None:
     w = build("hub", 7, hub=2, hub_weight=0.3).W(0)
     path = tmp_path / f"W{suffix}"
     np.save(path, w) if suffix == ".npy" else np.savetxt(path, w, delimiter=",", fmt="%.17g")
-    top = build("file", 7, path=str(path), weights="metropolis_hastings")  # weights ignored
+    top = build("file", 7, path=str(path))
     assert top.name == "file" and top.period == 1
     np.testing.assert_array_equal(top.W(0), w)
 
@@ -163,6 +164,11 @@ def test_file_time_varying(tmp_path: Path) -> None:
 def save(tmp_path: Path, w: np.ndarray) -> str:
     np.save(tmp_path / "W.npy", w)
     return str(tmp_path / "W.npy")
+
+
+def edges(tmp_path: Path, text: str, name: str = "g.txt") -> str:
+    (tmp_path / name).write_text(text)
+    return str(tmp_path / name)
 
 
 def block_diagonal() -> np.ndarray:
@@ -184,13 +190,33 @@ BAD = {
     "wrong shape": (lambda p: {"name": "file", "path": save(p, np.full((3, 3), 1 / 3))},
                     r"topology\.path=.*shape \(3, 3\), expected \(4, 4\)"),
     "bad suffix": (lambda p: {"name": "file", "path": str(Path(save(p, np.eye(4))).rename(
-        p / "W.txt"))}, r"topology\.path=.*\.npy or \.csv"),
+        p / "W.mat"))}, r"topology\.path=.*\.npy or \.csv"),
     "mh on directed": (lambda p: {"name": "directed_ring", "weights": "metropolis_hastings"},
                        r"topology\.weights=metropolis_hastings.*directed_ring"),
     "unknown weights": (lambda p: {"name": "ring", "weights": "max"}, r"topology\.weights=max"),
     "er disconnected": (lambda p: {"name": "erdos_renyi", "p": 1e-3},
                         r"topology\.p=0\.001: .*disconnected after 100 tries"),
     "torus rows": (lambda p: {"name": "torus", "rows": 3}, r"topology\.rows=3 does not divide"),
+    "matrix with mh": (lambda p: {"name": "file", "path": save(p, np.full((4, 4), 0.25)),
+                                  "weights": "metropolis_hastings"},
+                       r"topology\.weights=metropolis_hastings: the matrix .* gives the weights"),
+    "hub with mh": (lambda p: {"name": "hub", "weights": "metropolis_hastings"},
+                    r"topology=hub sets its own weights"),
+    "empty npy": (lambda p: {"name": "file", "path": str(Path(save(p, np.eye(4))).with_name(
+        "e.npy"))} if (p / "e.npy").write_bytes(b"") == 0 else None,
+                  r"topology\.path=.*could not read the matrix"),
+    "edge id past nodes": (lambda p: {"name": "file", "path": edges(p, "0 1\n1 4\n")},
+                           r"node id 4 is not a node of a 4-node graph"),
+    "edge line": (lambda p: {"name": "file", "path": edges(p, "0 1\n1 x\n")},
+                  r"line 2 \('1 x'\) is not `src dst \[weight\]`"),
+    "edge columns differ": (lambda p: {"name": "file", "path": edges(p, "0 1 2\n1 2\n")},
+                            r"line 2 "),
+    "no edges": (lambda p: {"name": "file", "path": edges(p, "# nothing\n")}, r"no edges"),
+    "mh on directed edges": (lambda p: {"name": "file", "path": edges(p, "0 1\n1 2\n2 3\n3 0\n"),
+                                        "directed": True, "weights": "metropolis_hastings"},
+                             r"metropolis_hastings needs an undirected edge list"),
+    "disconnected edges": (lambda p: {"name": "file", "path": edges(p, "0 1\n2 3\n")},
+                           r"not strongly connected"),
     "star centre": (lambda p: {"name": "star", "center": 4}, r"topology\.center=4"),
     "hub weight": (lambda p: {"name": "hub", "hub_weight": 1.0}, r"topology\.hub_weight=1\.0"),
     "p not a number": (lambda p: {"name": "erdos_renyi", "p": "lots"}, r"topology\.p=lots"),
@@ -293,3 +319,60 @@ def test_gap_is_none_with_a_reason_when_arpack_fails(monkeypatch: pytest.MonkeyP
     assert gap is None and "ARPACK did not converge" in how
     with pytest.raises(ValueError, match="method"):
         top.spectral_gap("eig")
+
+
+# ---- torus sizes, edge lists, the node count of a file ---------------------------------------
+@pytest.mark.parametrize(("n", "near"), [(7, "nodes=6 or nodes=8"), (13, "nodes=12 or nodes=14")])
+def test_prime_torus_is_refused_with_the_nearest_sizes(n: int, near: str) -> None:
+    with pytest.raises(ConfigError, match=rf"nodes={n}: {n} is prime.*{near}"):
+        build("torus", n)
+    assert build("torus", n, rows=1).graph().in_degree(0) == 2  # asked for: the 1×n ring
+
+
+RING5 = "0 1\n1 2\n2 3\n3 4\n4 0\n"
+
+
+@pytest.mark.parametrize("weights", ["uniform", "metropolis_hastings"])
+def test_undirected_edge_list_equals_the_built_in_ring(tmp_path: Path, weights: str) -> None:
+    # either orientation, a repeated edge and a self-loop change nothing
+    text = "# a ring\n" + RING5.replace("3 4", "4 3") + "1 0\n2 2\n"
+    top = build("file", 5, path=edges(tmp_path, text), weights=weights)
+    np.testing.assert_allclose(top.W(0), build("ring", 5, weights=weights).W(0), atol=1e-15)
+
+
+def test_directed_edge_list_equals_the_directed_ring(tmp_path: Path) -> None:
+    # `src dst`: src sends to dst, so i → i+1 is the directed ring (W[k, k−1] > 0)
+    path = edges(tmp_path, "src,dst\n" + RING5.replace(" ", ","), name="g.csv")
+    top = build("file", 5, path=path, directed=True)
+    np.testing.assert_allclose(top.W(0), build("directed_ring", 5).W(0), atol=1e-15)
+
+
+def test_weighted_edge_list(tmp_path: Path) -> None:
+    # W[k, l] = a_kl / (1 + Σ_l a_kl), W[k, k] = 1 / (1 + Σ_l a_kl); undirected: a_kl = a_lk
+    top = build("file", 3, path=edges(tmp_path, "0 1 2\n1 2 0.5\n2 0 1\n"))
+    a = np.array([[0, 2, 1], [2, 0, 0.5], [1, 0.5, 0]])
+    expected = (a + np.eye(3)) / (1 + a.sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(top.W(0), expected, atol=1e-15)
+
+
+def test_file_nodes_reads_the_size(tmp_path: Path) -> None:
+    np.save(tmp_path / "W.npy", np.full((6, 6), 1 / 6))
+    np.save(tmp_path / "T.npy", np.stack([np.eye(5)] * 3))
+    (tmp_path / "e.npy").write_bytes(b"")
+    assert file_nodes(FileTopology(path=str(tmp_path / "W.npy"))) == 6
+    assert file_nodes(FileTopology(path=str(tmp_path / "T.npy"))) == 5
+    assert file_nodes(FileTopology(path=edges(tmp_path, RING5))) == 5
+    assert file_nodes(FileTopology(path=str(tmp_path / "e.npy"))) is None  # building says why
+
+
+def test_nodes_come_from_the_file_unless_given(tmp_path: Path, capsys) -> None:
+    from dicesim.config import compose_checked
+
+    path = edges(tmp_path, "".join(f"{k} {(k + 1) % 12}\n" for k in range(12)))
+    base = ["topology=file", f"topology.path={path}", "influence.events=4"]
+    [cfg] = compose_checked([base])
+    assert cfg.nodes == 12
+    with pytest.raises(ConfigError, match="node id 11 is not a node of a 8-node graph"):
+        from dicesim.engine import Simulation
+
+        Simulation(compose_checked([[*base, "nodes=8"]])[0])

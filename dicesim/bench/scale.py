@@ -1,9 +1,13 @@
 """Scaling with the number of nodes: `python -m dicesim.bench.scale` (`make bench-scale`).
 
-One process, one thread, synthetic data (64 training samples per node), mlp[64], batch 32,
-50 steps, no influence tracking; for each topology and node count, in a fresh subprocess:
-node-steps/s of the step loop, the peak RSS (`getrusage` maxrss) and the set-up time
-before the first step, split into its parts (imports, config, graph builders, W
+One process, one thread, synthetic data (64 training samples per node, the whole 20 %
+test split unless --max-test), mlp[64], batch 32, 50 steps, no influence tracking, the
+default evaluation budget (eval.budget; --eval-budget to change it); for each topology and
+node count, in a fresh subprocess: node-steps/s of the step loop, the seconds of the test
+evaluation after it (`evaluation_s`) and of writing the run's outputs (`outputs_s`:
+metrics.csv, partition.csv, summary.json, report.md, and the figures with --plots), their
+sum's share of the step loop (`post_training_share`), the peak RSS (`getrusage` maxrss)
+and the set-up time before the first step, split into its parts (imports, config, graph builders, W
 validation, spectral gap, data, partition, the rest of `Simulation`, and `execute` up to
 the end of step 0, which includes the warm-up). Prints ONE JSON object on stdout; progress
 goes to stderr. Each row records how busy the CPUs were before it (`cpu_busy_before`) and
@@ -35,7 +39,7 @@ from dicesim.bench import CpuWatch, cpu_busy, emit, loadavg, say, wait_quiet
 NODES = (16, 256, 1024, 4096, 16384)
 TOPOLOGIES = ("ring", "exponential", "one_peer_exponential")
 SAMPLES_PER_NODE = 64
-PROBE, MAX_TEST = 200, 2000
+PROBE = 200
 # peak RSS ≈ BASE + nodes · PER_NODE: W^t is sparse (O(edges)), so a run's memory is the
 # interpreter and libraries plus, per node, its data, θ and the step's copies of it
 # (measured 0.47 GB at 1,024 and 0.86 GB at 4,096 nodes, mlp[64], 64 samples per node)
@@ -44,14 +48,16 @@ BYTES_PER_NODE = 160 * 2**10
 MEMORY_SHARE = 0.4  # skip a size whose estimate exceeds this share of the available memory
 
 
-def overrides(nodes: int, topology: str, steps: int, eval_every: int) -> list[str]:
+def overrides(nodes: int, topology: str, steps: int, eval_every: int,
+              max_test: int | None = None, eval_budget: str | None = None) -> list[str]:
     samples = math.ceil((nodes * SAMPLES_PER_NODE + PROBE) / 0.8) + 1  # test_size 0.2
     return [
         "experiment=demo", f"nodes={nodes}", f"steps={steps}", "batch_size=32",
         f"topology={topology}", "data=synthetic", f"data.n_samples={samples}",
-        f"data.probe_size={PROBE}", f"data.max_test={MAX_TEST}", "model=mlp",
-        "model.hidden=[64]", "influence.events=0", "plots=false", "progress=true",
-        f"eval_every={eval_every}", "device=cpu",
+        f"data.probe_size={PROBE}", "model=mlp", "model.hidden=[64]", "influence.events=0",
+        "plots=false", "progress=true", f"eval_every={eval_every}", "device=cpu",
+        *([f"data.max_test={max_test}"] if max_test is not None else []),
+        *([f"eval.budget={eval_budget}"] if eval_budget is not None else []),
     ]
 
 
@@ -97,7 +103,8 @@ def child(spec: dict) -> dict:
     timed(engine, "partition", "partition_s")
 
     t = time.perf_counter()
-    cfg = compose(overrides(spec["nodes"], spec["topology"], spec["steps"], spec["eval_every"]))
+    cfg = compose(overrides(spec["nodes"], spec["topology"], spec["steps"], spec["eval_every"],
+                            spec.get("max_test"), spec.get("eval_budget")))
     phases["config_s"] = time.perf_counter() - t
     t = time.perf_counter()
     sim = engine.Simulation(cfg, 1, 0)
@@ -133,20 +140,25 @@ def child(spec: dict) -> dict:
         "time_to_first_step_s": first_step,
         # warm-up, tensors to the device, the final evaluation and test accuracy
         "execute_outside_loop_s": (done - t_exec) - result.wall_s,
+        "evaluation_s": result.eval_s,
         "spectral_gap": gap, "spectral_gap_how": how,
         "test_acc": (sum(result.test_acc) / len(result.test_acc)) if result.test_acc else None,
+        "consensus_test_acc": result.consensus_test_acc,
+        "evaluated": sim.evaluation.describe(),
         **{k: round(v, 4) for k, v in phases.items()},
     }
+    import tempfile
+    from pathlib import Path
+
+    from dicesim.report import write_all
+
+    t = time.perf_counter()  # as a run writes: every file, with --plots every figure
+    with tempfile.TemporaryDirectory() as tmp:
+        timings = write_all(Path(tmp), sim, result, plots=bool(spec.get("plots")))["timings_s"]
+    row["outputs_s"] = time.perf_counter() - t
+    row["post_training_share"] = (result.eval_s + row["outputs_s"]) / max(result.wall_s, 1e-12)
     if spec.get("plots"):
-        import tempfile
-        from pathlib import Path
-
-        from dicesim.report import draw_figures
-
-        t = time.perf_counter()  # as a run draws: import matplotlib, draw every figure
-        with tempfile.TemporaryDirectory() as tmp:
-            draw_figures(Path(tmp), result)
-        row["plot_s"] = time.perf_counter() - t
+        row["plot_s"] = timings["plots"]
         row["plot_share_of_run"] = row["plot_s"] / (time.perf_counter() - started)
     row["total_s"] = time.perf_counter() - started
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -172,7 +184,8 @@ def measure(nodes: int, topology: str, args: argparse.Namespace) -> dict:
                          f"{MEMORY_SHARE:.0%} of the {available / 2**30:.1f} GB available")
         return row
     spec = {"nodes": nodes, "topology": topology, "steps": args.steps,
-            "eval_every": 10 if args.plots else args.steps, "plots": args.plots}
+            "eval_every": 10 if args.plots else args.steps, "plots": args.plots,
+            "max_test": args.max_test, "eval_budget": args.eval_budget}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         env.pop(key, None)
@@ -267,6 +280,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="wait up to this long for idle CPUs before each run (shared machine)")
     p.add_argument("--plots", action="store_true",
                    help="evaluate every 10 steps and time the training plot too")
+    p.add_argument("--max-test", type=int, default=None,
+                   help="cap the test split (default: the whole 20 %% split)")
+    p.add_argument("--eval-budget", default=None,
+                   help="eval.budget of the runs (default: the config's; null: everything)")
     p.add_argument("--startup", type=int, metavar="N", default=0,
                    help="instead: time N fresh `python -m dicesim` processes per start-up case")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -292,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
             row = measure(n, topo, args)
             say(f"  {row['status']}: " + (
                 f"{row['node_steps_per_s']:.0f} node-steps/s, set-up {row['setup_s']:.2f} s, "
+                f"evaluation {row['evaluation_s']:.2f} s, outputs {row['outputs_s']:.2f} s "
+                f"({100 * row['post_training_share']:.1f} % of the loop), "
                 f"peak RSS {row['peak_rss_mb']:.0f} MB" if row["status"] == "ok"
                 else row.get("reason", "")))
             rows.append(row)
@@ -300,7 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     emit({
         "bench": "scale", "steps": args.steps, "threads": 1, "processes": 1,
         "model": "mlp[64]", "batch_size": 32, "data": f"synthetic, {SAMPLES_PER_NODE} "
-        f"training samples per node, {MAX_TEST} test samples",
+        f"training samples per node, test split: {args.max_test or 'all (20 %)'}",
+        "eval_budget": args.eval_budget or "default",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "loadavg_end": loadavg()},
         "rows": rows,
