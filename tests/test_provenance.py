@@ -26,7 +26,8 @@ OVERRIDES = ("nodes=4", "steps=6", "batch_size=8", "dtype=float64", "model.hidde
              "data.probe_size=40", "influence.events=3", "influence.hops=2", "optim=momentum",
              "data.partition=dirichlet", "data.alpha=0.5",
              "influence.estimators=[dice_e,dice_mid]")  # the default when it was written
-ADDED_KEYS = {"provenance", "optimizer", "partition", "topology_weights", "batch_size"}
+ADDED_KEYS = {"provenance", "optimizer", "partition", "topology_weights", "batch_size",
+              "evaluation"}
 TIMINGS = {"wall_s", "node_steps_per_s", "gossip_share", "gossip_cpu_share", "timings_s"}
 HEX40 = re.compile(r"[0-9a-f]{40}")
 
