@@ -1,5 +1,5 @@
 """Full-horizon attribution: every batch's and every sample's first-order influence on the
-final target, by one reverse (adjoint) pass of gossip after training (DESIGN "Full horizon
+final target, by one reverse (adjoint) pass of gossip after training (docs/design.md "Full horizon
 (reverse pass)"; derivations in docs/attribution.md).
 
 Target F = Σ_k q_k L'_k(θ_k^T) (`attribution.target=network`), or one target per node

@@ -1,6 +1,6 @@
 """Datasets, the train/probe/test split, partition over nodes and per-node batches.
 
-The probe set Z' (DESIGN §2) is held out from the training pool and shared by all
+The probe set Z' (docs/design.md §2) is held out from the training pool and shared by all
 nodes; `node_probe_split` gives the per-node validation option. Training sample i
 has global id i (its row in `x_train`); partitions and batches are lists of these ids.
 """

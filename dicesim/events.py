@@ -1,7 +1,7 @@
 """What is analysed: events (node j's batch at step t, minus S), how far each reaches, and
 the typed influence rows every estimator writes into.
 
-An event e = (j, t, S) removes S from B_j^t (DESIGN §2). R_s is the set of nodes the
+An event e = (j, t, S) removes S from B_j^t (docs/design.md §2). R_s is the set of nodes the
 perturbation reaches after s gossip rounds: R_0 = {j}, R_{s+1} = out-neighbours of R_s
 under W^{t+s}, self-loops included. The `EventBook` is the one schedule every tracker
 follows: which events start, which are at which hop, which rows of this rank they touch,

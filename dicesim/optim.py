@@ -1,4 +1,4 @@
-"""The local optimizer: the step a node takes on its own batch (DESIGN §1, "Stateful
+"""The local optimizer: the step a node takes on its own batch (docs/design.md §2, "Stateful
 optimizers"), its linearization (what DICE-E propagates) and its adjoint.
 
 A step is a pure function of the node's parameters θ, its optimizer state s (momentum
@@ -35,7 +35,7 @@ State = dict[str, Tensor]  # name → [rows, P]
 
 @dataclass(frozen=True)
 class Schedule:
-    """η_t for t = 0 … steps − 1 (the index DESIGN §2 gives η)."""
+    """η_t for t = 0 … steps − 1 (the index docs/design.md §2 gives η)."""
 
     lr: float
     name: str = "constant"

@@ -1,6 +1,6 @@
 """The step loop: one `Step` record per step, passed through a fixed list of parts.
 
-Step t on every rank, vectorized over its block of nodes (DESIGN §1, §3):
+Step t on every rank, vectorized over its block of nodes (docs/design.md §1, §3):
   1. θ^t known: trackers record (`at_theta`); the aggregator observes what they published
      (proximal influence of step t − 1); metrics every `eval_every` steps.
   2. W^t as mixed = aggregator.weights(W^t of the topology).

@@ -1,4 +1,4 @@
-"""Full-horizon attribution (issue 12, DESIGN "Full horizon (reverse pass)")."""
+"""Full-horizon attribution (docs/design.md, "Full horizon (the reverse pass)")."""
 
 from __future__ import annotations
 

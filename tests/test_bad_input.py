@@ -1,4 +1,4 @@
-"""Bad input (DESIGN §4): every invalid setting stops before training with ONE line
+"""Bad input (docs/design.md §4): every invalid setting stops before training with ONE line
 `dicesim: error: <setting>: <what is wrong and how to fix it>` on stderr, exit code 2,
 and nothing written.
 

@@ -1,4 +1,4 @@
-"""The distributed engine against the dense single-process oracle (DESIGN §3)."""
+"""The distributed engine against the dense single-process oracle (docs/design.md §3)."""
 
 from __future__ import annotations
 

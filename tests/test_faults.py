@@ -1,5 +1,5 @@
 """A rank that dies or stops answering, in any phase, ends the run with one line and exit 3
-(DESIGN §3): the exchange, the metrics all_reduce, the gathers to rank 0 (influence flush,
+(docs/design.md §3): the exchange, the metrics all_reduce, the gathers to rank 0 (influence flush,
 final parameters). Also divergence (exit 4) under several ranks.
 
 The multi-rank runs go through dicesim's own launcher and start all at once (module

@@ -1,4 +1,4 @@
-"""Properties the rest of the suite did not assert (issue 25): each test here fails on one
+"""Properties the rest of the suite did not assert: each test here fails on one
 realistic mistake that every other test let pass (named in its docstring)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DICE-GT and DICE-E against the exactness properties of DESIGN §2."""
+"""DICE-GT and DICE-E against the exactness properties of docs/design.md §2."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The Gauss–Legendre estimators `dice_mid` and `dice_gauss2`, the reliability warning,
-spot-checked ground truth and events drawn without replacement (DESIGN §2, "The midpoint
+spot-checked ground truth and events drawn without replacement (docs/design.md §2, "The midpoint
 estimator")."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Stateful local optimizers (DESIGN §2 "Stateful optimizers"): the step against
+"""Stateful local optimizers (docs/design.md §2 "Stateful optimizers"): the step against
 torch.optim, its tangent and adjoint against torch.func, the engine against a dense
 oracle of one torch.optim instance per node over 1, 2 and 4 ranks, and the influence
 exactness properties with momentum."""

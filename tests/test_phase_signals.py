@@ -1,4 +1,4 @@
-"""Every phase answers SIGTERM (issue 21): the final evaluation, the attribution reverse pass,
+"""Every phase answers SIGTERM: the final evaluation, the attribution reverse pass,
 the outputs, the figures, a checkpoint's files and an experiment's next run. Each command
 pauses at its phase's check (DICESIM_TEST_PAUSE, dicesim.stopping.pause_for_test) and writes
 a marker file; the test then sends SIGTERM and expects exit 143 within a few seconds, one

@@ -204,7 +204,7 @@ def test_write_json_is_strict(tmp_path):
     json.loads(text)
 
 
-# ---- the default divergence rule (issue 21): lr=1e6 stops, a high but healthy lr does not
+# ---- the default divergence rule: lr=1e6 stops, a high but healthy lr does not
 @pytest.mark.parametrize(("lr", "diverges"), [(1e6, True), (3.0, False)])
 def test_default_divergence_factor_stops_a_huge_lr_not_a_high_one(lr: float, diverges: bool):
     """The default config (digits, mlp, sgd; only steps and nodes cut down). lr=1e6: the

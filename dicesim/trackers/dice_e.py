@@ -1,4 +1,4 @@
-"""DICE-E: the paper's first-order estimator (DESIGN §2, "Stateful optimizers").
+"""DICE-E: the paper's first-order estimator (docs/design.md §2, "Stateful optimizers").
 
 (δ̂, δ̂s) starts as the exact source perturbation (δθ_j^{t+½}, δs_j^{t+½}) (−η ∇L_S and
 no state for plain SGD), steps with the Jacobian-vector product of the local step at the

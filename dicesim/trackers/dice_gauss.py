@@ -1,5 +1,5 @@
 """Gauss–Legendre rules for the influence integral: `dice_mid`, DICE-E evaluated at the
-midpoint of each segment (DESIGN §2), and `dice_gauss2`, the two-point rule (named
+midpoint of each segment (docs/design.md §2), and `dice_gauss2`, the two-point rule (named
 `dice_mid2` before; the old name is still accepted, dicesim.config.RENAMED_ESTIMATORS).
 
 For any smooth f, f(θ) − f(θ − δ) = ∇f(θ − δ/2)ᵀδ + O(‖δ‖³), with no Hessian of f; the

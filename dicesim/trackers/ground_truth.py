@@ -1,4 +1,4 @@
-"""DICE-GT: the exact counterfactual, carried beside the real run (DESIGN §2).
+"""DICE-GT: the exact counterfactual, carried beside the real run (docs/design.md §2).
 
 For each reached local node k the tracker holds δ_k = θ_k − θ̃_k and, with a stateful
 optimizer, δs_k = s_k − s̃_k; the shadow (θ̃_k, s̃_k) = (θ_k − δ_k, s_k − δs_k) takes the
