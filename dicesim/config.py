@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import importlib
 import importlib.util
 import math
 import os
@@ -25,7 +27,7 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -63,7 +65,6 @@ ScheduleName = _choices("ScheduleName", "constant", "cosine", "step", "linear_wa
 AttackKind = _choices("AttackKind", "none", "label_flip", "feature_noise", "free_rider",
                       "scaled_update")
 DefenseKind = _choices("DefenseKind", "none", "dice", "trimmed_mean", "oracle")
-Sweep = _choices("Sweep", "core", "full", "optimizers")
 
 DTYPES, TOPOLOGIES, WEIGHT_SCHEMES = tuple(Dtype), tuple(TopologyName), tuple(Weights)
 DATASETS, MODELS, ACTIVATIONS = tuple(DataName), tuple(ModelName), tuple(Activation)
@@ -75,12 +76,10 @@ RENAMED_ESTIMATORS = {"dice_mid2": "dice_gauss2"}  # old name → new; accepted 
 MAX_HOPS = 8
 SEED_MAX = 2**32 - 1
 EVENT_KEYS = ("node", "step", "samples")
-CASE_KEYS = ("topology", "lr", "hops", "removal", "check", "curvature", "batch_size", "nodes",
-             "data", "events", "steps", "dtype", "label", "optim")
 MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def _list(*items: Any) -> Any:
+def default_list(*items: Any) -> Any:
     return field(default_factory=lambda: list(items))
 
 
@@ -216,9 +215,9 @@ class Model:
     """One schema for all models: presets set hidden and activation whatever the model."""
 
     name: ModelName = ModelName.mlp
-    hidden: list[int] = _list(64)  # mlp layer widths
+    hidden: list[int] = default_list(64)  # mlp layer widths
     activation: Activation = Activation.tanh
-    channels: list[int] = _list(8, 16)  # cnn
+    channels: list[int] = default_list(8, 16)  # cnn
 
 
 @dataclass
@@ -231,7 +230,7 @@ class Optim:
     dampening: float = bounded(0.0, 0, 1)  # sgd: τ
     nesterov: bool = False
     weight_decay: float = bounded(0.0, 0)  # λ (AdamW: decoupled)
-    betas: list[float] = _list(0.9, 0.999)  # adam, adamw: (β1, β2)
+    betas: list[float] = default_list(0.9, 0.999)  # adam, adamw: (β1, β2)
     eps: float = bounded(1e-8, 0, open_lo=True)
     gossip_state: bool = False  # also mix the optimizer state (DSGDm mixes θ only)
     schedule: ScheduleName = ScheduleName.constant
@@ -248,7 +247,7 @@ class Influence:
     step_range: list[int] | None = None  # [lo, hi]
     hops: int = bounded(1, 0, MAX_HOPS)
     ground_truth: Any = True  # true | false | K (spot-check K events)
-    estimators: list[str] = _list("dice_e", "dice_gauss2")
+    estimators: list[str] = default_list("dice_e", "dice_gauss2")
     curvature: bool = True
     proximal: bool = False
     node_weights: list[float] | None = None  # q_k; null = uniform 1/n
@@ -258,7 +257,7 @@ class Influence:
 @dataclass
 class Attack:
     kind: AttackKind = AttackKind.none
-    nodes: list[int] = _list()  # attacked nodes; empty = a seeded choice of fraction * nodes
+    nodes: list[int] = default_list()  # attacked nodes; empty = a seeded choice of fraction * nodes
     fraction: float = bounded(0.25, 0, 1)
     start: int = 0
     end: int | None = None  # the first step no longer attacked; null: attacked to the end
@@ -277,7 +276,7 @@ class Defense:
 
 @dataclass
 class Counterfactual:
-    remove: list[Any] = _list()  # [{node, step, samples}, ...]
+    remove: list[Any] = default_list()  # [{node, step, samples}, ...]
 
 
 @dataclass
@@ -306,102 +305,128 @@ class Attribution:
 
 # ---------------------------------------------------------------- experiment blocks
 
-@dataclass
-class AlignmentFull:
-    topologies: list[TopologyName] = _list("ring", "exponential", "torus", "hub",
-                                           "one_peer_exponential")
-    lrs: list[float] = _list(0.1, 0.01)
-    batch_sizes: list[int] = _list(16, 32)
-    nodes: list[int] = _list(16, 32)
-    curvature: list[bool] = _list(True, False)
-    removal: str | int = "batch"
-    hops: int = bounded(3, 0, MAX_HOPS)
-    events: int = bounded(100, 0)
-    steps: int = bounded(60, 1)
+def block() -> Any:
+    """A root field only an experiment= preset sets (`alignment:`, `retrain:`): its schema
+    and rules live in the preset's driver module (dicesim/experiments/<driver>.py), which
+    calls `register_block` when imported. `load` imports that module on demand and types the
+    composed block with its schema; the root keeps the field untyped so that this module
+    imports no driver."""
+    return field(default=None, metadata={"block": True})
 
 
-@dataclass
-class AlignmentPrecision:
-    enabled: bool = True
-    topology: TopologyName = TopologyName.ring
-    lr: float = bounded(0.05, 0, open_lo=True)
-    hops: int = bounded(8, 0, MAX_HOPS)
-    removal: str | int = "single"
-    events: int = bounded(200, 0)
+@dataclass(frozen=True)
+class BlockSchema:
+    cls: type  # the block's dataclass
+    check: Callable[[Any], None] | None  # its cross-field rules, given the whole Config
 
 
-@dataclass
-class Alignment:
-    sweep: Sweep = Sweep.core
-    min_spearman: float = bounded(0.99, -1, 1)
-    core: list[Any] = _list()  # [{topology, lr, hops, removal, check, ...}]
-    hard: list[Any] = _list()  # the same keys plus data: a data config name
-    optimizers: list[Any] = _list()  # the same keys plus optim: {momentum: 0.9, ...}
-    hard_data: dict[str, Any] = field(default_factory=dict)  # data overrides of hard cases
-    mid_min_spearman: list[Any] = _list()  # [{lr, min}]: dice_mid targets of hard cases
-    full: AlignmentFull = field(default_factory=AlignmentFull)
-    precision: AlignmentPrecision = field(default_factory=AlignmentPrecision)
+_REGISTERED: dict[str, BlockSchema] = {}
 
 
-@dataclass
-class Cascade:
-    topologies: list[TopologyName] = _list("ring", "torus", "exponential",
-                                           "one_peer_exponential", "hub")
-    draw: list[TopologyName] = _list("ring", "torus", "exponential", "hub")
-    leaf: int | None = bounded(None, 0)
-    hub_first_step: int = bounded(0, 0)
-    hub_stride: int = bounded(2, 1)
+def register_block(name: str, cls: type, check: Callable[[Any], None] | None = None) -> None:
+    _REGISTERED[name] = BlockSchema(cls, check)
 
 
-@dataclass
-class Contribution:
-    node_counts: list[int] = _list(8, 16)
-    noise_max: float = bounded(0.6, 0, 1)
-    noise: list[float] | None = None
-    hops: int = bounded(2, 0, MAX_HOPS)
-    curvature: bool = True
-    min_spearman: float = bounded(0.8, -1, 1)
+@functools.cache
+def _block_homes() -> dict[str, tuple[str, str]]:
+    """Each block → (the experiment= preset that sets it, that preset's `driver:`)."""
+    names = [f.name for f in dataclasses.fields(Config) if f.metadata.get("block")]
+    homes = {}
+    for path in sorted((CONFIG_DIR / "experiment").glob("*.yaml")):
+        preset = OmegaConf.load(path)
+        homes.update({name: (path.stem, str(preset.driver)) for name in names if name in preset})
+    missing = set(names) - homes.keys()
+    assert not missing, f"no experiment= preset sets {', '.join(sorted(missing))}"
+    return homes
 
 
-@dataclass
-class Retrain:
-    batches: int = bounded(100, 0)
-    samples: int = bounded(100, 0)
+def block_schema(name: str) -> BlockSchema:
+    """The registered schema of a block, importing its driver module on first use (by name:
+    a lower layer does not import an upper one statically)."""
+    if name not in _REGISTERED:
+        importlib.import_module(f"dicesim.experiments.{_block_homes()[name][1]}")
+    return _REGISTERED[name]
 
 
-@dataclass
-class Cleansing:
-    noisy_nodes: int = bounded(4, 1)  # nodes whose labels are partly flipped
-    flip: float = bounded(0.3, 0, 1, open_lo=True)  # fraction of a noisy node's labels flipped
-    remove: list[float] = _list(0.01, 0.02, 0.05, 0.10)  # fractions k of samples removed
-    hops: int = bounded(2, 0, MAX_HOPS)  # r of the r-hop DICE-E baseline per sample
-    baseline_events: int = bounded(2000, 0)  # single-sample DICE-E events of the baseline
-    min_auc: float = bounded(0.95, 0, 1)
+class _ByBlock(Mapping[str, Any]):
+    """block name → a value computed on demand (`value(name)`); `in` and iteration need only
+    the names, so they import no driver."""
+
+    def __init__(self, value: Callable[[str], Any]) -> None:
+        self._value = value
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in _block_homes():
+            raise KeyError(name)
+        return self._value(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in _block_homes()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_block_homes())
+
+    def __len__(self) -> int:
+        return len(_block_homes())
 
 
-@dataclass
-class Anomaly:
-    attacks: list[AttackKind] = _list("label_flip", "feature_noise", "free_rider",
-                                      "scaled_update")
-    topologies: list[TopologyName] = _list("ring", "exponential")
-    window: int | None = bounded(None, 1)
-    per_weight: bool = True
-    example: list[str] = _list("label_flip", "ring")
+EXPERIMENT_BLOCKS: Mapping[str, type] = _ByBlock(lambda name: block_schema(name).cls)
+BLOCK_PRESETS: Mapping[str, str] = _ByBlock(lambda name: _block_homes()[name][0])
 
 
-@dataclass
-class Collaborators:
-    topologies: list[TopologyName] = _list("ring", "exponential")
+def check_blocks(c: Config) -> None:
+    for name in _block_homes():
+        value = getattr(c, name)
+        if value is None:
+            continue
+        schema = block_schema(name)
+        if not isinstance(value, schema.cls):
+            raise ConfigError(f"{name}={show(as_dict(value))}: must be "
+                              f"{describe(schema.cls)}")
+        if schema.check is not None:
+            schema.check(c)
 
 
-# present (not None) only when an experiment= preset sets them
-EXPERIMENT_BLOCKS: dict[str, type] = {
-    "alignment": Alignment, "cascade": Cascade, "contribution": Contribution,
-    "anomaly": Anomaly, "collaborators": Collaborators, "cleansing": Cleansing,
-    "retrain": Retrain,
-}
-# the experiment= preset of a block whose name is not the preset's
-BLOCK_PRESETS: dict[str, str] = {"retrain": "attribution"}
+def _type_blocks(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Each block the composed config has, merged into its driver's schema: typed and
+    closed as Hydra types the other sections while composing (an unknown key, a wrong type,
+    an Enum's non-member fail here, as one line)."""
+    for name in _block_homes():
+        node = cfg._get_node(name)
+        if node is None or node._is_none():
+            continue
+        keys = [_key_of(o) for o in overrides if o.startswith("+")]
+        if any(k.split(".")[0] == name for k in keys) and _chosen_experiment(overrides) != (
+                _block_homes()[name][0]):  # `+retrain.batches=3` without its preset
+            raise ConfigError(_belongs(next(k for k in keys if k.split(".")[0] == name)))
+        cls = block_schema(name).cls
+        if OmegaConf.get_type(node) is cls:
+            continue
+        if not isinstance(node, DictConfig):
+            value = next((o.partition("=")[2] for o in reversed(overrides)
+                          if _key_of(o) == name), show(node._value()))
+            raise ConfigError(f"{name}={value}: must be {describe(_field_type(name))}")
+        try:
+            typed = OmegaConf.merge(OmegaConf.structured(cls), node)
+        except OmegaConfBaseException as err:
+            if not err.full_key:  # a value in place of a group: OmegaConf's merge names none
+                err.full_key = _replaced_group(cls, node)
+            raise ConfigError(_explain(err, overrides, cfg, prefix=f"{name}.")) from None
+        cfg[name] = typed
+
+
+def _replaced_group(cls: type, node: DictConfig, where: str = "") -> str:
+    """The dotted key where `node` holds a value that is not a group in place of one of the
+    schema's groups ("" if none)."""
+    hints = typing.get_type_hints(cls)
+    for key in node:
+        tp, child = hints.get(str(key)), node._get_node(key)
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(child, DictConfig):
+                return f"{where}{key}"
+            if found := _replaced_group(tp, child, f"{where}{key}."):
+                return found
+    return ""
 
 
 # ---------------------------------------------------------------- the root
@@ -440,13 +465,14 @@ class Config:
     influence: Influence = field(default_factory=Influence)
     attack: Attack = field(default_factory=Attack)
     defense: Defense = field(default_factory=Defense)
-    alignment: Alignment | None = None
-    cascade: Cascade | None = None
-    contribution: Contribution | None = None
-    anomaly: Anomaly | None = None
-    collaborators: Collaborators | None = None
-    cleansing: Cleansing | None = None
-    retrain: Retrain | None = None
+    # experiment blocks: null unless an experiment= preset sets them (see `block`)
+    alignment: Any = block()
+    cascade: Any = block()
+    contribution: Any = block()
+    anomaly: Any = block()
+    collaborators: Any = block()
+    cleansing: Any = block()
+    retrain: Any = block()
 
     def __post_init__(self) -> None:
         validate(self)
@@ -470,6 +496,7 @@ def load(composed: DictConfig, overrides: Sequence[str] = (), quiet: bool = Fals
     """The typed, checked settings of a config Hydra composed against the registered schema
     (`overrides`: the command line's, to tell a preset's value from the user's)."""
     try:
+        _type_blocks(composed, overrides)
         notes = keep_named_groups(composed, overrides)
         if notes and not quiet and os.environ.get("RANK", "0") == "0":
             print(f"dicesim: kept {'; '.join(notes)}", flush=True)
@@ -496,10 +523,10 @@ def _fit_preset_events(cfg: DictConfig, overrides: Sequence[str], quiet: bool) -
     events, hops, steps, nodes = (cfg.influence.events, cfg.influence.hops, cfg.steps,
                                   cfg.nodes)
     if any(_key_of(o) in ("influence.events", "influence") for o in overrides) or not (
-            _is_int(events) and events > 0 and _is_int(hops) and _is_int(steps)
-            and _is_int(nodes) and steps >= 1 and nodes >= 1 and 0 <= hops <= MAX_HOPS):
+            is_int(events) and events > 0 and is_int(hops) and is_int(steps)
+            and is_int(nodes) and steps >= 1 and nodes >= 1 and 0 <= hops <= MAX_HOPS):
         return
-    if cfg.influence.removal not in ("batch", "single") and not _is_int(cfg.influence.removal):
+    if cfg.influence.removal not in ("batch", "single") and not is_int(cfg.influence.removal):
         return
     starts = max(0, min(steps - hops, steps - 1) + 1)  # steps 0 … min(T - r, T - 1)
     universe = nodes * starts * (cfg.batch_size if cfg.influence.removal == "single" else 1)
@@ -583,7 +610,7 @@ def with_changes(cfg: Config, **dotted: Any) -> Config:
 def variant(cfg: Config, **dotted: Any) -> Config:
     """A copy of an experiment's cfg for one of its runs: no driver, no progress bar, no
     experiment blocks (the driver reads them from its own cfg)."""
-    blocks = {block: None for block in EXPERIMENT_BLOCKS}
+    blocks = {block: None for block in _block_homes()}
     return with_changes(cfg, driver=None, progress=False, **blocks, **dotted)
 
 
@@ -607,9 +634,9 @@ def schema_for(raw: Any) -> DictConfig:
     topo, data = _get(raw, "topology.name"), _get(raw, "data.name")
     root.topology = OmegaConf.structured(TOPOLOGY_SCHEMAS.get(str(topo), Topology))
     root.data = OmegaConf.structured(DATA_SCHEMAS.get(str(data), Data))
-    for block, cls in EXPERIMENT_BLOCKS.items():
+    for block in _block_homes():
         if _get(raw, block) is not None:
-            root[block] = OmegaConf.structured(cls)
+            root[block] = OmegaConf.structured(block_schema(block).cls)
     return root
 
 
@@ -665,6 +692,8 @@ def _field_type(dotted: str, raw: Any = None) -> Any:
             tp = TOPOLOGY_SCHEMAS.get(str(_get(raw, "topology.name")), Topology)
         elif part == "data" and cls is Config:
             tp = DATA_SCHEMAS.get(str(_get(raw, "data.name")), Data)
+        elif part in _block_homes() and cls is Config:
+            tp = block_schema(part).cls | None
         else:
             hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
             tp = hints.get(part, Any)
@@ -736,14 +765,20 @@ def closest(word: str, valid: Sequence[str]) -> list[str]:
     return close or [v for v in valid if sorted(v) == sorted(word)][:1]
 
 
+def _belongs(dotted: str) -> str:
+    """A key of an experiment block given without the preset that sets the block."""
+    top = dotted.split(".")[0]
+    preset = _block_homes()[top][0]
+    return (f"{dotted}: {top}.* belongs to experiment={preset}; add experiment={preset} "
+            "or drop the key")
+
+
 def unknown_key(dotted: str, raw: Any = None) -> str:
     """`nodse: unknown key; did you mean nodes?` (the closest valid key at that level)."""
     parent, _, leaf = dotted.rpartition(".")
     top = dotted.split(".")[0]
-    if parent and top in EXPERIMENT_BLOCKS and _get(raw, top) is None:
-        preset = BLOCK_PRESETS.get(top, top)
-        return (f"{dotted}: {top}.* belongs to experiment={preset}; add experiment={preset} "
-                "or drop the key")
+    if parent and top in _block_homes() and _get(raw, top) is None:
+        return _belongs(dotted)
     tp = _field_type(parent, raw) if parent else Config
     inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
     cls = inner[0]
@@ -759,11 +794,11 @@ def unknown_key(dotted: str, raw: Any = None) -> str:
 
 # ---------------------------------------------------------------- ranges and cross-field rules
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v: Any) -> bool:
+def is_num(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
@@ -771,7 +806,7 @@ def _is_list(v: Any) -> bool:
     return isinstance(v, Sequence) and not isinstance(v, str)
 
 
-def _choice(key: str, value: Any, choices: Sequence[str], hint: str = "") -> None:
+def check_choice(key: str, value: Any, choices: Sequence[str], hint: str = "") -> None:
     if value not in choices:
         close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
         guess = f" (did you mean {close[0]}?)" if close else ""
@@ -818,7 +853,7 @@ def _events(key: str, items: Sequence[Any], nodes: int, steps: int, hops: int) -
             if k not in item:
                 raise ConfigError(f"{where}={show(item)}: {k} is missing; an event needs node "
                                   "and step, e.g. {node: 3, step: 10, samples: all}")
-            if not _is_int(item[k]):
+            if not is_int(item[k]):
                 raise ConfigError(f"{where}.{k}={show(item[k])}: must be an integer")
         node, step = item["node"], item["step"]
         if not 0 <= node < nodes:
@@ -832,8 +867,8 @@ def _events(key: str, items: Sequence[Any], nodes: int, steps: int, hops: int) -
                               f"{step + hops}, past the last step {steps}; lower influence.hops "
                               "or pick an earlier step")
         samples = item.get("samples", "all")
-        ok = samples in ("all", None) or (_is_int(samples) and samples >= 1) or (
-            _is_list(samples) and all(_is_int(v) and v >= 0 for v in samples) and len(samples))
+        ok = samples in ("all", None) or (is_int(samples) and samples >= 1) or (
+            _is_list(samples) and all(is_int(v) and v >= 0 for v in samples) and len(samples))
         if not ok:
             raise ConfigError(f"{where}.samples={show(samples)}: must be all, a number k >= 1 "
                               "or a list of training sample ids")
@@ -886,7 +921,7 @@ def attribution_targets(target: Any, nodes: int) -> list[int] | None:
         return None
     if target == "per_node":
         return list(range(nodes))
-    if _is_list(target) and target and all(_is_int(v) for v in target):
+    if _is_list(target) and target and all(is_int(v) for v in target):
         _node_ids("attribution.target", target, nodes)
         if len(set(target)) < len(target):
             raise ConfigError(f"attribution.target={show(list(target))}: node ids repeat; "
@@ -1003,7 +1038,7 @@ def check_optim(o: Optim, steps: int, where: str = "optim") -> None:
 
 def check_removal(key: str, removal: Any, batch_size: int | None = None) -> None:
     top = batch_size if batch_size is not None else math.inf
-    if not (removal in ("batch", "single") or (_is_int(removal) and 1 <= removal <= top)):
+    if not (removal in ("batch", "single") or (is_int(removal) and 1 <= removal <= top)):
         limit = f" from 1 to batch_size={batch_size}" if batch_size is not None else ""
         raise ConfigError(f"{key}={show(removal)}: choose batch, single or a number of "
                           f"samples{limit}")
@@ -1011,7 +1046,7 @@ def check_removal(key: str, removal: Any, batch_size: int | None = None) -> None
 
 def check_influence(i: Influence, nodes: int, steps: int, batch_size: int) -> None:
     gt = i.ground_truth
-    if not (isinstance(gt, bool) or (_is_int(gt) and gt >= 0)):
+    if not (isinstance(gt, bool) or (is_int(gt) and gt >= 0)):
         raise ConfigError(f"influence.ground_truth={show(gt)}: true, false or a number K of "
                           "events to spot-check, e.g. influence.ground_truth=20")
     names = list(i.estimators)
@@ -1023,7 +1058,7 @@ def check_influence(i: Influence, nodes: int, steps: int, batch_size: int) -> No
                           f"estimators from {', '.join(ESTIMATORS)}, e.g. [dice_e, dice_gauss2]")
     check_removal("influence.removal", i.removal, batch_size)
     events = i.events
-    if _is_int(events):
+    if is_int(events):
         if events < 0:
             raise ConfigError(f"influence.events={events}: must be >= 0 (a number of events to "
                               "sample) or a list of {node, step, samples}")
@@ -1072,108 +1107,6 @@ def check_defense(d: Defense, proximal: bool) -> None:
     if d.kind == "dice" and not proximal:
         raise ConfigError("defense.kind=dice scores neighbours by proximal influence; "
                           "set influence.proximal=true")
-
-
-# ---------------------------------------------------------------- experiment blocks' rules
-
-def check_blocks(c: Config) -> None:
-    if c.alignment is not None:
-        check_alignment(c.alignment, c.optim, c.steps)
-    if (k := c.contribution) is not None:
-        if not k.node_counts or any(v < 2 for v in k.node_counts):
-            raise ConfigError(f"contribution.node_counts={show(k.node_counts)}: needs one or "
-                              "more node counts >= 2, e.g. contribution.node_counts=[8,16]")
-        if k.noise is not None and (any(not 0 <= v <= 1 for v in k.noise) or any(
-                n != len(k.noise) for n in k.node_counts)):
-            raise ConfigError(f"contribution.noise={show(k.noise)}: fractions in [0, 1], "
-                              "one per node of every contribution.node_counts, or null")
-    if (s := c.cleansing) is not None:
-        if not s.remove or any(not 0 < k < 1 for k in s.remove):
-            raise ConfigError(f"cleansing.remove={show(s.remove)}: fractions in (0, 1) of "
-                              "the training samples, e.g. cleansing.remove=[0.01,0.05]")
-    if c.collaborators is not None and c.driver is not None and c.attack.kind == "none":
-        raise ConfigError("experiment=collaborators needs an attack: pick one with "
-                          "attack=label_flip, attack=scaled_update, ...")
-    if (a := c.anomaly) is not None:
-        if "none" in a.attacks:
-            raise ConfigError("anomaly.attacks: none is not an attack; "
-                              f"choose from {', '.join(ATTACKS[1:])}")
-        ex = list(a.example)
-        if len(ex) != 2 or ex[0] not in ATTACKS[1:] or ex[1] not in TOPOLOGIES:
-            raise ConfigError(f"anomaly.example={show(ex)}: must be [attack, topology], "
-                              "e.g. anomaly.example=[label_flip, ring]")
-
-
-def check_alignment(a: Alignment, optim: Optim, steps: int) -> None:
-    for i, entry in enumerate(a.mid_min_spearman):
-        if not (isinstance(entry, Mapping) and set(entry) == {"lr", "min"} and _is_num(
-                entry["lr"]) and _is_num(entry["min"]) and -1 <= entry["min"] <= 1):
-            raise ConfigError(f"alignment.mid_min_spearman[{i}]={show(entry)}: an entry is "
-                              "{lr: 0.2, min: 0.99}")
-    data_keys = {f.name for cls in DATA_SCHEMAS.values() for f in dataclasses.fields(cls)}
-    for key in a.hard_data:
-        if key not in data_keys:
-            raise ConfigError(f"alignment.hard_data.{key}: not a data key")
-    cases = [(f"alignment.{kind}[{i}]", case) for kind in ("core", "hard", "optimizers")
-             for i, case in enumerate(getattr(a, kind))]
-    for where, case in cases:
-        check_case(where, case)
-        if "optim" in case:
-            try:
-                check_optim(_case_optim(optim, case), int(case.get("steps", steps)),
-                            f"{where}.optim")
-            except (OmegaConfBaseException, TypeError):
-                raise ConfigError(f"{where}.optim={show(case['optim'])}: optimizer keys other "
-                                  "than lr (the case's lr), e.g. {name: sgd, momentum: 0.9}"
-                                  ) from None
-    f = a.full
-    if any(not v > 0 for v in f.lrs):
-        raise ConfigError(f"alignment.full.lrs={show(f.lrs)}: must be positive")
-    for key in ("batch_sizes", "nodes"):
-        if any(v < 1 for v in getattr(f, key)):
-            raise ConfigError(f"alignment.full.{key}={show(getattr(f, key))}: must be >= 1")
-    check_removal("alignment.full.removal", f.removal)
-    check_removal("alignment.precision.removal", a.precision.removal)
-
-
-def _case_optim(base: Optim, case: Mapping) -> Optim:
-    """An alignment case's optimizer: the run's with the case's keys and lr."""
-    given = case["optim"]
-    if not isinstance(given, Mapping) or "lr" in given:
-        raise TypeError
-    merged = OmegaConf.merge(OmegaConf.structured(base), dict(given), {"lr": case["lr"]})
-    return OmegaConf.to_object(merged)
-
-
-def check_case(where: str, case: Any) -> None:
-    """One alignment case: {topology, lr, hops, ...} (the driver fills the rest)."""
-    if not isinstance(case, Mapping):
-        raise ConfigError(f"{where}={show(case)}: a case is {{topology, lr, hops, ...}}")
-    for k in case:
-        if k not in CASE_KEYS:
-            close = closest(str(k), CASE_KEYS)
-            fix = f"did you mean {close[0]}?" if close else f"keys: {', '.join(CASE_KEYS)}"
-            raise ConfigError(f"{where}.{k}: unknown key; {fix}")
-    for k in ("topology", "lr", "hops"):
-        if k not in case:
-            raise ConfigError(f"{where}: {k} is missing")
-    _choice(f"{where}.topology", case["topology"], TOPOLOGIES)
-    if "data" in case:
-        _choice(f"{where}.data", case["data"], DATASETS)
-    if not _is_num(case["lr"]) or not case["lr"] > 0:
-        raise ConfigError(f"{where}.lr={show(case['lr'])}: must be a positive number")
-    for k in ("hops", "batch_size", "nodes", "events", "steps"):
-        if k in case and not _is_int(case[k]):
-            raise ConfigError(f"{where}.{k}={show(case[k])}: must be an integer")
-    if not 0 <= case["hops"] <= MAX_HOPS:
-        raise ConfigError(f"{where}.hops={case['hops']}: must be from 0 to {MAX_HOPS}")
-    for k in ("check", "curvature"):
-        if k in case and not isinstance(case[k], bool):
-            raise ConfigError(f"{where}.{k}={show(case[k])}: must be true or false")
-    if "dtype" in case:
-        _choice(f"{where}.dtype", case["dtype"], DTYPES)
-    if "removal" in case:
-        check_removal(f"{where}.removal", case["removal"])
 
 
 # ---------------------------------------------------------------- composing from overrides
@@ -1239,6 +1172,12 @@ def keep_named_groups(cfg: DictConfig, overrides: Sequence[str]) -> list[str]:
             notes.append(f"{full}={show(value)} of {group}={option} over "
                          f"experiment={preset}'s {show(composed)}")
     return notes
+
+
+def _chosen_experiment(overrides: Sequence[str]) -> str | None:
+    """The experiment= preset of a command line (the last one named, else the default)."""
+    named = [o.partition("=")[2] for o in overrides if _key_of(o) == "experiment"]
+    return named[-1] if named else _default_choice("experiment")
 
 
 def _default_choice(group: str) -> str | None:
@@ -1340,10 +1279,6 @@ def _compose_error(err: Exception, overrides: Sequence[str], base: Any) -> str:
     m = re.search(r"Could not (?:override|append to config)[^']*'([^']+)'", str(err))
     cause = err.__cause__ or err.__context__
     key = m.group(1) if m else getattr(cause, "full_key", None)
-    if "Unexpected type for root" in str(err):  # a key under a block no preset added
-        key = next(_key_of(o) for o in overrides
-                   if _key_of(o).split(".")[0] in EXPERIMENT_BLOCKS)
-        return unknown_key(key, raw)
     if m and key:
         value = next((o.partition("=")[2] for o in reversed(overrides) if _key_of(o) == key), None)
         line = unknown_key(key, raw)

@@ -26,17 +26,43 @@ truths entry by entry (how precise float32 DICE-GT is).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dicesim.cli import Session
-from dicesim.config import Config, as_dict
+from dicesim.config import (
+    DATA_SCHEMAS,
+    DATASETS,
+    DTYPES,
+    MAX_HOPS,
+    TOPOLOGIES,
+    Config,
+    Optim,
+    TopologyName,
+    as_dict,
+    bounded,
+    check_choice,
+    check_optim,
+    check_removal,
+    closest,
+    default_list,
+    is_int,
+    is_num,
+    register_block,
+    show,
+)
+from dicesim.errors import ConfigError
 from dicesim.events import INFLUENCE_COLUMNS, InfluenceRow
 from dicesim.experiments import group_option, variant
 from dicesim.provenance import provenance_lines, stamped
@@ -49,6 +75,131 @@ from dicesim.report import (
     write_csv,
     write_json,
 )
+
+
+class Sweep(StrEnum):
+    core = "core"
+    full = "full"
+    optimizers = "optimizers"
+
+
+@dataclass
+class AlignmentFull:
+    topologies: list[TopologyName] = default_list("ring", "exponential", "torus", "hub",
+                                                  "one_peer_exponential")
+    lrs: list[float] = default_list(0.1, 0.01)
+    batch_sizes: list[int] = default_list(16, 32)
+    nodes: list[int] = default_list(16, 32)
+    curvature: list[bool] = default_list(True, False)
+    removal: str | int = "batch"
+    hops: int = bounded(3, 0, MAX_HOPS)
+    events: int = bounded(100, 0)
+    steps: int = bounded(60, 1)
+
+
+@dataclass
+class AlignmentPrecision:
+    enabled: bool = True
+    topology: TopologyName = TopologyName.ring
+    lr: float = bounded(0.05, 0, open_lo=True)
+    hops: int = bounded(8, 0, MAX_HOPS)
+    removal: str | int = "single"
+    events: int = bounded(200, 0)
+
+
+@dataclass
+class Alignment:
+    """The `alignment:` block of configs/experiment/alignment.yaml."""
+
+    sweep: Sweep = Sweep.core
+    min_spearman: float = bounded(0.99, -1, 1)
+    core: list[Any] = default_list()  # [{topology, lr, hops, removal, check, ...}]
+    hard: list[Any] = default_list()  # the same keys plus data: a data config name
+    optimizers: list[Any] = default_list()  # the same keys plus optim: {momentum: 0.9, ...}
+    hard_data: dict[str, Any] = field(default_factory=dict)  # data overrides of hard cases
+    mid_min_spearman: list[Any] = default_list()  # [{lr, min}]: dice_mid targets of hard cases
+    full: AlignmentFull = field(default_factory=AlignmentFull)
+    precision: AlignmentPrecision = field(default_factory=AlignmentPrecision)
+
+
+CASE_KEYS = ("topology", "lr", "hops", "removal", "check", "curvature", "batch_size", "nodes",
+             "data", "events", "steps", "dtype", "label", "optim")
+
+
+def check_alignment(c: Config) -> None:
+    a = c.alignment
+    for i, entry in enumerate(a.mid_min_spearman):
+        if not (isinstance(entry, Mapping) and set(entry) == {"lr", "min"} and is_num(
+                entry["lr"]) and is_num(entry["min"]) and -1 <= entry["min"] <= 1):
+            raise ConfigError(f"alignment.mid_min_spearman[{i}]={show(entry)}: an entry is "
+                              "{lr: 0.2, min: 0.99}")
+    data_keys = {f.name for cls in DATA_SCHEMAS.values() for f in dataclasses.fields(cls)}
+    for key in a.hard_data:
+        if key not in data_keys:
+            raise ConfigError(f"alignment.hard_data.{key}: not a data key")
+    cases = [(f"alignment.{kind}[{i}]", case) for kind in ("core", "hard", "optimizers")
+             for i, case in enumerate(getattr(a, kind))]
+    for where, case in cases:
+        check_case(where, case)
+        if "optim" in case:
+            try:
+                check_optim(_case_optim(c.optim, case), int(case.get("steps", c.steps)),
+                            f"{where}.optim")
+            except (OmegaConfBaseException, TypeError):
+                raise ConfigError(f"{where}.optim={show(case['optim'])}: optimizer keys other "
+                                  "than lr (the case's lr), e.g. {name: sgd, momentum: 0.9}"
+                                  ) from None
+    f = a.full
+    if any(not v > 0 for v in f.lrs):
+        raise ConfigError(f"alignment.full.lrs={show(f.lrs)}: must be positive")
+    for key in ("batch_sizes", "nodes"):
+        if any(v < 1 for v in getattr(f, key)):
+            raise ConfigError(f"alignment.full.{key}={show(getattr(f, key))}: must be >= 1")
+    check_removal("alignment.full.removal", f.removal)
+    check_removal("alignment.precision.removal", a.precision.removal)
+
+
+def _case_optim(base: Optim, case: Mapping) -> Optim:
+    """An alignment case's optimizer: the run's with the case's keys and lr."""
+    given = case["optim"]
+    if not isinstance(given, Mapping) or "lr" in given:
+        raise TypeError
+    merged = OmegaConf.merge(OmegaConf.structured(base), dict(given), {"lr": case["lr"]})
+    return OmegaConf.to_object(merged)
+
+
+def check_case(where: str, case: Any) -> None:
+    """One alignment case: {topology, lr, hops, ...} (the driver fills the rest)."""
+    if not isinstance(case, Mapping):
+        raise ConfigError(f"{where}={show(case)}: a case is {{topology, lr, hops, ...}}")
+    for k in case:
+        if k not in CASE_KEYS:
+            close = closest(str(k), CASE_KEYS)
+            fix = f"did you mean {close[0]}?" if close else f"keys: {', '.join(CASE_KEYS)}"
+            raise ConfigError(f"{where}.{k}: unknown key; {fix}")
+    for k in ("topology", "lr", "hops"):
+        if k not in case:
+            raise ConfigError(f"{where}: {k} is missing")
+    check_choice(f"{where}.topology", case["topology"], TOPOLOGIES)
+    if "data" in case:
+        check_choice(f"{where}.data", case["data"], DATASETS)
+    if not is_num(case["lr"]) or not case["lr"] > 0:
+        raise ConfigError(f"{where}.lr={show(case['lr'])}: must be a positive number")
+    for k in ("hops", "batch_size", "nodes", "events", "steps"):
+        if k in case and not is_int(case[k]):
+            raise ConfigError(f"{where}.{k}={show(case[k])}: must be an integer")
+    if not 0 <= case["hops"] <= MAX_HOPS:
+        raise ConfigError(f"{where}.hops={case['hops']}: must be from 0 to {MAX_HOPS}")
+    for k in ("check", "curvature"):
+        if k in case and not isinstance(case[k], bool):
+            raise ConfigError(f"{where}.{k}={show(case[k])}: must be true or false")
+    if "dtype" in case:
+        check_choice(f"{where}.dtype", case["dtype"], DTYPES)
+    if "removal" in case:
+        check_removal(f"{where}.removal", case["removal"])
+
+
+register_block("alignment", Alignment, check_alignment)
 
 TABLE_COLUMNS = ("set", "label", "data", "topology", "lr", "batch_size", "nodes", "removal",
                  "hops", "curvature", "dtype", "estimator", "view", "n", "pearson", "spearman",

@@ -31,8 +31,19 @@ from torch.nn.functional import cosine_similarity
 
 from dicesim.cli import Session, prepare_output
 from dicesim.comm import Channel
-from dicesim.config import Config
+from dicesim.config import (
+    ATTACKS,
+    TOPOLOGIES,
+    AttackKind,
+    Config,
+    TopologyName,
+    bounded,
+    default_list,
+    register_block,
+    show,
+)
 from dicesim.engine import RunParts, Simulation
+from dicesim.errors import ConfigError
 from dicesim.events import ProximalRow
 from dicesim.experiments import group_option, variant
 from dicesim.provenance import provenance_lines, stamped
@@ -40,6 +51,33 @@ from dicesim.report import footer, write_atomic, write_csv, write_json
 from dicesim.topology import senders
 from dicesim.trackers import Tracker
 from dicesim.trainer import RunResult, Step
+
+
+@dataclass
+class Anomaly:
+    """The `anomaly:` block of configs/experiment/anomaly.yaml."""
+
+    attacks: list[AttackKind] = default_list("label_flip", "feature_noise", "free_rider",
+                                             "scaled_update")
+    topologies: list[TopologyName] = default_list("ring", "exponential")
+    window: int | None = bounded(None, 1)
+    per_weight: bool = True
+    example: list[str] = default_list("label_flip", "ring")
+
+
+def check_anomaly(c: Config) -> None:
+    a = c.anomaly
+    if "none" in a.attacks:
+        raise ConfigError("anomaly.attacks: none is not an attack; "
+                          f"choose from {', '.join(ATTACKS[1:])}")
+    ex = list(a.example)
+    if len(ex) != 2 or ex[0] not in ATTACKS[1:] or ex[1] not in TOPOLOGIES:
+        raise ConfigError(f"anomaly.example={show(ex)}: must be [attack, topology], "
+                          "e.g. anomaly.example=[label_flip, ring]")
+
+
+register_block("anomaly", Anomaly, check_anomaly)
+
 
 METHODS = ("dice", "update_norm", "neg_cosine", "probe_loss")
 LABELS = {"dice": "DICE proximal influence", "update_norm": "update norm",

@@ -10,15 +10,29 @@ rel_err = Σ|A − R| / Σ|R| per kind; writes retrain.csv and retrain.png.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from dicesim.cli import Session
-from dicesim.config import Config
+from dicesim.config import Config, bounded, register_block
 from dicesim.data import batch_ids
 from dicesim.engine import Simulation
 from dicesim.experiments import variant
 from dicesim.report import write_all, write_atomic, write_csv, write_json
 from dicesim.stats import pearson, spearman
+
+
+@dataclass
+class Retrain:
+    """The `retrain:` block of configs/experiment/attribution.yaml: removals retrained."""
+
+    batches: int = bounded(100, 0)
+    samples: int = bounded(100, 0)
+
+
+register_block("retrain", Retrain)
+
 
 RETRAIN_COLUMNS = ("kind", "node", "step", "sample", "attribution", "retrained")
 

@@ -18,18 +18,35 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dicesim.cli import Session
-from dicesim.config import Config
+from dicesim.config import Config, TopologyName, bounded, default_list, register_block
 from dicesim.events import InfluenceRow
 from dicesim.experiments import variant
 from dicesim.experiments.alignment import topology_options
 from dicesim.provenance import provenance_lines, stamped
 from dicesim.report import footer, hop_totals, write_atomic, write_csv, write_json
 from dicesim.topology import Topology
+
+
+@dataclass
+class Cascade:
+    """The `cascade:` block of configs/experiment/cascade.yaml."""
+
+    topologies: list[TopologyName] = default_list("ring", "torus", "exponential",
+                                                  "one_peer_exponential", "hub")
+    draw: list[TopologyName] = default_list("ring", "torus", "exponential", "hub")
+    leaf: int | None = bounded(None, 0)
+    hub_first_step: int = bounded(0, 0)
+    hub_stride: int = bounded(2, 1)
+
+
+register_block("cascade", Cascade)
+
 
 TOTAL_COLUMNS = ("run", "hop", "mean_abs_total_e", "mean_abs_total_gt", "mean_abs_entry_e",
                  "mean_reached", "walk_mass")

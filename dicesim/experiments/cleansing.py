@@ -25,18 +25,43 @@ single-sample DICE-E events followed `cleansing.hops` hops.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from dicesim.cli import Session
-from dicesim.config import Config
+from dicesim.config import MAX_HOPS, Config, bounded, default_list, register_block, show
 from dicesim.data import batch_ids
 from dicesim.engine import Simulation
+from dicesim.errors import ConfigError
 from dicesim.experiments import variant
 from dicesim.provenance import provenance_lines, stamped
 from dicesim.report import footer, write_atomic, write_csv, write_json
 from dicesim.stats import average_ranks
+
+
+@dataclass
+class Cleansing:
+    """The `cleansing:` block of configs/experiment/cleansing.yaml."""
+
+    noisy_nodes: int = bounded(4, 1)  # nodes whose labels are partly flipped
+    flip: float = bounded(0.3, 0, 1, open_lo=True)  # fraction of a noisy node's labels flipped
+    remove: list[float] = default_list(0.01, 0.02, 0.05, 0.10)  # fractions k of samples removed
+    hops: int = bounded(2, 0, MAX_HOPS)  # r of the r-hop DICE-E baseline per sample
+    baseline_events: int = bounded(2000, 0)  # single-sample DICE-E events of the baseline
+    min_auc: float = bounded(0.95, 0, 1)
+
+
+def check_cleansing(c: Config) -> None:
+    s = c.cleansing
+    if not s.remove or any(not 0 < k < 1 for k in s.remove):
+        raise ConfigError(f"cleansing.remove={show(s.remove)}: fractions in (0, 1) of "
+                          "the training samples, e.g. cleansing.remove=[0.01,0.05]")
+
+
+register_block("cleansing", Cleansing, check_cleansing)
+
 
 SCORE_COLUMNS = ("sample", "node", "flipped", "full_horizon", "train_loss", "grad_norm",
                  "dice_r_hop")

@@ -25,12 +25,29 @@ import numpy as np
 from scipy.sparse.csgraph import connected_components
 
 from dicesim.cli import Session, prepare_output
-from dicesim.config import Config
+from dicesim.config import Config, TopologyName, default_list, register_block
 from dicesim.engine import Simulation
+from dicesim.errors import ConfigError
 from dicesim.experiments import group_option, variant
 from dicesim.provenance import provenance_lines, stamped
 from dicesim.report import footer, write_atomic, write_json
 from dicesim.trainer import RunResult
+
+
+@dataclass
+class Collaborators:
+    """The `collaborators:` block of configs/experiment/collaborators.yaml."""
+
+    topologies: list[TopologyName] = default_list("ring", "exponential")
+
+
+def check_collaborators(c: Config) -> None:
+    if c.driver is not None and c.attack.kind == "none":
+        raise ConfigError("experiment=collaborators needs an attack: pick one with "
+                          "attack=label_flip, attack=scaled_update, ...")
+
+
+register_block("collaborators", Collaborators, check_collaborators)
 
 # condition → (attacked?, defense.kind)
 CONDITIONS = {"no_attack": (False, "none"), "no_defense": (True, "none"),

@@ -26,19 +26,48 @@ samples (p_k from 0 to `noise_max`; the runs get it as `data.label_noise`).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dicesim.cli import Session
-from dicesim.config import Config
+from dicesim.config import MAX_HOPS, Config, bounded, default_list, register_block, show
 from dicesim.engine import Simulation
+from dicesim.errors import ConfigError
 from dicesim.events import InfluenceRow
 from dicesim.experiments import variant
 from dicesim.experiments.alignment import topology_options
 from dicesim.provenance import provenance_lines, stamped
 from dicesim.report import footer, write_atomic, write_csv, write_json
 from dicesim.stats import pearson, spearman
+
+
+@dataclass
+class Contribution:
+    """The `contribution:` block of configs/experiment/contribution.yaml."""
+
+    node_counts: list[int] = default_list(8, 16)
+    noise_max: float = bounded(0.6, 0, 1)
+    noise: list[float] | None = None
+    hops: int = bounded(2, 0, MAX_HOPS)
+    curvature: bool = True
+    min_spearman: float = bounded(0.8, -1, 1)
+
+
+def check_contribution(c: Config) -> None:
+    k = c.contribution
+    if not k.node_counts or any(v < 2 for v in k.node_counts):
+        raise ConfigError(f"contribution.node_counts={show(k.node_counts)}: needs one or "
+                          "more node counts >= 2, e.g. contribution.node_counts=[8,16]")
+    if k.noise is not None and (any(not 0 <= v <= 1 for v in k.noise) or any(
+            n != len(k.noise) for n in k.node_counts)):
+        raise ConfigError(f"contribution.noise={show(k.noise)}: fractions in [0, 1], "
+                          "one per node of every contribution.node_counts, or null")
+
+
+register_block("contribution", Contribution, check_contribution)
+
 
 NODE_COLUMNS = ("nodes", "node", "label_noise", "dice_r_hop", "dice_one_hop", "full_horizon",
                 "loo", "rank_dice", "rank_loo", "given", "received", "reciprocity", "balance")
