@@ -9,9 +9,14 @@ composing. `load` turns the composed tree into a `Config` (`OmegaConf.to_object`
 through the same check. Every failure is a ConfigError of one line:
 `<dotted key>=<value>: <what is wrong>; <how to fix it>`.
 
-To add a key: a field (its default, a comment) in its section below, with `bounded(…)` for
-a range or a rule in the section's `check_*` for a cross-field one; its use; its line in
-docs/config-schema.md.
+An experiment block (`alignment:`, `retrain:`, … — set only by an experiment= preset) is the
+exception: its dataclass and its rules live in the preset's driver module, which registers
+them (`register_block`); the root holds the block untyped, and `load` imports the driver by
+name and types the block with its schema before anything else, with the same messages.
+
+To add a key: a field (its default, a comment) in its section below (an experiment block's:
+in its driver module), with `bounded(…)` for a range or a rule in the section's `check_*`
+for a cross-field one; its use; its line in docs/config-schema.md.
 """
 
 from __future__ import annotations

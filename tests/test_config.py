@@ -5,6 +5,9 @@ Hydra's basic sweeper does, and the schema's choices match what the builders acc
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,6 +53,25 @@ def test_every_experiment_preset_composes_and_validates(experiment):
     for block, cls in config.EXPERIMENT_BLOCKS.items():  # only its own blocks are present
         present = config.BLOCK_PRESETS.get(block, block) == experiment
         assert isinstance(getattr(cfg, block), cls) if present else getattr(cfg, block) is None
+
+
+def test_each_block_is_its_preset_driver_s_and_loads_on_demand():
+    """A block's schema is registered by the driver its preset names, and composing one
+    experiment imports that driver and no other."""
+    for block, cls in config.EXPERIMENT_BLOCKS.items():
+        preset = config.BLOCK_PRESETS[block]
+        driver = OmegaConf.load(CONFIGS / "experiment" / f"{preset}.yaml").driver
+        assert cls.__module__ == f"dicesim.experiments.{driver}", (block, cls)
+    probe = ("import sys\nfrom dicesim.config import compose\n"
+             "assert not any(m.startswith('dicesim.experiments.') for m in sys.modules)\n"
+             "cfg = compose(['experiment=attribution'], quiet=True)\n"
+             "print(type(cfg.retrain).__module__, type(cfg.retrain).__name__)\n"
+             "print(sorted(m for m in sys.modules if m.startswith('dicesim.experiments.')))\n")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == ["dicesim.experiments.attribution Retrain",
+                                        "['dicesim.experiments.attribution']"]
 
 
 GROUP_OPTIONS = [(g, o) for g in ("topology", "data", "model", "optim", "influence", "attack",
