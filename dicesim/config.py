@@ -1267,14 +1267,24 @@ def compose_points(points: Sequence[Sequence[str]], quiet: bool = False) -> list
             try:
                 cfg = hydra_compose("config", overrides=list(overrides))
             except Exception as err:  # Hydra's override and composition errors
-                groups = [o for o in overrides if _key_of(o) in GROUPS]
-                try:  # the presets chosen decide the schema a key is looked up in
-                    base = hydra_compose("config", overrides=groups)
-                except Exception:
-                    base = None
-                raise ConfigError(_compose_error(err, overrides, base)) from None
+                groups = tuple(o for o in overrides if _key_of(o) in GROUPS)
+                raise ConfigError(_compose_error(err, overrides, _presets_alone(groups))
+                                  ) from None
             out.append(load(cfg, overrides, quiet))
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _presets_alone(groups: tuple[str, ...]) -> DictConfig | None:
+    """The config of a command line's group choices alone: the presets chosen decide the
+    schema an erroneous key is looked up in (composed inside compose_points' Hydra context;
+    read only)."""
+    from hydra import compose as hydra_compose
+
+    try:
+        return hydra_compose("config", overrides=list(groups))
+    except Exception:
+        return None
 
 
 def _compose_error(err: Exception, overrides: Sequence[str], base: Any) -> str:
