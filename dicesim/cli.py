@@ -21,8 +21,7 @@ from dicesim.config import (
     as_dict,
     check_group_choice,
     compose_checked,
-    keep_named_groups,
-    load,
+    load_noting,
     sweep_points,
 )
 from dicesim.config import GROUPS as GROUPS  # re-exported: the config groups users type
@@ -368,9 +367,8 @@ def _hydra_job(composed: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     overrides = list(HydraConfig.get().overrides.task)
-    kept = keep_named_groups(composed, overrides)
     try:  # the one validation boundary: typed schema, strict booleans, ranges
-        settings = load(composed, overrides)
+        settings, kept = load_noting(composed, overrides)
     except ConfigError as err:
         fail(str(err))
     execute(settings, kept)

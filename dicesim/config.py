@@ -499,12 +499,20 @@ def register() -> None:
 
 def load(composed: DictConfig, overrides: Sequence[str] = (), quiet: bool = False) -> Config:
     """The typed, checked settings of a config Hydra composed against the registered schema
-    (`overrides`: the command line's, to tell a preset's value from the user's)."""
+    (`overrides`: the command line's, to tell a preset's value from the user's); the values
+    a named group kept over the preset's are said unless quiet."""
+    settings, kept = load_noting(composed, overrides, quiet)
+    if kept and not quiet and os.environ.get("RANK", "0") == "0":
+        print(f"dicesim: kept {'; '.join(kept)}", flush=True)
+    return settings
+
+
+def load_noting(composed: DictConfig, overrides: Sequence[str] = (), quiet: bool = False
+                ) -> tuple[Config, list[str]]:
+    """`load`, returning the kept-value notes (`keep_named_groups`) instead of printing them."""
     try:
         _type_blocks(composed, overrides)
-        notes = keep_named_groups(composed, overrides)
-        if notes and not quiet and os.environ.get("RANK", "0") == "0":
-            print(f"dicesim: kept {'; '.join(notes)}", flush=True)
+        kept = keep_named_groups(composed, overrides)
         infer_nodes(composed, overrides)  # topology=file without nodes=: the file's size
         _strict_bools(composed, overrides)
         for o in overrides:  # Hydra lets `+key=v` add a key the schema does not have
@@ -516,7 +524,7 @@ def load(composed: DictConfig, overrides: Sequence[str] = (), quiet: bool = Fals
                 raise ConfigError(unknown_key(_key_of(o), composed))
         _fit_preset_events(composed, overrides, quiet)
         composed.influence.estimators = renamed_estimators(composed.influence.estimators)
-        return OmegaConf.to_object(composed)
+        return OmegaConf.to_object(composed), kept
     except OmegaConfBaseException as err:  # an interpolation that does not resolve or fit
         raise ConfigError(_explain(err, overrides)) from None
 
