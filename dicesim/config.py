@@ -32,7 +32,7 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -75,7 +75,6 @@ DTYPES, TOPOLOGIES, WEIGHT_SCHEMES = tuple(Dtype), tuple(TopologyName), tuple(We
 DATASETS, MODELS, ACTIVATIONS = tuple(DataName), tuple(ModelName), tuple(Activation)
 ATTACKS, DEFENSES = tuple(AttackKind), tuple(DefenseKind)
 ESTIMATORS = ("dice_e", "dice_mid", "dice_gauss2", "dice_e_nostate")  # influence.estimators
-OPTIMIZERS, SCHEDULES = tuple(OptimName), tuple(ScheduleName)
 DIRECTED = ("directed_ring", "exponential", "one_peer_exponential")  # no metropolis_hastings
 RENAMED_ESTIMATORS = {"dice_mid2": "dice_gauss2"}  # old name → new; accepted until next release
 MAX_HOPS = 8
@@ -353,30 +352,13 @@ def block_schema(name: str) -> BlockSchema:
     return _REGISTERED[name]
 
 
-class _ByBlock(Mapping[str, Any]):
-    """block name → a value computed on demand (`value(name)`); `in` and iteration need only
-    the names, so they import no driver."""
-
-    def __init__(self, value: Callable[[str], Any]) -> None:
-        self._value = value
-
-    def __getitem__(self, name: str) -> Any:
-        if name not in _block_homes():
-            raise KeyError(name)
-        return self._value(name)
-
-    def __contains__(self, name: object) -> bool:
-        return name in _block_homes()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(_block_homes())
-
-    def __len__(self) -> int:
-        return len(_block_homes())
+def block_names() -> list[str]:
+    return list(_block_homes())
 
 
-EXPERIMENT_BLOCKS: Mapping[str, type] = _ByBlock(lambda name: block_schema(name).cls)
-BLOCK_PRESETS: Mapping[str, str] = _ByBlock(lambda name: _block_homes()[name][0])
+def block_preset(name: str) -> str:
+    """The experiment= preset that sets a block."""
+    return _block_homes()[name][0]
 
 
 def check_blocks(c: Config) -> None:

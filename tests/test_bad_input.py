@@ -595,7 +595,7 @@ def test_every_schema_key_has_cases():
             assert f"{group}.{f.name}" in covered, (cls.__name__, f.name)
     hints = typing.get_type_hints(config.Config)
     for f in dataclasses.fields(config.Config):
-        if f.name in config.EXPERIMENT_BLOCKS or f.name in ("topology", "data"):
+        if f.name in config.block_names() or f.name in ("topology", "data"):
             continue
         if dataclasses.is_dataclass(hints[f.name]):
             for sub in dataclasses.fields(hints[f.name]):

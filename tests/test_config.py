@@ -50,16 +50,17 @@ def test_every_experiment_preset_composes_and_validates(experiment):
     cfg = checked(f"experiment={experiment}")
     assert isinstance(cfg, config.Config)
     assert cfg.name == experiment
-    for block, cls in config.EXPERIMENT_BLOCKS.items():  # only its own blocks are present
-        present = config.BLOCK_PRESETS.get(block, block) == experiment
+    for block in config.block_names():  # only its own blocks are present
+        cls = config.block_schema(block).cls
+        present = config.block_preset(block) == experiment
         assert isinstance(getattr(cfg, block), cls) if present else getattr(cfg, block) is None
 
 
 def test_each_block_is_its_preset_driver_s_and_loads_on_demand():
     """A block's schema is registered by the driver its preset names, and composing one
     experiment imports that driver and no other."""
-    for block, cls in config.EXPERIMENT_BLOCKS.items():
-        preset = config.BLOCK_PRESETS[block]
+    for block in config.block_names():
+        cls, preset = config.block_schema(block).cls, config.block_preset(block)
         driver = OmegaConf.load(CONFIGS / "experiment" / f"{preset}.yaml").driver
         assert cls.__module__ == f"dicesim.experiments.{driver}", (block, cls)
     probe = ("import sys\nfrom dicesim.config import compose\n"
@@ -225,8 +226,8 @@ def test_schema_defaults_match_the_yaml_presets():
              ("data/synthetic.yaml", None, config.SyntheticData())]
     pairs += [(f"topology/{name}.yaml", None, cls(name=name))
               for name, cls in config.TOPOLOGY_SCHEMAS.items()]
-    pairs += [(f"experiment/{config.BLOCK_PRESETS.get(block, block)}.yaml", block, cls())
-              for block, cls in config.EXPERIMENT_BLOCKS.items()]
+    pairs += [(f"experiment/{config.block_preset(block)}.yaml", block,
+               config.block_schema(block).cls()) for block in config.block_names()]
     for path, block, instance in pairs:
         yaml = OmegaConf.to_container(OmegaConf.load(CONFIGS / path))
         if block:
