@@ -227,7 +227,8 @@ class Commands:
         self._start("dry-run", [sys.executable, "-m", "dicesim", "dry_run=true"], env)
         self._start("torchrun-indivisible",
                     [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                     "--nproc_per_node=2", "-m", "dicesim", "nodes=3"], env)
+                     "--nproc_per_node=2", "-m", "dicesim", "device=cpu", "backend=gloo",
+                     "nodes=3"], env)
 
     def out(self, name: str) -> Path:
         return self.root / name / "run"
