@@ -323,6 +323,7 @@ KEYS = [
     ("dtype", [], ["[1]"], ["float16"]),
     ("device", [], ["[x]"], ["tpu"]),
     ("backend", [], ["[x]"], ["mpi"]),
+    ("allow_tf32", [], ["yes", "1"], []),
     ("timeout_s", [], ["abc"], ["0", "-5", "inf"]),
     ("eval_every", [], ["abc"], ["0"]),
     ("init", [], ["[x]"], ["random"]),

@@ -205,7 +205,7 @@ def test_one_gpu_run_matches_the_cpu_run():
 
     from conftest import REPO
 
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--only", "parity"],
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--only", "parity-1gpu"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "parity-1gpu: ok" in proc.stdout, proc.stdout
