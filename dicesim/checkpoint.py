@@ -37,6 +37,7 @@ NOT_RESULTS = {"name", "out_dir", "progress", "plots", "dry_run", "timeout_s", "
                "resume", "overwrite", "save_params", "device", "backend", "hydra",
                "abort_on_nonfinite", "divergence_factor", "influence.flush_every"}
 PREFIX = "step_"
+HOST_STATE = {"train_loss"}  # the trainer's state kept on the host (the divergence rule's)
 
 
 def result_settings(cfg: Mapping) -> dict[str, object]:
@@ -94,6 +95,19 @@ def _from_plain(obj: object) -> object:
     return obj
 
 
+def on_device(obj: object, device: torch.device) -> object:
+    """Every tensor of a loaded state on the rank's device, in one place: θ, the optimizer's
+    state, the trackers' rows, Proximal's received updates, the attribution keeper's θ^t
+    (numpy arrays, already back from _from_plain, stay on the host)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: on_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return (list if isinstance(obj, list) else tuple)(on_device(v, device) for v in obj)
+    return obj
+
+
 def _fsync_write(path: Path, write) -> None:
     with path.open("wb") as f:
         write(f)
@@ -128,8 +142,11 @@ class Checkpoints:
         trainer.checkpoints = self
         if self.resume_from is not None:
             rank = trainer.comm.rank
-            state = torch.load(self.resume_from / f"rank{rank}.pt", weights_only=True)
-            trainer.load_state_dict(_from_plain(state))
+            state = torch.load(self.resume_from / f"rank{rank}.pt", weights_only=True,
+                               map_location="cpu")
+            state = _from_plain(state)
+            trainer.load_state_dict({k: v if k in HOST_STATE else on_device(v, trainer.comm.device)
+                                     for k, v in state.items()})
 
     def save(self, trainer, step: int) -> None:
         gathered = trainer.comm.gather_to_root(_to_plain(trainer.state_dict()))

@@ -25,7 +25,7 @@ from dicesim.config import (
     sweep_points,
 )
 from dicesim.config import GROUPS as GROUPS  # re-exported: the config groups users type
-from dicesim.engine import Simulation, local_rank, resolve_device
+from dicesim.engine import Simulation, configure_device, local_rank, resolve_device
 from dicesim.errors import ConfigError
 from dicesim.events import ESTIMATORS
 from dicesim.provenance import headline
@@ -181,6 +181,7 @@ def open_session(cfg: Config) -> Session:
         device, backend = resolve_device(cfg, local_rank())
     except ConfigError as err:
         exit_with(str(err), 2, everyone=True)  # may differ per rank (its own GPU): all print
+    configure_device(device, cfg.allow_tf32)
     return Session(cfg, world, rank, device, backend)
 
 

@@ -36,6 +36,20 @@ if TYPE_CHECKING:
 
 STARTUP_TIMEOUT_S = 300  # the longest wait for every rank to arrive (or timeout_s if longer)
 
+# NCCL's work.wait() and all_reduce return at once by default (the GPU stream waits, not
+# the host), and a dead peer ends in the watchdog's SIGABRT with a dump. Blocking wait makes
+# every wait block the host and raise a RuntimeError after the group's timeout, which takes
+# the same one-line exit 3 path as gloo's; with it, async error handling is off. A value
+# the user set is kept.
+NCCL_ENV = {"TORCH_NCCL_BLOCKING_WAIT": "1", "TORCH_NCCL_DUMP_ON_TIMEOUT": "0"}
+
+
+def index_tensor(index: np.ndarray, device: torch.device) -> Tensor:
+    """An int64 index on `device` without a host sync: a boolean mask would need one
+    (nonzero), and a blocking host-to-device copy waits for the stream."""
+    host = torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64))
+    return host if device.type == "cpu" else host.to(device, non_blocking=True)
+
 
 class PeerError(RuntimeError):
     """A peer rank closed its connection (it died) or did not answer within timeout_s.
@@ -49,7 +63,8 @@ def failure_cause(err: BaseException) -> str:
     if "timed out" in text or "timeout" in text or "deadline" in text:
         return "timeout"
     if any(w in text for w in ("closed", "reset", "broken pipe", "refused", "eof",
-                               "connection", "socket")):
+                               "connection", "socket", "remote process exited",
+                               "ncclremoteerror")):
         return "closed"
     return "error"
 
@@ -138,12 +153,17 @@ class Comm:
         self.group = None  # the run's process group (timeout_s); None: the default one
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL collectives use the current device
+        if backend == "nccl":
+            for key, value in NCCL_ENV.items():
+                os.environ.setdefault(key, value)
         if self.world > 1 and not dist.is_initialized():
             try:
                 # ranks reach this after loading data and model, which can take a while on
-                # a busy machine: forming the group waits longer than a step may
+                # a busy machine: forming the group waits longer than a step may. device_id
+                # binds the group to this rank's GPU (else its first barrier warns that the
+                # device is unknown, a second line)
                 dist.init_process_group(
-                    backend=backend, device_id=None,
+                    backend=backend, device_id=device if device.type == "cuda" else None,
                     timeout=datetime.timedelta(seconds=max(timeout_s, STARTUP_TIMEOUT_S)))
             except RuntimeError as err:
                 raise self._peer_error(err, "start-up (forming the process group)",
@@ -180,7 +200,8 @@ class Comm:
     def _collective(self, fn: Callable, *args: object, phase: str) -> object:
         try:
             return fn(*args)
-        except RuntimeError as err:  # gloo/nccl raise on timeout or a closed connection
+        except RuntimeError as err:  # gloo, and nccl under blocking wait (NCCL_ENV), raise
+            # on a timeout or a closed connection
             raise self._peer_error(err, phase) from err
 
     def _suspects(self) -> dict[int, str]:
@@ -211,11 +232,12 @@ class Comm:
         if self.world == 1 or not (route.send or route.recv):
             return pending
         ops = []
-        local_nodes = [c.nodes[mine] for c, mine in zip(channels, owned, strict=True)]
-        for peer, wanted in route.send.items():
-            parts = [c.rows[torch.as_tensor(wanted[nodes], device=self.device)].reshape(-1)
-                     for c, nodes in zip(channels, local_nodes, strict=True)]
-            ops.append(dist.P2POp(dist.isend, torch.cat(parts), peer, self.group))
+        for peer in route.send:
+            parts = [c.rows[route.index("send", peer, c.nodes, mine, self.device)].reshape(-1)
+                     for c, mine in zip(channels, owned, strict=True)]
+            buf = torch.cat(parts)
+            pending.sent.append(buf)  # NCCL reads it on its stream: held until wait()
+            ops.append(dist.P2POp(dist.isend, buf, peer, self.group))
         for peer, wanted in route.recv.items():
             size = sum(int(wanted[c.nodes].sum()) * c.rows.shape[1] for c in channels)
             pending.received[peer] = torch.empty(size, dtype=channels[0].rows.dtype,
@@ -299,30 +321,33 @@ class PendingExchange:
     works: list = field(default_factory=list)
     received: dict[int, Tensor] = field(default_factory=dict)  # peer → its flat buffer
     peers: list[int] = field(default_factory=list)  # the peer of each work, in order
+    sent: list[Tensor] = field(default_factory=list)  # the send buffers, alive until wait()
 
     def wait(self) -> None:
-        device = self.comm.device
+        device, route = self.comm.device, self.route
         peer = None
         try:
             for i, work in enumerate(self.works):
                 peer = self.peers[i] if len(self.peers) == len(self.works) else None
                 work.wait()
-        except RuntimeError as err:  # gloo/nccl raise on timeout or a closed connection
+        except RuntimeError as err:  # gloo, and nccl under blocking wait, raise on a
+            # timeout or a closed connection
             raise self.comm._peer_error(err, f"exchange of step {self.step}", peer) from err
+        self.sent = []
         for c, local in zip(self.channels, self.owned, strict=True):
             if local.all():  # nothing to receive into: use the rows as they are
                 c.available = c.rows
                 continue
             c.available = c.rows.new_zeros(len(c.nodes), c.rows.shape[1])
-            c.available[torch.as_tensor(local, device=device)] = c.rows
+            c.available[route.index("own", self.comm.rank, c.nodes, local, device)] = c.rows
         for peer, buf in self.received.items():
             offset = 0
-            for c in self.channels:
-                mask = self.route.recv[peer][c.nodes]
-                count, width = int(mask.sum()), c.rows.shape[1]
+            for c, local in zip(self.channels, self.owned, strict=True):
+                at = route.index("recv", peer, c.nodes, local, device)
+                count, width = len(at), c.rows.shape[1]
                 if count:
                     block = buf[offset:offset + count * width].view(count, width)
-                    c.available[torch.as_tensor(mask, device=device)] = block
+                    c.available[at] = block
                 offset += count * width
 
 
@@ -404,6 +429,31 @@ class Route:
 
     send: dict[int, np.ndarray]
     recv: dict[int, np.ndarray]
+    nodes: int = 0  # n, the length of every mask
+    # device index tensors of channels over every node (the parameters', the optimizer
+    # state's, the updates'), made once per route: the engine keeps a route per step of the
+    # topology's period. Channels over fewer nodes (the trackers' rows) make theirs anew.
+    indices: dict[tuple[str, int], Tensor] = field(default_factory=dict, compare=False,
+                                                   repr=False)
+
+    def index(self, kind: str, peer: int, nodes: np.ndarray, owned: np.ndarray,
+              device: torch.device) -> Tensor:
+        """Row positions in a channel over `nodes` (`owned`: which of them are this rank's):
+        "send": among this rank's rows, those `peer` receives; "recv": among `nodes`, the
+        rows from `peer`; "own": among `nodes`, this rank's rows."""
+        key, every_node = (kind, peer), len(nodes) == self.nodes
+        if every_node and key in self.indices:
+            return self.indices[key]
+        if kind == "send":
+            positions = np.flatnonzero(self.send[peer][nodes[owned]])
+        elif kind == "recv":
+            positions = np.flatnonzero(self.recv[peer][nodes])
+        else:
+            positions = np.flatnonzero(owned)
+        found = index_tensor(positions, device)
+        if every_node:
+            self.indices[key] = found
+        return found
 
 
 def send_first(route: Route, layout: Layout) -> list[np.ndarray]:
@@ -437,4 +487,4 @@ def route(W: sparse.csr_array, layout: Layout) -> Route:
         from_them = heard_here & (owner == other)
         if from_them.any():
             recv[other] = from_them
-    return Route(send, recv)
+    return Route(send, recv, layout.nodes)

@@ -428,6 +428,7 @@ class Config:
     dtype: Dtype = Dtype.float32
     device: Device = Device.auto
     backend: Backend = Backend.auto
+    allow_tf32: bool = False  # TF32 float32 matmuls/convolutions on CUDA (Ampere and later)
     timeout_s: float = bounded(60.0, 0, open_lo=True)
     eval_every: int = bounded(10, 1)
     init: Init = Init.same
@@ -869,6 +870,17 @@ def _events(key: str, items: Sequence[Any], nodes: int, steps: int, hops: int) -
                               "or a list of training sample ids")
 
 
+def check_device(device: str, backend: str) -> None:
+    """gloo carries CPU tensors, NCCL CUDA tensors: the other pairings are refused."""
+    if device == "cuda" and backend == "gloo":
+        raise ConfigError("device=cuda with backend=gloo: gloo does not carry the exchange's "
+                          "CUDA tensors; use backend=nccl (or auto) on GPUs, or device=cpu "
+                          "backend=gloo for the CPU path")
+    if device == "cpu" and backend == "nccl":
+        raise ConfigError("device=cpu with backend=nccl: NCCL carries CUDA tensors only; use "
+                          "backend=gloo (or auto) on CPU, or device=cuda")
+
+
 def validate(c: Config) -> None:
     """Ranges and cross-field rules that types cannot express; ConfigError (one line)."""
     if c.divergence_factor is not None and not c.divergence_factor > 1:
@@ -876,6 +888,7 @@ def validate(c: Config) -> None:
                           "loss above it times the node's first training loss stops the run), "
                           "or null for off")
     check_ranges(c)
+    check_device(str(c.device), str(c.backend))
     if not c.name or "/" in c.name:
         raise ConfigError(f"name={show(c.name)}: must be a non-empty name without '/'; "
                           "set e.g. name=run")

@@ -61,7 +61,8 @@ def run_settings(cfg: Config) -> RunSettings:
 
 
 def resolve_device(cfg: Config, local_rank: int) -> tuple[torch.device, str]:
-    """(device, backend): gloo on CPU, nccl with one GPU per rank, unless overridden."""
+    """(device, backend): gloo on CPU, nccl with one GPU per rank, unless overridden. The
+    pairings gloo + cuda and nccl + cpu were refused by the schema (config.check_device)."""
     want_device, backend = cfg.device, cfg.backend
     gpus = torch.cuda.device_count()
     use_cuda = want_device == "cuda" or (want_device == "auto" and gpus > 0 and backend != "gloo")
@@ -72,15 +73,40 @@ def resolve_device(cfg: Config, local_rank: int) -> tuple[torch.device, str]:
         )
     if backend == "nccl" and not use_cuda:
         raise ConfigError("backend=nccl needs device=cuda (or auto); use backend=gloo on CPU")
-    if use_cuda and local_rank >= gpus:
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    if not use_cuda:
+        return torch.device("cpu"), backend
+    return torch.device("cuda", gpu_index(local_rank, gpus)), backend
+
+
+def gpu_index(local_rank: int, gpus: int, visible: str | None = None) -> int:
+    """The GPU of the rank with this LOCAL_RANK among the `gpus` it sees: its own index when
+    the ranks of a machine share the GPUs (torchrun), 0 when CUDA_VISIBLE_DEVICES names one
+    device (srun --gpus-per-task=1: each rank sees only its own GPU)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    own_gpu_only = gpus == 1 and visible is not None and len(
+        [d for d in visible.split(",") if d.strip()]) == 1
+    if own_gpu_only:
+        return 0
+    if local_rank >= gpus:
         raise ConfigError(
             f"local rank {local_rank} has no GPU of its own ({gpus} visible); NCCL needs one GPU "
             f"per rank: use --nproc_per_node={gpus} and more nodes per rank"
         )
-    if backend == "auto":
-        backend = "nccl" if use_cuda else "gloo"
-    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
-    return device, backend
+    return local_rank
+
+
+def configure_device(device: torch.device, allow_tf32: bool) -> None:
+    """On CUDA: the current device (NCCL and the object collectives use it) and float32
+    matmuls and convolutions in full float32 unless allow_tf32 (TF32 keeps 10 mantissa
+    bits: a counterfactual difference of a removed sample drowns in that rounding)."""
+    if device.type != "cuda":
+        return
+    torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+    torch.set_float32_matmul_precision("high" if allow_tf32 else "highest")
 
 
 # seeds of the evaluation subsets, apart from every other stream drawn from `seed`
@@ -326,7 +352,7 @@ class Simulation:
                       test: tuple[Tensor, Tensor]) -> list[float]:
         """Per-row accuracy on `test` (RunParts.node_test: the evaluation plan's subset)."""
         _, acc = model.probe_eval(theta, *test, interruptible=True)
-        return [float(a) for a in acc]
+        return acc.double().tolist()  # one copy to the host, each value exact
 
 
 @dataclass

@@ -107,9 +107,11 @@ class LaunchSpec:
             raise LaunchError("python executable must not be empty")
 
     def effective_overrides(self) -> list[str]:
-        """The overrides, plus ``device=cuda`` on GPUs unless the user chose a device."""
+        """The overrides, plus ``device=cuda`` on GPUs unless the user chose a device or a
+        backend (``backend=gloo`` keeps the CPU path: gloo does not carry CUDA tensors)."""
         overrides = list(self.overrides)
-        if self.gpus_per_machine > 0 and not any(_key(o) == "device" for o in overrides):
+        chosen = {_key(o) for o in overrides}
+        if self.gpus_per_machine > 0 and not chosen & {"device", "backend"}:
             overrides.append("device=cuda")
         return overrides
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dicesim.comm import Channel, Comm, Route, route, send_first, sparse_tensor
+from dicesim.comm import Channel, Comm, Route, index_tensor, route, send_first, sparse_tensor
 from dicesim.events import Event, InfluenceRow, ProximalRow
 from dicesim.faults import inject
 from dicesim.optim import State
@@ -104,7 +104,7 @@ def row_index(rows: np.ndarray, device: torch.device) -> Tensor | slice:
     """Index of these local rows: a slice (views, no copies) when they are consecutive."""
     if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and np.all(np.diff(rows) == 1):
         return slice(int(rows[0]), int(rows[-1]) + 1)
-    return torch.as_tensor(rows, device=device)
+    return index_tensor(rows, device)
 
 
 class Blocks:
@@ -137,8 +137,12 @@ class StepClock:
     the main thread's CPU inside the windows plus, on a multi-rank run with one torch
     thread, every other thread's CPU (there those are gloo's I/O threads)."""
 
-    def __init__(self, others_are_comm: bool):
+    def __init__(self, others_are_comm: bool, device: torch.device | None = None):
         self.others_are_comm = others_are_comm  # count threads other than this one as gossip
+        # CUDA launches return before the work is done: the clock is read after it is
+        self.settle = (torch.cuda.synchronize if device is not None and device.type == "cuda"
+                       else lambda: None)
+        self.settle()
         self.wall0, self.cpu0, self.main0 = (time.perf_counter(), time.process_time(),
                                              time.thread_time())
         self.gossip_wall = self.gossip_main_cpu = 0.0
@@ -151,6 +155,7 @@ class StepClock:
         self.gossip_main_cpu += time.thread_time() - cpu
 
     def elapsed(self) -> float:
+        self.settle()
         return time.perf_counter() - self.wall0
 
     def stop(self, result: RunResult) -> None:
@@ -188,7 +193,9 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         p = self.parts
         self.start = int(state["step"])
-        self.theta = state["theta"].to(self.comm.device)
+        # every tensor is on comm.device already (checkpoint.on_device) but the last training
+        # losses, kept on the host where the divergence rule and the metrics read them
+        self.theta = state["theta"]
         self.train_loss = state["train_loss"]
         self.comm.guard.initial = {int(k): float(v) for k, v in state["loss_reference"].items()}
         p.optimizer.load_state_dict(state["optimizer"])
@@ -218,7 +225,7 @@ class Trainer:
         mixing: dict[int, Tensor] = {}  # W^t[local, :] (sparse), while no aggregator alters it
         groups: dict[int, list[np.ndarray]] = {}  # local rows in the order they are stepped
         every = max(1, s.steps // 10)
-        clock = StepClock(comm.world > 1 and torch.get_num_threads() == 1)
+        clock = StepClock(comm.world > 1 and torch.get_num_threads() == 1, dev)
         chunk = model.rows_per_chunk(s.batch_size)  # rows a cache-sized local step takes
         theta = self.theta
         blocks = Blocks()  # the untracked step's θ^{t+½}, s^{t+½} and θ^{t+1}, reused
@@ -405,9 +412,13 @@ class Trainer:
         comm.guard.observe(t, sim.layout.local_nodes, loss, "probe")  # divergence rule
         mean = comm.all_sum(theta.sum(0)) / sim.run.nodes  # θ̄
         dist = (theta - mean).norm(dim=1)
-        tl = self.train_loss
-        rows = [MetricRow(t, int(k), float(tl[i]) if not final else math.nan, float(loss[i]),
-                          float(acc[i]), float(dist[i]))
+        tl = self.train_loss.tolist()
+        # one copy to the host for every row (a float() per value would wait for the device
+        # 3 × rows times); float64 holds each value exactly
+        probe_loss, probe_acc, dists = torch.stack([loss.double(), acc.double(),
+                                                    dist.double()]).tolist()
+        rows = [MetricRow(t, int(k), tl[i] if not final else math.nan, probe_loss[i],
+                          probe_acc[i], dists[i])
                 for i, k in enumerate(sim.layout.local_nodes)]
         gathered = comm.gather_to_root(rows)
         if comm.rank == 0:

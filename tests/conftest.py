@@ -15,6 +15,28 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 
 
+# the CPU path, pinned wherever a test means it: with device=auto a GPU host would put
+# rank 0 on its GPU and refuse rank 1 ("local rank 1 has no GPU") or, with two GPUs, run
+# NCCL where the test expects gloo's messages
+CPU_PATH = ("device=cpu", "backend=gloo")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """`@pytest.mark.gpu` (or `gpu(2)`: that many GPUs) tests skip, saying why, on a host
+    without enough CUDA devices."""
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for item in items:
+        marker = item.get_closest_marker("gpu")
+        if marker is None:
+            continue
+        needed = marker.args[0] if marker.args else 1
+        if visible < needed:
+            item.add_marker(pytest.mark.skip(
+                reason=f"needs {needed} CUDA GPU(s), {visible} visible"))
+
+
 def make_config(*overrides: str):
     """The typed settings, composed as `python -m dicesim <overrides>` would."""
     return compose(overrides, quiet=True)
@@ -27,12 +49,13 @@ def free_port() -> int:
 
 
 def dicesim_command(ranks: int = 0) -> list[str]:
-    """`python -m dicesim` (ranks=0) or plain torchrun with `ranks` local processes."""
+    """`python -m dicesim` (ranks=0) or plain torchrun with `ranks` local processes, on the
+    CPU path (a later device=/backend= override wins)."""
     if ranks:
         return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
                 f"--nproc_per_node={ranks}", "--rdzv-backend=c10d",
-                f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "dicesim"]
-    return [sys.executable, "-m", "dicesim"]
+                f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "dicesim", *CPU_PATH]
+    return [sys.executable, "-m", "dicesim", *CPU_PATH]
 
 
 def run_dicesim(out: Path, *overrides: str, ranks: int = 0, timeout: float = 240,

@@ -227,7 +227,8 @@ class Commands:
         self._start("dry-run", [sys.executable, "-m", "dicesim", "dry_run=true"], env)
         self._start("torchrun-indivisible",
                     [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                     "--nproc_per_node=2", "-m", "dicesim", "nodes=3"], env)
+                     "--nproc_per_node=2", "-m", "dicesim", "device=cpu", "backend=gloo",
+                     "nodes=3"], env)
 
     def out(self, name: str) -> Path:
         return self.root / name / "run"
@@ -322,6 +323,7 @@ KEYS = [
     ("dtype", [], ["[1]"], ["float16"]),
     ("device", [], ["[x]"], ["tpu"]),
     ("backend", [], ["[x]"], ["mpi"]),
+    ("allow_tf32", [], ["yes", "1"], []),
     ("timeout_s", [], ["abc"], ["0", "-5", "inf"]),
     ("eval_every", [], ["abc"], ["0"]),
     ("init", [], ["[x]"], ["random"]),

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def dicesim(*overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "dicesim", *overrides], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "dicesim", "device=cpu", "backend=gloo",
+                           *overrides], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 
 

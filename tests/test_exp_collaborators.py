@@ -33,7 +33,8 @@ def test_tiny_run_dice_cuts_the_attacker(tmp_path: Path) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "dicesim", "experiment=collaborators", "nodes=6", "steps=40",
+        [sys.executable, "-m", "dicesim", "device=cpu", "backend=gloo", "experiment=collaborators",
+         "nodes=6", "steps=40",
          "attack.nodes=[1]", "collaborators.topologies=[complete]", f"out_dir={out}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import CPU_PATH, REPO
 
 TIMEOUT_S = 3
-SMALL = ["nodes=4", "batch_size=8", "data.probe_size=40", "progress=false", "plots=false",
-         "data.max_train=400"]
+SMALL = [*CPU_PATH, "nodes=4", "batch_size=8", "data.probe_size=40", "progress=false",
+         "plots=false", "data.max_train=400"]
 
 
 def processes_with(token: str) -> list[int]:

@@ -114,6 +114,16 @@ def test_gpus_mean_one_rank_per_gpu_and_cuda():
         torchrun_command(LaunchSpec(gpus_per_machine=2, procs_per_machine=4))
 
 
+@pytest.mark.parametrize("chosen", ["backend=gloo", "++backend=gloo", "device=cpu",
+                                    "backend=nccl"])
+def test_gpus_keep_the_users_device_or_backend(chosen):
+    """`--gpus 2 -- backend=gloo` is the CPU path: device=cuda added to it would send CUDA
+    tensors through gloo (which the config refuses)."""
+    spec = LaunchSpec(gpus_per_machine=2, overrides=["nodes=8", chosen])
+    assert spec.effective_overrides() == ["nodes=8", chosen]
+    assert "device=cuda" not in torchrun_command(spec)
+
+
 @pytest.mark.parametrize("bad", [dict(machines=0), dict(procs_per_machine=0),
                                  dict(gpus_per_machine=-1), dict(port=70000)])
 def test_invalid_specs_are_refused(bad):

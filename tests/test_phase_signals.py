@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import CPU_PATH, REPO
 
 from dicesim.checkpoint import complete
 
-TINY = ["nodes=4", "steps=6", "batch_size=8", "data.probe_size=40", "data.max_train=400",
+TINY = [*CPU_PATH, "nodes=4", "steps=6", "batch_size=8", "data.probe_size=40", "data.max_train=400",
         "model.hidden=[8]", "influence.events=2", "influence.hops=1", "progress=false",
         "plots=false", "eval_every=2"]
 # phase[@N] to pause at: (its extra overrides, the line's words)

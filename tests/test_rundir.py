@@ -9,13 +9,13 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import CPU_PATH, REPO
 from test_faults import strict_json
 
 from dicesim import rundir
 from dicesim.rundir import RunDirError, Target
 
-FAST = ["nodes=4", "steps=4", "batch_size=8", "model.hidden=[8]", "data.probe_size=40",
+FAST = [*CPU_PATH, "nodes=4", "steps=4", "batch_size=8", "model.hidden=[8]", "data.probe_size=40",
         "data.max_train=400", "influence.events=0", "progress=false", "plots=false",
         "eval_every=2"]
 

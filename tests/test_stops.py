@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import CPU_PATH, REPO
 from test_faults import events_complete, processes_with, strict_json
 
 from dicesim.report import write_json
 from dicesim.stopping import SIGNALS, Guard
 
-SMALL = ["nodes=4", "batch_size=8", "data.probe_size=40", "progress=false", "plots=false",
-         "data.max_train=400"]
+SMALL = [*CPU_PATH, "nodes=4", "batch_size=8", "data.probe_size=40", "progress=false",
+         "plots=false", "data.max_train=400"]
 LONG = [*SMALL, "progress=true", "model.hidden=[8]", "steps=100000", "eval_every=10",
         "influence.hops=1", "influence.flush_every=10",
         "influence.events=[{node:0,step:2},{node:1,step:5}]"]
