@@ -122,11 +122,11 @@ class Session:
     def simulate(self, sim: Simulation, on_flush=None, checkpoints=None) -> RunResult:
         """Run one simulation. A peer failure ends this rank (exit 3, one line); a signal
         or a diverged loss raises Stopped on every rank at the same step."""
-        if self.cfg.driver:  # an experiment's next run
-            SIGNALS.check("experiment")
         try:
             if self.comm is None:
                 self.comm = Comm(self.backend, sim.run.timeout_s, self.device)
+            if self.cfg.driver:  # an experiment's next run: every rank starts it
+                SIGNALS.check_together("experiment")
             self.comm.guard = guard_for(sim.cfg, self.world, self.rank)
             return sim.execute(self.comm, log=self.say, checkpoints=checkpoints,
                                on_flush=on_flush)
@@ -152,7 +152,7 @@ def stopped(session: Session, stop: Stopped, sim: Simulation | None) -> None:
     is finished, then all leave together (the others wait in the closing barrier, so plain
     torchrun, which ends the remaining ranks once one has exited non-zero, cannot cut the
     writing short), run the signal hooks, exit with one line. A signal answered after the
-    step loop (stop.phase) was seen by this rank alone: no closing barrier then."""
+    step loop (stop.phase) was answered at an agreed check point: on every rank too."""
     if stop.reason == "signal":
         SIGNALS.answered = True  # writing the finished rows below is not interrupted again
     if session.rank == 0 and session.out is not None and sim is not None:
@@ -166,8 +166,7 @@ def stopped(session: Session, stop: Stopped, sim: Simulation | None) -> None:
             status["first_nonfinite"] = {"step": f.step, "node": f.node,
                                          "metric": LOSS_METRIC[f.what], "value": f.value}
         write_all(session.out, sim, stop.result, plots=False, status=status)
-    if stop.phase is None or session.world == 1:
-        session.close()
+    session.close()
     if stop.reason == "signal":
         for hook in on_signal:
             hook(stop.detail, stop.step)
