@@ -170,6 +170,8 @@ def stopped(session: Session, stop: Stopped, sim: Simulation | None) -> None:
     if stop.reason == "signal":
         for hook in on_signal:
             hook(stop.detail, stop.step)
+    if session.comm is not None:
+        session.comm.let_rank0_leave_first()
     exit_with(stop.message(session.out), stop.code,
               prefix="" if stop.reason == "signal" else "error: ")
 
@@ -273,6 +275,9 @@ def execute(cfg: Config, kept: Sequence[str] = ()) -> dict | None:
     try:
         return run_session(session, kept)
     except Interrupted as stop:  # a phase outside the step loop answered a signal
+        session.close()  # several ranks: all answered it at the same agreed check point
+        if session.comm is not None:
+            session.comm.let_rank0_leave_first()
         where = f"; the files written so far are in {session.out}" if session.out else ""
         exit_with(f"interrupted in the {stop.phase} phase ({SIGNAL_NAMES[stop.signum]})"
                   f"{where}", stop.code, prefix="")

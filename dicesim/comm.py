@@ -169,6 +169,17 @@ class Comm:
         if SIGNALS.agree == self.agree_signal:
             SIGNALS.agree = None  # no peer waits for this rank any more: its checks answer
 
+    def let_rank0_leave_first(self, limit_s: float = 2.0) -> None:
+        """After a stop every rank agreed on, a rank other than 0 (on rank 0's machine) waits
+        until rank 0 has exited: rank 0 prints the run's line, and torchrun sends SIGTERM to
+        the ranks still running once one has exited — to rank 0, after a signal of its own,
+        that would be a second one (exit at once, a second line)."""
+        if self.rank == 0 or not self.peers or self.peers[0][0] != socket.gethostname():
+            return
+        deadline = time.monotonic() + limit_s
+        while process_state(self.peers[0][1]) != "exited" and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     def agree_signal(self, pending: int, phase: str) -> int:
         """max over ranks of `pending` (a signal number, 0: none): every rank learns whether
         any has a signal to answer at this check point (stopping.Signals.check_together)."""

@@ -221,12 +221,13 @@ class PhaseChecks:
 
 
 _checks_seen: dict[str, int] = {}
+PAUSE_S = 120  # tests start several runs at once on a small machine
 
 
 def pause_for_test(phase: str) -> None:
     """Tests only: with DICESIM_TEST_PAUSE=<phase>[@N]:<marker>, at the N-th (default first)
     check of `phase` write the marker file (with several ranks: <marker>.<rank>) and wait
-    (at most 60 s) for a signal, or for the test to remove the marker."""
+    (at most PAUSE_S) for a signal, or for the test to remove the marker."""
     name, _, marker = os.environ.get(PAUSE_ENV, "").partition(":")
     name, _, nth = name.partition("@")
     if name != phase or not marker:
@@ -237,7 +238,7 @@ def pause_for_test(phase: str) -> None:
     rank, world = _rank_world()
     path = Path(f"{marker}.{rank}" if world > 1 else marker)
     path.write_text(str(os.getpid()))
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + PAUSE_S
     while SIGNALS.received is None and time.monotonic() < deadline and path.exists():
         time.sleep(0.01)
 
