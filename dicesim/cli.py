@@ -13,7 +13,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dicesim import rundir
-from dicesim.checkpoint import Checkpoints, find_resume, first_difference, result_settings
+from dicesim.checkpoint import (
+    Checkpoints,
+    as_written,
+    difference,
+    find_resume,
+    first_difference,
+    result_settings,
+)
 from dicesim.comm import Comm, PeerError
 from dicesim.config import (
     CONFIG_DIR,
@@ -259,10 +266,10 @@ def check_same_run(folder: Path, cfg: Config) -> bool:
     if not written.is_file():
         return False
     before, now = result_settings(OmegaConf.load(written)), result_settings(cfg)
-    key = first_difference(before, now)
+    key = first_difference(as_written(before), now)
     if key is not None:
-        raise ConfigError(f"resume=auto: {folder} holds a run with other settings ({key}="
-                          f"{before.get(key)!r}, now {now.get(key)!r}) and no checkpoint; "
+        raise ConfigError(f"resume=auto: {folder} holds a run with other settings "
+                          f"({difference(key, before, now)}) and no checkpoint; "
                           "choose another out_dir, or overwrite=true")
     return True
 
