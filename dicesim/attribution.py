@@ -41,7 +41,7 @@ from dicesim.comm import Channel, mix, route, sparse_tensor
 from dicesim.config import Attribution as AttributionConfig
 from dicesim.config import attribution_targets
 from dicesim.optim import State
-from dicesim.stopping import SIGNALS
+from dicesim.stopping import PhaseChecks
 from dicesim.trackers import Tracker
 from dicesim.writers import write_csv
 
@@ -162,6 +162,8 @@ class ReversePass:
         # ranks and its local rows as a torch sparse block (as the trainer caches them)
         self.mixing: dict[tuple[int, bool], tuple[object, object, Tensor]] = {}
         self.peak = 0
+        # one check point per recomputed step and per reverse step, the same on every rank
+        self.check = PhaseChecks("attribution", 2 * self.sim.run.steps)
 
     def _mixing(self, t: int, transposed: bool, like: Tensor) -> tuple[object, object, Tensor]:
         """W^t (sparse) or its transpose — the adjoint's receivers are the forward senders —
@@ -190,7 +192,7 @@ class ReversePass:
         mixed = opt.state_names if opt.gossip_state else ()
         out = []
         for t in range(a, b):
-            SIGNALS.check("attribution")
+            self.check()
             x, y, w = p.batch(t)
             g, _ = p.model.grads(theta, x, y, w)
             update, new = opt.step(t, self.local, theta, state, g)
@@ -254,7 +256,7 @@ class ReversePass:
             adj_numel = (1 + len(mu)) * lam.numel()
             self.peak = max(self.peak, kept_numel + seg_numel + 2 * adj_numel)
             for t in reversed(range(a, b)):
-                SIGNALS.check("attribution")
+                self.check()
                 r = seg[t - a]
                 theta, state, g = r["theta"], r["state"], r["grad"]
                 x, y, w = r["batch"]
@@ -285,6 +287,7 @@ class ReversePass:
                 lam = (flat(lam_half) + bar_theta + hv).view(m, n_loc, P)  # λ^t
                 mu = {n: v.view(m, n_loc, P) for n, v in bar_s.items()}  # μ^t
             del seg
+        self.check.end()
         wall = time.perf_counter() - start
         itemsize = torch.finfo(dtype).bits // 8
         gathered = self.comm.gather_to_root((batch, samples, ids, weights,

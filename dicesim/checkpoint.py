@@ -38,6 +38,12 @@ NOT_RESULTS = {"name", "out_dir", "progress", "plots", "dry_run", "timeout_s", "
                "abort_on_nonfinite", "divergence_factor", "influence.flush_every"}
 PREFIX = "step_"
 HOST_STATE = {"train_loss"}  # the trainer's state kept on the host (the divergence rule's)
+#: settings added after runs were already written, with the value that such a run ran with:
+#: a config.yaml or a checkpoint without the key counts as that value
+BEFORE_IT_EXISTED: dict[str, object] = {
+    "eval.budget": None,  # every node on everything
+    "allow_tf32": False,  # no run had used CUDA
+}
 
 
 def result_settings(cfg: Mapping) -> dict[str, object]:
@@ -60,6 +66,25 @@ def result_settings(cfg: Mapping) -> dict[str, object]:
         out["influence.estimators"] = [RENAMED_ESTIMATORS.get(n, n) if isinstance(n, str)
                                        else n for n in names]
     return out
+
+
+def as_written(before: Mapping) -> dict[str, object]:
+    """result_settings read back from a run directory or a checkpoint (BEFORE_IT_EXISTED
+    fills the keys that it predates)."""
+    return {**BEFORE_IT_EXISTED, **before}
+
+
+def _shown(value: object) -> str:
+    return "null" if value is None else repr(value)
+
+
+def difference(key: str, written: Mapping, now: Mapping) -> str:
+    """How `key` differs, for a refusal's line (`written`: as read back, before as_written)."""
+    if key in BEFORE_IT_EXISTED and key not in written:
+        then = _shown(BEFORE_IT_EXISTED[key])
+        return (f"{key}: absent, written before that setting existed, so it ran as {key}="
+                f"{then}; now {key}={_shown(now.get(key))}; resume with {key}={then}")
+    return f"{key}={written.get(key)!r}, now {now.get(key)!r}"
 
 
 def first_difference(before: dict, now: dict) -> str | None:
@@ -190,12 +215,12 @@ def find_resume(folder: Path, cfg: Mapping, world: int, explicit: bool) -> Path 
     if meta["ranks"] != world:
         raise ConfigError(f"resume: the checkpoint {latest} was written by {meta['ranks']} "
                           f"rank(s), this run has {world}; resume with the same number of ranks")
-    key = first_difference(meta["settings"], result_settings(cfg))
+    now = result_settings(cfg)
+    key = first_difference(as_written(meta["settings"]), now)
     if key is not None:
-        then, now = meta["settings"].get(key), result_settings(cfg).get(key)
-        raise ConfigError(
-            f"resume: {key}={then!r} in the checkpoint {latest.name}, but {key}={now!r} "
-            "now; resume with the same settings or start a new run")
+        raise ConfigError(f"resume: the checkpoint {latest.name} has other settings "
+                          f"({difference(key, meta['settings'], now)}); resume with the "
+                          "same settings or start a new run")
     if not all((latest / f"rank{r}.pt").is_file() for r in range(world)):
         raise ConfigError(f"resume: {latest} is missing a rank's file")
     return latest

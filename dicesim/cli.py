@@ -13,7 +13,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dicesim import rundir
-from dicesim.checkpoint import Checkpoints, find_resume, first_difference, result_settings
+from dicesim.checkpoint import (
+    Checkpoints,
+    as_written,
+    difference,
+    find_resume,
+    first_difference,
+    result_settings,
+)
 from dicesim.comm import Comm, PeerError
 from dicesim.config import (
     CONFIG_DIR,
@@ -121,11 +128,11 @@ class Session:
     def simulate(self, sim: Simulation, on_flush=None, checkpoints=None) -> RunResult:
         """Run one simulation. A peer failure ends this rank (exit 3, one line); a signal
         or a diverged loss raises Stopped on every rank at the same step."""
-        if self.cfg.driver:  # an experiment's next run
-            SIGNALS.check("experiment")
         try:
             if self.comm is None:
                 self.comm = Comm(self.backend, sim.run.timeout_s, self.device)
+            if self.cfg.driver:  # an experiment's next run: every rank starts it
+                SIGNALS.check_together("experiment")
             self.comm.guard = guard_for(sim.cfg, self.world, self.rank)
             return sim.execute(self.comm, log=self.say, checkpoints=checkpoints,
                                on_flush=on_flush)
@@ -151,7 +158,7 @@ def stopped(session: Session, stop: Stopped, sim: Simulation | None) -> None:
     is finished, then all leave together (the others wait in the closing barrier, so plain
     torchrun, which ends the remaining ranks once one has exited non-zero, cannot cut the
     writing short), run the signal hooks, exit with one line. A signal answered after the
-    step loop (stop.phase) was seen by this rank alone: no closing barrier then."""
+    step loop (stop.phase) was answered at an agreed check point: on every rank too."""
     if stop.reason == "signal":
         SIGNALS.answered = True  # writing the finished rows below is not interrupted again
     if session.rank == 0 and session.out is not None and sim is not None:
@@ -165,11 +172,12 @@ def stopped(session: Session, stop: Stopped, sim: Simulation | None) -> None:
             status["first_nonfinite"] = {"step": f.step, "node": f.node,
                                          "metric": LOSS_METRIC[f.what], "value": f.value}
         write_all(session.out, sim, stop.result, plots=False, status=status)
-    if stop.phase is None or session.world == 1:
-        session.close()
+    session.close()
     if stop.reason == "signal":
         for hook in on_signal:
             hook(stop.detail, stop.step)
+    if session.comm is not None:
+        session.comm.let_rank0_leave_first()
     exit_with(stop.message(session.out), stop.code,
               prefix="" if stop.reason == "signal" else "error: ")
 
@@ -258,10 +266,10 @@ def check_same_run(folder: Path, cfg: Config) -> bool:
     if not written.is_file():
         return False
     before, now = result_settings(OmegaConf.load(written)), result_settings(cfg)
-    key = first_difference(before, now)
+    key = first_difference(as_written(before), now)
     if key is not None:
-        raise ConfigError(f"resume=auto: {folder} holds a run with other settings ({key}="
-                          f"{before.get(key)!r}, now {now.get(key)!r}) and no checkpoint; "
+        raise ConfigError(f"resume=auto: {folder} holds a run with other settings "
+                          f"({difference(key, before, now)}) and no checkpoint; "
                           "choose another out_dir, or overwrite=true")
     return True
 
@@ -274,6 +282,9 @@ def execute(cfg: Config, kept: Sequence[str] = ()) -> dict | None:
     try:
         return run_session(session, kept)
     except Interrupted as stop:  # a phase outside the step loop answered a signal
+        session.close()  # several ranks: all answered it at the same agreed check point
+        if session.comm is not None:
+            session.comm.let_rank0_leave_first()
         where = f"; the files written so far are in {session.out}" if session.out else ""
         exit_with(f"interrupted in the {stop.phase} phase ({SIGNAL_NAMES[stop.signum]})"
                   f"{where}", stop.code, prefix="")

@@ -29,7 +29,7 @@ from torch import Tensor
 from dicesim.arrays import spans
 from dicesim.errors import ConfigError
 from dicesim.faults import inject
-from dicesim.stopping import Guard, Stopped
+from dicesim.stopping import SIGNALS, Guard, Stopped
 
 if TYPE_CHECKING:
     from scipy import sparse
@@ -178,6 +178,7 @@ class Comm:
             self._collective(dist.all_gather_object, peers, (socket.gethostname(), os.getpid()),
                              self.group, phase="start-up")
             self.peers = peers
+            SIGNALS.agree = self.agree_signal  # phases after training stop together
 
     def close(self) -> None:
         """Leave together: a rank tearing gloo down while a peer still talks to it aborts."""
@@ -185,6 +186,27 @@ class Comm:
             inject(self.rank, 0, "barrier")
             self._collective(dist.barrier, self.group, phase="closing barrier")
             dist.destroy_process_group()
+        if SIGNALS.agree == self.agree_signal:
+            SIGNALS.agree = None  # no peer waits for this rank any more: its checks answer
+
+    def let_rank0_leave_first(self, limit_s: float = 2.0) -> None:
+        """After a stop every rank agreed on, a rank other than 0 (on rank 0's machine) waits
+        until rank 0 has exited: rank 0 prints the run's line, and torchrun sends SIGTERM to
+        the ranks still running once one has exited — to rank 0, after a signal of its own,
+        that would be a second one (exit at once, a second line)."""
+        if self.rank == 0 or not self.peers or self.peers[0][0] != socket.gethostname():
+            return
+        deadline = time.monotonic() + limit_s
+        while process_state(self.peers[0][1]) != "exited" and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def agree_signal(self, pending: int, phase: str) -> int:
+        """max over ranks of `pending` (a signal number, 0: none): every rank learns whether
+        any has a signal to answer at this check point (stopping.Signals.check_together)."""
+        flag = torch.tensor([float(pending)], device=self.device)
+        self._collective(dist.all_reduce, flag, dist.ReduceOp.MAX, self.group,
+                         phase=f"signal check of the {phase} phase")
+        return int(flag.item())
 
     def stop(self, t: int, result: object) -> None:
         """Raise Stopped on every rank (the guard's agreed reason) at step t."""

@@ -348,10 +348,11 @@ class Simulation:
             model.probe_grads(theta[:1], *probe.at(torch.arange(1)))
             model.hvps(theta[:1], theta[:1], xb, yb, w)
 
-    def test_accuracy(self, model: FlatModel, theta: Tensor,
-                      test: tuple[Tensor, Tensor]) -> list[float]:
-        """Per-row accuracy on `test` (RunParts.node_test: the evaluation plan's subset)."""
-        _, acc = model.probe_eval(theta, *test, interruptible=True)
+    def test_accuracy(self, model: FlatModel, theta: Tensor, test: tuple[Tensor, Tensor],
+                      together: bool = True) -> list[float]:
+        """Per-row accuracy on `test` (RunParts.node_test: the evaluation plan's subset);
+        `together`: every rank makes this pass (False: rank 0 alone)."""
+        _, acc = model.probe_eval(theta, *test, interruptible=True, together=together)
         return acc.double().tolist()  # one copy to the host, each value exact
 
 

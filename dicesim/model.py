@@ -19,7 +19,7 @@ from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 from dicesim.config import MODELS as MODELS  # re-exported
 from dicesim.config import Model
 from dicesim.errors import ConfigError
-from dicesim.stopping import SIGNALS
+from dicesim.stopping import PhaseChecks
 
 # activation elements one evaluation chunk may hold (16 MiB in float32, 32 MiB in float64)
 EVAL_BUDGET = 1 << 22
@@ -310,10 +310,13 @@ class FlatModel:
     # x, y: one probe set for every row, or (per_row=True) one per row, stacked
     def probe_eval(self, theta: Tensor, x: Tensor, y: Tensor, per_row: bool = False,
                    budget: int = EVAL_BUDGET, accuracy: bool = True,
-                   interruptible: bool = False) -> tuple[Tensor, Tensor]:
+                   interruptible: bool = False, together: bool = True
+                   ) -> tuple[Tensor, Tensor]:
         """Probe loss L'(θ) and accuracy per row (for regression the "accuracy" is −loss).
         `interruptible`: a signal raises Interrupted between chunks (the test pass after
-        training; not the step loop's probes, which stop at an agreed step).
+        training; not the step loop's probes, which stop at an agreed step); `together`:
+        every rank makes this pass with the same shapes, so some of those checks are agreed
+        ones (stopping.PhaseChecks); False: a pass that rank 0 makes alone.
 
         Streams over chunks of rows and of samples so that no chunk holds more than about
         `budget` activation elements, whatever the number of rows and samples: the same
@@ -324,12 +327,14 @@ class FlatModel:
         step = max(1, min(rows, budget // (width * samples)))
         loss = theta.new_zeros(rows)
         correct = torch.zeros(rows, dtype=torch.long, device=theta.device)
+        chunks = -(-rows // step) * -(-m // samples)
+        check = PhaseChecks("evaluation", chunks, together) if interruptible else None
         with torch.no_grad():
             for r0 in range(0, rows, step):
                 r = slice(r0, min(rows, r0 + step))
                 for s0 in range(0, m, samples):
-                    if interruptible:
-                        SIGNALS.check("evaluation")
+                    if check is not None:
+                        check()
                     s = slice(s0, min(m, s0 + samples))
                     xs, ys = (x[r, s], y[r, s]) if per_row else (x[s], y[s])
                     out = self._forward_rows(theta[r], xs, per_row)  # [rows, samples, out]
@@ -341,6 +346,8 @@ class FlatModel:
                         out.flatten(0, 1), ys.flatten(), reduction="none").view(ys.shape).sum(1)
                     if accuracy:
                         correct[r] += (out.argmax(-1) == ys).sum(1)
+        if check is not None:
+            check.end()
         loss = loss / m
         return loss, -loss if self.regression else correct.to(theta.dtype) / m
 

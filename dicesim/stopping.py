@@ -17,8 +17,19 @@
   pass, writing outputs and figures, a checkpoint's files, an experiment's next run — call
   ``SIGNALS.check(phase)`` at their iteration points: the first signal not yet answered
   raises :class:`Interrupted` there (within one iteration), and the caller turns it into
-  the same one line and exit 130/143. ``DICESIM_TEST_PAUSE=<phase>[@N]:<marker file>`` (tests
-  only) pauses at that phase's N-th check until a signal arrives (:func:`pause_for_test`).
+  the same one line and exit 130/143.
+- Phases with collectives on several ranks (the final evaluation, the reverse pass, an
+  experiment's next run): a rank that raised alone would leave its peers waiting in the
+  next gather until timeout_s (exit 3). While a process group is live (``SIGNALS.agree``
+  set by the Comm) a rank's own ``check`` raises nothing; the check points that every rank
+  reaches in the same order call ``check_together``: one tiny ``all_reduce(max)`` of "a
+  signal is pending", after which every rank raises :class:`Interrupted` at the same point
+  with the same signal. :class:`PhaseChecks` makes a few of a phase's n check points agreed
+  ones (the first and every ⌈n / AGREED_PER_PASS⌉-th), so a phase costs a handful of
+  collectives and answers within about 1/AGREED_PER_PASS of its length.
+- ``DICESIM_TEST_PAUSE=<phase>[@N]:<marker file>`` (tests only) pauses at that phase's N-th
+  check until a signal arrives (:func:`pause_for_test`); with several ranks each rank writes
+  ``<marker>.<rank>`` and also goes on when the test removes that file.
 - Exit: :func:`exit_with` prints the one line (in a multi-rank run rank 0 prints, unless
   ``everyone``), or, under ``python -m dicesim.launch`` (``DICESIM_STATUS_DIR`` set), leaves it
   in a status file for the launcher, which prints exactly one line for the whole run.
@@ -114,13 +125,36 @@ class Signals:
         self.received: int | None = None
         self.answered = False  # a stop for `received` is under way: check() raises no more
         self.previous: dict[int, object] = {}
+        # while several ranks share a live process group: (pending signal or 0, phase) →
+        # the largest over all ranks (Comm.agree_signal); None: this process stops alone
+        self.agree: Callable[[int, str], int] | None = None
+
+    @property
+    def pending(self) -> int:
+        return self.received if self.received is not None and not self.answered else 0
 
     def check(self, phase: str) -> None:
-        """Raise Interrupted if a signal arrived that no stop has answered yet."""
+        """A rank's own check point: raise Interrupted if a signal arrived that no stop has
+        answered yet — unless peers share a live group (`agree`): then only the agreed check
+        points answer it, a peer may be waiting for this rank in a collective."""
         pause_for_test(phase)
-        if self.received is not None and not self.answered:
+        signum = self.pending
+        if self.agree is None and signum:
             self.answered = True
-            raise Interrupted(self.received, phase)
+            raise Interrupted(signum, phase)
+
+    def check_together(self, phase: str) -> None:
+        """A check point that every rank reaches in the same order: with several ranks, all
+        raise Interrupted here if any has a signal pending (the largest signal number: SIGTERM
+        over SIGINT); one process: the same as check."""
+        if self.agree is None:
+            self.check(phase)
+            return
+        pause_for_test(phase)
+        agreed = self.agree(self.pending, phase)
+        if agreed:
+            self.answered = True
+            raise Interrupted(agreed, phase)
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -156,12 +190,44 @@ class Interrupted(Exception):  # noqa: N818 - not an error: a requested stop
         return SIGNAL_CODES.get(self.signum, 130)
 
 
+#: with several ranks, the agreed check points of a phase of n check points (PhaseChecks)
+AGREED_PER_PASS = 8
+
+
+class PhaseChecks:
+    """The n check points of one pass of `phase`, called in order. `together` (every rank
+    runs the same pass, the same n): the first, every ⌈n / AGREED_PER_PASS⌉-th and `end()`
+    are agreed (check_together), the others a rank's own; otherwise all are a rank's own
+    (a pass that rank 0 makes alone)."""
+
+    def __init__(self, phase: str, n: int, together: bool = True):
+        self.phase, self.together = phase, together
+        self.stride = max(1, -(-n // AGREED_PER_PASS))
+        self.seen = 0
+
+    def __call__(self) -> None:
+        i, self.seen = self.seen, self.seen + 1
+        if self.together and i % self.stride == 0:
+            SIGNALS.check_together(self.phase)
+        else:
+            SIGNALS.check(self.phase)
+
+    def end(self) -> None:
+        """After the pass's last piece: a signal that came during it is answered here."""
+        if self.together:
+            SIGNALS.check_together(self.phase)
+        else:
+            SIGNALS.check(self.phase)
+
+
 _checks_seen: dict[str, int] = {}
+PAUSE_S = 120  # tests start several runs at once on a small machine
 
 
 def pause_for_test(phase: str) -> None:
     """Tests only: with DICESIM_TEST_PAUSE=<phase>[@N]:<marker>, at the N-th (default first)
-    check of `phase` write the marker file and wait (at most 60 s) for a signal."""
+    check of `phase` write the marker file (with several ranks: <marker>.<rank>) and wait
+    (at most PAUSE_S) for a signal, or for the test to remove the marker."""
     name, _, marker = os.environ.get(PAUSE_ENV, "").partition(":")
     name, _, nth = name.partition("@")
     if name != phase or not marker:
@@ -169,9 +235,11 @@ def pause_for_test(phase: str) -> None:
     _checks_seen[phase] = _checks_seen.get(phase, 0) + 1
     if _checks_seen[phase] != int(nth or 1):
         return
-    Path(marker).write_text(str(os.getpid()))
-    deadline = time.monotonic() + 60
-    while SIGNALS.received is None and time.monotonic() < deadline:
+    rank, world = _rank_world()
+    path = Path(f"{marker}.{rank}" if world > 1 else marker)
+    path.write_text(str(os.getpid()))
+    deadline = time.monotonic() + PAUSE_S
+    while SIGNALS.received is None and time.monotonic() < deadline and path.exists():
         time.sleep(0.01)
 
 
@@ -271,7 +339,8 @@ class Stopped(Exception):  # noqa: N818 - not an error: a requested stop
 
     @classmethod
     def after(cls, interrupted: Interrupted, step: int, result: object) -> Stopped:
-        """A signal answered in a phase after step `step`'s training (this rank only)."""
+        """A signal answered in a phase after step `step`'s training (with several ranks at
+        an agreed check point: on every rank)."""
         return cls("signal", step, interrupted.signum, result, phase=interrupted.phase)
 
     @property

@@ -362,15 +362,17 @@ class Trainer:
         eval_at = time.perf_counter()
         try:
             acc = sim.test_accuracy(model, theta, p.node_test)
+            gathered = comm.gather_to_root((theta.cpu(), acc, aggregator.state_dict()))
+            if comm.rank == 0:
+                result.final_params = torch.cat([g[0] for g in gathered])
+                result.test_acc = [a for g in gathered for a in g[1]]
+                result.aggregator = [g[2] for g in gathered]
+                theta_bar = result.final_params.mean(0, keepdim=True).to(theta.device)  # θ̄^T
+                result.consensus_test_acc = sim.test_accuracy(model, theta_bar, p.test,
+                                                              together=False)[0]
+            SIGNALS.check_together("evaluation")  # a signal during rank 0's consensus pass
         except Interrupted as stop:
             raise Stopped.after(stop, s.steps, result) from None
-        gathered = comm.gather_to_root((theta.cpu(), acc, aggregator.state_dict()))
-        if comm.rank == 0:
-            result.final_params = torch.cat([g[0] for g in gathered])
-            result.test_acc = [a for g in gathered for a in g[1]]
-            result.aggregator = [g[2] for g in gathered]
-            theta_bar = result.final_params.mean(0, keepdim=True).to(theta.device)  # θ̄^T
-            result.consensus_test_acc = sim.test_accuracy(model, theta_bar, p.test)[0]
         result.eval_s = time.perf_counter() - eval_at
         return result
 

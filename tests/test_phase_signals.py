@@ -13,12 +13,15 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
-from conftest import CPU_PATH, REPO
+from conftest import CPU_PATH, REPO, free_port
+from test_faults import processes_with
 
 from dicesim.checkpoint import complete
+from dicesim.stopping import SIGNAL_CODES
 
 TINY = [*CPU_PATH, "nodes=4", "steps=6", "batch_size=8", "data.probe_size=40", "data.max_train=400",
         "model.hidden=[8]", "influence.events=2", "influence.hops=1", "progress=false",
@@ -123,3 +126,142 @@ def test_check_raises_once_per_signal():
         signals.check("figures")
     assert (info.value.phase, info.value.code) == ("figures", 130)
     signals.check("outputs")  # answered: the writing that follows goes on
+
+
+# ---- several ranks: every rank answers at the same agreed check point -------------------------
+RANKS_TIMEOUT_S = 60  # the run's timeout_s: a rank left waiting would end with exit 3 after it
+RANKS_LATENCY_S = 10.0  # signal → every process gone, launcher or torchrun included
+# name: (how, phase, extra overrides, whom to signal: a rank, or "all" (the launcher or each
+# rank, as torchrun forwards it), the signal)
+RANK_CASES = {
+    "evaluation-rank1": ("launcher", "evaluation", [], 1, signal.SIGTERM),
+    "evaluation-all": ("launcher", "evaluation", [], "all", signal.SIGTERM),
+    "attribution-rank0": ("launcher", "attribution", CASES["attribution"][0], 0, signal.SIGTERM),
+    "attribution-all": ("launcher", "attribution", CASES["attribution"][0], "all",
+                        signal.SIGINT),
+    "evaluation-rank1-torchrun": ("torchrun", "evaluation", [], 1, signal.SIGTERM),
+}
+
+
+class PausedRanks:
+    """A 2-rank run (dicesim.launch or plain torchrun) whose ranks both pause at the first
+    check of `phase` (each writes marker.<rank> holding its pid)."""
+
+    def __init__(self, root: Path, how: str, phase: str, extra: list[str]):
+        self.out = root / "run"
+        self.marker = root / "marker"
+        self.token = uuid.uuid4().hex
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "DICESIM_TEST_TOKEN": self.token,
+               "DICESIM_TEST_PAUSE": f"{phase}:{self.marker}"}
+        for key in ("DICESIM_FAULT", "WORLD_SIZE", "RANK", "DICESIM_STATUS_DIR"):
+            env.pop(key, None)
+        head = (["-m", "dicesim.launch", "torchrun", "--procs", "2", "--no-preflight", "--"]
+                if how == "launcher" else
+                ["-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                 "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+                 "-m", "dicesim"])
+        self.proc = subprocess.Popen(
+            [sys.executable, *head, *TINY, *extra, f"timeout_s={RANKS_TIMEOUT_S}",
+             f"out_dir={self.out}"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def interrupt(self, whom: int | str, signum: int) -> tuple[int, str, float]:
+        """(exit code, stderr, seconds from the signal to the end of the command)."""
+        markers = [Path(f"{self.marker}.{rank}") for rank in (0, 1)]
+        deadline = time.monotonic() + START_S
+        while not all(m.exists() for m in markers):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                _, err = self.proc.communicate(timeout=30)
+                pytest.fail(f"never reached the phase (exit {self.proc.returncode}):\n{err}")
+            time.sleep(0.05)
+        pids = [int(m.read_text()) for m in markers]
+        if whom == "all":
+            sent = time.monotonic()
+            if isinstance(self.proc.args, list) and "dicesim.launch" in self.proc.args:
+                self.proc.send_signal(signum)  # the launcher → torchrun → every rank
+            else:
+                for pid in pids:
+                    os.kill(pid, signum)
+        else:  # the other rank goes on first and waits in the agreed check's all_reduce
+            markers[1 - whom].unlink()
+            time.sleep(0.5)
+            sent = time.monotonic()
+            os.kill(pids[whom], signum)
+        _, err = self.proc.communicate(timeout=RANKS_TIMEOUT_S + 60)
+        return self.proc.returncode, err, time.monotonic() - sent
+
+
+@pytest.fixture(scope="module")
+def rank_runs(tmp_path_factory):
+    started = {name: PausedRanks(tmp_path_factory.mktemp(name), how, phase, extra)
+               for name, (how, phase, extra, _, _) in RANK_CASES.items()}
+    yield started
+    for run in started.values():
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.communicate()
+
+
+@pytest.mark.parametrize("name", list(RANK_CASES))
+def test_ranks_answer_a_signal_together(rank_runs, name: str):
+    """A signal to one rank (the other already waits in a collective) or to all: every rank
+    stops at the same agreed check point with the signal's code and one line, none ends
+    with exit 3 (peer lost), and the finished rows and an interrupted summary are on disk."""
+    how, phase, _, whom, signum = RANK_CASES[name]
+    run = rank_runs[name]
+    code, err, latency = run.interrupt(whom, signum)
+    print(f"{name}: {latency:.2f} s")  # noqa: T201 - the measured latency (pytest -s)
+    ours = [line for line in err.splitlines() if line.startswith("dicesim:")]
+    want = SIGNAL_CODES[signum]
+    assert len(ours) == 1, err[-3000:]
+    line = ours[0]
+    assert line.startswith(f"dicesim: interrupted in the {phase} phase at step 6 "
+                           f"({signal.Signals(signum).name}); finished rows are in "
+                           f"{run.out}"), line
+    if how == "launcher":
+        assert code == want and "Traceback" not in err, err[-3000:]
+    else:  # torchrun exits 1 with its own report: every rank's exit code is the signal's
+        assert code == 1 and "exitcode  : 3" not in err, err[-3000:]
+        assert err.count(f"exitcode  : {want}") == 2, err[-3000:]
+    assert latency < RANKS_LATENCY_S, f"{name}: {latency:.2f} s from the signal to exit"
+    assert {int(r["step"]) for r in metric_rows(run.out)} == {0, 2, 4, 6}
+    assert json.loads((run.out / "summary.json").read_text())["status"] == "interrupted"
+    assert processes_with(run.token) == []
+
+
+def test_agreed_checks_are_few_and_raise_on_every_rank(monkeypatch):
+    """PhaseChecks over n check points makes ⌈n / ⌈n/AGREED_PER_PASS⌉⌉ agreed ones plus the
+    end; while a group is live a rank's own check raises nothing, and an agreed one raises
+    on a rank with no signal of its own when a peer has one (its number, not this rank's)."""
+    from dicesim import stopping
+    from dicesim.stopping import AGREED_PER_PASS, Interrupted, PhaseChecks, Signals
+
+    signals = Signals()
+    monkeypatch.setattr(stopping, "SIGNALS", signals)
+    calls: list[tuple[int, str]] = []
+    peer = {"signal": 0}
+
+    def agree(pending: int, phase: str) -> int:
+        calls.append((pending, phase))
+        return max(pending, peer["signal"])
+
+    signals.agree = agree
+    n = 20
+    checks = PhaseChecks("attribution", n)
+    for _ in range(n):
+        checks()
+    checks.end()
+    stride = -(-n // AGREED_PER_PASS)
+    assert len(calls) == len(range(0, n, stride)) + 1 == 8
+    assert calls[0] == (0, "attribution")
+    signals.received = signal.SIGINT
+    signals.check("evaluation")  # a rank's own check: a peer may wait for this rank
+    peer["signal"] = signal.SIGTERM
+    with pytest.raises(Interrupted) as info:
+        PhaseChecks("evaluation", 3)()
+    assert (info.value.signum, info.value.phase) == (signal.SIGTERM, "evaluation")
+    assert calls[-1] == (signal.SIGINT, "evaluation")
+    alone = PhaseChecks("evaluation", 3, together=False)  # rank 0's own pass: no collective
+    alone()
+    alone.end()
+    assert len(calls) == 9

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, dicesim_command
+from conftest import REPO, dicesim_command, make_config
 
 from dicesim.checkpoint import complete
 
@@ -150,3 +150,54 @@ def test_the_launcher_refuses_a_checkpoint_of_another_rank_count(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"dicesim: error: resume: the checkpoint {out}/checkpoints/step_000004 was written by "
         "1 rank(s), this run has 2; resume with the same number of ranks"]
+
+
+def test_resume_auto_on_a_run_directory_from_before_eval_budget(tmp_path):
+    """A config.yaml and checkpoints written before `eval:` existed count as eval.budget=null
+    (every node evaluated on everything, as those runs did): resume=auto with
+    eval.budget=null continues the run (from its checkpoint, or afresh in the directory
+    without one) and writes the same metrics; with the default budget it is refused with
+    one line that says so."""
+    import json
+    import shutil
+
+    import yaml
+
+    run = (*RUN, "dtype=float64", "checkpoint.every=4", "steps=8")
+    old = tmp_path / "old"
+    ok(dicesim(*run, f"out_dir={old}"))
+    config = yaml.safe_load((old / "config.yaml").read_text())
+    del config["eval"]
+    (old / "config.yaml").write_text(yaml.safe_dump(config))
+    for meta in (old / "checkpoints").glob("*/meta.json"):
+        written = json.loads(meta.read_text())
+        del written["settings"]["eval.budget"]
+        meta.write_text(json.dumps(written))
+    metrics = (old / "metrics.csv").read_bytes()
+    bare = tmp_path / "bare"  # killed before its first checkpoint
+    shutil.copytree(old, bare, ignore=shutil.ignore_patterns("checkpoints"))
+    for folder, line_start in ((old, "dicesim: error: resume: the checkpoint step_000004"),
+                               (bare, f"dicesim: error: resume=auto: {bare} holds")):
+        refused = dicesim(*run, f"out_dir={folder}", "resume=auto")
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-2000:]
+        assert lines[0].startswith(line_start), lines[0]
+        assert "eval.budget: absent, written before that setting existed, so it ran as " \
+               "eval.budget=null; now eval.budget=1000000; resume with eval.budget=null" \
+               in lines[0], lines[0]
+        resumed = dicesim(*run, "eval.budget=null", f"out_dir={folder}", "resume=auto")
+        ok(resumed)
+        assert ("resuming from" in resumed.stdout) == (folder == old), resumed.stdout
+        assert (folder / "metrics.csv").read_bytes() == metrics
+
+
+def test_settings_added_later_read_back_as_the_value_old_runs_ran_with():
+    """A config.yaml or checkpoint written before a key existed counts as the value such a
+    run ran with (allow_tf32: no run had used CUDA), so the current default resumes it."""
+    from dicesim.checkpoint import as_written, first_difference, result_settings
+
+    now = result_settings(make_config("nodes=8"))
+    old = {k: v for k, v in now.items() if k != "allow_tf32"}
+    assert first_difference(old, now) == "allow_tf32"
+    assert first_difference(as_written(old), now) is None
+    assert first_difference(as_written(old), {**now, "allow_tf32": True}) == "allow_tf32"
