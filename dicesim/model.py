@@ -117,7 +117,8 @@ def _custom_module(cfg: CustomModel, shape: tuple[int, ...], out: int) -> nn.Mod
     try:
         return found(**kwargs)
     except Exception as err:
-        raise ConfigError(f"{where}: {attr}(**{kwargs}) raised {type(err).__name__}: "
+        call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise ConfigError(f"{where}: {attr}({call}) raised {type(err).__name__}: "
                           f"{_one_line(err)}") from None
 
 
