@@ -38,7 +38,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from dicesim.errors import ConfigError
@@ -59,11 +59,14 @@ TopologyName = _choices("TopologyName", "ring", "directed_ring", "torus", "expon
                         "one_peer_exponential", "complete", "star", "erdos_renyi",
                         "small_world", "hub", "file")
 Weights = _choices("Weights", "uniform", "metropolis_hastings")
-DataName = _choices("DataName", "digits", "fashion_mnist", "synthetic", "mnist", "cifar10")
+DataName = _choices("DataName", "digits", "fashion_mnist", "synthetic", "mnist", "cifar10",
+                    "cifar100")
 Partition = _choices("Partition", "iid", "dirichlet")
 Probe = _choices("Probe", "shared", "per_node")
 Task = _choices("Task", "classification", "regression")
-ModelName = _choices("ModelName", "logreg", "linear", "mlp", "cnn")
+ModelName = _choices("ModelName", "logreg", "linear", "mlp", "cnn", "resnet", "vit", "custom")
+Norm = _choices("Norm", "group", "none", "batch")  # batch: refused until buffers are supported
+CifarLabels = _choices("CifarLabels", "fine", "coarse")
 Activation = _choices("Activation", "gelu", "relu", "sigmoid", "tanh")
 OptimName = _choices("OptimName", "sgd", "adam", "adamw")
 ScheduleName = _choices("ScheduleName", "constant", "cosine", "step", "linear_warmup_cosine")
@@ -192,9 +195,15 @@ class DigitsData(Data):
 
 @dataclass
 class FileData(Data):
-    """fashion_mnist, mnist, cifar10: read from files under root (official test split)."""
+    """fashion_mnist, mnist, cifar10, cifar100: read from files under root (official test
+    split)."""
 
     root: str | None = None
+
+
+@dataclass
+class Cifar100Data(FileData):
+    labels: CifarLabels = CifarLabels.fine  # fine: 100 classes; coarse: 20 superclasses
 
 
 @dataclass
@@ -210,7 +219,7 @@ class SyntheticData(Data):
 
 DATA_SCHEMAS: dict[str, type[Data]] = {
     "digits": DigitsData, "synthetic": SyntheticData, "fashion_mnist": FileData,
-    "mnist": FileData, "cifar10": FileData,
+    "mnist": FileData, "cifar10": FileData, "cifar100": Cifar100Data,
 }
 
 
@@ -222,6 +231,45 @@ class Model:
     hidden: list[int] = default_list(64)  # mlp layer widths
     activation: Activation = Activation.tanh
     channels: list[int] = default_list(8, 16)  # cnn
+
+
+@dataclass
+class ResNetModel(Model):
+    """A CIFAR-style residual network: a 3×3 stem, three stages of (depth − 2) / 6 basic
+    blocks at widths width, 2·width, 4·width (the 2nd and 3rd halve the image), pool, linear."""
+
+    name: ModelName = ModelName.resnet
+    depth: int = bounded(8, 8)  # 6n + 2: 8, 14, 20, 32, …
+    width: int = bounded(4, 1)  # the first stage's channels
+    norm: Norm = Norm.group
+    groups: int = bounded(2, 1)  # norm=group: GroupNorm groups (divide width)
+
+
+@dataclass
+class VitModel(Model):
+    """A small vision transformer: patch embedding, depth pre-LayerNorm blocks, mean pool."""
+
+    name: ModelName = ModelName.vit
+    patch: int = bounded(4, 1)  # square patches of patch × patch pixels
+    dim: int = bounded(16, 1)  # token width
+    depth: int = bounded(1, 1)  # transformer blocks
+    heads: int = bounded(2, 1)  # divides dim
+    mlp_dim: int = bounded(32, 1)
+
+
+@dataclass
+class CustomModel(Model):
+    """Any torch.nn.Module: `_target_` is its dotted import path; `kwargs` (or `+model.<key>`
+    on the command line) are passed to its constructor."""
+
+    name: ModelName = ModelName.custom
+    _target_: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+MODEL_SCHEMAS: dict[str, type[Model]] = {
+    "resnet": ResNetModel, "vit": VitModel, "custom": CustomModel,
+}
 
 
 @dataclass
@@ -473,7 +521,8 @@ def register() -> None:
 
     store = ConfigStore.instance()
     store.store(name="dicesim_schema", node=Config)
-    for group, schemas in (("topology", TOPOLOGY_SCHEMAS), ("data", DATA_SCHEMAS)):
+    for group, schemas in (("topology", TOPOLOGY_SCHEMAS), ("data", DATA_SCHEMAS),
+                           ("model", MODEL_SCHEMAS)):
         for option, cls in schemas.items():
             store.store(group=f"schema/{group}", name=option, node=cls)
 
@@ -504,7 +553,10 @@ def load_noting(composed: DictConfig, overrides: Sequence[str] = (), quiet: bool
             cls = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
             if o.startswith("+") and dataclasses.is_dataclass(cls) and leaf not in {
                     f.name for f in dataclasses.fields(cls)}:
-                raise ConfigError(unknown_key(_key_of(o), composed))
+                if cls is not CustomModel:
+                    raise ConfigError(unknown_key(_key_of(o), composed))
+                with open_dict(node):  # `+model.width=16`: a constructor argument
+                    node.kwargs[leaf] = node.pop(leaf)
         _fit_preset_events(composed, overrides, quiet)
         composed.influence.estimators = renamed_estimators(composed.influence.estimators)
         return OmegaConf.to_object(composed), kept
@@ -568,9 +620,11 @@ SECTIONS: dict[str, type] = {"model": Model, "optim": Optim, "influence": Influe
 def section(group: str, values: Mapping, nodes: int | None = None) -> Any:
     """One typed, checked section from plain values (tests, benchmarks): the schema's types
     and defaults apply, and the section's own rules (`nodes` for those that need it)."""
-    schemas = {"topology": TOPOLOGY_SCHEMAS, "data": DATA_SCHEMAS}.get(group)
+    schemas = {"topology": TOPOLOGY_SCHEMAS, "data": DATA_SCHEMAS,
+               "model": MODEL_SCHEMAS}.get(group)
     if schemas is not None:
-        cls = schemas.get(str(values.get("name", "")), Topology if group == "topology" else Data)
+        base = {"topology": Topology, "data": Data, "model": Model}[group]
+        cls = schemas.get(str(values.get("name", "")), base)
     else:
         cls = SECTIONS[group]
     plain = {k: v for k, v in dict(values).items() if k != "defaults"}
@@ -630,6 +684,7 @@ def schema_for(raw: Any) -> DictConfig:
     topo, data = _get(raw, "topology.name"), _get(raw, "data.name")
     root.topology = OmegaConf.structured(TOPOLOGY_SCHEMAS.get(str(topo), Topology))
     root.data = OmegaConf.structured(DATA_SCHEMAS.get(str(data), Data))
+    root.model = OmegaConf.structured(MODEL_SCHEMAS.get(str(_get(raw, "model.name")), Model))
     for block in _block_homes():
         if _get(raw, block) is not None:
             root[block] = OmegaConf.structured(block_schema(block).cls)
@@ -688,6 +743,8 @@ def _field_type(dotted: str, raw: Any = None) -> Any:
             tp = TOPOLOGY_SCHEMAS.get(str(_get(raw, "topology.name")), Topology)
         elif part == "data" and cls is Config:
             tp = DATA_SCHEMAS.get(str(_get(raw, "data.name")), Data)
+        elif part == "model" and cls is Config:
+            tp = MODEL_SCHEMAS.get(str(_get(raw, "model.name")), Model)
         elif part in _block_homes() and cls is Config:
             tp = block_schema(part).cls | None
         else:
@@ -1020,6 +1077,33 @@ def check_model(m: Model, d: Data) -> None:
         raise ConfigError("model.name=logreg needs a classification data set; use model=linear")
     if m.name == "cnn" and not d.image:
         raise ConfigError("model.name=cnn needs image inputs [C,H,W]; set data.image=true")
+    schema = MODEL_SCHEMAS.get(str(m.name), Model)
+    if type(m) is not schema:  # `model.name=resnet` without the option's keys
+        raise ConfigError(f"model.name={m.name}: choose this model with model={m.name} (the "
+                          "option brings its own keys)")
+    if m.name in ("resnet", "vit") and not d.image:
+        raise ConfigError(f"model.name={m.name} needs image inputs [C,H,W]; set data.image=true")
+    if isinstance(m, ResNetModel):
+        check_resnet(m)
+    if isinstance(m, VitModel) and m.dim % m.heads:
+        raise ConfigError(f"model.heads={m.heads}: must divide model.dim={m.dim}; set e.g. "
+                          f"model.heads={math.gcd(m.dim, m.heads)}")
+    if isinstance(m, CustomModel) and not (m._target_ or "").strip():
+        raise ConfigError("model._target_ is not set; pass the module's import path, e.g. "
+                          "model._target_=mypkg.nets.SmallNet (docs/models.md)")
+
+
+def check_resnet(m: ResNetModel) -> None:
+    if (m.depth - 2) % 6:
+        below = m.depth - (m.depth - 2) % 6
+        raise ConfigError(f"model.depth={m.depth}: a CIFAR-style ResNet has depth 6n + 2 "
+                          f"(8, 14, 20, 32, …); set e.g. model.depth={max(8, below)}")
+    if m.norm == "batch":
+        raise ConfigError("model.norm=batch: BatchNorm's running statistics are buffers, not "
+                          "yet supported; use model.norm=group or model.norm=none")
+    if m.norm == "group" and m.width % m.groups:
+        raise ConfigError(f"model.groups={m.groups}: must divide model.width={m.width} "
+                          f"(GroupNorm); set e.g. model.groups={math.gcd(m.width, m.groups)}")
 
 
 def check_optim(o: Optim, steps: int, where: str = "optim") -> None:

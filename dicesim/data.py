@@ -18,7 +18,7 @@ import torch
 
 from dicesim.arrays import spans
 from dicesim.config import DATASETS as DATASETS  # re-exported
-from dicesim.config import Data, SyntheticData
+from dicesim.config import Cifar100Data, Data, SyntheticData
 from dicesim.errors import ConfigError
 
 PARTITIONS = ("iid", "dirichlet")
@@ -29,7 +29,16 @@ FASHION_FILES = {  # official names; each may also be gzipped (+ ".gz")
     "x_test": "t10k-images-idx3-ubyte",
     "y_test": "t10k-labels-idx1-ubyte",
 }
-DEFAULT_ROOTS = {"fashion_mnist": FASHION_ROOT, "mnist": "~/data", "cifar10": "~/data"}
+DEFAULT_ROOTS = {"fashion_mnist": FASHION_ROOT, "mnist": "~/data", "cifar10": "~/data",
+                 "cifar100": "~/data"}
+CIFAR_PIXELS = 3 * 32 * 32
+# the official binary distributions: files, the folder their archive unpacks to, its address
+CIFAR = {
+    "cifar10": ([f"data_batch_{i}.bin" for i in range(1, 6)], ["test_batch.bin"],
+                "cifar-10-batches-bin", "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"),
+    "cifar100": (["train.bin"], ["test.bin"], "cifar-100-binary",
+                 "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz"),
+}
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 BATCHED_REDRAW = 64  # nodes changing epoch at once from which their orders are drawn batched
 _NODE_PROBE_STREAM = 2**31 - 1  # keeps node_probe_split's RNG apart from the batch epochs
@@ -152,6 +161,48 @@ def _fashion(root: Path) -> Source:
     return a["x_train"][:, None], y_tr, (a["x_test"][:, None], y_te), num_classes, 255.0
 
 
+def read_cifar(path: Path, label_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Records of `label_bytes` label bytes and 3072 pixel bytes (1024 red, 1024 green,
+    1024 blue, rows of 32): images [N, 3, 32, 32] uint8 and labels [N, label_bytes]."""
+    record = label_bytes + CIFAR_PIXELS
+    try:
+        raw = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if raw.size == 0 or raw.size % record:
+        raise ConfigError(f"{path}: {raw.size} bytes is not a whole number of {record}-byte "
+                          "records; the file is truncated or not the binary version, fetch it "
+                          "again")
+    rows = raw.reshape(-1, record)
+    return rows[:, label_bytes:].reshape(-1, 3, 32, 32), rows[:, :label_bytes]
+
+
+def _cifar(name: str, root: Path, coarse: bool) -> Source:
+    """CIFAR-10 / CIFAR-100 from the official binary files under root (or under the folder
+    the archive unpacks to, inside root); numpy only."""
+    train_files, test_files, folder, url = CIFAR[name]
+    base = root / folder if (root / folder).is_dir() else root
+    label_bytes = 2 if name == "cifar100" else 1  # CIFAR-100: coarse byte, then fine byte
+    column, classes = (0, 20) if coarse else (label_bytes - 1, 100 if label_bytes == 2 else 10)
+    split = []
+    for files in (train_files, test_files):
+        images, labels = [], []
+        for file in files:
+            path = base / file
+            if not path.is_file():
+                raise ConfigError(f"{path}: not found; download {url}, unpack it under "
+                                  f"data.root (giving {folder}/) or pass data.root=<that folder>")
+            x, y = read_cifar(path, label_bytes)
+            if y[:, column].max() >= classes:
+                raise ConfigError(f"{path}: label {int(y[:, column].max())} is not one of "
+                                  f"{classes} classes; is it the {name} file? fetch {url}")
+            images.append(x)
+            labels.append(y[:, column].astype(np.int64))
+        split.append((np.concatenate(images), np.concatenate(labels)))
+    (x, y), test = split
+    return x, y, test, classes, 255.0
+
+
 def _torchvision(name: str, root: Path) -> Source:
     try:
         from torchvision import datasets
@@ -194,6 +245,9 @@ def load_dataset(cfg: Data, seed: int) -> Dataset:
         x, y, official_test, num_classes, scale = _synthetic(cfg, seed)
     elif name == "fashion_mnist":
         x, y, official_test, num_classes, scale = _fashion(root)
+    elif name in CIFAR:
+        coarse = isinstance(cfg, Cifar100Data) and cfg.labels == "coarse"
+        x, y, official_test, num_classes, scale = _cifar(name, root, coarse)
     else:
         x, y, official_test, num_classes, scale = _torchvision(name, root)
 

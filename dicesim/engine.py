@@ -213,8 +213,8 @@ class Simulation:
         self.evaluation = eval_plan(cfg.eval.budget, s.nodes, len(self.data.y_test),
                                     probe_total, s.seed)
         self._add_label_noise(cfg.data.label_noise)
-        self.model: FlatModel = build_model(cfg.model, self.data.input_shape,
-                                            self.data.num_classes)
+        self.model: FlatModel = build_model(cfg.model, self.data.input_shape, self.data.num_classes,
+                                            self.layout.nodes_per_rank, s.dtype)
         self.attack: Attack = build_attack(cfg.attack, s.nodes, s.seed)
         icfg = cfg.influence
         self.influence = InfluenceSettings(

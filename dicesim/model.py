@@ -7,7 +7,10 @@ the tracker's shadow and perturbation rows) are stepped together with
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,13 +20,17 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 
 from dicesim.config import MODELS as MODELS  # re-exported
-from dicesim.config import Model
+from dicesim.config import CustomModel, Model, ResNetModel, VitModel
 from dicesim.errors import ConfigError
+from dicesim.nets import ResNet, ViT
 from dicesim.stopping import PhaseChecks
 
 # activation elements one evaluation chunk may hold (16 MiB in float32, 32 MiB in float64)
 EVAL_BUDGET = 1 << 22
 GRAD_BUDGET = 1 << 22  # elements (θ rows and activations) per chunk of `dense_grads`
+# parameter rows a node holds at least (θ, its gradient, the gossip buffer, one optimizer
+# or shadow row): the floor of the memory estimate `check_memory` refuses a model with
+ROWS_PER_NODE = 4
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
 
 
@@ -60,7 +67,124 @@ def build_module(cfg: Model, input_shape: Sequence[int], num_classes: int) -> nn
                 h, w = h // 2, w // 2
         layers += [nn.Flatten(), nn.Linear(c * h * w, out)]
         return nn.Sequential(*layers)
+    if isinstance(cfg, ResNetModel | VitModel):
+        return _image_network(cfg, tuple(input_shape), out, act)
+    if isinstance(cfg, CustomModel):
+        return _custom_module(cfg, tuple(input_shape), out)
     raise AssertionError(name)  # the schema's ModelName has no other member
+
+
+def _image_network(cfg: ResNetModel | VitModel, shape: tuple[int, ...], out: int,
+                   act: type[nn.Module]) -> nn.Module:
+    if len(shape) != 3:
+        raise ConfigError(f"model.name={cfg.name} needs image inputs [C,H,W], got shape "
+                          f"{shape}; set data.image=true")
+    if isinstance(cfg, ResNetModel):
+        return ResNet(shape, out, cfg.depth, cfg.width, str(cfg.norm), cfg.groups, act)
+    if shape[1] % cfg.patch or shape[2] % cfg.patch:
+        raise ConfigError(f"model.patch={cfg.patch}: must divide the image's height and width "
+                          f"{shape[1]}×{shape[2]}")
+    return ViT(shape, out, cfg.patch, cfg.dim, cfg.depth, cfg.heads, cfg.mlp_dim, act)
+
+
+def _custom_module(cfg: CustomModel, shape: tuple[int, ...], out: int) -> nn.Module:
+    """`model._target_` imported and called with model.kwargs (and num_classes, input_shape
+    where its signature takes them and kwargs does not say)."""
+    target = str(cfg._target_)
+    where = f"model._target_={target}"
+    path, _, attr = target.rpartition(".")
+    if not path:
+        raise ConfigError(f"{where}: give a dotted import path, module.Class, e.g. "
+                          "mypkg.nets.SmallNet")
+    try:
+        found = getattr(importlib.import_module(path), attr)
+    except ImportError as err:
+        raise ConfigError(f"{where}: cannot import {path} ({err}); run from the directory "
+                          "that holds the package or add it to PYTHONPATH") from None
+    except AttributeError:
+        raise ConfigError(f"{where}: module {path} has no {attr}") from None
+    except Exception as err:  # the user's module fails while importing
+        raise ConfigError(f"{where}: importing {path} raised {type(err).__name__}: "
+                          f"{_one_line(err)}") from None
+    if not (isinstance(found, type) and issubclass(found, nn.Module)):
+        raise ConfigError(f"{where}: {target} is not a torch.nn.Module class "
+                          f"(it is {type(found).__name__})")
+    kwargs = dict(cfg.kwargs)
+    params = inspect.signature(found).parameters
+    for key, value in (("num_classes", out), ("input_shape", shape)):
+        if key in params and key not in kwargs:
+            kwargs[key] = value
+    try:
+        return found(**kwargs)
+    except Exception as err:
+        call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise ConfigError(f"{where}: {attr}({call}) raised {type(err).__name__}: "
+                          f"{_one_line(err)}") from None
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def check_module(module: nn.Module, where: str, input_shape: Sequence[int],
+                 num_classes: int) -> None:
+    """What the functional path cannot run, refused with one line naming the layer: buffers
+    (running statistics would be state outside θ), dropout (randomness per call), parameters
+    that are not floating point, an output that is not [batch, classes]."""
+    for name, layer in module.named_modules():
+        label = f"layer {name or '(root)'} ({type(layer).__name__})"
+        if isinstance(layer, nn.modules.batchnorm._NormBase):
+            raise ConfigError(f"{where}: {label}: BatchNorm is not yet supported (its running "
+                              "statistics are buffers); use norm=group|none (GroupNorm, "
+                              "LayerNorm or no normalization)")
+        if isinstance(layer, nn.modules.dropout._DropoutNd | nn.AlphaDropout):
+            raise ConfigError(f"{where}: {label}: dropout is not supported (a random mask on "
+                              "every call breaks the exact replay of a step); remove it")
+        buffers = [b for b, _ in layer.named_buffers(recurse=False)]
+        if buffers:
+            raise ConfigError(f"{where}: {label} has buffers ({', '.join(buffers)}): not yet "
+                              "supported; use norm=group|none and keep state in parameters")
+        for p_name, p in layer.named_parameters(recurse=False):
+            if not p.is_floating_point():
+                raise ConfigError(f"{where}: {label}: parameter {p_name} is {p.dtype}, not "
+                                  "floating point; only float parameters can be trained")
+    if not any(True for _ in module.parameters()):
+        raise ConfigError(f"{where}: the module has no parameters to train")
+    want = (2, max(num_classes, 1))
+    try:
+        with torch.no_grad():
+            got = tuple(module(torch.zeros(2, *input_shape)).shape)
+    except Exception as err:
+        raise ConfigError(f"{where}: a batch of inputs {[2, *input_shape]} raised "
+                          f"{type(err).__name__}: {_one_line(err)}") from None
+    if got != want:
+        what = f"{num_classes} classes" if num_classes else "one regression output"
+        raise ConfigError(f"{where}: the output of a batch of 2 is {list(got)}, but the data "
+                          f"has {what}; return [batch, {want[1]}]")
+
+
+def check_memory(P: int, nodes: int, dtype: torch.dtype, where: str,
+                 available: int | None = None) -> None:
+    """Refuse a model whose parameter rows alone (P × nodes × bytes × ROWS_PER_NODE) exceed
+    the memory available (the GPU's free memory where CUDA is visible, else the host's)."""
+    need = P * nodes * torch.tensor([], dtype=dtype).element_size() * ROWS_PER_NODE
+    available = available_memory() if available is None else available
+    if available is not None and need > available:
+        raise ConfigError(f"{where}: {P:,} parameters × {nodes} nodes × "
+                          f"{torch.tensor([], dtype=dtype).element_size()} bytes × "
+                          f"{ROWS_PER_NODE} rows ≈ {need / 2**30:.1f} GiB, more than the "
+                          f"{available / 2**30:.1f} GiB available; use fewer nodes per rank, "
+                          "a smaller model or dtype=float32")
+
+
+def available_memory() -> int | None:
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[0]
+    try:
+        pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return int(pages)
 
 
 # σ'(z) written in terms of a = σ(z) (and z where a alone does not determine it)
@@ -452,7 +576,9 @@ class Probe:
         return self.x[rows], self.y[rows], True
 
 
-def build_model(cfg: Model, input_shape: Sequence[int], num_classes: int) -> FlatModel:
+def build_model(cfg: Model, input_shape: Sequence[int], num_classes: int,
+                nodes: int = 1, dtype: torch.dtype = torch.float32) -> FlatModel:
+    """The node model; `nodes` (this rank's) and `dtype` size the memory check."""
     name = cfg.name
     if name == "linear" and num_classes > 0:
         raise ConfigError(
@@ -461,4 +587,10 @@ def build_model(cfg: Model, input_shape: Sequence[int], num_classes: int) -> Fla
         )
     if name == "logreg" and num_classes == 0:
         raise ConfigError("model.name=logreg needs a classification data set; use model=linear")
-    return FlatModel(build_module(cfg, input_shape, num_classes), regression=num_classes == 0)
+    module = build_module(cfg, input_shape, num_classes)
+    where = f"model._target_={cfg._target_}" if isinstance(cfg, CustomModel) else (
+        f"model={name}")
+    check_module(module, where, input_shape, num_classes)
+    flat = FlatModel(module, regression=num_classes == 0)
+    check_memory(flat.P, nodes, dtype, where)
+    return flat

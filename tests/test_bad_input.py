@@ -371,6 +371,7 @@ KEYS = [
     ("data.input_scale", [], ["abc", "[1]"], ["0", "-2"]),
     ("data.test_size", [], ["abc"], ["0", "1"]),
     ("data.root", ["data=fashion_mnist"], ["[x]"], []),
+    ("data.labels", ["data=cifar100"], ["[x]"], ["medium"]),
     ("data.task", ["data=synthetic"], ["[x]"], ["clustering"]),
     ("data.n_samples", ["data=synthetic"], ["abc"], ["1"]),
     ("data.n_features", ["data=synthetic"], ["abc"], ["0"]),
@@ -380,6 +381,16 @@ KEYS = [
     ("model.hidden", [], ["abc", "[a]", "64"], ["[0]", "[]", "[64,-1]"]),
     ("model.activation", [], ["[x]"], ["swish"]),
     ("model.channels", ["model=cnn", "data.image=true"], ["abc"], ["[0]"]),
+    ("model.depth", ["model=resnet", "data.image=true"], ["abc"], ["7", "10"]),
+    ("model.width", ["model=resnet", "data.image=true"], ["abc"], ["0", "3"]),
+    ("model.norm", ["model=resnet", "data.image=true"], ["[x]"], ["batch", "layer"]),
+    ("model.groups", ["model=resnet", "data.image=true"], ["abc"], ["0", "3"]),
+    ("model.patch", ["model=vit", "data.image=true"], ["abc"], ["0"]),
+    ("model.dim", ["model=vit", "data.image=true"], ["abc"], ["0", "15"]),
+    ("model.heads", ["model=vit", "data.image=true"], ["abc"], ["0", "3"]),
+    ("model.mlp_dim", ["model=vit", "data.image=true"], ["abc"], ["0"]),
+    ("model._target_", ["model=custom"], ["[x]"], ["''", "null"]),
+    ("model.kwargs", ["model=custom", "model._target_=a.B"], ["abc", "[1]"], []),
     ("optim.name", [], ["[x]"], ["rmsprop", "sgdm"]),
     ("optim.lr", [], ["abc", "true"], ["0", "-0.1", "nan"]),
     ("optim.momentum", [], ["abc", "true"], ["-0.1", "1.5", "nan"]),
@@ -590,9 +601,11 @@ def test_every_schema_key_has_cases():
     from dicesim import config
 
     covered = {key for key, *_ in KEYS}
-    options = [*config.TOPOLOGY_SCHEMAS.values(), *config.DATA_SCHEMAS.values()]
+    options = [*config.TOPOLOGY_SCHEMAS.values(), *config.DATA_SCHEMAS.values(),
+               *config.MODEL_SCHEMAS.values()]
     for cls in options:
-        group = "topology" if issubclass(cls, config.Topology) else "data"
+        group = ("topology" if issubclass(cls, config.Topology) else
+                 "model" if issubclass(cls, config.Model) else "data")
         for f in dataclasses.fields(cls):
             assert f"{group}.{f.name}" in covered, (cls.__name__, f.name)
     hints = typing.get_type_hints(config.Config)

@@ -84,6 +84,8 @@ GROUP_OPTIONS = [(g, o) for g in ("topology", "data", "model", "optim", "influen
 def test_every_group_option_keeps_its_values(group, option, tmp_path):
     extra = {("topology", "file"): [f"topology.path={tmp_path / 'W.npy'}"],
              ("model", "cnn"): ["data.image=true"],
+             ("model", "resnet"): ["data.image=true"], ("model", "vit"): ["data.image=true"],
+             ("model", "custom"): ["model._target_=examples.small_net.SmallNet"],
              ("model", "linear"): ["data=synthetic_regression"],
              ("defense", "dice"): ["influence.proximal=true"]}.get((group, option), [])
     with config_dir():

@@ -196,9 +196,78 @@ def test_fashion_mnist_installed() -> None:
 
 def test_torchvision_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "torchvision", None)  # import fails even if installed
-    for name in ("mnist", "cifar10"):
-        with pytest.raises(ConfigError, match=r"torchvision: pip install 'dicesim\[vision\]'"):
-            load_dataset(section("data", {"name": name}), seed=0)
+    with pytest.raises(ConfigError, match=r"torchvision: pip install 'dicesim\[vision\]'"):
+        load_dataset(section("data", {"name": "mnist"}), seed=0)
+
+
+# --------------------------------------------------------------------------- CIFAR binaries
+
+
+def _write_cifar(folder: Path, name: str, rng: np.random.Generator, per_file: int = 7
+                 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The official binary files of `name` in `folder`, with random records: each file's
+    (images [N, 3, 32, 32], labels [N, label bytes])."""
+    files = ([f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+             if name == "cifar10" else ["train.bin", "test.bin"])
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for file in files:
+        x = rng.integers(0, 256, (per_file, 3, 32, 32), dtype=np.uint8)
+        if name == "cifar10":
+            y = rng.integers(0, 10, (per_file, 1), dtype=np.uint8)
+        else:
+            fine = rng.integers(0, 100, per_file, dtype=np.uint8)
+            y = np.stack([fine // 5, fine], 1).astype(np.uint8)  # coarse byte, then fine
+        # one record = label byte(s) + 1024 red + 1024 green + 1024 blue, rows of 32
+        (folder / file).write_bytes(np.concatenate([y, x.reshape(per_file, -1)], 1).tobytes())
+        written[file] = (x, y)
+    return written
+
+
+@pytest.mark.parametrize(("name", "folder", "labels"), [
+    ("cifar10", "cifar-10-batches-bin", "fine"), ("cifar10", "", "fine"),
+    ("cifar100", "cifar-100-binary", "fine"), ("cifar100", "cifar-100-binary", "coarse")])
+def test_cifar_binary_files_are_read_exactly(tmp_path: Path, name: str, folder: str,
+                                             labels: str) -> None:
+    written = _write_cifar(tmp_path / folder, name, np.random.default_rng(3))
+    values = {"name": name, "root": str(tmp_path), "probe_size": 5, "standardize": False,
+              "image": True, **({"labels": labels} if name == "cifar100" else {})}
+    ds = load_dataset(section("data", values), seed=0)
+    test_file = "test_batch.bin" if name == "cifar10" else "test.bin"
+    train = [v for k, v in written.items() if k != test_file]
+    x_pool = np.concatenate([x for x, _ in train])
+    column = 0 if labels == "coarse" or name == "cifar10" else 1
+    y_pool = np.concatenate([y[:, column] for _, y in train]).astype(np.int64)
+    assert ds.input_shape == (3, 32, 32)
+    assert ds.num_classes == {"cifar10": 10, "cifar100": 100 if labels == "fine" else 20}[name]
+    for split in ("train", "probe"):
+        ids = ds.source_ids[split]
+        np.testing.assert_array_equal(getattr(ds, f"x_{split}").numpy(),
+                                      x_pool[ids].astype(np.float32) / np.float32(255))
+        np.testing.assert_array_equal(getattr(ds, f"y_{split}").numpy(), y_pool[ids])
+    x_test, y_test = written[test_file]
+    np.testing.assert_array_equal(ds.x_test.numpy(), x_test.astype(np.float32) / np.float32(255))
+    np.testing.assert_array_equal(ds.y_test.numpy(), y_test[:, column])
+    assert len(ds.y_train) + len(ds.y_probe) == len(y_pool)
+
+
+def test_cifar_missing_or_malformed_file_is_one_line(tmp_path: Path) -> None:
+    written = _write_cifar(tmp_path, "cifar10", np.random.default_rng(0))
+    (tmp_path / "data_batch_3.bin").unlink()
+    cfg = section("data", {"name": "cifar10", "root": str(tmp_path), "probe_size": 5})
+    with pytest.raises(ConfigError, match=r"data_batch_3.bin: not found; download "
+                                          r"https://www.cs.toronto.edu/~kriz/cifar-10-binary"):
+        load_dataset(cfg, seed=0)
+    x, y = written["data_batch_3.bin"]
+    record = np.concatenate([y, x.reshape(len(y), -1)], 1).tobytes()
+    (tmp_path / "data_batch_3.bin").write_bytes(record[:-1])  # one byte short
+    with pytest.raises(ConfigError, match=r"data_batch_3.bin: 21510 bytes is not a whole "
+                                          r"number of 3073-byte records") as err:
+        load_dataset(cfg, seed=0)
+    assert "\n" not in str(err.value)
+    (tmp_path / "data_batch_3.bin").write_bytes(b"\x0b" + record[1:])  # label 11 of 10
+    with pytest.raises(ConfigError, match=r"label 11 is not one of 10 classes"):
+        load_dataset(cfg, seed=0)
 
 
 # --------------------------------------------------------------------------- partition
