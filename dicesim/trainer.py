@@ -44,6 +44,7 @@ from dicesim.comm import (
     send_first,
     sparse_tensor,
 )
+from dicesim.errors import ConfigError
 from dicesim.events import Event, EventBook, InfluenceRow, ProximalRow
 from dicesim.faults import inject
 from dicesim.model import FlatModel, Probe
@@ -496,7 +497,12 @@ class Trainer:
         return {name: part.state_dict() for name, part in self.stateful().items()}
 
     def load_state_dict(self, state: dict) -> None:
-        for name, part in self.stateful().items():
+        parts = self.stateful()
+        if set(state) != set(parts):
+            raise ConfigError(f"resume: the checkpoint holds {', '.join(sorted(state))}, this "
+                              f"dicesim saves {', '.join(sorted(parts))} (a checkpoint of an "
+                              "older version); start a new run")
+        for name, part in parts.items():
             part.load_state_dict(state[name])
         start = self.position.step
         # a checkpoint written when a signal stopped the run at step t holds the metrics

@@ -150,3 +150,28 @@ def test_the_launcher_refuses_a_checkpoint_of_another_rank_count(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"dicesim: error: resume: the checkpoint {out}/checkpoints/step_000004 was written by "
         "1 rank(s), this run has 2; resume with the same number of ranks"]
+
+
+def test_the_checkpoint_holds_each_stateful_part_and_refuses_an_old_layout():
+    """Trainer.state_dict is one entry per stateful part; loading it back gives the same
+    state, and a checkpoint of the former flat layout (step, theta, … at the top) is refused
+    with a ConfigError (one line, exit 2) instead of a KeyError."""
+    import torch
+    from conftest import make_config
+
+    from dicesim.comm import Comm
+    from dicesim.engine import Simulation, build_trainer
+    from dicesim.errors import ConfigError
+
+    sim = Simulation(make_config(*RUN, "dtype=float64"))
+    trainer = build_trainer(sim, Comm("gloo", 60, torch.device("cpu")))
+    state = trainer.state_dict()
+    assert set(state) == {"position", "metrics", "optimizer", "aggregator", "tracking",
+                          "result"}
+    state["position"] = {"step": 3, "theta": state["position"]["theta"] + 1}
+    trainer.load_state_dict(state)
+    assert trainer.position.step == 3 == trainer.result.start_step
+    torch.testing.assert_close(trainer.theta, trainer.parts.theta0 + 1)
+    old = {"step": 3, "theta": trainer.theta, "train_loss": state["metrics"]["train_loss"]}
+    with pytest.raises(ConfigError, match="older version"):
+        trainer.load_state_dict(old)
