@@ -151,9 +151,9 @@ class Attribution:
 
 # ---- after training: the reverse pass -------------------------------------------------------
 class ReversePass:
-    def __init__(self, trainer, keeper: Keeper):
+    def __init__(self, sim, trainer, keeper: Keeper):
         self.trainer, self.keeper = trainer, keeper
-        self.sim, self.comm, self.parts = trainer.sim, trainer.comm, trainer.parts
+        self.sim, self.comm, self.parts = sim, trainer.comm, trainer.parts
         self.settings: AttributionSettings = self.sim.attribution
         lay = self.sim.layout
         self.local, self.n_loc, self.all_nodes = lay.local_nodes, lay.nodes_per_rank, \
@@ -305,10 +305,11 @@ class ReversePass:
         return out
 
 
-def reverse_pass(trainer) -> Attribution | None:
-    """Run the reverse pass after `trainer.run()` (every rank); rank 0 gets the result."""
+def reverse_pass(sim, trainer) -> Attribution | None:
+    """Run the reverse pass of the Simulation `sim` after `trainer.run()` (every rank);
+    rank 0 gets the result."""
     keeper = next(tr for tr in trainer.parts.trackers if isinstance(tr, Keeper))
-    return ReversePass(trainer, keeper).run()
+    return ReversePass(sim, trainer, keeper).run()
 
 
 # ---- outputs --------------------------------------------------------------------------------

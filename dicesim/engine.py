@@ -5,9 +5,6 @@ the Trainer (dicesim.trainer) passes each step through.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,11 +29,20 @@ from dicesim.data import (
 from dicesim.errors import ConfigError
 from dicesim.events import Event, EventBook, build_events
 from dicesim.model import FlatModel, Probe, build_model
-from dicesim.optim import LocalOptimizer, State, build_optimizer
+from dicesim.optim import LocalOptimizer, build_optimizer
 from dicesim.stopping import Interrupted, Stopped
 from dicesim.topology import Topology, build_topology
-from dicesim.trackers import Tracker
-from dicesim.trainer import RunResult, Step, Trainer
+from dicesim.trackers import SourcePerturbations, Tracker, TrackerContext, build_trackers
+from dicesim.trainer import (
+    ChunkedLocalStep,
+    Gossip,
+    LocalStep,
+    LoopParts,
+    Metrics,
+    RunResult,
+    Tracking,
+    Trainer,
+)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEFAULT_ESTIMATORS = ("dice_e", "dice_gauss2")
@@ -163,30 +169,11 @@ def eval_plan(budget: int | None, nodes: int, test_total: int, probe_total: int,
                     eval_subset(probe_total, nodes, budget, seed, PROBE_SUBSET_STREAM))
 
 
-@functools.cache
-def keep_freed_memory() -> bool:
-    """Stop glibc from returning each freed tensor buffer to the OS.
-
-    By default buffers over ~1 MiB are mmap'ed on allocation and unmapped when freed,
-    so every step of a [rows, P] update page-faults its memory in again; on the 2-core
-    VM this doubled a 16-node step. A fixed 32 MiB mmap threshold and a 256 MiB trim
-    threshold keep those buffers in the heap for reuse. False where libc is not glibc."""
-    path = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(path)
-        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)
-                    and libc.mallopt(m_trim_threshold, 256 << 20))
-    except (OSError, AttributeError, TypeError):
-        return False
-
-
 class Simulation:
     """Builds and checks everything a run needs before any process group exists, so a bad
     setting stops every rank with the same one-line message."""
 
     def __init__(self, cfg: Config, world: int = 1, rank: int = 0):
-        keep_freed_memory()
         self.cfg = cfg
         self.run = run_settings(cfg)
         s = self.run
@@ -312,13 +299,10 @@ class Simulation:
         }
 
     # ---- the parts of one run ------------------------------------------------------------------
-    def parts_for(self, device: torch.device) -> RunParts:
-        return RunParts(self, device)
-
     def execute(self, comm: Comm, log: Callable[[str], None] = print,
                 checkpoints=None, on_flush: Callable[[RunResult], None] | None = None
                 ) -> RunResult:
-        trainer = Trainer(self, comm, log)
+        trainer = build_trainer(self, comm, log)
         trainer.on_flush = on_flush
         if checkpoints is not None:
             checkpoints.attach(trainer)
@@ -327,33 +311,34 @@ class Simulation:
             from dicesim.attribution import reverse_pass
 
             try:
-                result.attribution = reverse_pass(trainer)
+                result.attribution = reverse_pass(self, trainer)
             except Interrupted as stop:
                 raise Stopped.after(stop, self.run.steps, result) from None
         return result
 
-    def warm_up(self, parts: RunParts, hvp: bool) -> None:
-        """torch.func's first calls cost about a second (tracing, dispatch caches); make
-        them before the clock starts so wall_s and node-steps/s measure the steady state.
-        The training gradient is taken at the step's own shapes, so its buffers and the
-        thread pool exist before the first step too."""
-        theta, probe, model = parts.theta0, parts.probe, parts.model
-        B, rows = self.run.batch_size, len(theta)
-        xb, yb = parts.x_train[None, :B], parts.y_train[None, :B]
-        w = torch.ones(1, B, dtype=theta.dtype, device=theta.device)
-        model.grads(theta, xb.expand(rows, *xb.shape[1:]), yb.expand(rows, B),
-                    w.expand(rows, B))
-        model.probe_eval(theta[:1], *probe.at(torch.arange(1)))
-        if hvp:
-            model.probe_grads(theta[:1], *probe.at(torch.arange(1)))
-            model.hvps(theta[:1], theta[:1], xb, yb, w)
 
-    def test_accuracy(self, model: FlatModel, theta: Tensor, test: tuple[Tensor, Tensor],
-                      together: bool = True) -> list[float]:
-        """Per-row accuracy on `test` (RunParts.node_test: the evaluation plan's subset);
-        `together`: every rank makes this pass (False: rank 0 alone)."""
-        _, acc = model.probe_eval(theta, *test, interruptible=True, together=together)
-        return acc.double().tolist()  # one copy to the host, each value exact
+def build_trainer(sim: Simulation, comm: Comm, log: Callable[[str], None] = print) -> Trainer:
+    """The run's parts on this rank's device and the loop's parts they call for: without
+    trackers a local step in send-first groups of cache-sized chunks, and blocks reused
+    from step to step (θ^{t+½}, s^{t+½}, θ^{t+1}, the batch); with trackers the whole block
+    at once, every tensor fresh (trackers may keep them)."""
+    s, lay = sim.run, sim.layout
+    parts = RunParts(sim, comm.device)
+    untracked = not parts.trackers
+    result = RunResult()
+    if untracked:
+        local: LocalStep = ChunkedLocalStep(parts.model, parts.optimizer, lay.local_nodes,
+                                            parts.model.rows_per_chunk(s.batch_size))
+    else:
+        local = LocalStep(parts.model, parts.optimizer, lay.local_nodes)
+    loop = LoopParts(
+        metrics=Metrics(parts.model, parts.metric_probe, lay, s.eval_every, comm, result),
+        local=local,
+        gossip=Gossip(sim.topology, lay, parts.aggregator, parts.optimizer, comm, s.dtype,
+                      reuse=untracked),
+        tracking=Tracking(parts.trackers, parts.book, parts.sources, parts.model, parts.probe,
+                          sim.influence.flush_every))
+    return Trainer(s, parts, loop, comm, result, log)
 
 
 @dataclass
@@ -385,11 +370,6 @@ class RunParts:
     aggregator, event book and trackers (fresh state for every run)."""
 
     def __init__(self, sim: Simulation, device: torch.device):
-        from dicesim.trackers.dice_e import DiceE
-        from dicesim.trackers.dice_gauss import DiceGauss
-        from dicesim.trackers.ground_truth import GroundTruth
-        from dicesim.trackers.proximal import Proximal
-
         s, lay, data = sim.run, sim.layout, sim.data
         self.sim, self.model, self.device = sim, sim.model, device
         local = lay.local_nodes
@@ -426,7 +406,7 @@ class RunParts:
         for e in sim.removals:
             if e.source in row_of:
                 self.removals.setdefault(e.step, []).append((row_of[e.source], e.positions))
-        self.reused: tuple[Tensor, Tensor] | None = None  # x, y of batch(t, reuse=True)
+        self.reused: tuple[Tensor, Tensor] | None = None  # x, y of the last batch, to reuse
         self.attacked = np.isin(local, attack.nodes)
         # θ^0: the same initial parameters on every node, or one seed per node
         if s.init == "same":
@@ -442,38 +422,28 @@ class RunParts:
         # with optimizer state a node stays perturbed after θ's perturbation moved on
         self.book = (EventBook(sim.events, inf.hops, lay, sim.topology,
                                cumulative=self.optimizer.stateful) if sim.events else None)
-        self.trackers: list[Tracker] = []
-        if self.book is not None:
-            if inf.any_ground_truth:
-                self.trackers.append(GroundTruth(self.book, lay, self.model, self.probe, sim.q,
-                                                 self.optimizer, inf.ground_truth))
-            if "dice_e" in inf.estimators:
-                self.trackers.append(DiceE(self.book, lay, self.model, self.probe, sim.q,
-                                           self.optimizer, inf.curvature))
-            if "dice_e_nostate" in inf.estimators:
-                self.trackers.append(DiceE(self.book, lay, self.model, self.probe, sim.q,
-                                           self.optimizer, inf.curvature, with_state=False))
-            for points, name in DiceGauss.COLUMNS.items():
-                if name in inf.estimators:
-                    self.trackers.append(DiceGauss(self.book, lay, self.model, self.probe,
-                                                   sim.q, self.optimizer, inf.curvature, points))
-        if inf.proximal:
-            self.trackers.append(Proximal(lay, sim.q))
+        self.trackers: list[Tracker] = build_trackers(TrackerContext(
+            self.book, lay, self.model, self.probe, sim.q, self.optimizer, inf))
+        self.sources = (SourcePerturbations(lay, self.model, self.optimizer)
+                        if self.book is not None else None)
         self.trackers += [make(self) for make in sim.extra_trackers]
+        # without trackers nothing holds a batch past its step: each is written into the
+        # last one's blocks (a large run's x block is otherwise mapped, faulted in and
+        # zeroed afresh every step)
+        self.reuse_batches = not self.trackers
         for hook in sim.on_parts:
             hook(self)
 
-    def batch(self, t: int, reuse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    def batch(self, t: int) -> tuple[Tensor, Tensor, Tensor]:
         """B_k^t of every local node as x [n_loc, B, ...], y, and sample weights w (a
         counterfactual removal zeroes a sample's weight; poisoned nodes read poisoned data).
-        reuse: x and y written into the blocks the last `batch(·, reuse=True)` returned
-        (their holder is done with them), not into new ones: a large run's x block is
-        otherwise mapped, faulted in and zeroed afresh every step (w, [rows, B], is small)."""
+        With `reuse_batches`, x and y are written into the blocks of the last batch (w,
+        [rows, B], is small)."""
         sim = self.sim
         s, local = sim.run, sim.layout.local_nodes
         ids = self.order.ids(t, local)  # = batch_ids(parts[k], B, t, seed, k) per node k
         ti = torch.as_tensor(ids, device=self.device)
-        spare = self.reused if reuse else None
+        spare = self.reused if self.reuse_batches else None
         x = _gather(self.x_train, ti, spare and spare[0])
         y = _gather(self.y_train, ti, spare and spare[1])
         if self.x_bad is not None and sim.attack.active(t) and self.attacked.any():
@@ -482,41 +452,12 @@ class RunParts:
         w = torch.ones(len(local), s.batch_size, dtype=s.dtype, device=x.device)
         for i, positions in self.removals.get(t, ()):
             w[i, torch.as_tensor(positions, device=x.device)] = 0.0
-        if reuse:
+        if self.reuse_batches:
             self.reused = (x, y)
         return x, y, w
 
-    def sources(self, step: Step) -> dict[int, tuple[Tensor, State]]:
-        """(δθ_j^{t+½}, δs_j^{t+½}) = O(θ_j^t, s_j^t; B) − O(θ_j^t, s_j^t; B ∖ S) of every event
-        starting at t on this rank. The gradient is linear in the sample weights, so for an
-        affine optimizer (SGD, momentum, weight decay) this is the step's tangent along the
-        removed samples' gradient ∇L_S alone (−η ∇L_S for SGD), exactly; otherwise (Adam)
-        the difference of the two steps, the second on the batch without S."""
-        out = {}
-        lay, opt = self.sim.layout, self.optimizer
-        x, y, w = step.batch
-        for e in step.started:
-            if not lay.is_local(e.source):
-                continue
-            i = lay.local_index(e.source)
-            nodes = np.array([e.source])
-            keep = torch.ones_like(w[i])
-            keep[torch.as_tensor(e.positions, device=w.device)] = 0.0
-            theta = step.theta[i:i + 1]
-            state = {n: v[i:i + 1] for n, v in step.state.items()}
-            if opt.affine:
-                g_removed, _ = self.model.grads(theta, x[i:i + 1], y[i:i + 1],
-                                                (w[i] * (1 - keep))[None])
-                out[e.index] = opt.tangent(e.step, nodes, theta, state, step.grad[i:i + 1],
-                                           torch.zeros_like(theta), opt.zero_state(theta),
-                                           g_removed)
-            else:
-                g_without, _ = self.model.grads(theta, x[i:i + 1], y[i:i + 1],
-                                                (w[i] * keep)[None])
-                update, new = opt.step(e.step, nodes, theta, state, g_without)
-                out[e.index] = (step.update[i:i + 1] - update,
-                                {n: step.new_state[n][i:i + 1] - new[n] for n in new})
-        return out
+    def release(self) -> None:
+        self.reused = None
 
 
 def local_rank() -> int:

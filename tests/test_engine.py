@@ -89,10 +89,23 @@ def test_step_clock_splits_the_loop_into_gossip_and_the_rest(tiny):
 
 
 def test_nodes_are_averaged_not_copied(tiny):
-    """Gossip mixes: after one step every node's θ differs from its own local step."""
-    sim, result = run_in_process(*tiny, "steps=1", "topology=complete")
-    final = result.final_params
-    torch.testing.assert_close(final, final[:1].expand_as(final))  # complete graph: consensus
+    """θ^1 = W^0 θ^{½}, θ_k^{½} = θ^0 − η ∇L_k(θ^0; B_k^0) from a local step taken here (one
+    gradient per node with torch.func): on a ring, where W^0[k] weighs three nodes by 1/3,
+    a node copying one neighbour (or keeping its own step) would not match."""
+    from torch.func import grad
+
+    from dicesim.oracle import _batch
+
+    sim, result = run_in_process(*tiny, "steps=1", "nodes=8", "topology=ring")
+    theta0 = sim.model.flat_init(sim.run.seed, sim.run.dtype)
+    half = torch.stack([theta0 - sim.optim.lr * grad(sim.model.weighted_loss)(
+        theta0, *_batch(sim, k, 0)) for k in range(8)])
+    W = torch.as_tensor(sim.topology.W_sparse(0).toarray())
+    expected = W @ half
+    torch.testing.assert_close(result.final_params, expected, rtol=1e-12, atol=1e-14)
+    # copying any single row of θ^{½} is far from the average: the check above can tell
+    gaps = torch.cdist(expected, half)
+    assert gaps.min() > 1e3 * 1e-12 * half.abs().max()
 
 
 def test_digits_mlp_ring_learns():

@@ -63,3 +63,36 @@ def test_trackers_mix_with_the_defended_weights():
         assert len(others) == 6  # hops 1, 2 × nodes 0, 2, 3 (reach follows the graph)
         for row in others:
             assert (row.dice_e != 0 and row.dice_gt != 0) == spreads, row
+
+
+def test_every_estimator_name_is_a_registered_tracker():
+    from dicesim.config import ESTIMATORS
+    from dicesim.trackers import registered
+
+    assert set(ESTIMATORS) <= set(registered())
+
+
+def test_trackers_are_built_from_the_registry_in_registration_order(monkeypatch):
+    """A tracker registered from its own module is built and called at every θ^t without
+    any change to the engine; the estimators run asks for are built in registration order
+    (ground truth first, then dice_e, then the Gauss rules)."""
+    from dicesim import trackers
+    from dicesim.trackers import Tracker, register
+
+    seen: list[int] = []
+
+    class Counting(Tracker):
+        def at_theta(self, step) -> None:
+            seen.append(step.t)
+
+    monkeypatch.setattr(trackers, "TRACKERS", dict(trackers.registered()))
+    register("counting")(lambda ctx: Counting())
+    sim = Simulation(make_config(*BASE, "influence.estimators=[dice_gauss2,dice_e]",
+                                 "progress=false"))
+    from dicesim.engine import build_trainer
+
+    trainer = build_trainer(sim, Comm("gloo", 60, torch.device("cpu")))
+    names = [type(tr).__name__ for tr in trainer.parts.trackers]
+    assert names == ["GroundTruth", "DiceE", "DiceGauss", "Counting"]
+    trainer.run()
+    assert seen == list(range(sim.run.steps + 1))

@@ -201,3 +201,34 @@ def test_settings_added_later_read_back_as_the_value_old_runs_ran_with():
     assert first_difference(old, now) == "allow_tf32"
     assert first_difference(as_written(old), now) is None
     assert first_difference(as_written(old), {**now, "allow_tf32": True}) == "allow_tf32"
+
+
+def test_the_checkpoint_holds_each_stateful_part_and_reads_the_former_layout():
+    """Trainer.state_dict is one entry per stateful part; loading it back gives the same
+    state; a checkpoint of the former flat layout (step, theta, … at the top) loads as the
+    same values; anything else is a ConfigError (one line, exit 2), not a KeyError."""
+    import torch
+    from conftest import make_config
+
+    from dicesim.comm import Comm
+    from dicesim.engine import Simulation, build_trainer
+    from dicesim.errors import ConfigError
+
+    sim = Simulation(make_config(*RUN, "dtype=float64"))
+    trainer = build_trainer(sim, Comm("gloo", 60, torch.device("cpu")))
+    state = trainer.state_dict()
+    assert set(state) == {"position", "metrics", "optimizer", "aggregator", "tracking",
+                          "result"}
+    state["position"] = {"step": 3, "theta": state["position"]["theta"] + 1}
+    trainer.load_state_dict(state)
+    assert trainer.position.step == 3 == trainer.result.start_step
+    torch.testing.assert_close(trainer.theta, trainer.parts.theta0 + 1)
+    flat = {"step": 5, "theta": trainer.theta * 2, **state["metrics"],
+            "book": state["tracking"]["book"],
+            "optimizer": state["optimizer"], "aggregator": state["aggregator"],
+            "trackers": state["tracking"]["trackers"], "result": state["result"]}
+    trainer.load_state_dict(flat)  # the former flat layout: the same values, per part
+    assert trainer.position.step == 5 == trainer.result.start_step
+    torch.testing.assert_close(trainer.theta, (trainer.parts.theta0 + 1) * 2)
+    with pytest.raises(ConfigError, match="older version"):
+        trainer.load_state_dict({"step": 3, "theta": trainer.theta})

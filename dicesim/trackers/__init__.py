@@ -11,11 +11,19 @@ the same `Step` record (dicesim.trainer):
 A tracker sees only the Step and what it declared; no tracker reads another's state.
 Influence values go into the shared EventBook (one column per estimator), proximal rows
 into the tracker's own list; both leave the rank through `take_rows`.
+
+Trackers come from a registry: each module of TRACKER_MODULES registers its factories
+(`@register(name)`, name → factory(TrackerContext) giving a tracker, or None when the
+run's settings do not ask for it); `build_trackers` calls them in registration order.
+Adding a tracker is its module plus its name in TRACKER_MODULES.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,7 +31,11 @@ from torch import Tensor
 
 from dicesim.comm import Channel, Layout, mix
 from dicesim.events import Event, EventBook, ProximalRow
-from dicesim.optim import State
+from dicesim.optim import LocalOptimizer, State
+
+if TYPE_CHECKING:
+    from dicesim.engine import InfluenceSettings
+    from dicesim.model import FlatModel, Probe
 
 NO_ROWS = np.array([], dtype=np.int64)
 
@@ -211,3 +223,85 @@ class PerturbationTracker(Tracker):
     def load_state_dict(self, state: dict) -> None:
         self.rows = {int(i): v for i, v in state["rows"].items()}
         self.state_rows = {int(i): dict(v) for i, v in state.get("state_rows", {}).items()}
+
+
+# ---- building: the registry -----------------------------------------------------------------
+@dataclass
+class TrackerContext:
+    """What a tracker is built from: one run's parts on this rank and its settings."""
+
+    book: EventBook | None  # None: the run has no events
+    layout: Layout
+    model: FlatModel
+    probe: Probe
+    q: np.ndarray  # node weights q_k
+    optimizer: LocalOptimizer
+    influence: InfluenceSettings
+
+
+TrackerFactory = Callable[[TrackerContext], Tracker | None]
+TRACKERS: dict[str, TrackerFactory] = {}  # name → factory, in registration order
+# the modules that register trackers, imported (in this order) when trackers are built
+TRACKER_MODULES = ("ground_truth", "dice_e", "dice_gauss", "proximal")
+
+
+def register(name: str) -> Callable[[TrackerFactory], TrackerFactory]:
+    def add(factory: TrackerFactory) -> TrackerFactory:
+        if name in TRACKERS:
+            raise ValueError(f"tracker {name!r} is registered twice")
+        TRACKERS[name] = factory
+        return factory
+    return add
+
+
+def registered() -> dict[str, TrackerFactory]:
+    for module in TRACKER_MODULES:
+        importlib.import_module(f"dicesim.trackers.{module}")
+    return TRACKERS
+
+
+def build_trackers(ctx: TrackerContext) -> list[Tracker]:
+    """The trackers this run's settings ask for, in registration order."""
+    made = (factory(ctx) for factory in registered().values())
+    return [tracker for tracker in made if tracker is not None]
+
+
+def estimating(ctx: TrackerContext, name: str) -> bool:
+    """Whether influence.estimators asks for `name` (and there are events to follow)."""
+    return ctx.book is not None and name in ctx.influence.estimators
+
+
+# ---- DICE's source perturbations ------------------------------------------------------------
+class SourcePerturbations:
+    """(δθ_j^{t+½}, δs_j^{t+½}) = O(θ_j^t, s_j^t; B) − O(θ_j^t, s_j^t; B ∖ S) of every event
+    starting at t on this rank (`step.started`), by event index. The gradient is linear in
+    the sample weights, so for an affine optimizer (SGD, momentum, weight decay) this is
+    the step's tangent along the removed samples' gradient ∇L_S alone (−η ∇L_S for SGD),
+    exactly; otherwise (Adam) the difference of the two steps, the second on the batch
+    without S."""
+
+    def __init__(self, layout: Layout, model: FlatModel, optimizer: LocalOptimizer):
+        self.layout, self.model, self.optimizer = layout, model, optimizer
+
+    def __call__(self, step) -> dict[int, tuple[Tensor, State]]:
+        return {e.index: self._one(step, e) for e in step.started
+                if self.layout.is_local(e.source)}
+
+    def _one(self, step, e: Event) -> tuple[Tensor, State]:
+        opt = self.optimizer
+        x, y, w = step.batch
+        i = self.layout.local_index(e.source)
+        nodes = np.array([e.source])
+        keep = torch.ones_like(w[i])
+        keep[torch.as_tensor(e.positions, device=w.device)] = 0.0
+        theta = step.theta[i:i + 1]
+        state = {n: v[i:i + 1] for n, v in step.state.items()}
+        if opt.affine:
+            g_removed, _ = self.model.grads(theta, x[i:i + 1], y[i:i + 1],
+                                            (w[i] * (1 - keep))[None])
+            return opt.tangent(e.step, nodes, theta, state, step.grad[i:i + 1],
+                               torch.zeros_like(theta), opt.zero_state(theta), g_removed)
+        g_without, _ = self.model.grads(theta, x[i:i + 1], y[i:i + 1], (w[i] * keep)[None])
+        update, new = opt.step(e.step, nodes, theta, state, g_without)
+        return (step.update[i:i + 1] - update,
+                {n: step.new_state[n][i:i + 1] - new[n] for n in new})

@@ -28,7 +28,7 @@ from torch import Tensor
 from dicesim.comm import Layout
 from dicesim.events import EventBook
 from dicesim.model import FlatModel, Probe
-from dicesim.trackers import PerturbationTracker
+from dicesim.trackers import PerturbationTracker, TrackerContext, estimating, register
 
 
 class DiceE(PerturbationTracker):
@@ -84,3 +84,21 @@ class DiceE(PerturbationTracker):
         if not self.with_state:  # the ablation starts without the state's perturbation
             d_state = self.optimizer.zero_state(d_theta)
         return d_theta, d_state
+
+
+@register("dice_e")
+def _dice_e(ctx: TrackerContext) -> DiceE | None:
+    if not estimating(ctx, "dice_e"):
+        return None
+    assert ctx.book is not None
+    return DiceE(ctx.book, ctx.layout, ctx.model, ctx.probe, ctx.q, ctx.optimizer,
+                 ctx.influence.curvature)
+
+
+@register("dice_e_nostate")
+def _dice_e_nostate(ctx: TrackerContext) -> DiceE | None:
+    if not estimating(ctx, "dice_e_nostate"):
+        return None
+    assert ctx.book is not None
+    return DiceE(ctx.book, ctx.layout, ctx.model, ctx.probe, ctx.q, ctx.optimizer,
+                 ctx.influence.curvature, with_state=False)

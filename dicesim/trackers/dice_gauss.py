@@ -30,7 +30,7 @@ import torch
 from dicesim.comm import Layout
 from dicesim.events import EventBook
 from dicesim.model import FlatModel, Probe
-from dicesim.trackers import PerturbationTracker
+from dicesim.trackers import PerturbationTracker, TrackerContext, estimating, register
 
 # Gauss–Legendre rules on [0, 1] as (u, weight): the point θ − u·δ of the segment
 GAUSS_LEGENDRE = {1: ((0.5, 1.0),),
@@ -97,3 +97,17 @@ class DiceGauss(PerturbationTracker):
         # s = 0 at θ_j^{t+½} − δ_j/2
         self.start(step, lambda i, delta: self._midpoint_dots(
             step.half[i:i + 1], torch.as_tensor([i], device=delta.device), delta)[0])
+
+
+def _gauss(points: int):
+    def build(ctx: TrackerContext) -> DiceGauss | None:
+        if not estimating(ctx, DiceGauss.COLUMNS[points]):
+            return None
+        assert ctx.book is not None
+        return DiceGauss(ctx.book, ctx.layout, ctx.model, ctx.probe, ctx.q, ctx.optimizer,
+                         ctx.influence.curvature, points)
+    return build
+
+
+for _points, _name in DiceGauss.COLUMNS.items():
+    register(_name)(_gauss(_points))

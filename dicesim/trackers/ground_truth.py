@@ -14,7 +14,7 @@ import numpy as np
 from dicesim.comm import Layout
 from dicesim.events import EventBook, loss_gap
 from dicesim.model import FlatModel, Probe
-from dicesim.trackers import PerturbationTracker
+from dicesim.trackers import PerturbationTracker, TrackerContext, register
 
 
 class GroundTruth(PerturbationTracker):
@@ -44,3 +44,12 @@ class GroundTruth(PerturbationTracker):
         # s = 0: G = q_j (L'_j(θ_j^{t+½}) − L'_j(θ̃_j^{t+½}))
         self.start(step, lambda i, delta: loss_gap(self.model, step.half[i:i + 1], delta,
                                                    self.probe.at(i))[0])
+
+
+@register("dice_gt")
+def _ground_truth(ctx: TrackerContext) -> GroundTruth | None:
+    """The exact influence of the events influence.ground_truth picks."""
+    if ctx.book is None or not ctx.influence.any_ground_truth:
+        return None
+    return GroundTruth(ctx.book, ctx.layout, ctx.model, ctx.probe, ctx.q, ctx.optimizer,
+                       ctx.influence.ground_truth)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from dicesim.comm import Channel, Layout
 from dicesim.events import ProximalRow
-from dicesim.trackers import Tracker
+from dicesim.trackers import Tracker, TrackerContext, register
 
 
 class Proximal(Tracker):
@@ -66,3 +66,8 @@ class Proximal(Tracker):
     def load_state_dict(self, state: dict) -> None:
         self.received, self.edges = state["received"], state["edges"]
         self.rows = [ProximalRow(*r) for r in state["rows"]]
+
+
+@register("proximal")
+def _proximal(ctx: TrackerContext) -> Proximal | None:
+    return Proximal(ctx.layout, ctx.q) if ctx.influence.proximal else None
