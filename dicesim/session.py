@@ -63,16 +63,6 @@ class Session:
         if self.rank == 0:
             print(*args, flush=True)
 
-    def ready_to_train(self, driver: str, runs: str = "run") -> bool:
-        """For an experiment driver once every run is built: on a dry run say so and return
-        False; otherwise claim the run directory (unless a caller already set one)."""
-        if self.cfg.dry_run:
-            self.say(f"{driver}: dry run — every {runs} is valid, nothing trained")
-            return False
-        if self.out is None:
-            prepare_output(self)
-        return True
-
     def build(self, cfg: Config) -> Simulation:
         """A validated simulation; a bad setting ends the command with exit 2."""
         try:
