@@ -6,41 +6,40 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from dicesim import rundir
-from dicesim.checkpoint import (
-    Checkpoints,
-    as_written,
-    difference,
-    find_resume,
-    first_difference,
-    result_settings,
-)
-from dicesim.comm import Comm, PeerError
+from dicesim.checkpoint import Checkpoints, find_resume
+from dicesim.comm import PeerError
 from dicesim.config import (
     CONFIG_DIR,
     Config,
-    as_dict,
     check_group_choice,
     compose_checked,
     load_noting,
     sweep_points,
 )
 from dicesim.config import GROUPS as GROUPS  # re-exported: the config groups users type
-from dicesim.engine import Simulation, configure_device, local_rank, resolve_device
+from dicesim.engine import Simulation, local_rank, resolve_device
 from dicesim.errors import ConfigError
 from dicesim.events import ESTIMATORS
 from dicesim.provenance import headline
+from dicesim.session import (  # re-exported: tests and older callers import them here
+    RunDirPlan,
+    Session,
+    check_same_run,
+    fail,
+    guard_for,
+    open_session,
+    peer_failed,
+    prepare_output,
+    run_target,
+)
 from dicesim.stopping import (
-    EXIT_PEER,
     SIGNAL_CODES,
     SIGNALS,
-    Guard,
     Interrupted,
     Stopped,
     exit_with,
@@ -48,15 +47,12 @@ from dicesim.stopping import (
     record_pid,
     record_status,
 )
-from dicesim.trainer import RunResult
+
+__all__ = ["GROUPS", "RunDirPlan", "Session", "fail", "guard_for", "open_session", "main",
+           "prepare_output", "run_target"]
 
 # flags after which the command line is still a list of overrides to check (a sweep)
 SWEEP_FLAGS = ("-m", "--multirun")
-
-
-def fail(message: str, code: int = 2) -> None:
-    """One line and exit `code`; in a multi-rank run only rank 0 prints it."""
-    exit_with(message, code)
 
 
 def check_group_choices(argv: list[str]) -> None:
@@ -68,97 +64,12 @@ def check_group_choices(argv: list[str]) -> None:
             fail(str(err))
 
 
-def run_target(cfg: Config) -> rundir.Target:
-    """Where this run writes (precedence in dicesim/rundir.py): out_dir, else Hydra's
-    hydra.run.dir / sweep job directory when given, else the unique default name."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    hc = HydraConfig.get()
-    multirun = hc.mode == RunMode.MULTIRUN
-    return rundir.choose(str(cfg.out_dir), list(hc.overrides.task), list(hc.overrides.hydra),
-                         hydra_run_dir=None if multirun else hc.runtime.output_dir,
-                         job_dir=hc.runtime.output_dir if multirun else None,
-                         job_num=hc.job.num if multirun else None)
-
-
-def guard_for(cfg: Config, world: int, rank: int) -> Guard:
-    """The divergence rule of one run: abort_on_nonfinite, divergence_factor (null: off)."""
-    return Guard(world, rank, abort_on_nonfinite=cfg.abort_on_nonfinite,
-                 divergence_factor=cfg.divergence_factor)
-
-
-@dataclass
-class Session:
-    """This process's part of one command: rank, device, process group, run directory.
-    Experiment drivers use it to run several simulations over the same ranks."""
-
-    cfg: Config
-    world: int
-    rank: int
-    device: torch.device
-    backend: str
-    out: Path | None = None  # rank 0 only
-    comm: Comm | None = None
-
-    def say(self, *args: object) -> None:
-        if self.rank == 0:
-            print(*args, flush=True)
-
-    def ready_to_train(self, driver: str, runs: str = "run") -> bool:
-        """For an experiment driver once every run is built: on a dry run say so and return
-        False; otherwise claim the run directory (unless a caller already set one)."""
-        if self.cfg.dry_run:
-            self.say(f"{driver}: dry run — every {runs} is valid, nothing trained")
-            return False
-        if self.out is None:
-            prepare_output(self)
-        return True
-
-    def build(self, cfg: Config) -> Simulation:
-        """A validated simulation; a bad setting ends the command with exit 2."""
-        try:
-            sim = Simulation(cfg, self.world, self.rank)
-            guard_for(cfg, self.world, self.rank)
-            return sim
-        except ConfigError as err:
-            fail(str(err))
-            raise  # unreachable: fail exits
-
-    def simulate(self, sim: Simulation, on_flush=None, checkpoints=None) -> RunResult:
-        """Run one simulation. A peer failure ends this rank (exit 3, one line); a signal
-        or a diverged loss raises Stopped on every rank at the same step."""
-        try:
-            if self.comm is None:
-                self.comm = Comm(self.backend, sim.run.timeout_s, self.device)
-            if self.cfg.driver:  # an experiment's next run: every rank starts it
-                SIGNALS.check_together("experiment")
-            self.comm.guard = guard_for(sim.cfg, self.world, self.rank)
-            return sim.execute(self.comm, log=self.say, checkpoints=checkpoints,
-                               on_flush=on_flush)
-        except PeerError as err:
-            peer_failed(err)
-            raise  # unreachable
-
-    def close(self) -> None:
-        if self.comm is not None:
-            try:
-                self.comm.close()
-            except PeerError as err:
-                peer_failed(err)
-
-
-def peer_failed(err: PeerError) -> None:
-    """Exit 3 with the rank's own line: each rank saw the failure from its side."""
-    exit_with(str(err), EXIT_PEER, everyone=True)
-
-
 def stopped(session: Session, stop: Stopped, sim: Simulation | None) -> None:
     """A signal or a diverged loss stopped every rank at the same step: rank 0 writes what
     is finished, then all leave together (the others wait in the closing barrier, so plain
     torchrun, which ends the remaining ranks once one has exited non-zero, cannot cut the
     writing short), run the signal hooks, exit with one line. A signal answered after the
-    step loop (stop.phase) was answered at an agreed check point: on every rank too."""
+    step loop (stop.phase) was seen by this rank alone: no closing barrier then."""
     if stop.reason == "signal":
         SIGNALS.answered = True  # writing the finished rows below is not interrupted again
     if session.rank == 0 and session.out is not None and sim is not None:
@@ -173,52 +84,13 @@ def stopped(session: Session, stop: Stopped, sim: Simulation | None) -> None:
                                          "metric": LOSS_METRIC[f.what], "value": f.value}
         write_all(session.out, sim, stop.result, plots=False, status=status)
     session.close()
+    if session.comm is not None:
+        session.comm.let_rank0_leave_first()
     if stop.reason == "signal":
         for hook in on_signal:
             hook(stop.detail, stop.step)
-    if session.comm is not None:
-        session.comm.let_rank0_leave_first()
     exit_with(stop.message(session.out), stop.code,
               prefix="" if stop.reason == "signal" else "error: ")
-
-
-def open_session(cfg: Config) -> Session:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    try:
-        device, backend = resolve_device(cfg, local_rank())
-    except ConfigError as err:
-        exit_with(str(err), 2, everyone=True)  # may differ per rank (its own GPU): all print
-    configure_device(device, cfg.allow_tf32)
-    return Session(cfg, world, rank, device, backend)
-
-
-def prepare_output(session: Session, resume: bool = False,
-                   plan: RunDirPlan | None = None) -> None:
-    """Rank 0 claims the run directory (dicesim/rundir.py) and writes config.yaml; a
-    directory that cannot be used ends the run with one line, exit 2. `plan` (from
-    plan_checkpoints) names a directory to re-enter or to start this run afresh in."""
-    if session.rank == 0:
-        cfg = session.cfg
-        overwrite = cfg.overwrite or (plan is not None and plan.replace)
-        resume = resume or (plan is not None and plan.reenter)
-        try:
-            target = run_target(cfg) if plan is None or plan.folder is None else rundir.Target(
-                plan.folder, unique=False, source="resume")
-            session.out = rundir.claim(target, overwrite, resume=resume)
-            resolved = as_dict(cfg)
-            resolved["out_dir"] = str(session.out)
-            rundir.write_config(session.out, OmegaConf.to_yaml(resolved), resume=resume)
-        except ConfigError as err:
-            fail(str(err))
-        session.say(f"dicesim: writing to {session.out}")
-
-
-@dataclass
-class RunDirPlan:
-    folder: Path | None = None  # the directory resume names (None: the usual choice)
-    reenter: bool = False  # continue from its checkpoint: keep what is there
-    replace: bool = False  # resume=auto without a checkpoint: this run's own first attempt
 
 
 def plan_checkpoints(session: Session) -> tuple[Checkpoints | None, RunDirPlan]:
@@ -256,22 +128,6 @@ def locate_resume(cfg: Config, world: int) -> tuple[RunDirPlan, Path | None]:
         if source is None and resume == "auto":
             replace = check_same_run(folder, cfg)
     return RunDirPlan(folder, source is not None, replace), source
-
-
-def check_same_run(folder: Path, cfg: Config) -> bool:
-    """resume=auto found no checkpoint: the directory may hold this run's own first attempt
-    (killed before its first checkpoint), whose outputs it replaces (True); outputs of a
-    run with other settings are refused."""
-    written = folder / "config.yaml"
-    if not written.is_file():
-        return False
-    before, now = result_settings(OmegaConf.load(written)), result_settings(cfg)
-    key = first_difference(as_written(before), now)
-    if key is not None:
-        raise ConfigError(f"resume=auto: {folder} holds a run with other settings "
-                          f"({difference(key, before, now)}) and no checkpoint; "
-                          "choose another out_dir, or overwrite=true")
-    return True
 
 
 def execute(cfg: Config, kept: Sequence[str] = ()) -> dict | None:

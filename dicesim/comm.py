@@ -330,6 +330,15 @@ class Comm:
                          "influence rows or final parameters)")
         return out
 
+    def broadcast_from_root(self, obj: object) -> object:
+        """Rank 0's picklable `obj` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        self._collective(dist.broadcast_object_list, box, 0, self.group,
+                         phase="broadcast from rank 0")
+        return box[0]
+
 
 @dataclass
 class PendingExchange:

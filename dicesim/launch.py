@@ -183,15 +183,23 @@ def render_sbatch(
     partition: str | None = None,
     account: str | None = None,
     extra_sbatch: Sequence[str] = (),
-    cpus_per_proc: int = 1,
+    cpus_per_proc: int | None = None,
     resumable: bool = True,
     checkpoint_every: int = 100,
+    port: int | None = None,
+    mem_per_proc_gb: int = 8,
 ) -> str:
     """A complete SLURM batch script: one task per machine, each a torchrun of ``spec.procs``.
 
     The rendezvous host is the first host of the allocation, the rendezvous id the job id,
-    so the script needs no editing per job. ``extra_sbatch`` entries become further
-    ``#SBATCH`` lines (``"--mem=0"``, ``"constraint=a100"`` or a full ``"#SBATCH ..."``).
+    so the script needs no editing per job; the rendezvous port is ``port``, or, when None,
+    20000 + job id mod 10000 (below Linux's ephemeral ports), so two jobs whose first host
+    is the same machine do not collide. ``extra_sbatch`` entries become further ``#SBATCH``
+    lines (``"--mem=0"``, ``"constraint=a100"`` or a full ``"#SBATCH ..."``); a ``--mem`` there
+    replaces the one asked for (``mem_per_proc_gb`` per rank). ``cpus_per_proc`` (None: 2 per
+    GPU rank, 1 per CPU rank) CPU cores are reserved per rank. A requeued job appends to its
+    log (``--open-mode=append``). ``device=cuda`` (on GPUs) comes before the user's overrides,
+    and is left out when they choose a device.
 
     ``resumable`` (default): the job is requeue-able and continues where it stopped. SLURM
     sends SIGTERM 120 s before the time limit (``--signal=TERM@120``); the ranks stop at the
@@ -202,10 +210,16 @@ def render_sbatch(
     user gives for ``out_dir``, ``resume`` or ``checkpoint.every`` win.
     """
     spec.validate()
+    if cpus_per_proc is None:
+        cpus_per_proc = 2 if spec.gpus_per_machine > 0 else 1
     if cpus_per_proc < 1:
         raise LaunchError(f"CPUs per process must be >= 1 (got {cpus_per_proc})")
     if checkpoint_every < 1:
         raise LaunchError(f"--checkpoint-every must be >= 1 (got {checkpoint_every})")
+    if port is not None and not 1 <= port <= 65535:
+        raise LaunchError(f"port must be in 1..65535 (got {port})")
+    if mem_per_proc_gb < 1:
+        raise LaunchError(f"memory per process must be >= 1 GB (got {mem_per_proc_gb})")
     for name, value in (("job name", job_name), ("time", time), ("partition", partition),
                         ("account", account), ("python", spec.python),
                         ("rendezvous backend", spec.rdzv_backend),
@@ -230,6 +244,9 @@ def render_sbatch(
     ]
     if spec.gpus_per_machine > 0:
         head.append(f"#SBATCH --gpus-per-node={spec.gpus_per_machine}")
+    if not any(_sbatch_line(o).split()[1].startswith(("--mem=", "--mem-per"))
+               for o in extra_sbatch if _sbatch_line(o).split()[1:]):
+        head.append(f"#SBATCH --mem={spec.procs * mem_per_proc_gb}G")
     head.append(f"#SBATCH --time={time}")
     if partition:
         head.append(f"#SBATCH --partition={partition}")
@@ -238,8 +255,10 @@ def render_sbatch(
     if resumable:
         head += ["#SBATCH --requeue", "#SBATCH --signal=TERM@120"]
     head += [_sbatch_line(o) for o in extra_sbatch]
-    head.append("#SBATCH --output=%x-%j.out")
+    head += ["#SBATCH --output=%x-%j.out", "#SBATCH --open-mode=append"]  # a requeue appends
     given = {_key(o) for o in spec.overrides}
+    # before the user's overrides, which win where they set the same key
+    first = ["device=cuda"] if spec.gpus_per_machine > 0 and "device" not in given else []
     resume = []
     if resumable:  # before the user's overrides, which win where they set the same key
         resume += ['"out_dir=$RUN_DIR"'] if "out_dir" not in given else []
@@ -253,10 +272,9 @@ def render_sbatch(
         '--nnodes="$SLURM_NNODES"',
         f"--nproc_per_node={spec.procs}",
         f"--rdzv_backend={q(spec.rdzv_backend)}",
-        f'--rdzv_endpoint="$HEAD:{spec.port}"',
+        '--rdzv_endpoint="$HEAD:$PORT"',
         '--rdzv_id="$SLURM_JOB_ID"',
-        "-m", MODULE, *resume,
-        *(q(o) for o in spec.effective_overrides()),
+        "-m", MODULE, *first, *resume, *(q(o) for o in spec.overrides),
     ]
     if resumable:
         srun.append("|| code=$?")
@@ -265,10 +283,12 @@ def render_sbatch(
         "set -euo pipefail",
         "# Rendezvous on the first host of the allocation; the job id keeps jobs apart.",
         "HOSTS=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\"); HEAD=${HOSTS%%$'\\n'*}",
+        "# The port too: two jobs whose first host is one machine must not share it.",
+        f"PORT={port}" if port is not None else "PORT=$((20000 + SLURM_JOB_ID % 10000))",
         "# Recent SLURM no longer passes --cpus-per-task from sbatch on to srun.",
         'export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"',
         f'echo "dicesim: $SLURM_NNODES machine(s) x {spec.procs} rank(s),'
-        f' rendezvous $HEAD:{spec.port}" >&2',
+        ' rendezvous $HEAD:$PORT" >&2',
     ]
     if resumable:
         body += [f'RUN_DIR="${{RUN_DIR:-outputs/{job_name}-$SLURM_JOB_ID}}"  # kept by a requeue',
@@ -304,7 +324,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--procs", type=int, default=None,
                         help="ranks per machine (default: one per GPU, else 1)")
     common.add_argument("--gpus", type=int, default=0, help="GPUs per machine (default 0)")
-    common.add_argument("--port", type=int, default=29500, help="rendezvous port")
+    common.add_argument("--port", type=int, default=None,
+                        help="rendezvous port (default: torchrun 29500; sbatch 20000 + job id "
+                             "mod 10000)")
     common.add_argument("--rdzv-backend", default="c10d")
     common.add_argument("--rdzv-id", default="dicesim",
                         help="rendezvous id (torchrun only; sbatch uses the job id)")
@@ -326,8 +348,11 @@ def _parser() -> argparse.ArgumentParser:
     sb.add_argument("--time", default="01:00:00", help="wall-clock limit (default %(default)s)")
     sb.add_argument("--partition", default=None)
     sb.add_argument("--account", default=None)
-    sb.add_argument("--cpus-per-proc", type=int, default=1,
-                    help="CPU cores reserved per rank (default 1)")
+    sb.add_argument("--cpus-per-proc", type=int, default=None,
+                    help="CPU cores reserved per rank (default 2 per GPU rank, else 1)")
+    sb.add_argument("--mem-per-proc", type=int, default=8, metavar="GB",
+                    help="memory asked for per rank, in GB (default %(default)s; an "
+                         "--sbatch=--mem=... replaces it)")
     sb.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
                     help="extra #SBATCH option, e.g. --sbatch=--mem=0 (repeatable)")
     sb.add_argument("--checkpoint-every", type=int, default=100,
@@ -356,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         machines=args.machines,
         procs_per_machine=args.procs,
         gpus_per_machine=args.gpus,
-        port=args.port,
+        port=29500 if args.port is None else args.port,
         rdzv_backend=args.rdzv_backend,
         rdzv_endpoint=getattr(args, "rdzv_endpoint", None),
         rdzv_id=args.rdzv_id,
@@ -371,6 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 spec, job_name=args.job_name, time=args.time, partition=args.partition,
                 account=args.account, extra_sbatch=args.sbatch, cpus_per_proc=args.cpus_per_proc,
                 resumable=not args.no_requeue, checkpoint_every=args.checkpoint_every,
+                port=args.port, mem_per_proc_gb=args.mem_per_proc,
             )
     except LaunchError as err:
         return _fail(str(err))

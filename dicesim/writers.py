@@ -23,6 +23,12 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = temp_path(path)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def strict(value: object, where: str = "", found: list[str] | None = None) -> object:
     """`value` with every NaN/±Infinity float replaced by None; their JSON paths are
     appended to `found` (e.g. "final.probe_loss", "alignment.all.pearson")."""

@@ -141,7 +141,8 @@ def test_sbatch_one_machine_four_procs():
     assert lines[0] == "#!/bin/bash"
     for line in ("#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1",
                  "#SBATCH --cpus-per-task=4", "#SBATCH --time=00:10:00",
-                 "#SBATCH --job-name=j", "set -euo pipefail"):
+                 "#SBATCH --job-name=j", "set -euo pipefail", "#SBATCH --mem=32G",
+                 "#SBATCH --open-mode=append", "PORT=$((20000 + SLURM_JOB_ID % 10000))"):
         assert line in lines
     assert not any("gpus" in ln or "partition" in ln or "account" in ln for ln in lines)
     srun = shlex.split(_srun_line(script))
@@ -157,10 +158,12 @@ def test_sbatch_one_machine_four_procs():
 
 def test_sbatch_two_machines_eight_gpus():
     script = render_sbatch(
-        LaunchSpec(machines=2, gpus_per_machine=8, port=29611, overrides=["nodes=64"]),
+        LaunchSpec(machines=2, gpus_per_machine=8, overrides=["nodes=64"]), port=29611,
         time="02:00:00", partition="gpu", account="proj", extra_sbatch=["--mem=0", "exclusive"])
     lines = script.splitlines()
-    for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=8",
+    assert "PORT=29611" in lines
+    assert [ln for ln in lines if "--mem" in ln] == ["#SBATCH --mem=0"]  # the user's only
+    for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=16",
                  "#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --mem=0",
                  "#SBATCH --exclusive"):
         assert line in lines
@@ -168,9 +171,24 @@ def test_sbatch_two_machines_eight_gpus():
     assert first_host in lines
     srun = shlex.split(_srun_line(script))
     for flag in ("--nnodes=$SLURM_NNODES", "--nproc_per_node=8", "--rdzv_backend=c10d",
-                 "--rdzv_endpoint=$HEAD:29611", "--rdzv_id=$SLURM_JOB_ID"):
+                 "--rdzv_endpoint=$HEAD:$PORT", "--rdzv_id=$SLURM_JOB_ID"):
         assert flag in srun
-    assert "nodes=64" in srun and "device=cuda" in srun
+    # device=cuda first: whatever the user adds after it wins
+    assert srun[srun.index("dicesim") + 1] == "device=cuda" and srun[-1] == "nodes=64"
+    chosen = render_sbatch(LaunchSpec(gpus_per_machine=2, overrides=["device=cuda:1"]))
+    assert shlex.split(_srun_line(chosen)).count("device=cuda") == 0
+
+
+def test_sbatch_cpus_and_memory_scale_with_the_ranks():
+    gpu = render_sbatch(LaunchSpec(gpus_per_machine=8)).splitlines()
+    assert "#SBATCH --cpus-per-task=16" in gpu and "#SBATCH --mem=64G" in gpu
+    cpu = render_sbatch(LaunchSpec(procs_per_machine=6), cpus_per_proc=3,
+                        mem_per_proc_gb=2).splitlines()
+    assert "#SBATCH --cpus-per-task=18" in cpu and "#SBATCH --mem=12G" in cpu
+    with pytest.raises(LaunchError):
+        render_sbatch(LaunchSpec(), mem_per_proc_gb=0)
+    with pytest.raises(LaunchError):
+        render_sbatch(LaunchSpec(), port=70000)
 
 
 def test_sbatch_overrides_survive_shlex_round_trip():
@@ -219,9 +237,33 @@ def test_rendered_script_runs_under_bash(tmp_path, fake_slurm):
     assert run.returncode == 0, run.stderr
     assert read_argv() == [
         "--kill-on-bad-exit=1", "py", *TORCHRUN, "--nnodes=2", "--nproc_per_node=4",
-        "--rdzv_backend=c10d", "--rdzv_endpoint=gpu-node-07:29500", "--rdzv_id=1234",
-        "-m", "dicesim", *RESUME, *TRICKY, "device=cuda",
+        "--rdzv_backend=c10d", "--rdzv_endpoint=gpu-node-07:21234", "--rdzv_id=1234",
+        "-m", "dicesim", "device=cuda", *RESUME, *TRICKY,
     ]
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["rendered", "static"])
+def test_two_jobs_on_one_head_node_get_different_ports(tmp_path, fake_slurm, static):
+    _, env, read_argv = fake_slurm
+    script = SLURM_SCRIPT
+    if not static:
+        script = tmp_path / "job.sbatch"
+        script.write_text(render_sbatch(LaunchSpec(machines=2, python="py")))
+    endpoints = []
+    for job in ("1234", "1235"):
+        run = subprocess.run(["bash", str(script)], env={**env, "SLURM_JOB_ID": job},
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        (endpoint,) = [a for a in read_argv() if a.startswith("--rdzv_endpoint=")]
+        endpoints.append(endpoint)
+    assert endpoints == ["--rdzv_endpoint=gpu-node-07:21234",
+                         "--rdzv_endpoint=gpu-node-07:21235"]
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["rendered", "static"])
+def test_a_requeued_job_appends_to_its_log(tmp_path, static):
+    text = SLURM_SCRIPT.read_text() if static else render_sbatch(LaunchSpec())
+    assert "#SBATCH --open-mode=append" in text.splitlines()
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["rendered", "static"])

@@ -40,7 +40,6 @@ import numpy as np
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dicesim.cli import Session
 from dicesim.config import (
     DATA_SCHEMAS,
     DATASETS,
@@ -64,17 +63,17 @@ from dicesim.config import (
 )
 from dicesim.errors import ConfigError
 from dicesim.events import INFLUENCE_COLUMNS, InfluenceRow
-from dicesim.experiments import group_option, variant
-from dicesim.provenance import provenance_lines, stamped
+from dicesim.experiments import group_option, runner, variant
+from dicesim.experiments.runner import Table, Task, slug
+from dicesim.provenance import provenance_lines
 from dicesim.report import (
     alignment,
     alignment_blocks,
     footer,
     second_order_share,
-    write_atomic,
     write_csv,
-    write_json,
 )
+from dicesim.session import Session
 
 
 class Sweep(StrEnum):
@@ -623,67 +622,77 @@ def data_available(name: str) -> bool:
     return root is None or Path(root).is_dir()
 
 
-def slug(label: str) -> str:
-    return label.replace("/", "__")
+class AlignmentTask(Task):
+    name = "alignment"
 
+    def cases(self, session: Session) -> list[runner.Case]:
+        cfg = session.cfg
+        hard = hard_cases(cfg)
+        missing = sorted({c.data for c in hard if c.data and not data_available(c.data)})
+        if missing:
+            session.say(f"alignment: the hard cases on {', '.join(missing)} are left out: "
+                        "their data files are missing (apt-get install dataset-fashion-mnist)")
+        if cfg.alignment.sweep == "optimizers":
+            cases = optimizer_cases(cfg)
+        else:
+            cases = core_cases(cfg) + [c for c in hard if c.data not in missing]
+            cases += (sweep_cases(cfg) if cfg.alignment.sweep == "full" else [])
+            cases += precision_cases(cfg)
+        for case in cases:  # every setting is checked before the first run starts
+            session.build(case_config(cfg, case))
+        return [runner.Case(c.label, c.label, c) for c in cases]
 
-def run(session: Session) -> dict | None:
-    cfg = session.cfg
-    acfg = cfg.alignment
-    hard = hard_cases(cfg)
-    missing = sorted({c.data for c in hard if c.data and not data_available(c.data)})
-    if missing:
-        session.say(f"alignment: the hard cases on {', '.join(missing)} are left out: their "
-                    "data files are missing (apt-get install dataset-fashion-mnist)")
-    if acfg.sweep == "optimizers":
-        cases = optimizer_cases(cfg)
-    else:
-        cases = core_cases(cfg) + [c for c in hard if c.data not in missing]
-        cases += (sweep_cases(cfg) if acfg.sweep == "full" else []) + precision_cases(cfg)
-    for case in cases:  # every setting is checked before the first run starts
-        session.build(case_config(cfg, case))
-    session.say(f"alignment: {len(cases)} runs ({acfg.sweep} sweep)")
-    if not session.ready_to_train("alignment", "case"):
-        return None
-    results: list[dict] = []
-    rows_of: dict[str, list[tuple]] = {}
-    for i, case in enumerate(cases, 1):
-        rows, wall = run_case(session, cfg, case)
+    def announce(self, session: Session, cases: list[runner.Case]) -> str:
+        return f"alignment: {len(cases)} runs ({session.cfg.alignment.sweep} sweep)"
+
+    def run_case(self, session: Session, case: runner.Case, done: dict) -> dict | None:
+        spec: Case = case.spec
+        rows, wall = run_case(session, session.cfg, spec)
         if session.rank != 0:
-            continue
-        rows_of[case.label] = rows
-        blocks = ordered_blocks(rows)
-        mid = ordered_blocks(rows, "dice_mid")
-        results.append({**asdict(case), "wall_s": wall, "alignment": blocks,
-                        "alignment_mid": mid,
-                        "second_order_share": _ordered(second_order_share(rows, "dice_mid"))})
-        if case.optim:
-            results[-1]["alignment_nostate"] = ordered_blocks(rows, "dice_e_nostate")
-        if case.set == "hard":
-            results[-1]["alignment_gauss2"] = ordered_blocks(rows, "dice_gauss2")
-        value, where = worst(blocks)
-        value_mid, where_mid = worst(mid)
-        session.say(f"[{i}/{len(cases)}] {case.label}: {wall:.1f} s, min Spearman dice_e "
-                    f"{value:.6f} ({where}), dice_mid {value_mid:.6f} ({where_mid}); rel_err "
-                    f"all {blocks['all']['rel_err']:.3g} / {mid['all']['rel_err']:.3g}")
-        folder = session.out / "cases" / slug(case.label)
+            return None
+        result = {**asdict(spec), "wall_s": wall, "alignment": ordered_blocks(rows),
+                  "alignment_mid": ordered_blocks(rows, "dice_mid"),
+                  "second_order_share": _ordered(second_order_share(rows, "dice_mid"))}
+        if spec.optim:
+            result["alignment_nostate"] = ordered_blocks(rows, "dice_e_nostate")
+        if spec.set == "hard":
+            result["alignment_gauss2"] = ordered_blocks(rows, "dice_gauss2")
+        folder = session.out / "cases" / slug(spec.label)
         folder.mkdir(parents=True, exist_ok=True)
         write_csv(folder / "influence.csv", INFLUENCE_COLUMNS,
                   sorted(rows, key=lambda r: (r.event, r.hop, r.node)))
-    if session.rank != 0:
-        return None
-    summary = summarize(cfg, results, rows_of)
-    out = session.out
-    write_csv(out / "alignment.csv", TABLE_COLUMNS, table_rows(summary["cases"]))
-    write_json(out / "summary.json", stamped(summary))  # strict JSON: no bare NaN
-    pictures = []
-    if cfg.plots:
-        pictures = plots(out, [c for c in results if c["set"] != "precision"], rows_of)
-    write_atomic(out / "report.md", report_md(summary, pictures))
-    t = summary["targets"]
-    session.say(f"alignment: targets {'met' if t['all_pass'] else 'NOT met'}; "
-                f"report: {out / 'report.md'}")
-    return summary
+        return {"case": result, "rows": rows}
+
+    def progress(self, case: runner.Case, result: dict) -> str:
+        c = result["case"]
+        blocks, mid = c["alignment"], c["alignment_mid"]
+        (value, where), (value_mid, where_mid) = worst(blocks), worst(mid)
+        return (f"{case.label}: {c['wall_s']:.1f} s, min Spearman dice_e {value:.6f} ({where}), "
+                f"dice_mid {value_mid:.6f} ({where_mid}); rel_err all "
+                f"{blocks['all']['rel_err']:.3g} / {mid['all']['rel_err']:.3g}")
+
+    def summarize(self, cfg: Config, cases: list[runner.Case], results: dict,
+                  wall_s: float) -> dict:
+        self.cases_done = [r["case"] for r in results.values()]
+        self.rows_of = {key: r["rows"] for key, r in results.items()}
+        return summarize(cfg, self.cases_done, self.rows_of)
+
+    def tables(self, summary: dict, results: dict) -> list[Table]:
+        return [Table("alignment.csv", TABLE_COLUMNS, table_rows(summary["cases"]))]
+
+    def figures(self, out: Path, cfg: Config, summary: dict, results: dict) -> list[str]:
+        return plots(out, [c for c in self.cases_done if c["set"] != "precision"], self.rows_of)
+
+    def report(self, cfg: Config, summary: dict, pictures: list[str]) -> str:
+        return report_md(summary, pictures)
+
+    def closing(self, summary: dict, out: Path) -> list[str]:
+        met = summary["targets"]["all_pass"]
+        return [f"alignment: targets {'met' if met else 'NOT met'}; report: {out / 'report.md'}"]
+
+
+def run(session: Session) -> dict | None:
+    return runner.run(session, AlignmentTask())
 
 
 def summarize(cfg: Config, results: list[dict], rows_of: dict[str, list[tuple]]) -> dict:

@@ -29,7 +29,6 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch.nn.functional import cosine_similarity
 
-from dicesim.cli import Session, prepare_output
 from dicesim.comm import Channel
 from dicesim.config import (
     ATTACKS,
@@ -45,9 +44,11 @@ from dicesim.config import (
 from dicesim.engine import RunParts, Simulation
 from dicesim.errors import ConfigError
 from dicesim.events import ProximalRow
-from dicesim.experiments import group_option, variant
-from dicesim.provenance import provenance_lines, stamped
-from dicesim.report import footer, write_atomic, write_csv, write_json
+from dicesim.experiments import group_option, runner, variant
+from dicesim.experiments.runner import Table, Task, fmt, marks
+from dicesim.provenance import provenance_lines
+from dicesim.report import footer
+from dicesim.session import Session
 from dicesim.topology import senders
 from dicesim.trackers import Tracker
 from dicesim.trainer import RunResult, Step
@@ -185,14 +186,6 @@ def evaluate(scores: dict[Pair, float], attacked: np.ndarray) -> dict:
 
 
 # ---- the driver ---------------------------------------------------------------------------
-def build_cases(session: Session) -> list[Case]:
-    cfg = session.cfg
-    return [Case(a, topo, session.build(variant(
-        cfg, attack__kind=a, topology=group_option("topology", topo), influence__proximal=True,
-        defense__kind="none")))
-        for topo in cfg.anomaly.topologies for a in cfg.anomaly.attacks]
-
-
 def run_case(session: Session, case: Case, window: int | None, per_weight: bool) -> None:
     sim = case.sim
     steps = scoring_steps(sim, window)
@@ -236,33 +229,56 @@ def influence_trace(result: RunResult, sim: Simulation, steps: range) -> dict[st
     return out
 
 
-def run(session: Session) -> dict | None:
-    cfg = session.cfg
-    spec = cfg.anomaly
-    cases = build_cases(session)  # every variant validated before any training
-    session.say(f"dicesim anomaly: {len(cases)} runs ({', '.join(spec.attacks)} × "
+class AnomalyTask(Task):
+    name = "anomaly"
+
+    def cases(self, session: Session) -> list[runner.Case]:
+        cfg = session.cfg
+        return [runner.Case(f"{a}/{topo}", f"{a:>13} on {topo:<12}", Case(a, topo, session.build(
+            variant(cfg, attack__kind=a, topology=group_option("topology", topo),
+                    influence__proximal=True, defense__kind="none"))))
+            for topo in cfg.anomaly.topologies for a in cfg.anomaly.attacks]
+
+    def announce(self, session: Session, cases: list[runner.Case]) -> str:
+        cfg, spec = session.cfg, session.cfg.anomaly
+        return (f"dicesim anomaly: {len(cases)} runs ({', '.join(spec.attacks)} × "
                 f"{', '.join(spec.topologies)}), {cfg.nodes} nodes, {cfg.steps} steps")
-    if cfg.dry_run:
-        session.say("dicesim: dry run — every configuration is valid, nothing trained")
-        return None
-    prepare_output(session)
-    t0 = time.perf_counter()
-    for i, case in enumerate(cases):
-        run_case(session, case, spec.window, spec.per_weight)
-        if session.rank == 0:
-            auc = {m: case.outcome["methods"][m]["roc_auc"] for m in METHODS}
-            session.say(f"  [{i + 1}/{len(cases)}] {case.attack:>13} on {case.topology:<12} "
-                        + "  ".join(f"{m} {_fmt(v)}" for m, v in auc.items())
-                        + f"  ({case.outcome['wall_s']:.1f} s)")
-    if session.rank != 0:
-        return None
-    assert session.out is not None
-    summary = summarize(cfg, cases, time.perf_counter() - t0)
-    write_outputs(session.out, cfg, cases, summary)
-    for name, met in summary["targets"].items():
-        session.say(f"  target {name}: {'met' if met else 'MISSED'}")
-    session.say(f"dicesim anomaly: done; report: {session.out / 'report.md'}")
-    return summary
+
+    def run_case(self, session: Session, case: runner.Case, done: dict) -> dict | None:
+        spec = session.cfg.anomaly
+        run_case(session, case.spec, spec.window, spec.per_weight)
+        return case.spec.outcome if session.rank == 0 else None
+
+    def progress(self, case: runner.Case, result: dict) -> str:
+        return (case.label + " " + "  ".join(f"{m} {fmt(result['methods'][m]['roc_auc'], '.3f')}"
+                                       for m in METHODS) + f"  ({result['wall_s']:.1f} s)")
+
+    @staticmethod
+    def filled(cases: list[runner.Case], results: dict) -> list[Case]:
+        return [Case(c.spec.attack, c.spec.topology, c.spec.sim, results[c.key]) for c in cases]
+
+    def summarize(self, cfg: Config, cases: list[runner.Case], results: dict,
+                  wall_s: float) -> dict:
+        self.done = self.filled(cases, results)
+        return summarize(cfg, self.done, wall_s)
+
+    def tables(self, summary: dict, results: dict) -> list[Table]:
+        return [score_table(self.done)]
+
+    def figures(self, out: Path, cfg: Config, summary: dict, results: dict) -> list[str]:
+        return plots(out, cfg, self.done)
+
+    def report(self, cfg: Config, summary: dict, pictures: list[str]) -> str:
+        return report_md(summary, pictures)
+
+    def closing(self, summary: dict, out: Path) -> list[str]:
+        return [*(f"  target {name}: {'met' if met else 'MISSED'}"
+                  for name, met in summary["targets"].items()),
+                f"dicesim anomaly: done; report: {out / 'report.md'}"]
+
+
+def run(session: Session) -> dict | None:
+    return runner.run(session, AnomalyTask())
 
 
 # ---- outputs ------------------------------------------------------------------------------
@@ -292,22 +308,15 @@ def summarize(cfg: Config, cases: list[Case], wall_s: float) -> dict:
     }
 
 
-def write_outputs(out: Path, cfg: Config, cases: list[Case], summary: dict) -> None:
+def score_table(cases: list[Case]) -> Table:
     rows = []
     for c in cases:
         s, attacked = c.outcome["scores"], set(c.outcome["attackers"])
         for k, j in sorted(s["dice"]):
             rows.append((c.attack, c.topology, k, j, int(j in attacked),
                          *[s[m].get((k, j), float("nan")) for m in METHODS]))
-    write_csv(out / "scores.csv", ("attack", "topology", "receiver", "sender", "attacked",
-                                   *METHODS), rows)
-    write_json(out / "summary.json", stamped(summary))  # strict JSON: no bare NaN
-    pictures = plots(out, cfg, cases) if cfg.plots else []
-    write_atomic(out / "report.md", report_md(summary, pictures))
-
-
-def _fmt(v: float | None) -> str:
-    return "–" if v is None else f"{v:.3f}"
+    return Table("scores.csv", ("attack", "topology", "receiver", "sender", "attacked",
+                                *METHODS), rows)
 
 
 def report_md(summary: dict, pictures: list[str]) -> str:
@@ -332,15 +341,12 @@ def report_md(summary: dict, pictures: list[str]) -> str:
     ]
     by = {(r["attack"], r["topology"], r["method"]): r for r in summary["results"]}
     for c in summary["cases"]:
-        cells = [f"{_fmt(by[(c['attack'], c['topology'], m)]['roc_auc'])} / "
-                 f"{_fmt(by[(c['attack'], c['topology'], m)]['precision_at_k'])}"
+        cells = [f"{fmt(by[(c['attack'], c['topology'], m)]['roc_auc'], '.3f')} / "
+                 f"{fmt(by[(c['attack'], c['topology'], m)]['precision_at_k'], '.3f')}"
                  for m in METHODS]
         lines.append(f"| {c['attack']} | {c['topology']} | {c['honest_test_acc']:.3f} | "
                      + " | ".join(cells) + " |")
-    lines += ["", "Targets:", ""]
-    for name, met in summary["targets"].items():
-        lines.append(f"- {name}: **{'met' if met else 'missed'}**")
-    lines.append("")
+    lines += ["", "Targets:", "", *marks(summary["targets"]), ""]
     lines += footer(pictures, "Files: `summary.json`, `scores.csv` (every pair's score by "
                               "every method), `config.yaml`.")
     return "\n".join(lines)

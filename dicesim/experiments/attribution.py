@@ -11,15 +11,17 @@ rel_err = Σ|A − R| / Σ|R| per kind; writes retrain.csv and retrain.png.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from dicesim.cli import Session
 from dicesim.config import Config, bounded, register_block
 from dicesim.data import batch_ids
 from dicesim.engine import Simulation
-from dicesim.experiments import variant
-from dicesim.report import write_all, write_atomic, write_csv, write_json
+from dicesim.experiments import runner, variant
+from dicesim.experiments.runner import Case, Table, Task
+from dicesim.report import write_all
+from dicesim.session import Session
 from dicesim.stats import pearson, spearman
 
 
@@ -62,64 +64,107 @@ def agreement(a: np.ndarray, r: np.ndarray) -> dict:
             "rel_err": float(np.abs(a - r).sum() / np.abs(r).sum())}
 
 
-def run(session: Session) -> dict | None:
-    cfg = session.cfg
-    base = variant(cfg, attribution__enabled=True, influence__events=0, eval_every=cfg.steps)
-    sim = session.build(base)
-    plan = removals(cfg, sim)
-    plain = variant(base, attribution__enabled=False)
-    session.build(variant(plain, counterfactual__remove=[{"node": 0, "step": 0,
-                                                         "samples": "all"}]))
-    session.say(f"attribution: one run with the reverse pass, then {len(plan)} retrainings "
-                f"({cfg.retrain.batches} batches, {cfg.retrain.samples} samples)")
-    if not session.ready_to_train("attribution"):
-        return None
-    result = session.simulate(sim)
-    rows = []
-    with_all = final_loss(sim, result.metrics) if session.rank == 0 else 0.0
-    for kind, j, t, sample in plan:
+class AttributionTask(Task):
+    """Case 'attributed': the run with the reverse pass (its usual outputs are written when
+    it finishes); then one case per retrained removal."""
+
+    name = "attribution"
+
+    def cases(self, session: Session) -> list[Case]:
+        cfg = session.cfg
+        base = variant(cfg, attribution__enabled=True, influence__events=0,
+                       eval_every=cfg.steps)
+        sim = session.build(base)
+        self.plan = removals(cfg, sim)
+        self.plain = variant(base, attribution__enabled=False)
+        session.build(variant(self.plain, counterfactual__remove=[
+            {"node": 0, "step": 0, "samples": "all"}]))
+        return [Case("attributed", "run with the reverse pass", sim)] + [
+            Case(f"{kind}_{j}_{t}" + ("" if sample is None else f"_{sample}"),
+                 f"retrained without {kind} of node {j} at step {t}", (kind, j, t, sample))
+            for kind, j, t, sample in self.plan]
+
+    def announce(self, session: Session, cases: list[Case]) -> str:
+        c = session.cfg.retrain
+        return (f"attribution: one run with the reverse pass, then {len(self.plan)} "
+                f"retrainings ({c.batches} batches, {c.samples} samples)")
+
+    def run_case(self, session: Session, case: Case, done: dict) -> dict | None:
+        if case.key == "attributed":
+            return self.attributed(session, case.spec)
+        kind, j, t, sample = case.spec
         removal = {"node": j, "step": t, "samples": "all" if sample is None else [sample]}
-        cf_sim = session.build(variant(plain, counterfactual__remove=[removal]))
+        cf_sim = session.build(variant(self.plain, counterfactual__remove=[removal]))
         cf = session.simulate(cf_sim)
         if session.rank != 0:
-            continue
-        a = result.attribution
-        if sample is None:
-            value = float(a.batch[t, :, j].sum())
-        else:
-            ids = batch_ids(sim.parts[j], sim.run.batch_size, t, sim.run.seed, j)
-            value = a.sample_value(j, t, np.flatnonzero(ids == sample))
-        rows.append((kind, j, t, -1 if sample is None else sample, value,
-                     with_all - final_loss(cf_sim, cf.metrics)))
-    if session.rank != 0:
-        return None
-    out = session.out
-    summary = write_all(out, sim, result, plots=cfg.plots)
-    write_csv(out / "retrain.csv", RETRAIN_COLUMNS, rows)
-    check = {}
-    for kind in ("batch", "sample"):
-        pick = [r for r in rows if r[0] == kind]
-        if len(pick) >= 3:
-            check[kind] = agreement(np.array([r[4] for r in pick]), np.array([r[5] for r in pick]))
-    summary["retrain"] = check
-    write_json(out / "summary.json", summary)
-    if cfg.plots and rows:
-        retrain_plot(out, rows, check)
-    lines = ["", "## Against retraining", "",
-             "| removal | n | Spearman | Pearson | rel_err |", "|---|---|---|---|---|"]
-    lines += [f"| {k} | {v['n']} | {v['spearman']:.4f} | {v['pearson']:.4f} | "
-              f"{v['rel_err']:.4f} |" for k, v in check.items()]
-    if cfg.plots and rows:
-        lines += ["", "![retrain.png](retrain.png)"]
-    report = (out / "report.md").read_text()
-    write_atomic(out / "report.md", report + "\n".join(lines) + "\n")
-    for kind, v in check.items():
-        session.say(f"attribution vs retraining ({kind}, n={v['n']}): Spearman "
-                    f"{v['spearman']:.4f}, Pearson {v['pearson']:.4f}, rel_err {v['rel_err']:.4f}")
-    block = summary["attribution"]
-    session.say(f"attribution: reverse pass {block['wall_s']:.2f} s = {block['cost_ratio']:.2f}× "
-                f"training; report: {out / 'report.md'}")
-    return summary
+            return None
+        base = done["attributed"]
+        return {"row": (kind, j, t, -1 if sample is None else sample, base["values"][case.key],
+                        base["with_all"] - final_loss(cf_sim, cf.metrics))}
+
+    def attributed(self, session: Session, sim: Simulation) -> dict | None:
+        """The reverse-pass run: its outputs, F(with all), and the attribution of every
+        planned removal."""
+        result = session.simulate(sim)
+        if session.rank != 0:
+            return None
+        a, out = result.attribution, session.out
+        values = {}
+        for kind, j, t, sample in self.plan:
+            key = f"{kind}_{j}_{t}" + ("" if sample is None else f"_{sample}")
+            if sample is None:
+                values[key] = float(a.batch[t, :, j].sum())
+            else:
+                ids = batch_ids(sim.parts[j], sim.run.batch_size, t, sim.run.seed, j)
+                values[key] = a.sample_value(j, t, np.flatnonzero(ids == sample))
+        summary = write_all(out, sim, result, plots=session.cfg.plots)
+        return {"summary": summary, "report": (out / "report.md").read_text(),
+                "with_all": final_loss(sim, result.metrics), "values": values}
+
+    def progress(self, case: Case, result: dict) -> str:
+        if case.key == "attributed":
+            return case.label
+        return f"{case.label}: attribution {result['row'][4]:.4g}, retrained {result['row'][5]:.4g}"
+
+    def summarize(self, cfg: Config, cases: list[Case], results: dict, wall_s: float) -> dict:
+        self.rows = [r["row"] for key, r in results.items() if key != "attributed"]
+        check = {}
+        for kind in ("batch", "sample"):
+            pick = [r for r in self.rows if r[0] == kind]
+            if len(pick) >= 3:
+                check[kind] = agreement(np.array([r[4] for r in pick]),
+                                        np.array([r[5] for r in pick]))
+        self.base_report = results["attributed"]["report"]
+        return {**results["attributed"]["summary"], "retrain": check}
+
+    def tables(self, summary: dict, results: dict) -> list[Table]:
+        return [Table("retrain.csv", RETRAIN_COLUMNS, self.rows)]
+
+    def figures(self, out: Path, cfg: Config, summary: dict, results: dict) -> list[str]:
+        if not self.rows:
+            return []
+        retrain_plot(out, self.rows, summary["retrain"])
+        return ["retrain.png"]
+
+    def report(self, cfg: Config, summary: dict, pictures: list[str]) -> str:
+        lines = ["", "## Against retraining", "",
+                 "| removal | n | Spearman | Pearson | rel_err |", "|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['n']} | {v['spearman']:.4f} | {v['pearson']:.4f} | "
+                  f"{v['rel_err']:.4f} |" for k, v in summary["retrain"].items()]
+        lines += [line for pic in pictures for line in ("", f"![{pic}]({pic})")]
+        return self.base_report + "\n".join(lines) + "\n"
+
+    def closing(self, summary: dict, out: Path) -> list[str]:
+        block = summary["attribution"]
+        return [*(f"attribution vs retraining ({kind}, n={v['n']}): Spearman "
+                  f"{v['spearman']:.4f}, Pearson {v['pearson']:.4f}, rel_err {v['rel_err']:.4f}"
+                  for kind, v in summary["retrain"].items()),
+                f"attribution: reverse pass {block['wall_s']:.2f} s = "
+                f"{block['cost_ratio']:.2f}× training; report: {out / 'report.md'}"]
+
+
+def run(session: Session) -> dict | None:
+    return runner.run(session, AttributionTask())
 
 
 def retrain_plot(out, rows: list[tuple], check: dict) -> None:

@@ -23,13 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from dicesim.cli import Session
 from dicesim.config import Config, TopologyName, bounded, default_list, register_block
 from dicesim.events import InfluenceRow
-from dicesim.experiments import variant
+from dicesim.experiments import runner, variant
 from dicesim.experiments.alignment import topology_options
-from dicesim.provenance import provenance_lines, stamped
-from dicesim.report import footer, hop_totals, write_atomic, write_csv, write_json
+from dicesim.experiments.runner import Case, Table, Task
+from dicesim.provenance import provenance_lines
+from dicesim.report import footer, hop_totals
+from dicesim.session import Session
 from dicesim.topology import Topology
 
 
@@ -140,64 +141,82 @@ def hub_events(cfg: Config, hub: int, leaf: int) -> list[dict]:
     return [{"node": j, "step": t, "samples": "all"} for t in chosen for j in (hub, leaf)]
 
 
-def run(session: Session) -> dict | None:
-    cfg = session.cfg
-    c = cfg.cascade
-    hops = int(cfg.influence.hops)
-    plan: list[tuple[str, Config]] = [(name, topology_config(cfg, name))
-                                          for name in c.topologies]
-    hub = int(topology_options(cfg, "hub").get("hub", 0))
-    leaf = int(c.leaf) if c.leaf is not None else (hub + cfg.nodes // 2) % cfg.nodes
-    plan.append(("hub_vs_leaf", topology_config(
-        cfg, "hub", influence__events=hub_events(cfg, hub, leaf))))
-    sims = [(label, session.build(conf)) for label, conf in plan]  # all valid before training
-    session.say(f"cascade: {len(sims)} runs, r = {hops} hops")
-    if not session.ready_to_train("cascade"):
-        return None
-    runs: dict[str, dict] = {}
-    for label, sim in sims:
+class CascadeTask(Task):
+    name = "cascade"
+
+    def cases(self, session: Session) -> list[Case]:
+        cfg = session.cfg
+        c = cfg.cascade
+        plan = [(name, topology_config(cfg, name)) for name in c.topologies]
+        self.hub = int(topology_options(cfg, "hub").get("hub", 0))
+        self.leaf = int(c.leaf) if c.leaf is not None else (self.hub + cfg.nodes // 2) % cfg.nodes
+        plan.append(("hub_vs_leaf", topology_config(
+            cfg, "hub", influence__events=hub_events(cfg, self.hub, self.leaf))))
+        cases = [Case(label, label, session.build(conf)) for label, conf in plan]
+        self.topologies = {c.key: c.spec.topology for c in cases}
+        return cases
+
+    def announce(self, session: Session, cases: list[Case]) -> str:
+        return f"cascade: {len(cases)} runs, r = {int(session.cfg.influence.hops)} hops"
+
+    def run_case(self, session: Session, case: Case, done: dict) -> dict | None:
+        sim = case.spec
         result = session.simulate(sim)
         if session.rank != 0:
-            continue
-        rows = result.influence
-        events = [(e.source, e.step) for e in sim.events]
+            return None
+        hops, rows = int(session.cfg.influence.hops), result.influence
         per_hop = decay(rows)
-        mass = mean_walk_mass(sim.topology, events, hops)
+        mass = mean_walk_mass(sim.topology, [(e.source, e.step) for e in sim.events], hops)
         for s, v in per_hop.items():
             v["walk_mass"] = mass[s]
-        runs[label] = {"topology": sim.topology.name, "events": len(sim.events),
-                       "spectral_gap": sim.topology.spectral_gap(), "wall_s": result.wall_s,
-                       "by_hop": per_hop,
-                       "received": received(rows, sim.run.nodes).tolist(), "_rows": rows,
-                       "_topology": sim.topology}
-        first, last = per_hop[1]["mean_abs_total_e"], per_hop[hops]["mean_abs_total_e"]
-        session.say(f"{label}: {result.wall_s:.1f} s, |Σ_k E| hop 1 {first:.3g} → hop {hops} "
-                    f"{last:.3g} (×{last / first:.3f})")
-    if session.rank != 0:
-        return None
-    hv = hub_versus_leaf(runs["hub_vs_leaf"]["_rows"], hub, leaf, hops)
-    top = runs["hub_vs_leaf"]["_topology"]
-    hv["walk_mass_hub"] = walk_mass(top, hub, 0, hops)
-    hv["walk_mass_leaf"] = walk_mass(top, leaf, 0, hops)
-    hv["hub_received"] = split_received(runs["hub_vs_leaf"]["_rows"], cfg.nodes, hub, leaf)
-    out = session.out
-    summary = {"nodes": cfg.nodes, "steps": cfg.steps, "hops": hops, "lr": cfg.optim.lr,
-               "batch_size": cfg.batch_size, "removal": "batch",
-               "runs": {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")}
-                        for k, v in runs.items()},
-               "hub_vs_leaf": hv}
-    write_csv(out / "cascade.csv", TOTAL_COLUMNS,
-              [(label, s, v["mean_abs_total_e"], v["mean_abs_total_gt"], v["mean_abs_entry_e"],
-                v["mean_reached"], v["walk_mass"])
-               for label, r in runs.items() for s, v in r["by_hop"].items()])
-    write_json(out / "summary.json", stamped(summary))  # strict JSON: no bare NaN
-    pictures = plots(out, runs, hv, c) if cfg.plots else []
-    write_atomic(out / "report.md", report_md(summary, pictures))
-    e = hv["dice_e"]
-    session.say(f"cascade: hub/leaf influence at hops ≥ 1: ×{e['ratio']:.2f} (hub larger in "
+        return {"topology": sim.topology.name, "events": len(sim.events),
+                "spectral_gap": sim.topology.spectral_gap(), "wall_s": result.wall_s,
+                "by_hop": per_hop, "received": received(rows, sim.run.nodes).tolist(),
+                "_rows": rows}
+
+    def progress(self, case: Case, result: dict) -> str:
+        by_hop = result["by_hop"]
+        hops = max(by_hop)
+        first, last = by_hop[1]["mean_abs_total_e"], by_hop[hops]["mean_abs_total_e"]
+        return (f"{case.label}: {result['wall_s']:.1f} s, |Σ_k E| hop 1 {first:.3g} → hop "
+                f"{hops} {last:.3g} (×{last / first:.3f})")
+
+    def summarize(self, cfg: Config, cases: list[Case], results: dict, wall_s: float) -> dict:
+        hops, hub, leaf = int(cfg.influence.hops), self.hub, self.leaf
+        rows = results["hub_vs_leaf"]["_rows"]
+        top = cases[-1].spec.topology
+        hv = hub_versus_leaf(rows, hub, leaf, hops)
+        hv["walk_mass_hub"] = walk_mass(top, hub, 0, hops)
+        hv["walk_mass_leaf"] = walk_mass(top, leaf, 0, hops)
+        hv["hub_received"] = split_received(rows, cfg.nodes, hub, leaf)
+        return {"nodes": cfg.nodes, "steps": cfg.steps, "hops": hops, "lr": cfg.optim.lr,
+                "batch_size": cfg.batch_size, "removal": "batch",
+                "runs": {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")}
+                         for k, v in results.items()},
+                "hub_vs_leaf": hv}
+
+    def tables(self, summary: dict, results: dict) -> list[Table]:
+        return [Table("cascade.csv", TOTAL_COLUMNS, [
+            (label, s, v["mean_abs_total_e"], v["mean_abs_total_gt"], v["mean_abs_entry_e"],
+             v["mean_reached"], v["walk_mass"])
+            for label, r in results.items() for s, v in r["by_hop"].items()])]
+
+    def figures(self, out: Path, cfg: Config, summary: dict, results: dict) -> list[str]:
+        runs = {k: {**v, "_topology": self.topologies[k]} for k, v in results.items()}
+        return plots(out, runs, summary["hub_vs_leaf"], cfg.cascade)
+
+    def report(self, cfg: Config, summary: dict, pictures: list[str]) -> str:
+        return report_md(summary, pictures)
+
+    def closing(self, summary: dict, out: Path) -> list[str]:
+        e = summary["hub_vs_leaf"]["dice_e"]
+        return [f"cascade: hub/leaf influence at hops ≥ 1: ×{e['ratio']:.2f} (hub larger in "
                 f"{e['hub_larger_fraction']:.0%} of {e['pairs']} pairs); report: "
-                f"{out / 'report.md'}")
-    return summary
+                f"{out / 'report.md'}"]
+
+
+def run(session: Session) -> dict | None:
+    return runner.run(session, CascadeTask())
 
 
 def split_received(rows: list[InfluenceRow], nodes: int, hub: int, leaf: int) -> dict[str, list]:

@@ -30,14 +30,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dicesim.cli import Session
 from dicesim.config import MAX_HOPS, Config, bounded, default_list, register_block, show
 from dicesim.data import batch_ids
 from dicesim.engine import Simulation
 from dicesim.errors import ConfigError
-from dicesim.experiments import variant
-from dicesim.provenance import provenance_lines, stamped
-from dicesim.report import footer, write_atomic, write_csv, write_json
+from dicesim.experiments import runner, variant
+from dicesim.experiments.runner import Case, Table, Task, fmt
+from dicesim.provenance import provenance_lines
+from dicesim.report import footer
+from dicesim.session import Session
 from dicesim.stats import average_ranks
 
 
@@ -116,15 +117,15 @@ def quarter_totals(a, parts: int = 4) -> list[tuple[int, int, np.ndarray]]:
             for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)]
 
 
-def diagnostics(a, value: np.ndarray, flipped: np.ndarray, owner: np.ndarray,
-                noisy_nodes: list[int]) -> dict:
+def diagnostics(quarters: list[tuple[int, int, np.ndarray]], value: np.ndarray,
+                flipped: np.ndarray, owner: np.ndarray, noisy_nodes: list[int]) -> dict:
     total = float(np.abs(value).sum()) or 1.0
     on_noisy = np.isin(owner, noisy_nodes)
     top = np.argsort(-value)[:int(flipped.sum())]
     return {
         "quarters": [{"steps": [lo, hi], "auc": roc_auc(v, flipped),
                       "share_abs": float(np.abs(v).sum() / total)}
-                     for lo, hi, v in quarter_totals(a)],
+                     for lo, hi, v in quarters],
         "flipped_helpful": int((flipped & (value < 0)).sum()),
         "top_flipped_count": {"flipped": int(flipped[top].sum()),
                               "clean_on_noisy_nodes": int((~flipped[top] & on_noisy[top]).sum()),
@@ -160,72 +161,136 @@ def dice_per_sample(sim: Simulation, rows) -> dict[int, float]:
     return out
 
 
-def run(session: Session) -> dict | None:
-    cfg = session.cfg
-    c = cfg.cleansing
-    noise, noisy_nodes = noise_vector(cfg)
-    hops = int(c.hops)
-    events = int(c.baseline_events)
-    plain = variant(cfg, attribution__enabled=False, influence__events=0,
-                    eval_every=cfg.steps, data__label_noise=noise)
-    tracked = variant(plain, attribution__enabled=True, influence__events=events,
-                      influence__removal="single", influence__hops=hops,
-                      influence__ground_truth=False, influence__estimators=["dice_e"],
-                      influence__step_range=[0, int(cfg.steps) - hops])
-    clean = variant(plain, data__label_noise=None)
-    sim = session.build(tracked)
-    session.build(clean)
-    session.say(f"cleansing: {len(noisy_nodes)} noisy nodes {noisy_nodes} with {c.flip:.0%} "
-                f"flipped labels; one tracked run, a clean run, {2 * len(c.remove)} removals")
-    if not session.ready_to_train("cleansing"):
-        return None
-    result = session.simulate(sim)
-    clean_sim = session.build(clean)
-    clean_res = session.simulate(clean_sim)
-    occ = occurrences(sim)
-    # the samples to remove are chosen on rank 0 and known to all ranks (same seed, same
-    # numbers: the attribution reaches every rank through this broadcast of the choice)
-    chosen_lists = None
-    if session.rank == 0:
+class CleansingTask(Task):
+    """Cases: the tracked noisy run, the clean run, then per k the top-k and random-k
+    removals (chosen on rank 0 from the tracked run's attribution, shared with every rank)."""
+
+    name = "cleansing"
+
+    def cases(self, session: Session) -> list[Case]:
+        cfg = session.cfg
+        c = cfg.cleansing
+        noise, self.noisy_nodes = noise_vector(cfg)
+        hops = int(c.hops)
+        self.plain = variant(cfg, attribution__enabled=False, influence__events=0,
+                             eval_every=cfg.steps, data__label_noise=noise)
+        tracked = variant(self.plain, attribution__enabled=True,
+                          influence__events=int(c.baseline_events), influence__removal="single",
+                          influence__hops=hops, influence__ground_truth=False,
+                          influence__estimators=["dice_e"],
+                          influence__step_range=[0, int(cfg.steps) - hops])
+        clean = variant(self.plain, data__label_noise=None)
+        removals = [Case(f"{method}_{float(k):g}", f"{method} {float(k):.0%} removed",
+                         (method, float(k))) for k in c.remove for method in ("top", "random")]
+        self.tracked_sim = session.build(tracked)
+        self.occurrences: dict | None = None  # sample id → its (node, step) occurrences
+        return [Case("tracked", "noisy run with the reverse pass", self.tracked_sim),
+                Case("clean", "clean run", session.build(clean)), *removals]
+
+    def announce(self, session: Session, cases: list[Case]) -> str:
+        c = session.cfg.cleansing
+        return (f"cleansing: {len(self.noisy_nodes)} noisy nodes {self.noisy_nodes} with "
+                f"{c.flip:.0%} flipped labels; one tracked run, a clean run, "
+                f"{2 * len(c.remove)} removals")
+
+    def run_case(self, session: Session, case: Case, done: dict) -> dict | None:
+        if case.key == "tracked":
+            return self.tracked(session, case.spec)
+        if case.key == "clean":
+            res = session.simulate(case.spec)
+            return {"test_acc": float(np.mean(res.test_acc))} if session.rank == 0 else None
+        chosen = session.share(done["tracked"]["chosen"][case.key] if session.rank == 0
+                               else None)
+        if self.occurrences is None:
+            self.occurrences = occurrences(self.tracked_sim)
+        r_sim = session.build(removal_config(self.plain, chosen, self.occurrences))
+        res = session.simulate(r_sim)
+        if session.rank != 0:
+            return None
+        return {"method": case.spec[0], "k": case.spec[1], "chosen": chosen,
+                "test_acc": float(np.mean(res.test_acc)) if res.test_acc else None}
+
+    def tracked(self, session: Session, sim: Simulation) -> dict | None:
+        """The noisy run with the reverse pass: every sample's score, and the samples each
+        removal case takes out (seeded)."""
+        cfg = session.cfg
+        result = session.simulate(sim)
+        if session.rank != 0:
+            return None
         a = result.attribution
-        ids, owner, count, value = a.sample_totals()
+        ids, owner, _, value = a.sample_totals()
         order = np.argsort(-value)  # most harmful (largest positive influence) first
         rng = np.random.default_rng([int(cfg.seed), 777])
-        chosen_lists = []
-        for k in c.remove:
+        chosen = {}
+        for k in cfg.cleansing.remove:
             m = max(1, int(round(float(k) * len(ids))))
-            chosen_lists.append(("top", float(k), ids[order[:m]]))
-            chosen_lists.append(("random", float(k), rng.choice(ids, size=m, replace=False)))
-    if session.world > 1:
-        chosen_lists = _broadcast(session, chosen_lists)
-    accs = []
-    for method, k, chosen in chosen_lists:
-        r_sim = session.build(removal_config(plain, chosen, occ))
-        res = session.simulate(r_sim)
-        accs.append((method, k, chosen, float(np.mean(res.test_acc)) if res.test_acc else None))
-    if session.rank != 0:
-        return None
+            chosen[f"top_{float(k):g}"] = ids[order[:m]]
+            chosen[f"random_{float(k):g}"] = rng.choice(ids, size=m, replace=False)
+        loss, gnorm = baselines(sim, result.final_params, ids, owner)
+        return {"ids": ids, "owner": owner, "value": value, "loss": loss, "gnorm": gnorm,
+                "dice": dict(dice_per_sample(sim, result.influence)),
+                "quarters": quarter_totals(a), "test_acc": float(np.mean(result.test_acc)),
+                "attribution_wall_s": a.wall_s, "train_wall_s": result.wall_s,
+                "chosen": chosen}
 
-    flipped_all = (sim.data.y_train != clean_sim.data.y_train).numpy()
-    flipped = flipped_all[ids]
-    loss, gnorm = baselines(sim, result.final_params, ids, owner)
-    dice = dice_per_sample(sim, result.influence)
+    def summarize(self, cfg: Config, cases: list[Case], results: dict, wall_s: float) -> dict:
+        sims = {c.key: c.spec for c in cases[:2]}
+        t = results["tracked"]
+        flipped = (sims["tracked"].data.y_train != sims["clean"].data.y_train).numpy()[t["ids"]]
+        self.scores = (t, flipped)
+        return summary_of(cfg, self.noisy_nodes, t, flipped, results)
+
+    def tables(self, summary: dict, results: dict) -> list[Table]:
+        t, flipped = self.scores
+        dice = t["dice"]
+        return [Table("scores.csv", SCORE_COLUMNS, [
+                    (int(i), int(o), bool(f), float(v), float(lo), float(g), dice.get(int(i), ""))
+                    for i, o, f, v, lo, g in zip(t["ids"], t["owner"], flipped, t["value"],
+                                                 t["loss"], t["gnorm"], strict=True)]),
+                Table("removal.csv", REMOVAL_COLUMNS,
+                      [tuple(r.values()) for r in summary["removal"]])]
+
+    def figures(self, out, cfg: Config, summary: dict, results: dict) -> list[str]:
+        t, flipped = self.scores
+        rows = [tuple(r.values()) for r in summary["removal"]]
+        return plots(out, t["value"], t["loss"], t["gnorm"], flipped, rows,
+                     summary["test_acc"]["clean"])
+
+    def report(self, cfg: Config, summary: dict, pictures: list[str]) -> str:
+        return report_md(summary, pictures)
+
+    def closing(self, summary: dict, out) -> list[str]:
+        auc, subset, acc = summary["auc"], summary["dice_subset"], summary["test_acc"]
+        return [f"cleansing: ROC-AUC full-horizon {auc['full_horizon']:.4f}, train loss "
+                f"{auc['train_loss']:.4f}, grad norm {auc['grad_norm']:.4f}, r-hop DICE "
+                f"{fmt(subset['dice_r_hop'], '.4f')} (full-horizon "
+                f"{fmt(subset['full_horizon'], '.4f')} on the same {subset['n']} samples)",
+                f"cleansing: test accuracy clean {acc['clean']:.4f}, noisy {acc['noisy']:.4f}; "
+                + ", ".join(f"{r['method']} {r['k']:.0%}: {r['test_acc']:.4f}"
+                            for r in summary["removal"][1:])]
+
+
+def summary_of(cfg: Config, noisy_nodes: list[int], t: dict, flipped: np.ndarray,
+               results: dict) -> dict:
+    c = cfg.cleansing
+    ids, value, dice = t["ids"], t["value"], t["dice"]
     has_dice = np.array([int(i) in dice for i in ids])
     dice_score = np.array([dice.get(int(i), np.nan) for i in ids])
-    auc = {"full_horizon": roc_auc(value, flipped), "train_loss": roc_auc(loss, flipped),
-           "grad_norm": roc_auc(gnorm, flipped)}
+    auc = {"full_horizon": roc_auc(value, flipped), "train_loss": roc_auc(t["loss"], flipped),
+           "grad_norm": roc_auc(t["gnorm"], flipped)}
     subset = {"n": int(has_dice.sum()), "flipped": int(flipped[has_dice].sum()),
               "dice_r_hop": roc_auc(dice_score[has_dice], flipped[has_dice]),
               "full_horizon": roc_auc(value[has_dice], flipped[has_dice])}
-    noisy_acc = float(np.mean(result.test_acc))
-    clean_acc = float(np.mean(clean_res.test_acc))
+    noisy_acc, clean_acc = t["test_acc"], results["clean"]["test_acc"]
     cost = clean_acc - noisy_acc
     flipped_set = set(ids[flipped].tolist())
     removal_rows = [(0.0, "none", 0, 0, noisy_acc, 0.0)]
-    for method, k, chosen, acc in accs:
-        rec = (acc - noisy_acc) / cost if cost > 0 else None
-        removal_rows.append((k, method, len(chosen), sum(int(i) in flipped_set for i in chosen),
-                             acc, rec))
+    for key, r in results.items():
+        if key in ("tracked", "clean"):
+            continue
+        rec = (r["test_acc"] - noisy_acc) / cost if cost > 0 else None
+        removal_rows.append((r["k"], r["method"], len(r["chosen"]),
+                             sum(int(i) in flipped_set for i in r["chosen"]), r["test_acc"], rec))
     top5 = next((r for r in removal_rows if r[1] == "top" and abs(r[0] - 0.05) < 1e-9), None)
     rnd5 = next((r for r in removal_rows if r[1] == "random" and abs(r[0] - 0.05) < 1e-9), None)
     baseline_aucs = [v for key, v in auc.items() if key != "full_horizon" and v is not None]
@@ -238,45 +303,20 @@ def run(session: Session) -> dict | None:
     if top5 is not None and rnd5 is not None and top5[5] is not None:
         targets["top_5pct_recovers_half"] = bool(top5[5] >= 0.5)
         targets["random_5pct_does_not"] = bool(rnd5[5] < 0.5)
-    summary = {
+    return {
         "nodes": int(cfg.nodes), "steps": int(cfg.steps), "noisy_nodes": noisy_nodes,
         "flip": float(c.flip), "samples": int(len(ids)), "flipped": int(flipped.sum()),
-        "auc": auc, "dice_subset": subset, "hops": hops,
-        "diagnostics": diagnostics(result.attribution, value, flipped, owner, noisy_nodes),
+        "auc": auc, "dice_subset": subset, "hops": int(c.hops),
+        "diagnostics": diagnostics(t["quarters"], value, flipped, t["owner"], noisy_nodes),
         "test_acc": {"clean": clean_acc, "noisy": noisy_acc, "noise_cost": cost},
         "removal": [dict(zip(REMOVAL_COLUMNS, r, strict=True)) for r in removal_rows],
-        "attribution_wall_s": result.attribution.wall_s, "train_wall_s": result.wall_s,
+        "attribution_wall_s": t["attribution_wall_s"], "train_wall_s": t["train_wall_s"],
         "targets": targets,
     }
-    out = session.out
-    write_csv(out / "scores.csv", SCORE_COLUMNS,
-              [(int(i), int(o), bool(f), float(v), float(lo), float(g),
-                dice.get(int(i), "")) for i, o, f, v, lo, g in
-               zip(ids, owner, flipped, value, loss, gnorm, strict=True)])
-    write_csv(out / "removal.csv", REMOVAL_COLUMNS, removal_rows)
-    write_json(out / "summary.json", stamped(summary))
-    pictures = plots(out, value, loss, gnorm, flipped, removal_rows, clean_acc) \
-        if cfg.plots else []
-    write_atomic(out / "report.md", report_md(summary, pictures))
-    session.say(f"cleansing: ROC-AUC full-horizon {auc['full_horizon']:.4f}, train loss "
-                f"{auc['train_loss']:.4f}, grad norm {auc['grad_norm']:.4f}, r-hop DICE "
-                f"{_f(subset['dice_r_hop'])} (full-horizon {_f(subset['full_horizon'])} on "
-                f"the same {subset['n']} samples)")
-    session.say(f"cleansing: test accuracy clean {clean_acc:.4f}, noisy {noisy_acc:.4f}; "
-                + ", ".join(f"{r[1]} {r[0]:.0%}: {r[4]:.4f}" for r in removal_rows[1:]))
-    return summary
 
 
-def _broadcast(session: Session, obj):
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, group=session.comm.group)
-    return box[0]
-
-
-def _f(v) -> str:
-    return "–" if v is None else f"{v:.4f}"
+def run(session: Session) -> dict | None:
+    return runner.run(session, CleansingTask())
 
 
 def report_md(s: dict, pictures: list[str]) -> str:
@@ -290,12 +330,13 @@ def report_md(s: dict, pictures: list[str]) -> str:
         "sample's first-order influence on the final network probe loss (positive: harmful).",
         "",
         "| score | ROC-AUC for the flipped samples |", "|---|---|",
-        f"| full-horizon attribution | {_f(a['full_horizon'])} |",
-        f"| per-sample training loss | {_f(a['train_loss'])} |",
-        f"| per-sample gradient norm | {_f(a['grad_norm'])} |",
+        f"| full-horizon attribution | {fmt(a['full_horizon'], '.4f')} |",
+        f"| per-sample training loss | {fmt(a['train_loss'], '.4f')} |",
+        f"| per-sample gradient norm | {fmt(a['grad_norm'], '.4f')} |",
         f"| r-hop DICE-E (r = {s['hops']} gossip rounds after the step; {sub['n']} sampled "
         "samples) | "
-        f"{_f(sub['dice_r_hop'])} (full-horizon on the same: {_f(sub['full_horizon'])}) |",
+        f"{fmt(sub['dice_r_hop'], '.4f')} (full-horizon on the same: "
+        f"{fmt(sub['full_horizon'], '.4f')}) |",
         "",
         f"Honest test accuracy: clean {acc['clean']:.4f}, noisy {acc['noisy']:.4f} (the noise "
         f"cost {acc['noise_cost']:.4f}).",
@@ -305,12 +346,12 @@ def report_md(s: dict, pictures: list[str]) -> str:
     ]
     for r in s["removal"]:
         lines.append(f"| {r['method']} {r['k']:.0%} | {r['removed']} | {r['flipped_removed']} | "
-                     f"{r['test_acc']:.4f} | {_f(r['recovered'])} |")
+                     f"{r['test_acc']:.4f} | {fmt(r['recovered'], '.4f')} |")
     d = s["diagnostics"]
     top = d["top_flipped_count"]
     lines += ["", "Diagnostics (not targets): the influence summed over one quarter of the run's "
               "steps only.", "", "| steps | ROC-AUC | share of Σ abs(influence) |", "|---|---|---|"]
-    lines += [f"| {q['steps'][0]}–{q['steps'][1]} | {_f(q['auc'])} | {q['share_abs']:.2f} |"
+    lines += [f"| {q['steps'][0]}–{q['steps'][1]} | {fmt(q['auc'], '.4f')} | {q['share_abs']:.2f} |"
               for q in d["quarters"]]
     lines += ["", f"{d['flipped_helpful']} of {s['flipped']} flipped samples have a negative "
               f"influence (removing them would raise the probe loss). The top {s['flipped']} by "

@@ -18,19 +18,20 @@ runs are left out of every condition, the reference included).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy.sparse.csgraph import connected_components
 
-from dicesim.cli import Session, prepare_output
 from dicesim.config import Config, TopologyName, default_list, register_block
 from dicesim.engine import Simulation
 from dicesim.errors import ConfigError
-from dicesim.experiments import group_option, variant
-from dicesim.provenance import provenance_lines, stamped
-from dicesim.report import footer, write_atomic, write_json
+from dicesim.experiments import group_option, runner, variant
+from dicesim.experiments.runner import Case, Task, fmt, marks
+from dicesim.provenance import provenance_lines
+from dicesim.report import footer
+from dicesim.session import Session
 from dicesim.trainer import RunResult
 
 
@@ -58,27 +59,6 @@ LABELS = {"no_attack": "no attack", "no_defense": "attack, no defence",
           "oracle": "attack + oracle cut"}
 
 
-@dataclass
-class Run:
-    topology: str
-    condition: str
-    sim: Simulation
-    outcome: dict = field(default_factory=dict)
-
-
-def build_runs(session: Session) -> list[Run]:
-    cfg = session.cfg
-    runs = []
-    for topo in cfg.collaborators.topologies:
-        for cond, (attacked, defense) in CONDITIONS.items():
-            over = {"topology": group_option("topology", topo), "defense__kind": defense,
-                    "influence__proximal": defense == "dice"}
-            if not attacked:
-                over["attack__kind"] = "none"
-            runs.append(Run(topo, cond, session.build(variant(cfg, **over))))
-    return runs
-
-
 def honest_components(sim: Simulation, attacked: np.ndarray) -> list[int]:
     """Sizes of the strongly connected components the honest nodes form without the
     attacked ones (union of W^t over the period): what any selection that drops every
@@ -89,12 +69,8 @@ def honest_components(sim: Simulation, attacked: np.ndarray) -> list[int]:
     return sorted(np.bincount(labels).tolist(), reverse=True)
 
 
-def run_one(session: Session, run: Run, attacked: np.ndarray) -> None:
-    sim = run.sim
-    t0 = time.perf_counter()
-    result = session.simulate(sim)
-    if session.rank != 0:
-        return
+def outcome(sim: Simulation, result: RunResult, attacked: np.ndarray, wall_s: float) -> dict:
+    """One run's result: the honest nodes' accuracy, their curve, and the edges cut."""
     n = sim.run.nodes
     final = np.zeros((n, n), dtype=bool)  # final[k, j]: honest k gives in-neighbour j weight 0
     block = n // len(result.aggregator)
@@ -102,11 +78,11 @@ def run_one(session: Session, run: Run, attacked: np.ndarray) -> None:
         if state["dropped"] is not None:
             final[rank * block:(rank + 1) * block] = state["dropped"]
     honest = np.setdiff1d(np.arange(n), attacked)
-    run.outcome = {
+    return {
         "honest_test_acc": float(np.mean(np.asarray(result.test_acc)[honest])),
         "honest_test_acc_min": float(np.min(np.asarray(result.test_acc)[honest])),
         "curve": honest_curve(result, honest),
-        "wall_s": time.perf_counter() - t0,
+        "wall_s": wall_s,
         **edge_drops(sim, final, attacked),
     }
 
@@ -136,50 +112,73 @@ def honest_curve(result: RunResult, honest: np.ndarray) -> dict[str, list[float]
             "probe_acc": [float(rows[rows[:, 0] == t, 2].mean()) for t in steps]}
 
 
+class CollaboratorsTask(Task):
+    name = "collaborators"
+
+    def cases(self, session: Session) -> list[Case]:
+        cfg = session.cfg
+        out = []
+        for topo in cfg.collaborators.topologies:
+            for cond, (attacked, defense) in CONDITIONS.items():
+                over = {"topology": group_option("topology", topo), "defense__kind": defense,
+                        "influence__proximal": defense == "dice"}
+                if not attacked:
+                    over["attack__kind"] = "none"
+                out.append(Case(f"{topo}/{cond}", f"{topo:<12} {cond:<13}",
+                                session.build(variant(cfg, **over))))
+        self.attacked = next(c.spec.attack.nodes for c in out if c.key.endswith("/no_defense"))
+        return out
+
+    def announce(self, session: Session, cases: list[Case]) -> str:
+        cfg = session.cfg
+        return (f"dicesim collaborators: {len(cases)} runs, attack {cfg.attack.kind} on nodes "
+                f"{self.attacked.tolist()}, topologies {', '.join(cfg.collaborators.topologies)}")
+
+    def run_case(self, session: Session, case: Case, done: dict) -> dict | None:
+        t0 = time.perf_counter()
+        result = session.simulate(case.spec)
+        if session.rank != 0:
+            return None
+        return outcome(case.spec, result, self.attacked, time.perf_counter() - t0)
+
+    def progress(self, case: Case, result: dict) -> str:
+        return (f"{case.label} honest test acc {result['honest_test_acc']:.4f} "
+                f"({result['wall_s']:.1f} s)")
+
+    def summarize(self, cfg: Config, cases: list[Case], results: dict, wall_s: float) -> dict:
+        return summarize(cfg, cases, results, self.attacked, wall_s)
+
+    def figures(self, out: Path, cfg: Config, summary: dict, results: dict) -> list[str]:
+        return plots(out, cfg, results)
+
+    def report(self, cfg: Config, summary: dict, pictures: list[str]) -> str:
+        return report_md(summary, pictures)
+
+    def closing(self, summary: dict, out: Path) -> list[str]:
+        return [*(f"  target {name}: {'met' if met else 'MISSED'}"
+                  for name, met in summary["targets"].items()),
+                f"dicesim collaborators: done; report: {out / 'report.md'}"]
+
+
 def run(session: Session) -> dict | None:
-    cfg = session.cfg
-    runs = build_runs(session)  # every variant validated before any training
-    attacked = next(r.sim.attack.nodes for r in runs if r.condition == "no_defense")
-    session.say(f"dicesim collaborators: {len(runs)} runs, attack {cfg.attack.kind} on nodes "
-                f"{attacked.tolist()}, topologies {', '.join(cfg.collaborators.topologies)}")
-    if cfg.dry_run:
-        session.say("dicesim: dry run — every configuration is valid, nothing trained")
-        return None
-    prepare_output(session)
-    t0 = time.perf_counter()
-    for i, r in enumerate(runs):
-        run_one(session, r, attacked)
-        if session.rank == 0:
-            session.say(f"  [{i + 1}/{len(runs)}] {r.topology:<12} {r.condition:<13} honest "
-                        f"test acc {r.outcome['honest_test_acc']:.4f} "
-                        f"({r.outcome['wall_s']:.1f} s)")
-    if session.rank != 0:
-        return None
-    assert session.out is not None
-    summary = summarize(cfg, runs, attacked, time.perf_counter() - t0)
-    write_json(session.out / "summary.json", stamped(summary))  # strict JSON: no bare NaN
-    pictures = plots(session.out, runs) if cfg.plots else []
-    write_atomic(session.out / "report.md", report_md(summary, pictures))
-    for name, met in summary["targets"].items():
-        session.say(f"  target {name}: {'met' if met else 'MISSED'}")
-    session.say(f"dicesim collaborators: done; report: {session.out / 'report.md'}")
-    return summary
+    return runner.run(session, CollaboratorsTask())
 
 
 # ---- outputs ------------------------------------------------------------------------------
-def summarize(cfg: Config, runs: list[Run], attacked: np.ndarray, wall_s: float) -> dict:
+def summarize(cfg: Config, cases: list[Case], outcomes: dict[str, dict], attacked: np.ndarray,
+              wall_s: float) -> dict:
     results, targets, gap_to_oracle = [], {}, {}
     for topo in cfg.collaborators.topologies:
-        mine = {r.condition: r for r in runs if r.topology == topo}
-        clean = mine["no_attack"].outcome["honest_test_acc"]
-        drop = {c: 100 * (clean - r.outcome["honest_test_acc"]) for c, r in mine.items()}
+        mine = {cond: outcomes[f"{topo}/{cond}"] for cond in CONDITIONS}
+        clean = mine["no_attack"]["honest_test_acc"]
+        drop = {c: 100 * (clean - r["honest_test_acc"]) for c, r in mine.items()}
         for c, r in mine.items():
-            out = {k: v for k, v in r.outcome.items() if k != "curve"}
+            out = {k: v for k, v in r.items() if k != "curve"}
             results.append({"topology": topo, "condition": c, "drop_points": drop[c], **out})
         gap_to_oracle[topo] = drop["dice"] - drop["oracle"]
         targets[f"{topo}_no_defense_loses_ge_5_points"] = bool(drop["no_defense"] >= 5)
         targets[f"{topo}_dice_within_2_points_of_no_attack"] = bool(drop["dice"] <= 2)
-    first = runs[0].sim
+    reference = {c.key.split("/")[0]: c.spec for c in cases if c.key.endswith("/no_attack")}
     return {
         "experiment": "collaborators", "nodes": int(cfg.nodes), "steps": int(cfg.steps),
         "data": cfg.data.name, "model": cfg.model.name, "lr": float(cfg.optim.lr),
@@ -187,18 +186,13 @@ def summarize(cfg: Config, runs: list[Run], attacked: np.ndarray, wall_s: float)
                    "start": int(cfg.attack.start), "scale": float(cfg.attack.scale),
                    "sigma": float(cfg.attack.sigma)},
         "defense": {k: getattr(cfg.defense, k) for k in ("window", "threshold", "warmup", "trim")},
-        "honest_components": {r.topology: honest_components(r.sim, attacked) for r in runs
-                              if r.condition == "no_attack"},
-        "spectral_gap": {r.topology: r.sim.topology.spectral_gap() for r in runs
-                         if r.condition == "no_attack"},
+        "honest_components": {t: honest_components(sim, attacked)
+                              for t, sim in reference.items()},
+        "spectral_gap": {t: sim.topology.spectral_gap() for t, sim in reference.items()},
         "dice_minus_oracle_points": gap_to_oracle,
-        "params_per_node": first.model.P, "wall_s": wall_s,
+        "params_per_node": cases[0].spec.model.P, "wall_s": wall_s,
         "results": results, "targets": targets,
     }
-
-
-def _fmt(v: float | None, spec: str = ".3f") -> str:
-    return "–" if v is None else format(v, spec)
 
 
 def report_md(summary: dict, pictures: list[str]) -> str:
@@ -223,8 +217,7 @@ def report_md(summary: dict, pictures: list[str]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in summary["results"]:
-        cut = (f"{_fmt(r['attacker_edges_dropped'], '.2f')} / "
-               f"{_fmt(r['honest_edges_dropped'], '.2f')}")
+        cut = f"{fmt(r['attacker_edges_dropped'], '.2f')} / {fmt(r['honest_edges_dropped'], '.2f')}"
         cut = cut if r["condition"] in ("dice", "oracle") else ""
         lines.append(f"| {r['topology']} | {LABELS[r['condition']]} | "
                      f"{r['honest_test_acc']:.4f} | {r['honest_test_acc_min']:.4f} | "
@@ -237,31 +230,27 @@ def report_md(summary: dict, pictures: list[str]) -> str:
               "minus oracle, in points of accuracy lost: " + "; ".join(
                   f"{t}: {g:+.2f}" for t, g in summary["dice_minus_oracle_points"].items())
               + ".", "", "Targets:", ""]
-    for name, met in summary["targets"].items():
-        lines.append(f"- {name}: **{'met' if met else 'missed'}**")
-    lines.append("")
+    lines += [*marks(summary["targets"]), ""]
     lines += footer(pictures, "Files: `summary.json`, `config.yaml`.")
     return "\n".join(lines)
 
 
-def plots(out: Path, runs: list[Run]) -> list[str]:
+def plots(out: Path, cfg: Config, outcomes: dict[str, dict]) -> list[str]:
     from dicesim.plots import plt  # the Agg backend, chosen there
 
-    topologies = list(dict.fromkeys(r.topology for r in runs))
+    topologies = list(cfg.collaborators.topologies)
     fig, axes = plt.subplots(1, 1 + len(topologies), figsize=(5 + 4.5 * len(topologies), 4))
     width = 0.8 / len(CONDITIONS)
     for i, cond in enumerate(CONDITIONS):
-        acc = [next(r.outcome["honest_test_acc"] for r in runs
-                    if r.topology == t and r.condition == cond) for t in topologies]
+        acc = [outcomes[f"{t}/{cond}"]["honest_test_acc"] for t in topologies]
         x = np.arange(len(topologies)) + (i - (len(CONDITIONS) - 1) / 2) * width
         axes[0].bar(x, acc, width, label=LABELS[cond], color=f"C{i}")
     axes[0].set_xticks(np.arange(len(topologies)), topologies)
     axes[0].set(ylabel="honest nodes' test accuracy", ylim=(0, 1), title="final")
     for ax, topo in zip(axes[1:], topologies, strict=True):
         for i, cond in enumerate(CONDITIONS):
-            r = next(r for r in runs if r.topology == topo and r.condition == cond)
-            ax.plot(r.outcome["curve"]["step"], r.outcome["curve"]["probe_acc"], color=f"C{i}",
-                    label=LABELS[cond])
+            curve = outcomes[f"{topo}/{cond}"]["curve"]
+            ax.plot(curve["step"], curve["probe_acc"], color=f"C{i}", label=LABELS[cond])
         ax.set(xlabel="step", ylabel="honest mean probe accuracy", ylim=(0, 1), title=topo)
     axes[-1].legend(fontsize=7, loc="center right")
     fig.tight_layout()

@@ -25,21 +25,21 @@ samples (p_k from 0 to `noise_max`; the runs get it as `data.label_noise`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from dicesim.cli import Session
 from dicesim.config import MAX_HOPS, Config, bounded, default_list, register_block, show
 from dicesim.engine import Simulation
 from dicesim.errors import ConfigError
 from dicesim.events import InfluenceRow
-from dicesim.experiments import variant
+from dicesim.experiments import runner, variant
 from dicesim.experiments.alignment import topology_options
-from dicesim.provenance import provenance_lines, stamped
-from dicesim.report import footer, write_atomic, write_csv, write_json
+from dicesim.experiments.runner import Case, Table, Task, fmt
+from dicesim.provenance import provenance_lines
+from dicesim.report import footer
+from dicesim.session import Session
 from dicesim.stats import pearson, spearman
 
 
@@ -203,45 +203,63 @@ def run_setting(session: Session, cfg: Config, nodes: int) -> dict | None:
     }
 
 
+class ContributionTask(Task):
+    name = "contribution"
+
+    def cases(self, session: Session) -> list[Case]:
+        cfg = session.cfg
+        cases = []
+        for n in [int(n) for n in cfg.contribution.node_counts]:  # all valid before training
+            tracking, runs = setting_configs(cfg, n)
+            noise_levels(cfg, n)
+            session.build(tracking)
+            session.build(runs[-1])
+            cases.append(Case(f"{n}_nodes", f"{n} nodes", n))
+        return cases
+
+    def announce(self, session: Session, cases: list[Case]) -> str:
+        return (f"contribution: node counts {[c.spec for c in cases]}; per count one tracking "
+                f"run with {session.cfg.steps} × nodes events and nodes + 1 leave-one-out runs")
+
+    def run_case(self, session: Session, case: Case, done: dict) -> dict | None:
+        return run_setting(session, session.cfg, case.spec)
+
+    def progress(self, case: Case, s: dict) -> str:
+        return (f"{case.label}: Spearman(DICE-E, leave-one-out) = "
+                f"{s['spearman_r_hop_vs_loo']:.4f} (one-hop view "
+                f"{s['spearman_one_hop_vs_loo']:.4f}); full horizon: Spearman "
+                f"{s['spearman_full_horizon_vs_loo']:.4f}, rel_err "
+                f"{s['rel_err_full_horizon_vs_loo']:.4f} (r-hop rel_err "
+                f"{s['rel_err_r_hop_vs_loo']:.4f})")
+
+    def summarize(self, cfg: Config, cases: list[Case], results: dict, wall_s: float) -> dict:
+        settings = list(results.values())
+        min_sp = float(cfg.contribution.min_spearman)
+        return {"settings": settings,
+                "targets": {"min_spearman": min_sp,
+                            "all_pass": all(s["pass"] for s in settings)}}
+
+    def tables(self, summary: dict, results: dict) -> list[Table]:
+        settings = summary["settings"]
+        return [Table("nodes.csv", NODE_COLUMNS, node_rows(settings)),
+                Table("edges.csv", EDGE_COLUMNS, [
+                    (s["nodes"], e["j"], e["k"], e["given_j_to_k"], e["given_k_to_j"],
+                     e["reciprocity_jk"]) for s in settings for e in s["reciprocity"]["edges"]])]
+
+    def figures(self, out: Path, cfg: Config, summary: dict, results: dict) -> list[str]:
+        return plots(out, summary["settings"])
+
+    def report(self, cfg: Config, summary: dict, pictures: list[str]) -> str:
+        return report_md(cfg, summary, pictures)
+
+    def closing(self, summary: dict, out: Path) -> list[str]:
+        met = summary["targets"]["all_pass"]
+        return [f"contribution: target {'met' if met else 'NOT met'}; report: "
+                f"{out / 'report.md'}"]
+
+
 def run(session: Session) -> dict | None:
-    cfg = session.cfg
-    counts = [int(n) for n in cfg.contribution.node_counts]
-    for n in counts:  # every setting valid before any training
-        tracking, runs = setting_configs(cfg, n)
-        noise_levels(cfg, n)
-        session.build(tracking)
-        session.build(runs[-1])
-    session.say(f"contribution: node counts {counts}; per count one tracking run with "
-                f"{cfg.steps} × nodes events and nodes + 1 leave-one-out runs")
-    if not session.ready_to_train("contribution"):
-        return None
-    settings = []
-    for n in counts:
-        s = run_setting(session, cfg, n)
-        if s is not None:
-            settings.append(s)
-            session.say(f"{n} nodes: Spearman(DICE-E, leave-one-out) = "
-                        f"{s['spearman_r_hop_vs_loo']:.4f} (one-hop view "
-                        f"{s['spearman_one_hop_vs_loo']:.4f}); full horizon: Spearman "
-                        f"{s['spearman_full_horizon_vs_loo']:.4f}, rel_err "
-                        f"{s['rel_err_full_horizon_vs_loo']:.4f} (r-hop rel_err "
-                        f"{s['rel_err_r_hop_vs_loo']:.4f})")
-    if session.rank != 0:
-        return None
-    min_sp = float(cfg.contribution.min_spearman)
-    summary = {"settings": settings,
-               "targets": {"min_spearman": min_sp, "all_pass": all(s["pass"] for s in settings)}}
-    out = session.out
-    write_csv(out / "nodes.csv", NODE_COLUMNS, node_rows(settings))
-    write_csv(out / "edges.csv", EDGE_COLUMNS,
-              [(s["nodes"], e["j"], e["k"], e["given_j_to_k"], e["given_k_to_j"],
-                e["reciprocity_jk"]) for s in settings for e in s["reciprocity"]["edges"]])
-    write_json(out / "summary.json", stamped(summary))  # strict JSON: no bare NaN
-    pictures = plots(out, settings) if cfg.plots else []
-    write_atomic(out / "report.md", report_md(cfg, summary, pictures))
-    session.say(f"contribution: target {'met' if summary['targets']['all_pass'] else 'NOT met'}"
-                f"; report: {out / 'report.md'}")
-    return summary
+    return runner.run(session, ContributionTask())
 
 
 def node_rows(settings: list[dict]) -> list[tuple]:
@@ -257,12 +275,6 @@ def node_rows(settings: list[dict]) -> list[tuple]:
 
 
 # ---- report ----------------------------------------------------------------------------------
-def _f(v: object, fmt: str = ".4g") -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    return format(v, fmt) if isinstance(v, float) else str(v)
-
-
 def report_md(cfg: Config, summary: dict, pictures: list[str]) -> str:
     t = summary["targets"]
     lines = [
@@ -308,8 +320,8 @@ def report_md(cfg: Config, summary: dict, pictures: list[str]) -> str:
             lines.append(f"| {j} | {s['label_noise'][j]:.0%} | {s['dice_r_hop'][j]:.4g} | "
                          f"{s['dice_one_hop'][j]:.4g} | {s['loo'][j]:.4g} | "
                          f"{s['rank_dice'][j]} | {s['rank_loo'][j]} | {r['given'][j]:.3g} | "
-                         f"{r['received'][j]:.3g} | {_f(r['reciprocity'][j], '.3g')} | "
-                         f"{_f(r['balance'][j], '.3f')} |")
+                         f"{r['received'][j]:.3g} | {fmt(r['reciprocity'][j], '.3g')} | "
+                         f"{fmt(r['balance'][j], '.3f')} |")
     lines += [
         "",
         "## Reciprocity",
