@@ -10,9 +10,18 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from dicesim import rundir
-from dicesim.checkpoint import Checkpoints, find_resume
-from dicesim.comm import PeerError
+from dicesim.comm.exchange import PeerError
+from dicesim.common.errors import ConfigError
+from dicesim.common.stopping import (
+    SIGNAL_CODES,
+    SIGNALS,
+    Interrupted,
+    Stopped,
+    exit_with,
+    on_signal,
+    record_pid,
+    record_status,
+)
 from dicesim.config import (
     CONFIG_DIR,
     Config,
@@ -22,11 +31,12 @@ from dicesim.config import (
     sweep_points,
 )
 from dicesim.config import GROUPS as GROUPS  # re-exported: the config groups users type
-from dicesim.engine import Simulation, local_rank, resolve_device
-from dicesim.errors import ConfigError
-from dicesim.events import ESTIMATORS
-from dicesim.provenance import headline
-from dicesim.session import (  # re-exported: tests and older callers import them here
+from dicesim.influence.events import ESTIMATORS
+from dicesim.run import rundir
+from dicesim.run.checkpoint import Checkpoints, find_resume
+from dicesim.run.engine import Simulation, local_rank, resolve_device
+from dicesim.run.provenance import headline
+from dicesim.run.session import (  # re-exported: tests and older callers import them here
     RunDirPlan,
     Session,
     check_same_run,
@@ -36,16 +46,6 @@ from dicesim.session import (  # re-exported: tests and older callers import the
     peer_failed,
     prepare_output,
     run_target,
-)
-from dicesim.stopping import (
-    SIGNAL_CODES,
-    SIGNALS,
-    Interrupted,
-    Stopped,
-    exit_with,
-    on_signal,
-    record_pid,
-    record_status,
 )
 
 __all__ = ["GROUPS", "RunDirPlan", "Session", "fail", "guard_for", "open_session", "main",
@@ -73,7 +73,7 @@ def stopped(session: Session, stop: Stopped, sim: Simulation | None) -> None:
     if stop.reason == "signal":
         SIGNALS.answered = True  # writing the finished rows below is not interrupted again
     if session.rank == 0 and session.out is not None and sim is not None:
-        from dicesim.report import LOSS_METRIC, write_all
+        from dicesim.report.summary import LOSS_METRIC, write_all
 
         status = {"status": "interrupted" if stop.reason == "signal" else "diverged",
                   "stopped_at": stop.step,
@@ -179,7 +179,7 @@ def run_session(session: Session, kept: Sequence[str]) -> dict | None:
         checkpoints.folder = session.out
     on_flush = None
     if session.rank == 0 and sim.tracking:
-        from dicesim.report import write_influence
+        from dicesim.report.summary import write_influence
 
         # finished events reach disk as they are gathered: a crash keeps them
         on_flush = lambda partial: write_influence(session.out, partial)  # noqa: E731
@@ -191,7 +191,7 @@ def run_session(session: Session, kept: Sequence[str]) -> dict | None:
     if session.rank != 0:
         finish_signalled(session)
         return None
-    from dicesim.report import write_all
+    from dicesim.report.summary import write_all
 
     out = session.out
     summary = write_all(out, sim, result, plots=cfg.plots)

@@ -41,8 +41,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from dicesim.errors import ConfigError
-from dicesim.graphfile import infer_nodes
+from dicesim.common.errors import ConfigError
+from dicesim.common.graphfile import infer_nodes
 
 # ---------------------------------------------------------------- choices
 
@@ -274,7 +274,7 @@ MODEL_SCHEMAS: dict[str, type[Model]] = {
 
 @dataclass
 class Optim:
-    """The local optimizer (dicesim/optim.py builds it from these)."""
+    """The local optimizer (dicesim/optim/local.py builds it from these)."""
 
     name: OptimName = OptimName.sgd
     lr: float = bounded(0.05, 0, open_lo=True)  # η (the schedule's peak)
@@ -346,7 +346,8 @@ class Eval:
 
 @dataclass
 class Attribution:
-    """Full-horizon attribution (dicesim/attribution.py): one reverse pass after training."""
+    """Full-horizon attribution (dicesim/influence/attribution.py): one reverse pass after
+    training."""
 
     enabled: bool = False
     target: Any = "network"  # network | per_node | a list of node ids

@@ -448,10 +448,10 @@ def preflight(spec: LaunchSpec) -> int:
     overrides = spec.effective_overrides()
     if any(o.startswith("-") for o in overrides):  # Hydra's flags: the ranks' Hydra decides
         return 0
-    from dicesim.checkpoint import find_resume
-    from dicesim.comm import check_layout
+    from dicesim.comm.exchange import check_layout
+    from dicesim.common.errors import ConfigError
     from dicesim.config import compose_checked
-    from dicesim.errors import ConfigError
+    from dicesim.run.checkpoint import find_resume
 
     try:
         [cfg] = compose_checked([overrides])

@@ -108,9 +108,9 @@ def rows_difference(a: list, b: list) -> float:
 
 def in_process(overrides: list[str], device: torch.device):
     """(Simulation, RunResult) of one process on `device`."""
-    from dicesim.comm import Comm
+    from dicesim.comm.exchange import Comm
     from dicesim.config import compose
-    from dicesim.engine import Simulation, configure_device
+    from dicesim.run.engine import Simulation, configure_device
 
     cfg = compose(overrides, quiet=True)
     configure_device(device, cfg.allow_tf32)

@@ -74,8 +74,8 @@ def execute(*overrides: str):
     """(Simulation, RunResult) of the real config in this process, metrics every step."""
     import torch
 
-    from dicesim.comm import Comm
-    from dicesim.engine import Simulation
+    from dicesim.comm.exchange import Comm
+    from dicesim.run.engine import Simulation
 
     sim = Simulation(make_config(*overrides, "progress=false", "eval_every=1"))
     return sim, sim.execute(Comm("gloo", 60, torch.device("cpu")))

@@ -156,19 +156,25 @@ def test_the_cycle_finder_names_each_cycle_and_nothing_else():
 
 
 def test_imports_inside_functions_and_type_checking_are_not_module_level(tmp_path):
-    source = ("from typing import TYPE_CHECKING\nimport dicesim.errors\n"
-              "if TYPE_CHECKING:\n    import dicesim.engine\nelse:\n    import dicesim.data\n"
-              "try:\n    from dicesim import comm\nexcept ImportError:\n    import dicesim.model\n"
-              "from dicesim.trackers import dice_e, Tracker\n"
-              "def late():\n    import dicesim.report\n"
-              "class Holder:\n    import dicesim.topology\n")
+    source = ("from typing import TYPE_CHECKING\nimport dicesim.common.errors\n"
+              "if TYPE_CHECKING:\n    import dicesim.run.engine\nelse:\n"
+              "    import dicesim.model.data\n"
+              "try:\n    from dicesim.comm import exchange\nexcept ImportError:\n"
+              "    import dicesim.model.models\n"
+              "from dicesim.influence.trackers import dice_e, Tracker\n"
+              "def late():\n    import dicesim.report.summary\n"
+              "class Holder:\n    import dicesim.graph.topology\n")
     path = tmp_path / "probe.py"
     path.write_text(source)
     found = imported_modules("dicesim.probe", path, package_modules())
-    assert found == {"dicesim", "dicesim.errors", "dicesim.data", "dicesim.comm", "dicesim.model",
-                     "dicesim.trackers", "dicesim.trackers.dice_e", "dicesim.topology"}
+    packages = {"dicesim", "dicesim.common", "dicesim.model", "dicesim.comm", "dicesim.influence",
+                "dicesim.graph"}
+    assert found == packages | {
+        "dicesim.common.errors", "dicesim.model.data", "dicesim.comm.exchange",
+        "dicesim.model.models", "dicesim.influence.trackers",
+        "dicesim.influence.trackers.dice_e", "dicesim.graph.topology"}
     with_functions = imported_modules("dicesim.probe", path, package_modules(), in_functions=True)
-    assert with_functions == found | {"dicesim.report"}
+    assert with_functions == found | {"dicesim.report", "dicesim.report.summary"}
 
 
 # ---- the package --------------------------------------------------------------------------
@@ -176,6 +182,58 @@ def test_the_package_has_no_import_cycle():
     """Imports made inside functions count: deferring an import hides a cycle from the
     interpreter, not from a reader."""
     graph = import_graph(in_functions=True)
-    assert {"dicesim.engine", "dicesim.report", "dicesim.attribution"} <= graph.keys()
+    assert {"dicesim.run.engine", "dicesim.report.summary",
+            "dicesim.influence.attribution"} <= graph.keys()
     found = cycles(graph)
     assert not found, "import cycles: " + "; ".join(" -> ".join(c) for c in found)
+
+
+# ---- the layering -----------------------------------------------------------------------
+LAYERS = (  # lowest first: a module imports from its own layer and the layers below it only
+    ("dicesim.common",),  # errors, signals and stops, atomic files, graph files
+    ("dicesim.config",),  # the typed settings
+    ("dicesim.graph", "dicesim.model"),  # topologies; models and data sets
+    ("dicesim.comm",),  # ranks, routes, the exchange
+    ("dicesim.optim",),  # local optimizers, schedules, aggregators, attacks
+    ("dicesim.influence",),  # events, trackers, the reverse pass
+    ("dicesim.run",),  # building a run, the step loop, checkpoints, run directories
+    ("dicesim.report",),  # summary, report.md, figures
+    ("dicesim.experiments", "dicesim.bench", "dicesim.testing"),
+    ("dicesim.cli", "dicesim.launch", "dicesim.torchrun", "dicesim.__main__"),
+)
+
+
+def layer_of(module: str) -> int:
+    for level, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return level
+    raise AssertionError(f"{module} is in no layer of LAYERS")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """`a -> b` for every import of a module from a higher layer (a package's own ancestors
+    and the root package, which run first whatever is imported, are not dependencies)."""
+    found = []
+    for name, targets in graph.items():
+        if name == PACKAGE:
+            continue
+        for target in targets:
+            if target == PACKAGE or name.startswith(target + "."):
+                continue
+            if layer_of(target) > layer_of(name):
+                found.append(f"{name} -> {target}")
+    return sorted(found)
+
+
+def test_the_layer_check_finds_an_upward_import():
+    graph = {"dicesim.common.errors": {"dicesim.run.engine"}, "dicesim.run.engine":
+             {"dicesim.common.errors", "dicesim"}, "dicesim.run": set()}
+    assert upward_imports(graph) == ["dicesim.common.errors -> dicesim.run.engine"]
+
+
+def test_every_module_has_a_layer_and_imports_flow_downwards():
+    graph = import_graph(in_functions=True)
+    for name in graph:
+        if name != PACKAGE:
+            layer_of(name)
+    assert not (found := upward_imports(graph)), "upward imports: " + "; ".join(found)

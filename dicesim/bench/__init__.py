@@ -176,8 +176,8 @@ def run_in_process(overrides: Sequence[str], repeats: int = 2, warmup: int = 1,
     `observe(sim)` may wrap the Simulation before each measured run (timing hooks)."""
     import torch
 
-    from dicesim.comm import Comm
-    from dicesim.engine import Simulation
+    from dicesim.comm.exchange import Comm
+    from dicesim.run.engine import Simulation
 
     cfg = compose(overrides)
     results = []

@@ -78,8 +78,8 @@ def dense_vmap_baseline(ovr: list[str], threads: int, repeats: int, retries: int
     from torch.func import grad, vmap
 
     from dicesim.bench import compose
-    from dicesim.data import batch_ids
-    from dicesim.engine import Simulation
+    from dicesim.model.data import batch_ids
+    from dicesim.run.engine import Simulation
 
     torch.set_num_threads(threads)
     sim = Simulation(compose(ovr), 1, 0)

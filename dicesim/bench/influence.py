@@ -14,7 +14,7 @@ The proximal ratio is given twice: from `wall_s` of fresh processes (as a user s
 including torch.func's one-off first-call cost) and from warm runs in this process (the
 step time itself, which is what the target is about). The propagated estimate is timed
 inside one run by wrapping the tracker's methods and the probe gradients the engine
-computes for it; the walk sum (`dicesim.oracle.walk_sum`) is timed on the dense
+computes for it; the walk sum (`dicesim.testing.oracle.walk_sum`) is timed on the dense
 trajectory, whose computation is not counted. Prints ONE JSON object on stdout.
 """
 
@@ -101,8 +101,8 @@ def attribution_case(nodes: int, steps: int, hidden: int, dtype: str, repeats: i
                      retries: int, max_wait_s: float, memory_steps: int) -> dict:
     """The reverse pass's wall time against the plain training of the same run (no Keeper,
     the overlapped step loop), warm in-process runs; then the peak memory of the pass at
-    T = memory_steps against the stated bound (dicesim/attribution.py)."""
-    from dicesim.attribution import default_keep_every
+    T = memory_steps against the stated bound (dicesim/influence/attribution.py)."""
+    from dicesim.influence.attribution import default_keep_every
 
     def overrides(t: int, on: bool) -> list[str]:
         return ["experiment=demo", f"nodes={nodes}", f"steps={t}", "topology=ring",
@@ -253,9 +253,9 @@ def walk_counts(topology, source: int, step: int, hops: int) -> dict:
 def propagation_case(nodes: int, hops: int, event_step: int, hidden: int, dtype: str,
                      repeats: int, retries: int, max_wait_s: float) -> dict:
     from dicesim.bench import compose
-    from dicesim.engine import Simulation
-    from dicesim.events import INFLUENCE_COLUMNS, reach_sets
-    from dicesim.oracle import dense_trajectory, walk_sum
+    from dicesim.influence.events import INFLUENCE_COLUMNS, reach_sets
+    from dicesim.run.engine import Simulation
+    from dicesim.testing.oracle import dense_trajectory, walk_sum
 
     steps = event_step + hops
     source = 0

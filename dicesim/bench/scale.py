@@ -78,9 +78,10 @@ def child(spec: dict) -> dict:
     started = time.perf_counter()
     import torch
 
-    from dicesim import engine, topology
     from dicesim.bench import compose
-    from dicesim.comm import Comm
+    from dicesim.comm.exchange import Comm
+    from dicesim.graph import topology
+    from dicesim.run import engine
 
     torch.set_num_threads(1)
     phases: dict[str, float] = {"imports_s": time.perf_counter() - started}
@@ -150,7 +151,7 @@ def child(spec: dict) -> dict:
     import tempfile
     from pathlib import Path
 
-    from dicesim.report import write_all
+    from dicesim.report.summary import write_all
 
     t = time.perf_counter()  # as a run writes: every file, with --plots every figure
     with tempfile.TemporaryDirectory() as tmp:

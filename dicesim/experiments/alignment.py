@@ -40,6 +40,7 @@ import numpy as np
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dicesim.common.errors import ConfigError
 from dicesim.config import (
     DATA_SCHEMAS,
     DATASETS,
@@ -61,19 +62,18 @@ from dicesim.config import (
     register_block,
     show,
 )
-from dicesim.errors import ConfigError
-from dicesim.events import INFLUENCE_COLUMNS, InfluenceRow
 from dicesim.experiments import group_option, runner, variant
 from dicesim.experiments.runner import Table, Task, slug
-from dicesim.provenance import provenance_lines
-from dicesim.report import (
+from dicesim.influence.events import INFLUENCE_COLUMNS, InfluenceRow
+from dicesim.report.summary import (
     alignment,
     alignment_blocks,
     footer,
     second_order_share,
     write_csv,
 )
-from dicesim.session import Session
+from dicesim.run.provenance import provenance_lines
+from dicesim.run.session import Session
 
 
 class Sweep(StrEnum):
@@ -757,7 +757,7 @@ def scatter_grid(out: Path, stem: str, cases: list[dict], rows_of: dict[str, lis
                  max_hop: int | None = 8) -> list[str]:
     """Rows = cases, columns = one_hop, hop_0 … hop_R: E against G on symmetric-log axes
     (linear within the smallest 10 % of |G|), the diagonal E = G dashed."""
-    from dicesim.plots import plt  # the Agg backend, chosen there
+    from dicesim.report.plots import plt  # the Agg backend, chosen there
 
     if max_hop is None:  # sweep pages: one_hop, hop 1 and the last hop only
         columns = ["one_hop", "hop_1", f"hop_{max(c['hops'] for c in cases)}"]
@@ -800,7 +800,7 @@ def scatter_grid(out: Path, stem: str, cases: list[dict], rows_of: dict[str, lis
 def calibration(out: Path, cases: list[dict]) -> str:
     """The second-order share ρ (no ground truth needed) against dice_e's true rel_err, one
     point per case and view: how well the run's own warning tracks the real error."""
-    from dicesim.plots import plt  # the Agg backend, chosen there
+    from dicesim.report.plots import plt  # the Agg backend, chosen there
 
     fig, ax = plt.subplots(figsize=(5.6, 4.6))
     marks = {"core": "o", "hard": "^", "sweep": "s"}
@@ -832,7 +832,7 @@ def _hop_series(case: dict, metric: str) -> tuple[list[int], list[float]]:
 
 def by_hop_curves(out: Path, name: str, cases: list[dict], title: str) -> str:
     """1 − Spearman and rel_err against hop s (log scale: every value is near 1 or 0)."""
-    from dicesim.plots import plt  # the Agg backend, chosen there
+    from dicesim.report.plots import plt  # the Agg backend, chosen there
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.4))
     colours = plt.cm.tab10(np.linspace(0, 1, 10))
@@ -860,7 +860,7 @@ def by_hop_curves(out: Path, name: str, cases: list[dict], title: str) -> str:
 
 def sweep_curves(out: Path, cases: list[dict]) -> str:
     """One panel per topology: 1 − Spearman against hop for every sweep case."""
-    from dicesim.plots import plt  # the Agg backend, chosen there
+    from dicesim.report.plots import plt  # the Agg backend, chosen there
 
     topologies = list(dict.fromkeys(c["topology"] for c in cases))
     fig, axes = plt.subplots(1, len(topologies), figsize=(4 * len(topologies), 3.8),

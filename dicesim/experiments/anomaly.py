@@ -29,7 +29,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch.nn.functional import cosine_similarity
 
-from dicesim.comm import Channel
+from dicesim.comm.exchange import Channel
+from dicesim.common.errors import ConfigError
 from dicesim.config import (
     ATTACKS,
     TOPOLOGIES,
@@ -41,17 +42,16 @@ from dicesim.config import (
     register_block,
     show,
 )
-from dicesim.engine import RunParts, Simulation
-from dicesim.errors import ConfigError
-from dicesim.events import ProximalRow
 from dicesim.experiments import group_option, runner, variant
 from dicesim.experiments.runner import Table, Task, fmt, marks
-from dicesim.provenance import provenance_lines
-from dicesim.report import footer
-from dicesim.session import Session
-from dicesim.topology import senders
-from dicesim.trackers import Tracker
-from dicesim.trainer import RunResult, Step
+from dicesim.graph.topology import senders
+from dicesim.influence.events import ProximalRow
+from dicesim.influence.trackers import Tracker
+from dicesim.report.summary import footer
+from dicesim.run.engine import RunParts, Simulation
+from dicesim.run.provenance import provenance_lines
+from dicesim.run.session import Session
+from dicesim.run.trainer import RunResult, Step
 
 
 @dataclass
@@ -353,7 +353,7 @@ def report_md(summary: dict, pictures: list[str]) -> str:
 
 
 def plots(out: Path, cfg: Config, cases: list[Case]) -> list[str]:
-    from dicesim.plots import plt  # the Agg backend, chosen there
+    from dicesim.report.plots import plt  # the Agg backend, chosen there
 
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(cases) + 2), 4))
     width = 0.8 / len(METHODS)

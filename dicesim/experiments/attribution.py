@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from dicesim.config import Config, bounded, register_block
-from dicesim.data import batch_ids
-from dicesim.engine import Simulation
 from dicesim.experiments import runner, variant
 from dicesim.experiments.runner import Case, Table, Task
-from dicesim.report import write_all
-from dicesim.session import Session
-from dicesim.stats import pearson, spearman
+from dicesim.model.data import batch_ids
+from dicesim.report.stats import pearson, spearman
+from dicesim.report.summary import write_all
+from dicesim.run.engine import Simulation
+from dicesim.run.session import Session
 
 
 @dataclass
@@ -168,7 +168,7 @@ def run(session: Session) -> dict | None:
 
 
 def retrain_plot(out, rows: list[tuple], check: dict) -> None:
-    from dicesim.plots import plt
+    from dicesim.report.plots import plt
 
     kinds = [k for k in ("batch", "sample") if k in check]
     fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4.2), squeeze=False)

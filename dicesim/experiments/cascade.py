@@ -24,14 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from dicesim.config import Config, TopologyName, bounded, default_list, register_block
-from dicesim.events import InfluenceRow
 from dicesim.experiments import runner, variant
 from dicesim.experiments.alignment import topology_options
 from dicesim.experiments.runner import Case, Table, Task
-from dicesim.provenance import provenance_lines
-from dicesim.report import footer, hop_totals
-from dicesim.session import Session
-from dicesim.topology import Topology
+from dicesim.graph.topology import Topology
+from dicesim.influence.events import InfluenceRow
+from dicesim.report.summary import footer, hop_totals
+from dicesim.run.provenance import provenance_lines
+from dicesim.run.session import Session
 
 
 @dataclass
@@ -288,7 +288,7 @@ def plots(out: Path, runs: dict[str, dict], hv: dict, c: Config) -> list[str]:
 
 
 def decay_plot(out: Path, runs: dict[str, dict], hv: dict) -> str:
-    from dicesim.plots import plt  # the Agg backend, chosen there
+    from dicesim.report.plots import plt  # the Agg backend, chosen there
 
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.6))
     colours = plt.cm.tab10(np.linspace(0, 1, 10))
@@ -355,7 +355,7 @@ def graph_plot(out: Path, runs: dict[str, dict], hv: dict, draw: list[str]) -> s
     import networkx as nx
     from matplotlib.colors import LogNorm
 
-    from dicesim.plots import plt  # the Agg backend, chosen there
+    from dicesim.report.plots import plt  # the Agg backend, chosen there
 
     panels = [(label, runs[label]["_topology"], np.array(runs[label]["received"]), None)
               for label in draw if label in runs]

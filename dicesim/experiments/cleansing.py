@@ -30,16 +30,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dicesim.common.errors import ConfigError
 from dicesim.config import MAX_HOPS, Config, bounded, default_list, register_block, show
-from dicesim.data import batch_ids
-from dicesim.engine import Simulation
-from dicesim.errors import ConfigError
 from dicesim.experiments import runner, variant
 from dicesim.experiments.runner import Case, Table, Task, fmt
-from dicesim.provenance import provenance_lines
-from dicesim.report import footer
-from dicesim.session import Session
-from dicesim.stats import average_ranks
+from dicesim.model.data import batch_ids
+from dicesim.report.stats import average_ranks
+from dicesim.report.summary import footer
+from dicesim.run.engine import Simulation
+from dicesim.run.provenance import provenance_lines
+from dicesim.run.session import Session
 
 
 @dataclass
@@ -365,7 +365,7 @@ def report_md(s: dict, pictures: list[str]) -> str:
 
 
 def plots(out, value, loss, gnorm, flipped, removal_rows, clean_acc) -> list[str]:
-    from dicesim.plots import plt
+    from dicesim.report.plots import plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     ax = axes[0]

@@ -24,15 +24,15 @@ from pathlib import Path
 import numpy as np
 from scipy.sparse.csgraph import connected_components
 
+from dicesim.common.errors import ConfigError
 from dicesim.config import Config, TopologyName, default_list, register_block
-from dicesim.engine import Simulation
-from dicesim.errors import ConfigError
 from dicesim.experiments import group_option, runner, variant
 from dicesim.experiments.runner import Case, Task, fmt, marks
-from dicesim.provenance import provenance_lines
-from dicesim.report import footer
-from dicesim.session import Session
-from dicesim.trainer import RunResult
+from dicesim.report.summary import footer
+from dicesim.run.engine import Simulation
+from dicesim.run.provenance import provenance_lines
+from dicesim.run.session import Session
+from dicesim.run.trainer import RunResult
 
 
 @dataclass
@@ -236,7 +236,7 @@ def report_md(summary: dict, pictures: list[str]) -> str:
 
 
 def plots(out: Path, cfg: Config, outcomes: dict[str, dict]) -> list[str]:
-    from dicesim.plots import plt  # the Agg backend, chosen there
+    from dicesim.report.plots import plt  # the Agg backend, chosen there
 
     topologies = list(cfg.collaborators.topologies)
     fig, axes = plt.subplots(1, 1 + len(topologies), figsize=(5 + 4.5 * len(topologies), 4))

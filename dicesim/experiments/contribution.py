@@ -30,17 +30,17 @@ from pathlib import Path
 
 import numpy as np
 
+from dicesim.common.errors import ConfigError
 from dicesim.config import MAX_HOPS, Config, bounded, default_list, register_block, show
-from dicesim.engine import Simulation
-from dicesim.errors import ConfigError
-from dicesim.events import InfluenceRow
 from dicesim.experiments import runner, variant
 from dicesim.experiments.alignment import topology_options
 from dicesim.experiments.runner import Case, Table, Task, fmt
-from dicesim.provenance import provenance_lines
-from dicesim.report import footer
-from dicesim.session import Session
-from dicesim.stats import pearson, spearman
+from dicesim.influence.events import InfluenceRow
+from dicesim.report.stats import pearson, spearman
+from dicesim.report.summary import footer
+from dicesim.run.engine import Simulation
+from dicesim.run.provenance import provenance_lines
+from dicesim.run.session import Session
 
 
 @dataclass
@@ -341,7 +341,7 @@ def report_md(cfg: Config, summary: dict, pictures: list[str]) -> str:
 
 
 def plots(out: Path, settings: list[dict]) -> list[str]:
-    from dicesim.plots import plt  # the Agg backend, chosen there
+    from dicesim.report.plots import plt  # the Agg backend, chosen there
 
     fig, axes = plt.subplots(2, len(settings), figsize=(5.5 * len(settings), 8.4),
                              squeeze=False)

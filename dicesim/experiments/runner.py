@@ -23,10 +23,12 @@ from dataclasses import dataclass, field
 from numbers import Real
 from pathlib import Path
 
+from dicesim.common.errors import ConfigError
+from dicesim.common.stopping import Interrupted, Stopped
+from dicesim.common.writers import write_atomic, write_bytes_atomic, write_csv, write_json
 from dicesim.config import Config
-from dicesim.errors import ConfigError
-from dicesim.provenance import stamped
-from dicesim.session import (
+from dicesim.run.provenance import stamped
+from dicesim.run.session import (
     RunDirPlan,
     Session,
     check_same_run,
@@ -34,8 +36,6 @@ from dicesim.session import (
     prepare_output,
     run_target,
 )
-from dicesim.stopping import Interrupted, Stopped
-from dicesim.writers import write_atomic, write_bytes_atomic, write_csv, write_json
 
 CASES_DIR = "cases"
 RESULT_FILE = "result.pkl"
