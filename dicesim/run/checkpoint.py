@@ -37,7 +37,7 @@ NOT_RESULTS = {"name", "out_dir", "progress", "plots", "dry_run", "timeout_s", "
                "resume", "overwrite", "save_params", "device", "backend", "hydra",
                "abort_on_nonfinite", "divergence_factor", "influence.flush_every"}
 PREFIX = "step_"
-HOST_STATE = {"train_loss"}  # the trainer's state kept on the host (the divergence rule's)
+HOST_STATE = {"train_loss"}  # kept on the host wherever it is (the divergence rule's)
 #: settings added after runs were already written, with the value that such a run ran with:
 #: a config.yaml or a checkpoint without the key counts as that value
 BEFORE_IT_EXISTED: dict[str, object] = {
@@ -123,11 +123,12 @@ def _from_plain(obj: object) -> object:
 def on_device(obj: object, device: torch.device) -> object:
     """Every tensor of a loaded state on the rank's device, in one place: θ, the optimizer's
     state, the trackers' rows, Proximal's received updates, the attribution keeper's θ^t
-    (numpy arrays, already back from _from_plain, stay on the host)."""
+    (numpy arrays, already back from _from_plain, stay on the host; so do HOST_STATE
+    values, wherever they sit)."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, dict):
-        return {k: on_device(v, device) for k, v in obj.items()}
+        return {k: v if k in HOST_STATE else on_device(v, device) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return (list if isinstance(obj, list) else tuple)(on_device(v, device) for v in obj)
     return obj
@@ -170,8 +171,7 @@ class Checkpoints:
             state = torch.load(self.resume_from / f"rank{rank}.pt", weights_only=True,
                                map_location="cpu")
             state = _from_plain(state)
-            trainer.load_state_dict({k: v if k in HOST_STATE else on_device(v, trainer.comm.device)
-                                     for k, v in state.items()})
+            trainer.load_state_dict(on_device(state, trainer.comm.device))
 
     def save(self, trainer, step: int) -> None:
         gathered = trainer.comm.gather_to_root(_to_plain(trainer.state_dict()))

@@ -240,7 +240,7 @@ class Metrics:
                 "loss_reference": dict(self.comm.guard.initial)}  # the divergence rule's
 
     def load_state_dict(self, state: dict) -> None:
-        self.train_loss = state["train_loss"]
+        self.train_loss = state["train_loss"]  # on the host (checkpoint.HOST_STATE)
         self.comm.guard.initial = {int(k): float(v) for k, v in state["loss_reference"].items()}
 
 

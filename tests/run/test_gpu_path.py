@@ -17,9 +17,10 @@ from conftest import make_config
 from dicesim.comm import exchange as comm_module
 from dicesim.comm.exchange import Channel, Comm, Layout, route
 from dicesim.common.errors import ConfigError
+from dicesim.common.stopping import SIGNALS
 from dicesim.run.checkpoint import Checkpoints, complete
-from dicesim.run.engine import Simulation, configure_device, gpu_index
-from dicesim.run.trainer import StepClock, Trainer
+from dicesim.run.engine import Simulation, build_trainer, configure_device, gpu_index
+from dicesim.run.trainer import StepClock
 
 # momentum (optimizer state), proximal influence (its received updates), events with ground
 # truth and both estimators (tracker rows), attribution (the keeper's θ^t), a defense with
@@ -72,6 +73,8 @@ def test_nccl_waits_block_and_the_group_knows_its_gpu(monkeypatch):
     """Under NCCL a dead peer must raise in wait() (blocking wait), not hang the host until
     the watchdog's SIGABRT; device_id binds the group to the rank's GPU."""
     calls = {}
+    # the group below is never closed: its signal agreement must not outlive the test
+    monkeypatch.setattr(SIGNALS, "agree", None)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     for key in comm_module.NCCL_ENV:
@@ -185,17 +188,17 @@ def test_resume_puts_every_piece_of_state_on_the_ranks_device(tmp_path):
                 checkpoints=Checkpoints(tmp_path, 2, 1, cfg, 1))
     latest = complete(tmp_path)[-1]
     sim = Simulation(cfg)
-    trainer = Trainer(sim, Comm("gloo", 60, torch.device("meta")))
+    trainer = build_trainer(sim, Comm("gloo", 60, torch.device("meta")))
     Checkpoints(tmp_path, 2, 1, cfg, 1, resume_from=latest).attach(trainer)
     loaded = tensors(trainer.state_dict())
     names = {w for w, _ in loaded}
-    assert {".theta", ".optimizer.state.momentum"} <= names, names
-    assert any(w.startswith(".trackers") and "received" in w for w in names), names
-    assert any(w.startswith(".trackers") and "kept" in w for w in names), names
-    assert any(w.startswith(".trackers") and ".rows." in w for w in names), names
-    off = [w for w, t in loaded if t.device.type != "meta" and w != ".train_loss"]
+    assert {".position.theta", ".optimizer.state.momentum"} <= names, names
+    assert any(w.startswith(".tracking.trackers") and "received" in w for w in names), names
+    assert any(w.startswith(".tracking.trackers") and "kept" in w for w in names), names
+    assert any(w.startswith(".tracking.trackers") and ".rows." in w for w in names), names
+    off = [w for w, t in loaded if t.device.type != "meta" and w != ".metrics.train_loss"]
     assert not off, f"left on the CPU: {off}"
-    assert trainer.train_loss.device.type == "cpu"
+    assert trainer.metrics.train_loss.device.type == "cpu"
 
 
 # ---- on a GPU -----------------------------------------------------------------------------------
