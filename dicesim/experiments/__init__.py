@@ -7,6 +7,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from dicesim.config import Config, as_dict
 from dicesim.config import variant as variant  # re-exported: a checked copy for one run
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
@@ -17,3 +18,11 @@ def group_option(group: str, name: str) -> dict:
     values = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{name}.yaml"))
     values.pop("defaults", None)  # the option's schema: variant picks it by name
     return values
+
+
+def topology_options(cfg: Config, name: str) -> dict:
+    """configs/topology/<name>.yaml, or the run's topology.* (command line included) when the
+    run's topology is `name`."""
+    if cfg.topology.name == name:
+        return as_dict(cfg.topology)
+    return group_option("topology", name)

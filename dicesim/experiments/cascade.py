@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from dicesim.config import Config, TopologyName, bounded, default_list, register_block
-from dicesim.experiments import runner, variant
-from dicesim.experiments.alignment import topology_options
+from dicesim.experiments import runner, topology_options, variant
 from dicesim.experiments.runner import Case, Table, Task
 from dicesim.graph.topology import Topology
 from dicesim.influence.events import InfluenceRow

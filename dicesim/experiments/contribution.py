@@ -32,8 +32,7 @@ import numpy as np
 
 from dicesim.common.errors import ConfigError
 from dicesim.config import MAX_HOPS, Config, bounded, default_list, register_block, show
-from dicesim.experiments import runner, variant
-from dicesim.experiments.alignment import topology_options
+from dicesim.experiments import runner, topology_options, variant
 from dicesim.experiments.runner import Case, Table, Task, fmt
 from dicesim.influence.events import InfluenceRow
 from dicesim.report.stats import pearson, spearman

@@ -15,12 +15,10 @@ the final summary is the one an uninterrupted run writes.
 
 from __future__ import annotations
 
-import math
 import pickle
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from numbers import Real
 from pathlib import Path
 
 from dicesim.common.errors import ConfigError
@@ -105,20 +103,6 @@ class Task:
     def closing(self, summary: dict, out: Path) -> list[str]:
         """The lines said after everything is written."""
         return [f"{self.name}: done; report: {out / 'report.md'}"]
-
-
-def fmt(value: object, spec: str = ".4g") -> str:
-    """A number for a report: '–' for None and NaN, floats by `spec`, the rest as str."""
-    if value is None:
-        return "–"
-    if isinstance(value, Real) and not isinstance(value, int):
-        return "–" if math.isnan(value) else format(value, spec)
-    return str(value)
-
-
-def marks(flags: dict[str, bool], met: str = "met", missed: str = "missed") -> list[str]:
-    """Markdown list lines for named targets."""
-    return [f"- {name}: **{met if ok else missed}**" for name, ok in flags.items()]
 
 
 # ---- the store of finished cases -------------------------------------------------------------

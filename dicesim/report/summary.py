@@ -14,6 +14,7 @@ from dicesim import IMPORTED_AT
 from dicesim.common.stopping import SIGNALS
 from dicesim.common.writers import strict, temp_path, write_atomic, write_csv, write_json  # noqa: F401
 from dicesim.influence.events import ESTIMATORS, INFLUENCE_COLUMNS, PROXIMAL_COLUMNS, InfluenceRow
+from dicesim.report.present import footer
 from dicesim.report.stats import hop_totals, pearson, spearman  # noqa: F401 - hop_totals re-exported
 from dicesim.run.engine import Simulation
 from dicesim.run.provenance import (
@@ -262,11 +263,6 @@ def run_timings(result: RunResult) -> dict[str, float]:
     if result.first_step_at > 0:
         timings = {"startup": result.first_step_at - IMPORTED_AT, **timings}
     return timings
-
-
-def footer(pictures: list[str], files: str) -> list[str]:
-    """The end of every report.md: the pictures, then a line naming the run's files."""
-    return [line for pic in pictures for line in (f"![{pic}]({pic})", "")] + [files, ""]
 
 
 def _fmt(v: object) -> str:

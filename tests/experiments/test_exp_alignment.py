@@ -24,9 +24,9 @@ def test_config_composes_with_the_issue_3_cases():
     assert cfg.driver == "alignment" and cfg.nodes == 16 and cfg.batch_size == 32
     assert cfg.dtype == "float32" and cfg.influence.events == 200
     assert list(cfg.model.hidden) == [64] and cfg.model.activation == "tanh"
-    labels = [c.label for c in alignment.core_cases(cfg)]
+    labels = [c.label for c in alignment.cases_of(cfg, "core")]
     assert "exponential/lr0.2/r8/batch/no-curvature" in labels
-    assert len(alignment.sweep_cases(cfg)) == 5 * 2 * 2 * 2 * 2
+    assert len(alignment.cases_of(cfg, "sweep")) == 5 * 2 * 2 * 2 * 2
 
 
 def test_tiny_alignment_run(tmp_path):
