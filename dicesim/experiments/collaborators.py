@@ -27,8 +27,8 @@ from scipy.sparse.csgraph import connected_components
 from dicesim.common.errors import ConfigError
 from dicesim.config import Config, TopologyName, default_list, register_block
 from dicesim.experiments import group_option, runner, variant
-from dicesim.experiments.runner import Case, Task, fmt, marks
-from dicesim.report.summary import footer
+from dicesim.experiments.runner import Case, Task
+from dicesim.report.present import fmt, footer, marks
 from dicesim.run.engine import Simulation
 from dicesim.run.provenance import provenance_lines
 from dicesim.run.session import Session

@@ -34,9 +34,12 @@ def marks(flags: Mapping[str, bool], met: str = "met", missed: str = "missed") -
 
 
 def md_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
-    """A markdown table: the header, its rule, one line per row (each cell as str)."""
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    """A markdown table: the header, its rule, one line per row (each cell as str; an
+    empty cell is written `| |`)."""
+    def line(cells: Iterable[object]) -> str:
+        return "|" + "|".join(f" {c} " if str(c) else " " for c in cells) + "|"
+
+    return [line(header), "|---" * len(header) + "|", *map(line, rows)]
 
 
 Column = tuple[str, Callable[[Any], object], str]  # header, the value of a record, format spec

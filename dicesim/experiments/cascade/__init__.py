@@ -15,9 +15,7 @@ rounds after the event, not graph distance).
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +23,11 @@ import numpy as np
 
 from dicesim.config import Config, TopologyName, bounded, default_list, register_block
 from dicesim.experiments import runner, topology_options, variant
+from dicesim.experiments.cascade.report import plots, report_md
 from dicesim.experiments.runner import Case, Table, Task
 from dicesim.graph.topology import Topology
 from dicesim.influence.events import InfluenceRow
-from dicesim.report.summary import footer, hop_totals
-from dicesim.run.provenance import provenance_lines
+from dicesim.report.stats import hop_totals
 from dicesim.run.session import Session
 
 
@@ -221,177 +219,3 @@ def run(session: Session) -> dict | None:
 def split_received(rows: list[InfluenceRow], nodes: int, hub: int, leaf: int) -> dict[str, list]:
     return {"from_hub": received([r for r in rows if r.source == hub], nodes).tolist(),
             "from_leaf": received([r for r in rows if r.source == leaf], nodes).tolist()}
-
-
-# ---- report ----------------------------------------------------------------------------------
-def report_md(summary: Mapping, pictures: list[str]) -> str:
-    hops = summary["hops"]
-    lines = [
-        "# The influence cascade",
-        "",
-        *provenance_lines(summary),
-        f"{summary['nodes']} nodes, {summary['steps']} steps, lr {summary['lr']:g}, batch "
-        f"{summary['batch_size']}; whole-batch events followed for r = {hops} hops (hop s = s "
-        "gossip rounds after the event, not graph distance) with the exact counterfactual. "
-        "total(s) = mean over events of |Σ_k E[e,s,k]| (the batch's "
-        "effect on the network's q-weighted probe loss s rounds later); entry(s) = mean "
-        "|E[e,s,k]| over reached nodes; walk mass = 1ᵀ W^s e_j (what W alone predicts for "
-        "the total, relative to hop 0).",
-        "",
-        "| run | hop | total E | total GT | entry E | nodes reached | walk mass |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for label, r in summary["runs"].items():
-        for s, v in r["by_hop"].items():
-            lines.append(f"| {label} | {s} | {v['mean_abs_total_e']:.4g} | "
-                         f"{v['mean_abs_total_gt']:.4g} | {v['mean_abs_entry_e']:.3g} | "
-                         f"{v['mean_reached']:.1f} | {v['walk_mass']:.3g} |")
-    hv = summary["hub_vs_leaf"]
-    e, g = hv["dice_e"], hv["dice_gt"]
-    lines += [
-        "",
-        f"## The same step's batch at the hub (node {hv['hub']}) versus at a leaf "
-        f"(node {hv['leaf']})",
-        "",
-        f"{e['pairs']} steps; at each, one event removes the hub's whole batch and another "
-        "the leaf's (each node's own batch of that step: the engine draws batches per node). "
-        "Total influence at hops ≥ 1 = Σ_{s≥1} |Σ_k E[e,s,k]|, averaged over the steps.",
-        "",
-        "| | hub | leaf | hub / leaf | hub larger in |",
-        "|---|---|---|---|---|",
-        f"| DICE-E | {e['hub_mean_total_hops_ge_1']:.4g} | {e['leaf_mean_total_hops_ge_1']:.4g} "
-        f"| {e['ratio']:.3g} | {e['hub_larger_fraction']:.0%} of pairs |",
-        f"| DICE-GT | {g['hub_mean_total_hops_ge_1']:.4g} | {g['leaf_mean_total_hops_ge_1']:.4g} "
-        f"| {g['ratio']:.3g} | {g['hub_larger_fraction']:.0%} of pairs |",
-        f"| walk mass Σ_{{s≥1}} 1ᵀW^s e_j | {sum(hv['walk_mass_hub'][1:]):.4g} | "
-        f"{sum(hv['walk_mass_leaf'][1:]):.4g} | "
-        f"{sum(hv['walk_mass_hub'][1:]) / sum(hv['walk_mass_leaf'][1:]):.3g} | |",
-        "",
-        "| hop | hub: total E | leaf: total E | ratio | walk-mass ratio |",
-        "|---|---|---|---|---|",
-    ]
-    for s in range(hops + 1):
-        h, lf = e["hub_by_hop"][s], e["leaf_by_hop"][s]
-        wm = hv["walk_mass_hub"][s] / hv["walk_mass_leaf"][s]
-        lines.append(f"| {s} | {h:.4g} | {lf:.4g} | {h / lf if lf else math.nan:.3g} | "
-                     f"{wm:.3g} |")
-    lines.append("")
-    lines += footer(pictures, "Files: `summary.json`, `cascade.csv` (per run and hop), "
-                              "`config.yaml`.")
-    return "\n".join(lines)
-
-
-# ---- figures ---------------------------------------------------------------------------------
-def plots(out: Path, runs: dict[str, dict], hv: dict, c: Config) -> list[str]:
-    return [decay_plot(out, runs, hv), graph_plot(out, runs, hv, list(c.draw))]
-
-
-def decay_plot(out: Path, runs: dict[str, dict], hv: dict) -> str:
-    from dicesim.report.plots import plt  # the Agg backend, chosen there
-
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.6))
-    colours = plt.cm.tab10(np.linspace(0, 1, 10))
-    for i, (label, r) in enumerate(runs.items()):
-        if label == "hub_vs_leaf":
-            continue
-        hops = sorted(r["by_hop"])
-        v = r["by_hop"]
-        a1.semilogy(hops, [v[s]["mean_abs_total_e"] for s in hops], "o-", color=colours[i],
-                    label=label)
-        a1.semilogy(hops, [v[s]["mean_abs_total_gt"] for s in hops], "x", color=colours[i],
-                    ms=7)
-        a2.semilogy(hops, [v[s]["mean_abs_entry_e"] for s in hops], "o-", color=colours[i],
-                    label=label)
-    a1.set(xlabel="hop s", ylabel="mean over events of |Σ_k influence|",
-           title="total influence (lines: DICE-E, ×: DICE-GT)")
-    a2.set(xlabel="hop s", ylabel="mean |E[e,s,k]| over reached nodes",
-           title="per reached node (damping × dilution)")
-    a1.legend(fontsize=7)
-    a2.legend(fontsize=7)
-    e, g = hv["dice_e"], hv["dice_gt"]
-    hops = list(range(len(e["hub_by_hop"])))
-    a3.semilogy(hops, e["hub_by_hop"], "o-", color="C3", label=f"batch at the hub ({hv['hub']})")
-    a3.semilogy(hops, g["hub_by_hop"], "x", color="C3", ms=7)
-    a3.semilogy(hops, e["leaf_by_hop"], "o-", color="C0", label=f"batch at a leaf ({hv['leaf']})")
-    a3.semilogy(hops, g["leaf_by_hop"], "x", color="C0", ms=7)
-    a3.set(xlabel="hop s", ylabel="mean over events of |Σ_k influence|",
-           title="hub versus leaf (×: DICE-GT)")
-    a3.legend(fontsize=7)
-    for ax in (a1, a2, a3):
-        ax.set_xticks(hops)
-    fig.tight_layout()
-    fig.savefig(out / "cascade_decay.png", dpi=110)
-    plt.close(fig)
-    return "cascade_decay.png"
-
-
-def layout(topology: Topology) -> dict[int, tuple[float, float]]:
-    """Circle for rings and exponential graphs, grid for the torus, hub in the middle."""
-    import networkx as nx
-
-    n = topology.n
-    if topology.name == "hub":
-        hub = int(np.argmax([topology.W(0)[:, k].sum() for k in range(n)]))
-        leaves = [k for k in range(n) if k != hub]
-        return nx.shell_layout(nx.empty_graph(n), [[hub], leaves])
-    if topology.name == "torus":
-        union = topology.support()
-        divisors = [d for d in range(1, n + 1) if n % d == 0]
-        rows = next((d for d in divisors if _is_torus(union, d, n // d)), 1)
-        cols = n // rows
-        return {k: (k % cols, -(k // cols)) for k in range(n)}
-    return nx.circular_layout(nx.empty_graph(n))
-
-
-def _is_torus(union: np.ndarray, rows: int, cols: int) -> bool:
-    """Whether node 0's neighbours are those of a rows × cols torus."""
-    want = {(0 + 1) % cols, (cols - 1) % cols, cols % (rows * cols),
-            ((rows - 1) * cols) % (rows * cols)} - {0}
-    return set(np.flatnonzero(union[:, 0])) - {0} == want
-
-
-def graph_plot(out: Path, runs: dict[str, dict], hv: dict, draw: list[str]) -> str:
-    import networkx as nx
-    from matplotlib.colors import LogNorm
-
-    from dicesim.report.plots import plt  # the Agg backend, chosen there
-
-    panels = [(label, runs[label]["_topology"], np.array(runs[label]["received"]), None)
-              for label in draw if label in runs]
-    top = runs["hub_vs_leaf"]["_topology"]
-    panels += [(f"hub: batch at the hub ({hv['hub']})", top,
-                np.array(hv["hub_received"]["from_hub"]), hv["hub"]),
-               (f"hub: batch at a leaf ({hv['leaf']})", top,
-                np.array(hv["hub_received"]["from_leaf"]), hv["leaf"])]
-    cols = min(3, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.6 * rows), squeeze=False)
-    for ax in axes.flat[len(panels):]:
-        ax.axis("off")
-    for ax, (title, topology, values, source) in zip(axes.flat, panels, strict=False):
-        union = topology.support()
-        g = nx.Graph()
-        g.add_nodes_from(range(topology.n))
-        g.add_edges_from((int(a), int(b)) for a, b in zip(*np.nonzero(union), strict=True)
-                         if a != b)
-        pos = layout(topology)
-        positive = values[values > 0]
-        lo = float(positive.min()) if len(positive) else 1e-12
-        hi = float(values.max()) if len(positive) else 1.0
-        norm = LogNorm(vmin=lo, vmax=max(hi, lo * 1.0001))
-        nx.draw_networkx_edges(g, pos, ax=ax, alpha=0.25, width=0.7)
-        shown = np.where(values > 0, values, lo)
-        nodes = nx.draw_networkx_nodes(g, pos, ax=ax, node_color=shown, cmap="viridis",
-                                       node_size=260)
-        nodes.set_norm(norm)
-        if source is not None:
-            nx.draw_networkx_nodes(g, pos, nodelist=[source], ax=ax, node_color="none",
-                                   edgecolors="red", linewidths=2.5, node_size=420)
-        nx.draw_networkx_labels(g, pos, ax=ax, font_size=7, font_color="white")
-        fig.colorbar(nodes, ax=ax, shrink=0.8, label="Σ_e Σ_{s≥1} |E[e,s,k]| received")
-        ax.set_title(title, fontsize=9)
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out / "graphs.png", dpi=100)
-    plt.close(fig)
-    return "graphs.png"

@@ -43,13 +43,13 @@ from dicesim.config import (
     show,
 )
 from dicesim.experiments import group_option, runner, variant
-from dicesim.experiments.runner import Table, Task, fmt, marks
+from dicesim.experiments.anomaly.report import plots, report_md, score_table
+from dicesim.experiments.runner import Table, Task
 from dicesim.graph.topology import senders
 from dicesim.influence.events import ProximalRow
 from dicesim.influence.trackers import Tracker
-from dicesim.report.summary import footer
+from dicesim.report.present import fmt
 from dicesim.run.engine import RunParts, Simulation
-from dicesim.run.provenance import provenance_lines
 from dicesim.run.session import Session
 from dicesim.run.trainer import RunResult, Step
 
@@ -80,9 +80,7 @@ def check_anomaly(c: Config) -> None:
 register_block("anomaly", Anomaly, check_anomaly)
 
 
-METHODS = ("dice", "update_norm", "neg_cosine", "probe_loss")
-LABELS = {"dice": "DICE proximal influence", "update_norm": "update norm",
-          "neg_cosine": "−cosine to own update", "probe_loss": "probe loss of neighbour"}
+METHODS = ("dice", "update_norm", "neg_cosine", "probe_loss")  # report.LABELS names them
 Pair = tuple[int, int]  # (receiver k, sender j)
 
 
@@ -281,7 +279,7 @@ def run(session: Session) -> dict | None:
     return runner.run(session, AnomalyTask())
 
 
-# ---- outputs ------------------------------------------------------------------------------
+# ---- outputs (report.md and the figures: report.py) -------------------------------------
 def summarize(cfg: Config, cases: list[Case], wall_s: float) -> dict:
     results = []
     for c in cases:
@@ -306,91 +304,3 @@ def summarize(cfg: Config, cases: list[Case], wall_s: float) -> dict:
                    "wall_s": c.outcome["wall_s"]} for c in cases],
         "results": results, "targets": targets,
     }
-
-
-def score_table(cases: list[Case]) -> Table:
-    rows = []
-    for c in cases:
-        s, attacked = c.outcome["scores"], set(c.outcome["attackers"])
-        for k, j in sorted(s["dice"]):
-            rows.append((c.attack, c.topology, k, j, int(j in attacked),
-                         *[s[m].get((k, j), float("nan")) for m in METHODS]))
-    return Table("scores.csv", ("attack", "topology", "receiver", "sender", "attacked",
-                                *METHODS), rows)
-
-
-def report_md(summary: dict, pictures: list[str]) -> str:
-    window = summary["window"] or f"every step from {summary['attack_start']}"
-    lines = [
-        "# Anomaly detection by proximal influence",
-        "",
-        *provenance_lines(summary),
-        f"{summary['nodes']} nodes, {summary['steps']} steps, `{summary['model']}` on "
-        f"`{summary['data']}`, lr {summary['lr']:g}. Each honest node scores each in-neighbour "
-        f"by the proximal influence it measured (window: {window}; "
-        f"{'per unit of mixing weight' if summary['per_weight'] else 'as measured'}), "
-        "against baselines computed from the same received messages. Higher = more suspicious.",
-        "",
-        "ROC-AUC over (honest receiver, in-neighbour) pairs; P@m = precision of the m "
-        "highest-scored senders (score averaged over their honest receivers), m = number "
-        "of attacked nodes.",
-        "",
-        "| attack | topology | honest test acc | " + " | ".join(
-            f"{LABELS[m]} AUC / P@m" for m in METHODS) + " |",
-        "|---|---|---|" + "---|" * len(METHODS),
-    ]
-    by = {(r["attack"], r["topology"], r["method"]): r for r in summary["results"]}
-    for c in summary["cases"]:
-        cells = [f"{fmt(by[(c['attack'], c['topology'], m)]['roc_auc'], '.3f')} / "
-                 f"{fmt(by[(c['attack'], c['topology'], m)]['precision_at_k'], '.3f')}"
-                 for m in METHODS]
-        lines.append(f"| {c['attack']} | {c['topology']} | {c['honest_test_acc']:.3f} | "
-                     + " | ".join(cells) + " |")
-    lines += ["", "Targets:", "", *marks(summary["targets"]), ""]
-    lines += footer(pictures, "Files: `summary.json`, `scores.csv` (every pair's score by "
-                              "every method), `config.yaml`.")
-    return "\n".join(lines)
-
-
-def plots(out: Path, cfg: Config, cases: list[Case]) -> list[str]:
-    from dicesim.report.plots import plt  # the Agg backend, chosen there
-
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(cases) + 2), 4))
-    width = 0.8 / len(METHODS)
-    for i, m in enumerate(METHODS):
-        auc = [c.outcome["methods"][m]["roc_auc"] for c in cases]
-        ax.bar(np.arange(len(cases)) + (i - (len(METHODS) - 1) / 2) * width,
-               [np.nan if a is None else a for a in auc], width, label=LABELS[m])
-    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-    ax.axhline(0.95, color="black", lw=0.8, ls="--", label="target 0.95")
-    ax.set_xticks(np.arange(len(cases)), [f"{c.attack}\n{c.topology}" for c in cases],
-                  fontsize=8)
-    ax.set(ylabel="ROC-AUC (pairs)", ylim=(0, 1.05), title="which neighbour is attacked?")
-    ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(out / "roc_auc.png", dpi=110)
-    plt.close(fig)
-
-    ex = list(cfg.anomaly.example)
-    case = next((c for c in cases if [c.attack, c.topology] == ex), cases[0])
-    attacked = set(case.outcome["attackers"])
-    dice = case.outcome["scores"]["dice"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for (_, j), v in dice.items():
-        axes[0].scatter(j, v, color="C3" if j in attacked else "C0", s=18, alpha=0.8)
-    axes[0].axhline(0, color="grey", lw=0.8)
-    axes[0].set(xlabel="sender j (red: attacked)", ylabel="score ∇L'_kᵀΔ_j (mean over steps)",
-                title=f"DICE score per (receiver, sender): {case.attack} on {case.topology}")
-    tr = case.outcome["trace"]
-    for key, color in (("attacked", "C3"), ("honest", "C0")):
-        vals = [np.nan if v is None else v for v in tr[key]]
-        axes[1].plot(tr["step"], vals, color=color, lw=1, label=f"from {key} senders")
-    axes[1].axvline(tr["first_scored"], color="grey", lw=0.8, ls="--")
-    axes[1].axhline(0, color="grey", lw=0.8)
-    axes[1].set(xlabel="step t", ylabel="mean proximal influence on honest k",
-                title="> 0: raised the receiver's probe loss")
-    axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(out / "scores.png", dpi=110)
-    plt.close(fig)
-    return ["roc_auc.png", "scores.png"]

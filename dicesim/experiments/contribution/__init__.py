@@ -33,12 +33,11 @@ import numpy as np
 from dicesim.common.errors import ConfigError
 from dicesim.config import MAX_HOPS, Config, bounded, default_list, register_block, show
 from dicesim.experiments import runner, topology_options, variant
-from dicesim.experiments.runner import Case, Table, Task, fmt
+from dicesim.experiments.contribution.report import node_rows, plots, report_md
+from dicesim.experiments.runner import Case, Table, Task
 from dicesim.influence.events import InfluenceRow
 from dicesim.report.stats import pearson, spearman
-from dicesim.report.summary import footer
 from dicesim.run.engine import Simulation
-from dicesim.run.provenance import provenance_lines
 from dicesim.run.session import Session
 
 
@@ -259,114 +258,3 @@ class ContributionTask(Task):
 
 def run(session: Session) -> dict | None:
     return runner.run(session, ContributionTask())
-
-
-def node_rows(settings: list[dict]) -> list[tuple]:
-    out = []
-    for s in settings:
-        r = s["reciprocity"]["nodes"]
-        for j in range(s["nodes"]):
-            out.append((s["nodes"], j, s["label_noise"][j], s["dice_r_hop"][j],
-                        s["dice_one_hop"][j], s["full_horizon"][j], s["loo"][j],
-                        s["rank_dice"][j], s["rank_loo"][j],
-                        r["given"][j], r["received"][j], r["reciprocity"][j], r["balance"][j]))
-    return out
-
-
-# ---- report ----------------------------------------------------------------------------------
-def report_md(cfg: Config, summary: dict, pictures: list[str]) -> str:
-    t = summary["targets"]
-    lines = [
-        "# Node contributions: DICE-E against leave-one-node-out",
-        "",
-        *provenance_lines(summary),
-        f"`{cfg.data.name}`, `{cfg.model.name}`, lr {cfg.optim.lr:g}, batch {cfg.batch_size}, "
-        f"{cfg.steps} steps on `{cfg.topology.name}`. Node k's labels are wrong for a fraction "
-        "p_k of its samples. DICE-E contribution C_j = Σ_t Σ_{s≤r} Σ_k E[(j,t,B_j^t),s,k] (one "
-        "whole-batch event per node and step, followed r hops: hop s = s gossip rounds after "
-        "the step, not graph distance); leave-one-out LOO_j = L(θ^T) − L(θ̃^T) with "
-        "θ̃ the run where node j gossips but takes no gradient step. Negative = helped; "
-        "rank 1 = most helpful.",
-        "",
-        f"**Target** Spearman(C, LOO) ≥ {t['min_spearman']}: "
-        + ("met." if t["all_pass"] else "NOT met."),
-        "",
-        "| nodes | Spearman r-hop | Spearman one-hop | Pearson r-hop | Spearman(LOO, noise) | "
-        "Spearman(C, noise) | final probe loss |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    full_lines = [
-        "", "Full horizon (one reverse pass, `attribution`): F_j = Σ_t λ_j^{t+½}·δ_j^{t+½}, the "
-        "first-order effect of all of node j's batches on the final loss.", "",
-        "| nodes | Spearman(F, LOO) | Pearson(F, LOO) | rel_err(F, LOO) | rel_err(r-hop C, LOO) |",
-        "|---|---|---|---|---|"]
-    full_lines += [f"| {s['nodes']} | {s['spearman_full_horizon_vs_loo']:.4f} | "
-                   f"{s['pearson_full_horizon_vs_loo']:.4f} | "
-                   f"{s['rel_err_full_horizon_vs_loo']:.4f} | {s['rel_err_r_hop_vs_loo']:.4f} |"
-                   for s in summary["settings"]]
-    for s in summary["settings"]:
-        lines.append(f"| {s['nodes']} | {s['spearman_r_hop_vs_loo']:.4f} | "
-                     f"{s['spearman_one_hop_vs_loo']:.4f} | {s['pearson_r_hop_vs_loo']:.4f} | "
-                     f"{s['spearman_loo_vs_noise']:.4f} | {s['spearman_dice_vs_noise']:.4f} | "
-                     f"{s['final_probe_loss']:.4f} |")
-    lines += full_lines
-    for s in summary["settings"]:
-        r = s["reciprocity"]["nodes"]
-        lines += ["", f"### {s['nodes']} nodes ({s['events']} events, r = {s['hops']})", "",
-                  "| node | label noise | C (r-hop) | C (one-hop) | LOO | rank C | rank LOO | "
-                  "given | received | ρ_j | β_j |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for j in range(s["nodes"]):
-            lines.append(f"| {j} | {s['label_noise'][j]:.0%} | {s['dice_r_hop'][j]:.4g} | "
-                         f"{s['dice_one_hop'][j]:.4g} | {s['loo'][j]:.4g} | "
-                         f"{s['rank_dice'][j]} | {s['rank_loo'][j]} | {r['given'][j]:.3g} | "
-                         f"{r['received'][j]:.3g} | {fmt(r['reciprocity'][j], '.3g')} | "
-                         f"{fmt(r['balance'][j], '.3f')} |")
-    lines += [
-        "",
-        "## Reciprocity",
-        "",
-        "b_{j→k} = −Σ_t E[(j,t),1,k] is the benefit node j's batches gave out-neighbour k one "
-        "gossip round later (accumulated proximal influence, Definition 4 of the DICE "
-        "paper). Per edge "
-        "ρ_{jk} = b_{k→j} / b_{j→k} (what j got back per unit given; in `edges.csv`); per node "
-        "given_j = Σ_k b_{j→k}, received_j = Σ_k b_{k→j}, ρ_j = received_j / given_j and "
-        "β_j = (received − given) / (|received| + |given|) ∈ [−1, 1]: β ≈ 0 trades evenly, "
-        "β > 0 takes more than it gives (β = 1: gives nothing, or harms), β < 0 gives more "
-        "than it gets back. ρ < 0 means one side's data harms the other.",
-        "",
-    ]
-    lines += footer(pictures, "Files: `summary.json`, `nodes.csv`, `edges.csv`, `config.yaml`.")
-    return "\n".join(lines)
-
-
-def plots(out: Path, settings: list[dict]) -> list[str]:
-    from dicesim.report.plots import plt  # the Agg backend, chosen there
-
-    fig, axes = plt.subplots(2, len(settings), figsize=(5.5 * len(settings), 8.4),
-                             squeeze=False)
-    for col, s in enumerate(settings):
-        noise = np.array(s["label_noise"])
-        ax = axes[0][col]
-        sc = ax.scatter(s["loo"], s["dice_r_hop"], c=noise, cmap="plasma", s=40)
-        for j in range(s["nodes"]):
-            ax.annotate(str(j), (s["loo"][j], s["dice_r_hop"][j]), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points")
-        ax.axhline(0, color="grey", lw=0.5)
-        ax.axvline(0, color="grey", lw=0.5)
-        ax.set(xlabel="leave-one-out LOO_j", ylabel="DICE-E contribution C_j",
-               title=f"{s['nodes']} nodes: Spearman {s['spearman_r_hop_vs_loo']:.3f}")
-        fig.colorbar(sc, ax=ax, label="label noise p_j")
-        ax = axes[1][col]
-        r = s["reciprocity"]["nodes"]
-        x = np.arange(s["nodes"])
-        ax.bar(x - 0.2, r["given"], 0.4, label="given Σ_k b_{j→k}")
-        ax.bar(x + 0.2, r["received"], 0.4, label="received Σ_k b_{k→j}")
-        ax.axhline(0, color="grey", lw=0.5)
-        ax.set(xlabel="node j (label noise grows →)", ylabel="benefit (−proximal DICE-E)",
-               title="reciprocity: what each node gives and receives", xticks=x)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "contribution.png", dpi=110)
-    plt.close(fig)
-    return ["contribution.png"]
-
