@@ -212,6 +212,17 @@ def render_sbatch(
     spec.validate()
     if cpus_per_proc is None:
         cpus_per_proc = 2 if spec.gpus_per_machine > 0 else 1
+    _check_sbatch(spec, job_name, time, partition, account, extra_sbatch, cpus_per_proc,
+                  checkpoint_every, port, mem_per_proc_gb)
+    head = _sbatch_header(spec, job_name, time, partition, account, extra_sbatch,
+                          cpus_per_proc, resumable, mem_per_proc_gb)
+    srun = _srun_command(spec, resumable, checkpoint_every)
+    return "\n".join(head + _script_body(spec, job_name, port, resumable, srun))
+
+
+def _check_sbatch(spec: LaunchSpec, job_name: str, time: str, partition: str | None,
+                  account: str | None, extra_sbatch: Sequence[str], cpus_per_proc: int,
+                  checkpoint_every: int, port: int | None, mem_per_proc_gb: int) -> None:
     if cpus_per_proc < 1:
         raise LaunchError(f"CPUs per process must be >= 1 (got {cpus_per_proc})")
     if checkpoint_every < 1:
@@ -232,7 +243,11 @@ def render_sbatch(
         if value is not None and (not value or any(c.isspace() for c in value)):
             raise LaunchError(f"{name} must be a non-empty word without spaces (got {value!r})")
 
-    q = shlex.quote
+
+def _sbatch_header(spec: LaunchSpec, job_name: str, time: str, partition: str | None,
+                   account: str | None, extra_sbatch: Sequence[str], cpus_per_proc: int,
+                   resumable: bool, mem_per_proc_gb: int) -> list[str]:
+    """The shebang and the #SBATCH lines."""
     head = [
         "#!/bin/bash",
         f"# Rendered by `python -m dicesim.launch sbatch`: {spec.machines} machine(s) x "
@@ -255,17 +270,21 @@ def render_sbatch(
     if resumable:
         head += ["#SBATCH --requeue", "#SBATCH --signal=TERM@120"]
     head += [_sbatch_line(o) for o in extra_sbatch]
-    head += ["#SBATCH --output=%x-%j.out", "#SBATCH --open-mode=append"]  # a requeue appends
+    return head + ["#SBATCH --output=%x-%j.out", "#SBATCH --open-mode=append"]  # a requeue appends
+
+
+def _srun_command(spec: LaunchSpec, resumable: bool, checkpoint_every: int) -> list[str]:
+    """srun of torchrun of dicesim: the script's overrides first, the user's after (theirs
+    win where they set the same key)."""
+    q = shlex.quote
     given = {_key(o) for o in spec.overrides}
-    # before the user's overrides, which win where they set the same key
     first = ["device=cuda"] if spec.gpus_per_machine > 0 and "device" not in given else []
     resume = []
-    if resumable:  # before the user's overrides, which win where they set the same key
+    if resumable:
         resume += ['"out_dir=$RUN_DIR"'] if "out_dir" not in given else []
         resume += ["resume=auto"] if "resume" not in given else []
         resume += [f"checkpoint.every={checkpoint_every}"] if "checkpoint.every" not in given \
             else []
-
     srun = [
         "srun", "--kill-on-bad-exit=1",
         q(spec.python), *TORCHRUN,
@@ -276,8 +295,12 @@ def render_sbatch(
         '--rdzv_id="$SLURM_JOB_ID"',
         "-m", MODULE, *first, *resume, *(q(o) for o in spec.overrides),
     ]
-    if resumable:
-        srun.append("|| code=$?")
+    return srun + (["|| code=$?"] if resumable else [])
+
+
+def _script_body(spec: LaunchSpec, job_name: str, port: int | None, resumable: bool,
+                 srun: list[str]) -> list[str]:
+    """The shell: rendezvous host and port, the run directory, srun, the requeue."""
     body = [
         "",
         "set -euo pipefail",
@@ -304,8 +327,7 @@ def render_sbatch(
                  '    scontrol requeue "$SLURM_JOB_ID"',
                  "fi",
                  'exit "$code"']
-    body.append("")
-    return "\n".join(head + body)
+    return body + [""]
 
 
 # ---------------------------------------------------------------------------------------- CLI
