@@ -145,7 +145,7 @@ def engine_warm(ovr: list[str], threads: int, repeats: int, retries: int,
                                           "one process, warm"))
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dicesim.bench.engine", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=16)
@@ -166,6 +166,11 @@ def main(argv: list[str] | None = None) -> dict:
                         "to leave the CPUs idle (0: never wait)")
     p.add_argument("--quick", action="store_true",
                    help="skip the nodes-ranks × 1 node configuration and the diagnostic rows")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = parser()
     a = p.parse_args(argv)
     if a.nodes % 2:
         p.error(f"--nodes={a.nodes}: needs an even number (the 2-rank configuration)")
@@ -180,10 +185,30 @@ def main(argv: list[str] | None = None) -> dict:
     rank_threads = a.rank_threads or (int(env_threads) if env_threads else 1)
     say(f"{a.nodes} nodes, mlp [{a.hidden}], {a.topology}, {a.steps} steps; "
         f"{os.cpu_count()} CPUs, load {load_before}")
-
-    out: dict = {"bench": "engine"}
-
     retries = 0 if a.quick else a.retries
+    out: dict = {"bench": "engine", **measurements(a, ovr, one_threads, rank_threads, retries)}
+    out["ratios"] = ratios(out)
+    out["targets"] = targets(out)
+    out["all_measurements_clean"] = all(
+        v.get("clean", True) for v in out.values() if isinstance(v, dict) and "clean" in v)
+    out["settings"] = {
+        "nodes": a.nodes, "steps": a.steps, "batch_size": a.batch_size, "model": "mlp",
+        "hidden": [a.hidden], "data": "digits", "topology": a.topology,
+        "repeats": a.repeats, "retries": retries, "quick": a.quick, "max_wait_s": a.max_wait_s,
+        "cpus": os.cpu_count(),
+        "torch_threads_default": one_threads, "rank_threads": rank_threads,
+        "python": platform.python_version(), "torch": _torch_version(),
+        "loadavg_before": load_before, "loadavg_after": loadavg(),
+        "overrides": ovr,
+    }
+    emit(out)
+    return out
+
+
+def measurements(a: argparse.Namespace, ovr: list[str], one_threads: int, rank_threads: int,
+                 retries: int) -> dict:
+    """Every configuration's measurement, in the order they run."""
+    out: dict = {}
 
     def run(label: str, ranks: int, threads: int, repeats: int = a.repeats) -> dict:
         return measure(label, ovr, ranks, threads, repeats, retries, a.max_wait_s)
@@ -211,45 +236,37 @@ def main(argv: list[str] | None = None) -> dict:
         half = overrides(a.nodes // 2, a.steps, a.batch_size, a.hidden, a.topology)
         out["one_rank_alone"] = measure(f"{a.nodes // 2} nodes alone, {rank_threads} thread",
                                         half, 1, rank_threads, a.repeats, retries, a.max_wait_s)
+    return out
 
+
+def ratios(out: dict) -> dict:
     one = out["one_process"]["node_steps_per_s"]
     dense = out["dense_vmap_baseline"]["node_steps_per_s"]
     two = out["ranks_2x8"]["node_steps_per_s"]
-    ratios = {
+    found = {
         "speedup_2_ranks": two / one,
         "one_process_vs_dense": one / dense,
         "one_process_warm_vs_dense": out["one_process_warm"]["node_steps_per_s"] / dense,
     }
     if "one_process_1thread" in out:
-        ratios["speedup_2_ranks_vs_1thread"] = two / out["one_process_1thread"][
+        found["speedup_2_ranks_vs_1thread"] = two / out["one_process_1thread"][
             "node_steps_per_s"]
-        ratios["speedup_2_ranks_bound"] = 2 * out["one_rank_alone"]["node_steps_per_s"] / one
-        ratios["one_process_vs_dense_engine_gradient"] = one / out[
+        found["speedup_2_ranks_bound"] = 2 * out["one_rank_alone"]["node_steps_per_s"] / one
+        found["one_process_vs_dense_engine_gradient"] = one / out[
             "dense_loop_engine_gradient"]["node_steps_per_s"]
-    out["ratios"] = ratios
-    sixteen = out["ranks_16x1"]
-    out["targets"] = {
-        "speedup_2_ranks_ge_1.5": ratios["speedup_2_ranks"] >= 1.5,
-        "one_process_within_10pct_of_dense": ratios["one_process_vs_dense"] >= 0.9,
+    return found
+
+
+def targets(out: dict) -> dict:
+    r, sixteen = out["ratios"], out["ranks_16x1"]
+    return {
+        "speedup_2_ranks_ge_1.5": r["speedup_2_ranks"] >= 1.5,
+        "one_process_within_10pct_of_dense": r["one_process_vs_dense"] >= 0.9,
         "gossip_share_16_ranks_le_0.25": (None if sixteen is None
                                           else sixteen["gossip_share"] <= 0.25),
         "gossip_cpu_share_16_ranks_le_0.25": (None if sixteen is None
                                               else sixteen["gossip_cpu_share"] <= 0.25),
     }
-    out["all_measurements_clean"] = all(
-        v.get("clean", True) for v in out.values() if isinstance(v, dict) and "clean" in v)
-    out["settings"] = {
-        "nodes": a.nodes, "steps": a.steps, "batch_size": a.batch_size, "model": "mlp",
-        "hidden": [a.hidden], "data": "digits", "topology": a.topology,
-        "repeats": a.repeats, "retries": retries, "quick": a.quick, "max_wait_s": a.max_wait_s,
-        "cpus": os.cpu_count(),
-        "torch_threads_default": one_threads, "rank_threads": rank_threads,
-        "python": platform.python_version(), "torch": _torch_version(),
-        "loadavg_before": load_before, "loadavg_after": loadavg(),
-        "overrides": ovr,
-    }
-    emit(out)
-    return out
 
 
 def _torch_version() -> str:

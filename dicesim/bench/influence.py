@@ -250,12 +250,43 @@ def walk_counts(topology, source: int, step: int, hops: int) -> dict:
             "walk_hvps": sum(c * s for s, c in enumerate(per_hop))}
 
 
+def timed_walk_sum(sim, source: int, event_step: int, hops: int, repeats: int, retries: int,
+                   max_wait_s: float, label: str) -> tuple[np.ndarray, dict]:
+    """Theorem 1's explicit sum over walks for the simulation's first event, [hop, node],
+    and its best clean timing (the dense trajectory it reads is not timed)."""
+    from dicesim.testing.oracle import dense_trajectory, walk_sum
+
+    trajectory = dense_trajectory(sim)
+    positions = sim.events[0].positions
+    kept: dict = {}
+
+    def walk_once() -> dict:
+        start = time.perf_counter()
+        kept["walks"] = walk_sum(sim, trajectory, source, event_step, positions, hops=hops)
+        return {"walk_sum_s": time.perf_counter() - start}
+
+    runs = attempt_until_clean(walk_once, repeats, retries, max_wait_s, label)
+    return kept["walks"], best_clean(runs, "walk_sum_s", higher=False)
+
+
+def event_values(influence: list, event: int, like: np.ndarray) -> np.ndarray:
+    """DICE-E of one event as [hop, node] (the shape and dtype of `like`) from influence
+    rows."""
+    from dicesim.influence.events import INFLUENCE_COLUMNS
+
+    col = {c: i for i, c in enumerate(INFLUENCE_COLUMNS)}
+    values = np.zeros_like(like)
+    for row in influence:
+        if row[col["event"]] == event:
+            values[row[col["hop"]], row[col["node"]]] += row[col["dice_e"]]
+    return values
+
+
 def propagation_case(nodes: int, hops: int, event_step: int, hidden: int, dtype: str,
                      repeats: int, retries: int, max_wait_s: float) -> dict:
     from dicesim.bench import compose
-    from dicesim.influence.events import INFLUENCE_COLUMNS, reach_sets
+    from dicesim.influence.events import reach_sets
     from dicesim.run.engine import Simulation
-    from dicesim.testing.oracle import dense_trajectory, walk_sum
 
     steps = event_step + hops
     source = 0
@@ -285,24 +316,11 @@ def propagation_case(nodes: int, hops: int, event_step: int, hidden: int, dtype:
     result = kept["result"]
 
     sim = Simulation(compose(tracked), 1, 0)
-    trajectory = dense_trajectory(sim)  # not timed: the walk sum's input
     event = sim.events[0]
-
-    def walk_once() -> dict:
-        start = time.perf_counter()
-        kept["walks"] = walk_sum(sim, trajectory, source, event_step, event.positions,
-                                 hops=hops)
-        return {"walk_sum_s": time.perf_counter() - start}
-
-    walk = best_clean(attempt_until_clean(walk_once, min(repeats, 2), retries, max_wait_s,
-                                          label), "walk_sum_s", higher=False)
-    walks, walk_s, tracker_s = kept["walks"], walk["walk_sum_s"], prop_timing["propagated_s"]
-
-    col = {c: i for i, c in enumerate(INFLUENCE_COLUMNS)}
-    propagated = np.zeros_like(walks)
-    for row in result.influence:
-        if row[col["event"]] == 0:
-            propagated[row[col["hop"]], row[col["node"]]] += row[col["dice_e"]]
+    walks, walk = timed_walk_sum(sim, source, event_step, hops, min(repeats, 2), retries,
+                                 max_wait_s, label)
+    walk_s, tracker_s = walk["walk_sum_s"], prop_timing["propagated_s"]
+    propagated = event_values(result.influence, 0, walks)
     diff = float(np.abs(propagated - walks).max())
     scale = float(np.abs(walks).max())
     reach = reach_sets(sim.topology, source, event_step, hops)

@@ -78,60 +78,17 @@ def child(spec: dict) -> dict:
     started = time.perf_counter()
     import torch
 
-    from dicesim.bench import compose
-    from dicesim.comm.exchange import Comm
-    from dicesim.graph import topology
-    from dicesim.run import engine
+    # imported here, so that imports_s counts them; the steps below find them loaded
+    import dicesim.bench  # noqa: F401
+    import dicesim.comm.exchange  # noqa: F401
+    import dicesim.graph.topology  # noqa: F401
+    import dicesim.run.engine  # noqa: F401
 
     torch.set_num_threads(1)
     phases: dict[str, float] = {"imports_s": time.perf_counter() - started}
-
-    def timed(module: object, name: str, key: str) -> None:
-        fn = getattr(module, name)
-
-        def wrapper(*args, **kwargs):
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                phases[key] = phases.get(key, 0.0) + time.perf_counter() - t
-
-        setattr(module, name, wrapper)
-
-    timed(topology, "_validate", "validation_s")  # inside build_topology
-    timed(engine, "build_topology", "graph_s")
-    timed(engine, "load_dataset", "data_s")
-    timed(engine, "partition", "partition_s")
-
-    t = time.perf_counter()
-    cfg = compose(overrides(spec["nodes"], spec["topology"], spec["steps"], spec["eval_every"],
-                            spec.get("max_test"), spec.get("eval_budget")))
-    phases["config_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    sim = engine.Simulation(cfg, 1, 0)
-    phases["simulation_s"] = time.perf_counter() - t
-    phases["graph_s"] -= phases.get("validation_s", 0.0)  # builders only
-    phases["simulation_other_s"] = phases["simulation_s"] - sum(
-        phases.get(k, 0.0) for k in ("graph_s", "validation_s", "data_s", "partition_s"))
-    t = time.perf_counter()
-    gap, how = sim.topology.spectral_gap_info()
-    phases["spectral_gap_s"] = time.perf_counter() - t
-
+    sim, gap, how = _build_timed(spec, phases)
     partial(phases)
-    first_log: list[float] = []
-
-    def log(*_: object) -> None:
-        first_log.append(time.perf_counter())
-        if len(first_log) == 1:
-            partial({**phases, "time_to_first_step_s": first_log[0] - started})
-
-    comm = Comm("gloo", 600.0, torch.device("cpu"))
-    t_exec = time.perf_counter()
-    try:
-        result = sim.execute(comm, log=log)
-    finally:
-        comm.close()
-    done = time.perf_counter()
+    result, first_log, t_exec, done = _execute_timed(sim, phases, started)
     phases["execute_to_first_step_s"] = (first_log[0] if first_log else done) - t_exec
     first_step = (first_log[0] if first_log else done) - started
     row = {
@@ -148,22 +105,93 @@ def child(spec: dict) -> dict:
         "evaluated": sim.evaluation.describe(),
         **{k: round(v, 4) for k, v in phases.items()},
     }
+    _time_outputs(row, sim, result, bool(spec.get("plots")), started)
+    row["total_s"] = time.perf_counter() - started
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return row
+
+
+def _time_calls(phases: dict[str, float], module: object, name: str, key: str) -> None:
+    """Replace module.name by a wrapper that adds each call's seconds to phases[key]."""
+    fn = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            phases[key] = phases.get(key, 0.0) + time.perf_counter() - t
+
+    setattr(module, name, wrapper)
+
+
+def _build_timed(spec: dict, phases: dict[str, float]) -> tuple[object, float | None, str]:
+    """Compose and build the Simulation, its phases timed; the spectral gap and how it was
+    found."""
+    from dicesim.bench import compose
+    from dicesim.graph import topology
+    from dicesim.run import engine
+
+    _time_calls(phases, topology, "_validate", "validation_s")  # inside build_topology
+    _time_calls(phases, engine, "build_topology", "graph_s")
+    _time_calls(phases, engine, "load_dataset", "data_s")
+    _time_calls(phases, engine, "partition", "partition_s")
+    t = time.perf_counter()
+    cfg = compose(overrides(spec["nodes"], spec["topology"], spec["steps"], spec["eval_every"],
+                            spec.get("max_test"), spec.get("eval_budget")))
+    phases["config_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    sim = engine.Simulation(cfg, 1, 0)
+    phases["simulation_s"] = time.perf_counter() - t
+    phases["graph_s"] -= phases.get("validation_s", 0.0)  # builders only
+    phases["simulation_other_s"] = phases["simulation_s"] - sum(
+        phases.get(k, 0.0) for k in ("graph_s", "validation_s", "data_s", "partition_s"))
+    t = time.perf_counter()
+    gap, how = sim.topology.spectral_gap_info()
+    phases["spectral_gap_s"] = time.perf_counter() - t
+    return sim, gap, how
+
+
+def _execute_timed(sim, phases: dict[str, float], started: float
+                   ) -> tuple[object, list[float], float, float]:
+    """Run the simulation on one gloo rank: the result, when each progress line came, when
+    execute started and when it returned (the first line reports the time to it)."""
+    import torch
+
+    from dicesim.comm.exchange import Comm
+
+    first_log: list[float] = []
+
+    def log(*_: object) -> None:
+        first_log.append(time.perf_counter())
+        if len(first_log) == 1:
+            partial({**phases, "time_to_first_step_s": first_log[0] - started})
+
+    comm = Comm("gloo", 600.0, torch.device("cpu"))
+    t_exec = time.perf_counter()
+    try:
+        result = sim.execute(comm, log=log)
+    finally:
+        comm.close()
+    return result, first_log, t_exec, time.perf_counter()
+
+
+def _time_outputs(row: dict, sim, result, plots: bool, started: float) -> None:
+    """Write the run's files as a run does (with `plots`, every figure) into a scratch
+    directory; their time and the post-training share go into the row."""
     import tempfile
     from pathlib import Path
 
     from dicesim.report.summary import write_all
 
-    t = time.perf_counter()  # as a run writes: every file, with --plots every figure
+    t = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        timings = write_all(Path(tmp), sim, result, plots=bool(spec.get("plots")))["timings_s"]
+        timings = write_all(Path(tmp), sim, result, plots=plots)["timings_s"]
     row["outputs_s"] = time.perf_counter() - t
     row["post_training_share"] = (result.eval_s + row["outputs_s"]) / max(result.wall_s, 1e-12)
-    if spec.get("plots"):
+    if plots:
         row["plot_s"] = timings["plots"]
         row["plot_share_of_run"] = row["plot_s"] / (time.perf_counter() - started)
-    row["total_s"] = time.perf_counter() - started
-    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return row
 
 
 def partial(phases: dict) -> None:
