@@ -84,3 +84,38 @@ def test_optimizer_cases_carry_the_state_and_the_ablation_loses_it(tmp_path):
         assert nostate["all"]["rel_err"] > 5 * e["all"]["rel_err"]
     report = (tmp_path / "report.md").read_text()
     assert "## Stateful optimizers" in report and "momentum/ring/lr0.05/r3/batch" in report
+
+
+def test_one_parser_reads_every_set_as_the_preset_means_it():
+    cfg = make_config("experiment=alignment", "alignment.sweep=full")
+    (hard, *_) = alignment.cases_of(cfg, "hard")
+    assert hard == alignment.Case("fashion_mnist/ring/lr0.2/r3/batch", "ring", 0.2, 32, 16,
+                                  "batch", 3, True, 200, 80, "float32", False, "hard",
+                                  "fashion_mnist")
+    (momentum, *_) = alignment.cases_of(cfg, "optimizers")
+    assert momentum.label == "momentum/ring/lr0.05/r3/batch" and momentum.check
+    assert momentum.optim == {"momentum": 0.9}
+    sweep = alignment.cases_of(cfg, "sweep")
+    assert sweep[0] == alignment.Case("ring/lr0.1/b16/n16/r3/batch/curvature", "ring", 0.1, 16,
+                                      16, "batch", 3, True, 100, 60, "float32", False, "sweep")
+    assert sweep[1].label == "ring/lr0.1/b16/n16/r3/batch/no-curvature"
+    f32, f64 = alignment.cases_of(cfg, "precision")
+    assert f32 == alignment.Case("precision/ring/lr0.05/r8/single/float32", "ring", 0.05, 32,
+                                 16, "single", 8, True, 200, 80, "float32", False, "precision")
+    assert f64.label.endswith("/float64") and f64.dtype == "float64"
+    assert all(c.optim is None for c in [hard, *sweep, f32, f64])
+    assert alignment.cases_of(make_config("experiment=alignment",
+                                          "alignment.precision.enabled=false"), "precision") == []
+
+
+def test_every_list_honours_the_keys_a_case_gives():
+    cfg = make_config("experiment=alignment", "alignment.hard=[{topology:ring,lr:0.3,hops:2,"
+                      "dtype:float64,curvature:false,check:true,label:x,steps:5}]",
+                      "alignment.core=[{topology:hub,lr:0.1,hops:1,optim:{momentum:0.5}}]")
+    (hard,) = alignment.cases_of(cfg, "hard")
+    assert (hard.label, hard.dtype, hard.curvature, hard.check) == (
+        "x/ring/lr0.3/r2/batch", "float64", False, True)
+    assert hard.steps == 5 and hard.optim is None
+    (core,) = alignment.cases_of(cfg, "core")
+    assert core.label == "hub/lr0.1/r1/batch" and core.optim == {"momentum": 0.5}
+    assert "dice_e_nostate" in alignment.case_config(cfg, core).influence.estimators

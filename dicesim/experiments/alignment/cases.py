@@ -238,16 +238,17 @@ def parse_case(cfg: Config, entry: Mapping, kind: str) -> Case:
 
 
 def case_label(cfg: Config, case: Case, given: str | None) -> str:
-    """The case's name in the outputs: `given` (a core case's label) or, e.g.,
-    `ring/lr0.05/r3/batch`, prefixed by the data (hard), the optimizer (optimizers) or
-    `precision`, the grid's batch size and node count added in a sweep."""
+    """The case's name in the outputs, e.g. `ring/lr0.05/r3/batch`: a core case's `given`
+    label replaces it; a hard case is prefixed by its data (or `given`), an optimizer case
+    by the optimizer's name (or `given`), the precision twins by `precision/` (their dtype
+    after it); a sweep case adds the grid's batch size and node count."""
     tag = removal_tag(case.removal)
     base = f"{case.topology}/lr{case.lr:g}/r{case.hops}/{tag}"
     if case.set == "sweep":
         return (f"{case.topology}/lr{case.lr:g}/b{case.batch_size}/n{case.nodes}/r{case.hops}/"
                 f"{tag}/{'curvature' if case.curvature else 'no-curvature'}")
     if case.set == "hard":
-        return f"{case.data or cfg.data.name}/{base}"
+        return f"{given or case.data or cfg.data.name}/{base}"
     if case.set == "optimizers":
         return f"{given or (case.optim or {}).get('name', 'sgd')}/{base}"
     if case.set == "precision":
