@@ -5,7 +5,7 @@ is drawn: `dicesim.report.plots` picks the Agg backend)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,15 +40,6 @@ def md_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[st
         return "|" + "|".join(f" {c} " if str(c) else " " for c in cells) + "|"
 
     return [line(header), "|---" * len(header) + "|", *map(line, rows)]
-
-
-Column = tuple[str, Callable[[Any], object], str]  # header, the value of a record, format spec
-
-
-def records_table(columns: Sequence[Column], records: Iterable[Any]) -> list[str]:
-    """A markdown table with one row per record; each cell fmt(value(record), spec)."""
-    return md_table([header for header, _, _ in columns],
-                    ([fmt(value(r), spec) for _, value, spec in columns] for r in records))
 
 
 def report_head(title: str, summary: Mapping, *intro: str) -> list[str]:
