@@ -123,3 +123,24 @@ def test_one_two_and_four_ranks_agree_with_proximal_influence_and_a_defense(tmp_
         for row in single.influence:
             np.testing.assert_allclose(got[(row.event, row.hop, row.node)],
                                        (row.dice_e, row.dice_gt), rtol=1e-9, atol=1e-15)
+
+
+def test_mixing_the_compact_block_is_bit_equal_to_mixing_every_node():
+    """float32: W[rows] @ (every node's rows, zero where not held) and W[rows][:, held] @
+    (the held rows) give the same bits: the same stored entries summed in the same order."""
+    from scipy import sparse
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n, out, width = int(rng.integers(50, 2000)), int(rng.integers(1, 200)), 97
+        degree = int(rng.integers(2, 30))
+        rows = np.repeat(np.arange(out), degree)
+        W = sparse.csr_array((rng.random(out * degree), (rows, rng.integers(0, n, out * degree))),
+                             shape=(out, n))
+        W.sum_duplicates()
+        held = np.union1d(W.indices, rng.choice(n, n // 4, replace=False))  # + rows not mixed
+        every = torch.zeros(n, width)
+        every[torch.as_tensor(held)] = torch.randn(len(held), width)
+        whole = Channel(np.arange(n), every, every, np.arange(n))
+        compact = Channel(np.arange(n), every, every[torch.as_tensor(held)], held)
+        assert torch.equal(mix(W, np.arange(out), compact), mix(W, np.arange(out), whole))
