@@ -7,6 +7,12 @@ real parameter rows and the tracker's rows (shadow perturbations δ, linearized
 perturbations δ̂, updates for proximal influence). Which rows a channel holds is
 known to every rank (it follows from the seed and W^t), so receive sizes are
 computed locally and nothing but the rows themselves is ever sent.
+
+After the exchange a channel holds only the rows this rank has: its own and those it
+received, in node order, as one compact [R, width] block (`Channel.available`, the rows of
+`Channel.available_nodes`), R = local + received rows, never one row per node of the
+graph. Mixing reads W's columns of those nodes only (`mix`, `block_tensor`): the same
+stored entries in the same order, hence the same sums as over a zero-filled [n, width].
 """
 
 from __future__ import annotations
@@ -125,14 +131,27 @@ def check_layout(nodes: int, world: int) -> None:
 @dataclass
 class Channel:
     """Rows keyed by global node id. `nodes` is the same sorted array on every rank;
-    `rows` holds this rank's rows of it (its nodes in `nodes`, in order)."""
+    `rows` holds this rank's rows of it (its nodes in `nodes`, in order). After the
+    exchange, `available` holds the rows of `available_nodes` (sorted, a subset of `nodes`:
+    this rank's and those it received); every other node of `nodes` carries zero."""
 
     nodes: np.ndarray
     rows: Tensor  # [len(local part of nodes), width]
-    available: Tensor | None = field(default=None, repr=False)  # [len(nodes), width] after exchange
+    available: Tensor | None = field(default=None, repr=False)  # [R, width] after exchange
+    available_nodes: np.ndarray | None = field(default=None, repr=False)  # [R] node ids
 
     def local_mask(self, layout: Layout) -> np.ndarray:
         return layout.owner(self.nodes) == layout.rank
+
+    def positions(self, nodes: np.ndarray | list[int], device: torch.device) -> Tensor:
+        """The rows of `available` that hold these nodes (each must be held)."""
+        assert self.available_nodes is not None
+        nodes = np.asarray(nodes, dtype=np.int64)
+        at = np.searchsorted(self.available_nodes, nodes)
+        assert np.all(at < len(self.available_nodes)) and np.array_equal(
+            self.available_nodes[np.minimum(at, len(self.available_nodes) - 1)], nodes), \
+            "a node whose row this rank neither owns nor received"
+        return index_tensor(at, device)
 
 
 class Comm:
@@ -239,8 +258,9 @@ class Comm:
 
     # ---- one exchange per step -----------------------------------------------------------
     def exchange(self, layout: Layout, channels: list[Channel], route: Route) -> None:
-        """Fill every channel's `available`: its local rows, and from each peer the rows of
-        the peer's nodes that this rank's nodes receive from (`route`)."""
+        """Fill every channel's `available` (and `available_nodes`): its local rows, and
+        from each peer the rows of the peer's nodes that this rank's nodes receive from
+        (`route`), in node order."""
         self.post(layout, channels, route).wait()
 
     def post(self, layout: Layout, channels: list[Channel], route: Route) -> PendingExchange:
@@ -367,9 +387,11 @@ class PendingExchange:
         self.sent = []
         for c, local in zip(self.channels, self.owned, strict=True):
             if local.all():  # nothing to receive into: use the rows as they are
-                c.available = c.rows
+                c.available, c.available_nodes = c.rows, c.nodes
                 continue
-            c.available = c.rows.new_zeros(len(c.nodes), c.rows.shape[1])
+            # [R, width], R = own + received rows: each is written below, none stays empty
+            c.available_nodes = route.held(c.nodes, local)
+            c.available = c.rows.new_empty(len(c.available_nodes), c.rows.shape[1])
             c.available[route.index("own", self.comm.rank, c.nodes, local, device)] = c.rows
         for peer, buf in self.received.items():
             offset = 0
@@ -384,22 +406,34 @@ class PendingExchange:
 
 def mix(W: sparse.csr_array, out_nodes: np.ndarray, channel: Channel,
         weights: Tensor | None = None, out: Tensor | None = None) -> Tensor:
-    """Gossip: rows Σ_l W[k, l] · v_l for k in out_nodes, l over the channel's nodes.
+    """Gossip: rows Σ_l W[k, l] · v_l for k in out_nodes, l over the rows this rank holds.
 
-    Nodes outside `channel.nodes` carry zero (a perturbation that has not reached
-    them), so only those columns of W are needed. `weights`, if given, is that block
-    of W already as a tensor (the engine caches it per step of the topology's period).
-    `out`, if given, receives the rows (its contents are ignored). Costs O(edges of
-    out_nodes · P)."""
-    assert channel.available is not None
+    Nodes it does not hold carry zero (a perturbation that has not reached them, a node
+    no local node hears from), so only W's columns of `channel.available_nodes` are
+    needed, remapped to the compact rows in the same order: each sum has the same terms
+    in the same order as over every node. `weights`, if given, is that block
+    W[out_nodes][:, available_nodes] already as a tensor (the engine caches it per step
+    of the topology's period). `out`, if given, receives the rows (its contents are
+    ignored). Costs O(edges of out_nodes · P)."""
+    assert channel.available is not None and channel.available_nodes is not None
     if weights is None:
-        weights = block_tensor(W, out_nodes, channel.nodes, channel.available.dtype,
+        weights = block_tensor(W, out_nodes, channel.available_nodes, channel.available.dtype,
                                channel.available.device)
     if out is None:
         out = channel.available.new_empty(weights.shape[0], channel.available.shape[1])
     # into `out` (beta=0: its contents are ignored, NaN included): `weights @ rows` would
     # hold a second [out, P] temporary at its peak
     return torch.addmm(out, weights, channel.available, beta=0.0, out=out)
+
+
+def local_block(W: sparse.csr_array, way: Route, layout: Layout, dtype: torch.dtype,
+                device: torch.device) -> Tensor:
+    """W[local nodes][:, held nodes] as a tensor: the block `mix` takes for a channel over
+    every node after the exchange of `way` (its columns remapped to the compact rows)."""
+    every = np.arange(layout.nodes)
+    held = way.held(every, layout.owner(every) == layout.rank)
+    block = W[layout.local_nodes]
+    return sparse_tensor(block if len(held) == layout.nodes else block[:, held], dtype, device)
 
 
 DIRECT_BLOCK = 20_000  # stored entries up to which block_tensor reads W's arrays itself
@@ -466,21 +500,42 @@ class Route:
     # topology's period. Channels over fewer nodes (the trackers' rows) make theirs anew.
     indices: dict[tuple[str, int], Tensor] = field(default_factory=dict, compare=False,
                                                    repr=False)
+    every_node_held: list[np.ndarray] = field(default_factory=list, compare=False,
+                                              repr=False)  # held() of every node, once
+
+    def held_mask(self, nodes: np.ndarray, owned: np.ndarray) -> np.ndarray:
+        """Which of `nodes` this rank holds after the exchange: its own and those it
+        receives from some peer."""
+        mask = owned.copy()
+        for wanted in self.recv.values():
+            mask |= wanted[nodes]
+        return mask
+
+    def held(self, nodes: np.ndarray, owned: np.ndarray) -> np.ndarray:
+        """The nodes of a channel over `nodes` whose rows this rank holds after the
+        exchange (sorted): the rows of its compact `available` block."""
+        every_node = len(nodes) == self.nodes
+        if every_node and self.every_node_held:
+            return self.every_node_held[0]
+        found = nodes[self.held_mask(nodes, owned)]
+        if every_node:
+            self.every_node_held.append(found)
+        return found
 
     def index(self, kind: str, peer: int, nodes: np.ndarray, owned: np.ndarray,
               device: torch.device) -> Tensor:
         """Row positions in a channel over `nodes` (`owned`: which of them are this rank's):
-        "send": among this rank's rows, those `peer` receives; "recv": among `nodes`, the
-        rows from `peer`; "own": among `nodes`, this rank's rows."""
+        "send": among this rank's rows, those `peer` receives; "recv": among the rows held
+        after the exchange (`held`), the rows from `peer`; "own": among those, this rank's."""
         key, every_node = (kind, peer), len(nodes) == self.nodes
         if every_node and key in self.indices:
             return self.indices[key]
         if kind == "send":
             positions = np.flatnonzero(self.send[peer][nodes[owned]])
         elif kind == "recv":
-            positions = np.flatnonzero(self.recv[peer][nodes])
+            positions = np.flatnonzero(self.recv[peer][self.held(nodes, owned)])
         else:
-            positions = np.flatnonzero(owned)
+            positions = np.flatnonzero(owned[self.held_mask(nodes, owned)])
         found = index_tensor(positions, device)
         if every_node:
             self.indices[key] = found

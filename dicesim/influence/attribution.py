@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dicesim.comm.exchange import Channel, mix, route, sparse_tensor
+from dicesim.comm.exchange import Channel, local_block, mix, route
 from dicesim.common.stopping import PhaseChecks
 from dicesim.config import Attribution as AttributionConfig
 from dicesim.config import attribution_targets
@@ -154,7 +154,8 @@ class ReversePass:
         self.local, self.n_loc, self.all_nodes = lay.local_nodes, lay.nodes_per_rank, \
             np.arange(lay.nodes)
         # per (step of the topology's period, transposed): W^t or (W^t)ᵀ, its route between
-        # ranks and its local rows as a torch sparse block (as the trainer caches them)
+        # ranks and its local rows over the held columns as a torch sparse block (as the
+        # trainer caches them)
         self.mixing: dict[tuple[int, bool], tuple[object, object, Tensor]] = {}
         self.peak = 0
         # one check point per recomputed step and per reverse step, the same on every rank
@@ -167,8 +168,9 @@ class ReversePass:
         if key not in self.mixing:
             W = self.sim.topology.W_sparse(t)
             W = W.T.tocsr() if transposed else W
-            self.mixing[key] = (W, route(W, self.sim.layout),
-                                sparse_tensor(W[self.local], like.dtype, like.device))
+            path = route(W, self.sim.layout)
+            self.mixing[key] = (W, path, local_block(W, path, self.sim.layout, like.dtype,
+                                                     like.device))
         return self.mixing[key]
 
     def _gossip(self, t: int, rows: list[Tensor], transposed: bool) -> list[Tensor]:

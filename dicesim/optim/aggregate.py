@@ -101,7 +101,7 @@ class Aggregator:
         out = []
         for k in self.local:
             nbrs = senders(W, k)
-            rows = channel.available[torch.as_tensor(nbrs)]
+            rows = channel.available[channel.positions(nbrs, channel.available.device)]
             if not np.isin(k, self.honest) or len(nbrs) <= 2 * self.trim:
                 out.append(mix(W, np.array([k]), channel)[0])
                 continue

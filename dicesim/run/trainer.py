@@ -40,9 +40,9 @@ from dicesim.comm.exchange import (
     PendingExchange,
     Route,
     index_tensor,
+    local_block,
     route,
     send_first,
-    sparse_tensor,
 )
 from dicesim.common.errors import ConfigError
 from dicesim.common.faults import inject
@@ -90,7 +90,8 @@ class Step:
     update: Tensor | None = None  # Δ^t
     half: Tensor | None = None  # θ^{t+½}
     new_state: State = field(default_factory=dict)  # s^{t+½}, after the local step
-    received: Tensor | None = None  # θ^{t+½} of every node received (zero rows elsewhere)
+    received: Channel | None = None  # θ^{t+½} as exchanged: `available` holds the rows of
+    # this rank's nodes and of those received (`available_nodes`), every other node is zero
     started: list[Event] = field(default_factory=list)  # events removing data at t
     sources: dict[int, Tensor] = field(default_factory=dict)  # local event → δ_j^{t+½}
     proximal: np.ndarray | None = None  # [local k, sender j] of step t − 1 (published)
@@ -328,7 +329,8 @@ class Tracking:
 class Gossip:
     """W^t as the aggregator mixes it; the exchange of θ^{t+½} (with optim.gossip_state,
     s^{t+½}) and of the trackers' rows; θ^{t+1} = aggregator.combine(W^t, received).
-    Routes, W^t[local, :] and the send-first order are built once per step of the
+    Routes, W^t[local, held] (the columns of the rows this rank holds after the exchange,
+    remapped to its compact block) and the send-first order are built once per step of the
     topology's period (an aggregator only re-weights W, its edges stay). With `reuse`,
     θ^{t+1} is written into a block of its own, reused two steps later."""
 
@@ -349,8 +351,8 @@ class Gossip:
         if key not in self.cached:
             W, lay = self.topology.W_sparse(t), self.layout
             way = route(W, lay)
-            self.cached[key] = (way, sparse_tensor(W[lay.local_nodes], self.dtype,
-                                                   self.comm.device), send_first(way, lay))
+            self.cached[key] = (way, local_block(W, way, lay, self.dtype, self.comm.device),
+                                send_first(way, lay))
         return key
 
     def observe(self, step: Step) -> None:
@@ -386,7 +388,7 @@ class Gossip:
         self.optimizer.state = ({n: self.aggregator.combine(step.W, ch, cached) for n, ch in
                                  zip(self.mixed_state, self.channels[1:1 + mixed], strict=True)}
                                 if mixed else step.new_state)
-        step.received = self.channels[0].available
+        step.received = self.channels[0]
         extra = self.channels[1 + mixed:]
         self.channels, self.pending = [], None  # step t's rows: freed before step t + 1's
         return theta_next, extra

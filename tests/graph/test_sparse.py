@@ -89,6 +89,7 @@ def test_route_and_mix_match_the_dense_formulas(world: int) -> None:
     nodes = np.sort(rng.choice(n, 7, replace=False))  # a perturbation's reach set
     ch = Channel(nodes, torch.zeros(0))
     ch.available = torch.randn(len(nodes), 5, dtype=torch.float64)
+    ch.available_nodes = nodes
     out = np.array([0, 3, 4, 15])
     torch.testing.assert_close(mix(W, out, ch),
                                torch.as_tensor(w[np.ix_(out, nodes)]) @ ch.available,

@@ -99,8 +99,9 @@ class FakeWork:
 
 def test_exchange_indices_are_cached_and_send_buffers_live_until_wait(monkeypatch):
     """Two ranks of a directed ring of 8 nodes, rank 0's side, the peer's buffer made by
-    hand: `available` equals the boolean-mask assembly, a channel over every node reuses its
-    index tensors from step to step, and each send buffer is held until wait()."""
+    hand: `available` equals the boolean-mask assembly's own and received rows, a channel
+    over every node reuses its index tensors from step to step, and each send buffer is
+    held until wait()."""
     n, world = 8, 2
     W = make_config("nodes=8", "topology=directed_ring")  # for its topology settings
     from dicesim.graph.topology import build_topology
@@ -139,12 +140,16 @@ def test_exchange_indices_are_cached_and_send_buffers_live_until_wait(monkeypatc
     for c, width, local_rows in ((channels[0], 3, rows), (channels[1], 2, few)):
         expected = torch.zeros(len(c.nodes), width, dtype=torch.float64)
         mine = c.local_mask(lay)
+        held = mine.copy()
         expected[torch.as_tensor(mine)] = local_rows
         for mask in r.recv.values():
             hit = mask[c.nodes]
+            held |= hit
             expected[torch.as_tensor(hit)] = 100.0 + torch.as_tensor(
                 c.nodes[hit], dtype=torch.float64)[:, None]
-        assert torch.equal(c.available, expected)
+        # the compact block: only the own and received rows, in node order
+        assert np.array_equal(c.available_nodes, c.nodes[held])
+        assert torch.equal(c.available, expected[torch.as_tensor(held)])
     # the next step's channel over every node takes the same index tensors
     assert index_before and all(key[0] in ("send", "recv", "own") for key in r.indices)
     again = r.index("recv", 1, every, channels[0].local_mask(lay), torch.device("cpu"))

@@ -122,13 +122,13 @@ class BaselineSignals(Tracker):
         for k in self.honest:
             i = self.layout.local_index(int(k))
             nbrs = [int(j) for j in senders(step.W, k) if j != k]
-            rows = torch.as_tensor(nbrs, device=half.device)
+            rows = received[0].positions(nbrs, half.device)  # j's rows, the same in both
             updates = received[0].available[rows]  # Δ_j^t
             x, y, per_node = probe.at(i)
             if per_node:
                 x, y = x[0], y[0]
             losses = model.probe_losses(  # L'_k(θ_j^{t+½}) …, L'_k(θ_k^{t+½})
-                torch.cat([step.received[rows], half[i:i + 1]]), x, y)
+                torch.cat([step.received.available[rows], half[i:i + 1]]), x, y)
             cos = cosine_similarity(updates, step.update[i][None], dim=1)
             values = torch.stack([updates.norm(dim=1), -cos, losses[:-1] - losses[-1]], dim=1)
             for j, v in zip(nbrs, values.double().cpu().numpy(), strict=True):

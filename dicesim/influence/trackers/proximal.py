@@ -19,7 +19,10 @@ class Proximal(Tracker):
     def __init__(self, layout: Layout, q: np.ndarray):
         self.layout = layout
         self.q = q
-        self.received: Tensor | None = None  # Δ_j^{t−1} of every sender (zero rows elsewhere)
+        # Δ_j^{t−1} of the rows this rank held after the exchange: its own and its senders'
+        # ([R, P], R = local + received rows), and their node ids
+        self.received: Tensor | None = None
+        self.received_nodes: np.ndarray | None = None
         # the edges k ← j (k local, j ≠ k) of W^{t−1} as mixed: local row, sender, W[k, j]
         self.edges: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.rows: list[ProximalRow] = []
@@ -34,7 +37,8 @@ class Proximal(Tracker):
         local = self.layout.local_nodes
         i, j, w = self.edges
         dev = step.probe_grad.device
-        ti, tj = torch.as_tensor(i, device=dev), torch.as_tensor(j, device=dev)
+        ti = torch.as_tensor(i, device=dev)
+        tj = torch.as_tensor(np.searchsorted(self.received_nodes, j), device=dev)  # j's row
         # one dot per edge: ∇L'_k(θ_k^t)ᵀ Δ_j^{t−1}, O(edges · P)
         dots = (step.probe_grad[ti] * self.received[tj]).sum(1).cpu().numpy()
         values = self.q[local[i]] * w * dots  # q_k W^{t−1}[k, j] ∇L'_kᵀ Δ_j
@@ -47,7 +51,7 @@ class Proximal(Tracker):
         return [Channel(np.arange(self.layout.nodes), step.update)]
 
     def after_gossip(self, step, received: list[Channel]) -> None:
-        self.received = received[0].available
+        self.received, self.received_nodes = received[0].available, received[0].available_nodes
         block = step.W[self.layout.local_nodes].tocoo()  # W^t[local, :] as mixed
         local_row, sender, weight = block.row, block.col, block.data
         keep = (weight > 0) & (sender != self.layout.local_nodes[local_row])  # k ≠ j
@@ -60,11 +64,15 @@ class Proximal(Tracker):
         return rows
 
     def state_dict(self) -> dict:
-        return {"received": self.received, "edges": self.edges,
-                "rows": [tuple(r) for r in self.rows]}
+        return {"received": self.received, "received_nodes": self.received_nodes,
+                "edges": self.edges, "rows": [tuple(r) for r in self.rows]}
 
     def load_state_dict(self, state: dict) -> None:
         self.received, self.edges = state["received"], state["edges"]
+        # a checkpoint written before the compact block held one row per node
+        self.received_nodes = (state["received_nodes"] if "received_nodes" in state
+                               else None if self.received is None
+                               else np.arange(len(self.received)))
         self.rows = [ProximalRow(*r) for r in state["rows"]]
 
 
