@@ -8,6 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed
 NPROC      ?= 2
+TEST_WORKERS ?= 2
 ARGS       ?=
 
 .PHONY: setup demo test test-slow lint bench bench-influence bench-scale alignment cascade anomaly \
@@ -25,9 +26,11 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m dicesim experiment=demo $(ARGS)
 
+# the suite in TEST_WORKERS processes (pytest-xdist), a test file per worker at a time:
+# most tests wait on subprocesses, so two workers keep two cores busy
 test: $(STAMP)
-	$(PY) -m ruff check dicesim tests launch
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -x
+	$(PY) -m ruff check dicesim tests launch scripts examples
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -x -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
