@@ -113,3 +113,35 @@ def tiny() -> tuple[str, ...]:
     """Overrides of a fast float64 run used across tests."""
     return ("nodes=4", "steps=6", "batch_size=8", "dtype=float64", "model.hidden=[8]",
             "data.probe_size=40", "eval_every=1", "influence.events=0")
+
+
+def assert_same_run(out: Path, single, columns: tuple[str, ...] = ("dice_e", "dice_gt"),
+                    rows_rtol: float = 1e-9) -> None:
+    """The run written to `out` (another number of ranks, save_params=true) equals the
+    in-process RunResult `single` (float64 runs): probe losses and final θ to 1e-9, proximal
+    rows and the influence columns to rows_rtol."""
+    rtol = 1e-9
+    import numpy as np
+    import torch
+
+    losses = {(int(r["step"]), int(r["node"])): float(r["probe_loss"])
+              for r in read_csv(out / "metrics.csv")}
+    assert len(losses) == len(single.metrics)
+    for step, node, _, probe_loss, *_ in single.metrics:
+        np.testing.assert_allclose(losses[(step, node)], probe_loss, rtol=rtol)
+    torch.testing.assert_close(torch.load(out / "params.pt"), single.final_params,
+                               rtol=rtol, atol=1e-12)
+    if (out / "proximal.csv").exists():
+        prox = {(int(r["step"]), int(r["sender"]), int(r["receiver"])): float(r["value"])
+                for r in read_csv(out / "proximal.csv")}
+        assert len(prox) == len(single.proximal)
+        for row in single.proximal:
+            np.testing.assert_allclose(prox[(row.step, row.sender, row.receiver)], row.value,
+                                       rtol=rows_rtol, atol=1e-15)
+    got = {(int(r["event"]), int(r["hop"]), int(r["node"])): [float(r[c]) for c in columns]
+           for r in read_csv(out / "influence.csv")}
+    assert len(got) == len(single.influence) > 0
+    for row in single.influence:
+        np.testing.assert_allclose(got[(row.event, row.hop, row.node)],
+                                   [getattr(row, c) for c in columns], rtol=rows_rtol,
+                                   atol=1e-15)

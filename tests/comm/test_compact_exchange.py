@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import make_config, read_csv, run_dicesim
+from conftest import assert_same_run, make_config, run_dicesim
 from torch import Tensor
 
 import dicesim.comm.exchange as exchange
@@ -104,25 +104,7 @@ def test_one_two_and_four_ranks_agree_with_proximal_influence_and_a_defense(tmp_
     for ranks in (2, 4):
         out = tmp_path / f"ranks{ranks}"
         run_dicesim(out, *overrides, ranks=ranks)
-        losses = {(int(r["step"]), int(r["node"])): float(r["probe_loss"])
-                  for r in read_csv(out / "metrics.csv")}
-        assert len(losses) == len(single.metrics)
-        for step, node, _, probe_loss, *_ in single.metrics:
-            np.testing.assert_allclose(losses[(step, node)], probe_loss, rtol=1e-9)
-        torch.testing.assert_close(torch.load(out / "params.pt"), single.final_params,
-                                   rtol=1e-9, atol=1e-12)
-        prox = {(int(r["step"]), int(r["sender"]), int(r["receiver"])): float(r["value"])
-                for r in read_csv(out / "proximal.csv")}
-        assert len(prox) == len(single.proximal)
-        for row in single.proximal:
-            np.testing.assert_allclose(prox[(row.step, row.sender, row.receiver)], row.value,
-                                       rtol=1e-9, atol=1e-15)
-        got = {(int(r["event"]), int(r["hop"]), int(r["node"])): (float(r["dice_e"]),
-               float(r["dice_gt"])) for r in read_csv(out / "influence.csv")}
-        assert len(got) == len(single.influence)
-        for row in single.influence:
-            np.testing.assert_allclose(got[(row.event, row.hop, row.node)],
-                                       (row.dice_e, row.dice_gt), rtol=1e-9, atol=1e-15)
+        assert_same_run(out, single)
 
 
 def test_mixing_the_compact_block_is_bit_equal_to_mixing_every_node():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import execute, make_config, probe_losses, read_csv, run_dicesim
+from conftest import assert_same_run, execute, make_config, probe_losses, read_csv, run_dicesim
 from torch import Tensor, nn
 
 from dicesim.common.errors import ConfigError
@@ -203,15 +203,4 @@ def test_vit_on_two_ranks_equals_one_rank(tmp_path):
                  "save_params=true")
     _, single = execute(*overrides)
     run_dicesim(tmp_path, *overrides, ranks=2)
-    losses = {(int(r["step"]), int(r["node"])): float(r["probe_loss"])
-              for r in read_csv(tmp_path / "metrics.csv")}
-    for step, node, _, probe_loss, *_ in single.metrics:
-        np.testing.assert_allclose(losses[(step, node)], probe_loss, rtol=1e-9)
-    torch.testing.assert_close(torch.load(tmp_path / "params.pt"), single.final_params,
-                               rtol=1e-9, atol=1e-12)
-    got = {(int(r["event"]), int(r["hop"]), int(r["node"])): float(r["dice_gt"])
-           for r in read_csv(tmp_path / "influence.csv")}
-    assert len(got) == len(single.influence) > 0
-    for row in single.influence:
-        np.testing.assert_allclose(got[(row.event, row.hop, row.node)], row.dice_gt,
-                                   rtol=1e-9, atol=1e-15)
+    assert_same_run(tmp_path, single, columns=("dice_gt",))
