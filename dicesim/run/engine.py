@@ -192,7 +192,8 @@ class Simulation:
             len(self.data.y_train), dtype=np.int64)
         self.assigned_labels = labels  # as the data set labels them (partition.csv)
         self.parts = partition(labels, s.nodes, cfg.data.partition, cfg.data.alpha, s.seed,
-                               min_size=s.batch_size)
+                               min_size=s.batch_size,
+                               classes_per_node=cfg.data.classes_per_node)
         self.node_probe_ids = self._split_node_probes(cfg.data)
         check_batch_size(self.parts, s.batch_size)
         probe_total = (len(self.data.y_probe) if self.node_probe_ids is None
