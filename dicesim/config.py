@@ -71,7 +71,7 @@ Activation = _choices("Activation", "gelu", "relu", "sigmoid", "tanh")
 OptimName = _choices("OptimName", "sgd", "adam", "adamw")
 ScheduleName = _choices("ScheduleName", "constant", "cosine", "step", "linear_warmup_cosine")
 AttackKind = _choices("AttackKind", "none", "label_flip", "feature_noise", "free_rider",
-                      "scaled_update")
+                      "scaled_update", "alie", "ipm")
 DefenseKind = _choices("DefenseKind", "none", "dice", "trimmed_mean", "oracle")
 
 DTYPES, TOPOLOGIES, WEIGHT_SCHEMES = tuple(Dtype), tuple(TopologyName), tuple(Weights)
@@ -316,6 +316,8 @@ class Attack:
     end: int | None = None  # the first step no longer attacked; null: attacked to the end
     sigma: float = bounded(1.0, 0)
     scale: float = bounded(-4.0)
+    z: float = bounded(1.0, 0)  # alie: the update sent is μ − z·σ of the honest ones received
+    epsilon: float = bounded(0.5, 0, open_lo=True)  # ipm: the update sent is −ε·μ
 
 
 @dataclass

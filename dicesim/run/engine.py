@@ -31,7 +31,7 @@ from dicesim.model.data import (
 )
 from dicesim.model.models import FlatModel, Probe, build_model
 from dicesim.optim.aggregate import Aggregator, build_aggregator
-from dicesim.optim.attack import Attack, build_attack
+from dicesim.optim.attack import Attack, CraftedUpdates, build_attack
 from dicesim.optim.local import LocalOptimizer, build_optimizer
 from dicesim.run.trainer import (
     ChunkedLocalStep,
@@ -225,9 +225,24 @@ class Simulation:
         # extra trackers (experiments, benchmarks): factories called with the run's parts
         self.extra_trackers: list[Callable[[RunParts], Tracker]] = []
         self.on_parts: list[Callable[[RunParts], None]] = []  # e.g. timing hooks of a bench
+        self._check_crafted_attack(cfg)
         if self.attribution.enabled:  # keeps θ every K steps for the reverse pass
             self.extra_trackers.append(lambda parts: Keeper(
                 parts.optimizer, self.attribution.keep_every, s.steps))
+
+    def _check_crafted_attack(self, cfg: Config) -> None:
+        """alie / ipm keep what the attackers received last step; neither checkpoints nor
+        the influence side (its JVP, VJP and shadow runs) model that yet."""
+        if not self.attack.crafts:
+            return
+        kind = self.attack.kind
+        if cfg.checkpoint.every:
+            raise ConfigError(f"attack.kind={kind} is not checkpointed yet; set "
+                              "checkpoint.every=0")
+        if self.tracking or self.attribution.enabled:
+            raise ConfigError(f"attack.kind={kind} does not run with influence tracking or "
+                              "attribution yet; drop influence.events, influence.proximal and "
+                              "attribution.enabled")
 
     def new_aggregator(self) -> Aggregator:
         return build_aggregator(self.cfg.defense, self.attack.nodes, self.run.nodes,
@@ -336,7 +351,8 @@ def build_trainer(sim: Simulation, comm: Comm, log: Callable[[str], None] = prin
         metrics=Metrics(parts.model, parts.metric_probe, lay, s.eval_every, comm, result),
         local=local,
         gossip=Gossip(sim.topology, lay, parts.aggregator, parts.optimizer, comm, s.dtype,
-                      reuse=untracked),
+                      reuse=untracked,
+                      after_exchange=parts.crafted.observe if parts.crafted else None),
         tracking=Tracking(parts.trackers, parts.book, parts.sources, parts.model, parts.probe,
                           sim.influence.flush_every))
     return Trainer(s, parts, loop, comm, result, log)
@@ -416,7 +432,9 @@ class RunParts:
             self.theta0 = torch.stack([self.model.flat_init(s.seed * 100003 + int(k), s.dtype)
                                        for k in local]).to(device)
 
-        self.optimizer: LocalOptimizer = build_optimizer(sim.optim, s.steps, attack.update)
+        self.crafted = CraftedUpdates(attack, local) if attack.crafts else None
+        tamper = self.crafted.update if self.crafted is not None else attack.update
+        self.optimizer: LocalOptimizer = build_optimizer(sim.optim, s.steps, tamper)
         self.optimizer.init_state(self.theta0)
         self.aggregator = sim.new_aggregator()
         inf = sim.influence
