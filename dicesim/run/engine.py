@@ -232,17 +232,18 @@ class Simulation:
 
     def _check_crafted_attack(self, cfg: Config) -> None:
         """alie / ipm keep what the attackers received last step; neither checkpoints nor
-        the influence side (its JVP, VJP and shadow runs) model that yet."""
+        the events' trackers and attribution (JVP, VJP, shadow runs) model that yet. The
+        proximal tracker (and so defense=dice) only reads Δ as sent: it runs."""
         if not self.attack.crafts:
             return
         kind = self.attack.kind
         if cfg.checkpoint.every:
             raise ConfigError(f"attack.kind={kind} is not checkpointed yet; set "
                               "checkpoint.every=0")
-        if self.tracking or self.attribution.enabled:
-            raise ConfigError(f"attack.kind={kind} does not run with influence tracking or "
-                              "attribution yet; drop influence.events, influence.proximal and "
-                              "attribution.enabled")
+        if self.events or self.attribution.enabled:
+            raise ConfigError(f"attack.kind={kind} does not run with influence events or "
+                              "attribution yet; set influence.events=0 and "
+                              "attribution.enabled=false (influence.proximal=true runs)")
 
     def new_aggregator(self) -> Aggregator:
         return build_aggregator(self.cfg.defense, self.attack.nodes, self.run.nodes,

@@ -95,10 +95,13 @@ def test_run_with_crafted_attack_equals_dense_reference(kind):
     assert (result.final_params - honest.final_params).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize(("kind", "defense"), [("alie", "none"), ("ipm", "trimmed_mean")])
+@pytest.mark.parametrize(("kind", "defense"), [
+    ("alie", "none"), ("ipm", "trimmed_mean"), ("alie", "dice")])
 def test_crafted_attack_gives_the_same_values_on_two_ranks(tmp_path, kind, defense):
+    """defense=dice: the proximal tracker scores the crafted Δ as sent."""
     overrides = (*TINY, "topology=complete", "attack.nodes=[2]", f"attack={kind}",
-                 f"defense={defense}", "save_params=true")
+                 f"defense={defense}", "save_params=true", "influence.proximal=true",
+                 "defense.warmup=2", "defense.window=3")
     _, single = in_process(*overrides)
     out = tmp_path / "two"
     run_dicesim(out, *overrides, ranks=2)
