@@ -61,7 +61,7 @@ TopologyName = _choices("TopologyName", "ring", "directed_ring", "torus", "expon
 Weights = _choices("Weights", "uniform", "metropolis_hastings")
 DataName = _choices("DataName", "digits", "fashion_mnist", "synthetic", "mnist", "cifar10",
                     "cifar100")
-Partition = _choices("Partition", "iid", "dirichlet")
+Partition = _choices("Partition", "iid", "dirichlet", "label_skew")
 Probe = _choices("Probe", "shared", "per_node")
 Task = _choices("Task", "classification", "regression")
 ModelName = _choices("ModelName", "logreg", "linear", "mlp", "cnn", "resnet", "vit", "custom")
@@ -71,7 +71,7 @@ Activation = _choices("Activation", "gelu", "relu", "sigmoid", "tanh")
 OptimName = _choices("OptimName", "sgd", "adam", "adamw")
 ScheduleName = _choices("ScheduleName", "constant", "cosine", "step", "linear_warmup_cosine")
 AttackKind = _choices("AttackKind", "none", "label_flip", "feature_noise", "free_rider",
-                      "scaled_update")
+                      "scaled_update", "alie", "ipm")
 DefenseKind = _choices("DefenseKind", "none", "dice", "trimmed_mean", "oracle")
 
 DTYPES, TOPOLOGIES, WEIGHT_SCHEMES = tuple(Dtype), tuple(TopologyName), tuple(Weights)
@@ -177,6 +177,7 @@ class Data:
     name: DataName = DataName.digits
     partition: Partition = Partition.iid
     alpha: float = bounded(1.0, 0, open_lo=True)  # Dirichlet concentration
+    classes_per_node: int = bounded(2, 1)  # label_skew: the classes each node holds
     probe_size: int = bounded(200, 1)
     max_train: int | None = bounded(None, 1)
     max_test: int | None = bounded(None, 1)
@@ -315,6 +316,8 @@ class Attack:
     end: int | None = None  # the first step no longer attacked; null: attacked to the end
     sigma: float = bounded(1.0, 0)
     scale: float = bounded(-4.0)
+    z: float = bounded(1.0, 0)  # alie: the update sent is μ − z·σ of the honest ones received
+    epsilon: float = bounded(0.5, 0, open_lo=True)  # ipm: the update sent is −ε·μ
 
 
 @dataclass
@@ -1052,9 +1055,13 @@ def check_data(d: Data, nodes: int | None) -> None:
     regression = isinstance(d, SyntheticData) and d.task == "regression"
     if isinstance(d, SyntheticData) and not regression:
         _at_least("data.n_classes", d.n_classes, 2, 4)
-    if regression and d.partition == "dirichlet":
-        raise ConfigError("data.partition=dirichlet needs class labels; use data.partition=iid "
-                          "with regression data")
+    if regression and d.partition in ("dirichlet", "label_skew"):
+        raise ConfigError(f"data.partition={d.partition} needs class labels; use "
+                          "data.partition=iid with regression data")
+    if (isinstance(d, SyntheticData) and not regression and d.partition == "label_skew"
+            and d.classes_per_node > d.n_classes):
+        raise ConfigError(f"data.classes_per_node={d.classes_per_node}: the data has "
+                          f"{d.n_classes} classes; set data.classes_per_node <= {d.n_classes}")
     if d.image and d.name == "synthetic":
         raise ConfigError("data.image=true needs an image dataset; data.name=synthetic is flat")
 

@@ -21,7 +21,7 @@ from dicesim.common.errors import ConfigError
 from dicesim.config import DATASETS as DATASETS  # re-exported
 from dicesim.config import Cifar100Data, Data, SyntheticData
 
-PARTITIONS = ("iid", "dirichlet")
+PARTITIONS = ("iid", "dirichlet", "label_skew")
 FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_FILES = {  # official names; each may also be gzipped (+ ".gz")
     "x_train": "train-images-idx3-ubyte",
@@ -290,7 +290,8 @@ def load_dataset(cfg: Data, seed: int) -> Dataset:
 
 
 def partition(labels: np.ndarray, n_nodes: int, scheme: str = "iid", alpha: float = 1.0,
-              seed: int = 0, min_size: int = 1) -> list[np.ndarray]:
+              seed: int = 0, min_size: int = 1, classes_per_node: int = 2
+              ) -> list[np.ndarray]:
     """Split ids 0..len(labels)-1 over nodes; each node gets sorted ids, every id exactly once."""
     labels = np.asarray(labels)
     n = len(labels)
@@ -302,6 +303,8 @@ def partition(labels: np.ndarray, n_nodes: int, scheme: str = "iid", alpha: floa
             raise ConfigError(f"nodes={n_nodes}: {n} training samples leave a node with "
                               f"{len(parts[-1])} (< {min_size}); use fewer nodes")
         return [np.sort(p) for p in parts]
+    if scheme == "label_skew":
+        return label_skew(labels, n_nodes, classes_per_node, seed, min_size)
     if scheme != "dirichlet":
         raise ConfigError(f"data.partition={scheme} is unknown; choose one of "
                           f"{', '.join(PARTITIONS)}")
@@ -325,6 +328,41 @@ def partition(labels: np.ndarray, n_nodes: int, scheme: str = "iid", alpha: floa
             return parts
     raise ConfigError(f"data.alpha={alpha}: 100 Dirichlet draws all left a node with fewer than "
                       f"{min_size} samples; raise data.alpha or use fewer nodes")
+
+
+def label_skew(labels: np.ndarray, n_nodes: int, per_node: int, seed: int,
+               min_size: int = 1) -> list[np.ndarray]:
+    """Each node holds `per_node` classes: node k's slots are classes
+    π[(k·c + i) mod C], i < c, of a seeded permutation π, so every class is used once
+    n·c ≥ C and class counts differ by at most one; each class's samples (shuffled) are
+    split evenly over the nodes that hold it."""
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ConfigError("data.partition=label_skew needs class labels; use data.partition=iid")
+    classes = np.unique(labels)
+    C = len(classes)
+    if not 1 <= per_node <= C:
+        raise ConfigError(f"data.classes_per_node={per_node}: the data has {C} classes; "
+                          f"set data.classes_per_node between 1 and {C}")
+    if n_nodes * per_node < C:
+        raise ConfigError(f"data.classes_per_node={per_node}: {n_nodes} nodes × {per_node} "
+                          f"leave some of the {C} classes unused; set "
+                          f"data.classes_per_node >= {-(-C // n_nodes)}")
+    rng = np.random.default_rng([seed, 5150])
+    order = classes[rng.permutation(C)]
+    held = [order[(k * per_node + np.arange(per_node)) % C] for k in range(n_nodes)]
+    chunks: list[list[np.ndarray]] = [[] for _ in range(n_nodes)]
+    for c in classes:
+        holders = [k for k in range(n_nodes) if c in held[k]]
+        ids = rng.permutation(np.flatnonzero(labels == c))
+        for k, part in zip(holders, np.array_split(ids, len(holders)), strict=True):
+            chunks[k].append(part)
+    parts = [np.sort(np.concatenate(c)) for c in chunks]
+    smallest = min(len(p) for p in parts)
+    if smallest < min_size:
+        raise ConfigError(f"data.classes_per_node={per_node}: a node holds only {smallest} "
+                          f"samples (< {min_size}); raise data.classes_per_node or use "
+                          "fewer nodes")
+    return parts
 
 
 def check_batch_size(parts: list[np.ndarray], batch_size: int) -> None:

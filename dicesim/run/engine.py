@@ -31,7 +31,7 @@ from dicesim.model.data import (
 )
 from dicesim.model.models import FlatModel, Probe, build_model
 from dicesim.optim.aggregate import Aggregator, build_aggregator
-from dicesim.optim.attack import Attack, build_attack
+from dicesim.optim.attack import Attack, CraftedUpdates, build_attack
 from dicesim.optim.local import LocalOptimizer, build_optimizer
 from dicesim.run.trainer import (
     ChunkedLocalStep,
@@ -192,7 +192,8 @@ class Simulation:
             len(self.data.y_train), dtype=np.int64)
         self.assigned_labels = labels  # as the data set labels them (partition.csv)
         self.parts = partition(labels, s.nodes, cfg.data.partition, cfg.data.alpha, s.seed,
-                               min_size=s.batch_size)
+                               min_size=s.batch_size,
+                               classes_per_node=cfg.data.classes_per_node)
         self.node_probe_ids = self._split_node_probes(cfg.data)
         check_batch_size(self.parts, s.batch_size)
         probe_total = (len(self.data.y_probe) if self.node_probe_ids is None
@@ -224,9 +225,25 @@ class Simulation:
         # extra trackers (experiments, benchmarks): factories called with the run's parts
         self.extra_trackers: list[Callable[[RunParts], Tracker]] = []
         self.on_parts: list[Callable[[RunParts], None]] = []  # e.g. timing hooks of a bench
+        self._check_crafted_attack(cfg)
         if self.attribution.enabled:  # keeps θ every K steps for the reverse pass
             self.extra_trackers.append(lambda parts: Keeper(
                 parts.optimizer, self.attribution.keep_every, s.steps))
+
+    def _check_crafted_attack(self, cfg: Config) -> None:
+        """alie / ipm keep what the attackers received last step; neither checkpoints nor
+        the events' trackers and attribution (JVP, VJP, shadow runs) model that yet. The
+        proximal tracker (and so defense=dice) only reads Δ as sent: it runs."""
+        if not self.attack.crafts:
+            return
+        kind = self.attack.kind
+        if cfg.checkpoint.every:
+            raise ConfigError(f"attack.kind={kind} is not checkpointed yet; set "
+                              "checkpoint.every=0")
+        if self.events or self.attribution.enabled:
+            raise ConfigError(f"attack.kind={kind} does not run with influence events or "
+                              "attribution yet; set influence.events=0 and "
+                              "attribution.enabled=false (influence.proximal=true runs)")
 
     def new_aggregator(self) -> Aggregator:
         return build_aggregator(self.cfg.defense, self.attack.nodes, self.run.nodes,
@@ -335,7 +352,8 @@ def build_trainer(sim: Simulation, comm: Comm, log: Callable[[str], None] = prin
         metrics=Metrics(parts.model, parts.metric_probe, lay, s.eval_every, comm, result),
         local=local,
         gossip=Gossip(sim.topology, lay, parts.aggregator, parts.optimizer, comm, s.dtype,
-                      reuse=untracked),
+                      reuse=untracked,
+                      after_exchange=parts.crafted.observe if parts.crafted else None),
         tracking=Tracking(parts.trackers, parts.book, parts.sources, parts.model, parts.probe,
                           sim.influence.flush_every))
     return Trainer(s, parts, loop, comm, result, log)
@@ -415,7 +433,9 @@ class RunParts:
             self.theta0 = torch.stack([self.model.flat_init(s.seed * 100003 + int(k), s.dtype)
                                        for k in local]).to(device)
 
-        self.optimizer: LocalOptimizer = build_optimizer(sim.optim, s.steps, attack.update)
+        self.crafted = CraftedUpdates(attack, local) if attack.crafts else None
+        tamper = self.crafted.update if self.crafted is not None else attack.update
+        self.optimizer: LocalOptimizer = build_optimizer(sim.optim, s.steps, tamper)
         self.optimizer.init_state(self.theta0)
         self.aggregator = sim.new_aggregator()
         inf = sim.influence

@@ -89,7 +89,9 @@ def optimizer_block(sim: Simulation) -> dict:
 def partition_block(sim: Simulation) -> dict:
     data = sim.cfg.data
     kind = str(data.partition)
-    return {"kind": kind, **({"alpha": float(data.alpha)} if kind == "dirichlet" else {})}
+    extra = ({"alpha": float(data.alpha)} if kind == "dirichlet" else
+             {"classes_per_node": int(data.classes_per_node)} if kind == "label_skew" else {})
+    return {"kind": kind, **extra}
 
 
 def topology_weights(sim: Simulation) -> str:
@@ -132,6 +134,8 @@ def describe_optimizer(sim: Simulation) -> str:
 
 def describe_partition(sim: Simulation) -> str:
     block = partition_block(sim)
+    if "classes_per_node" in block:
+        return f"{block['kind']} c={block['classes_per_node']}"
     return block["kind"] + (f" α={block['alpha']:g}" if "alpha" in block else "")
 
 

@@ -335,8 +335,12 @@ class Gossip:
     θ^{t+1} is written into a block of its own, reused two steps later."""
 
     def __init__(self, topology: Topology, layout: Layout, aggregator: Aggregator,
-                 optimizer: LocalOptimizer, comm: Comm, dtype: torch.dtype, reuse: bool):
+                 optimizer: LocalOptimizer, comm: Comm, dtype: torch.dtype, reuse: bool,
+                 after_exchange: Callable[[sparse.csr_array, Tensor, Channel], None] | None
+                 = None):
         self.topology, self.layout, self.aggregator = topology, layout, aggregator
+        # sees (W^t of the topology, θ^t, the rows received): crafted attacks (optim/attack.py)
+        self.after_exchange = after_exchange
         self.optimizer, self.comm, self.dtype, self.reuse = optimizer, comm, dtype, reuse
         self.all_nodes = np.arange(layout.nodes)
         self.mixed_state = optimizer.state_names if optimizer.gossip_state else ()
@@ -389,6 +393,9 @@ class Gossip:
                                  zip(self.mixed_state, self.channels[1:1 + mixed], strict=True)}
                                 if mixed else step.new_state)
         step.received = self.channels[0]
+        if self.after_exchange is not None:
+            assert self.base_W is not None
+            self.after_exchange(self.base_W, step.theta, self.channels[0])
         extra = self.channels[1 + mixed:]
         self.channels, self.pending = [], None  # step t's rows: freed before step t + 1's
         return theta_next, extra

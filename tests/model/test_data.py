@@ -273,7 +273,7 @@ def test_cifar_missing_or_malformed_file_is_one_line(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- partition
 
 
-@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "label_skew"])
 def test_partition_assigns_every_sample_once(scheme: str) -> None:
     labels = np.random.default_rng(0).integers(0, 10, 1000)
     parts = partition(labels, 8, scheme, alpha=0.5, seed=1, min_size=10)
@@ -294,6 +294,42 @@ def test_dirichlet_skew_grows_as_alpha_shrinks() -> None:
     uniform = max_class_share(labels, partition(labels, 10, "dirichlet", 100.0, seed=0))
     iid = max_class_share(labels, partition(labels, 10, "iid", seed=0))
     assert skewed > 0.5 and uniform < 0.2 and iid < 0.2
+
+
+@pytest.mark.parametrize("nodes, per_node, sizes", [(10, 2, (50, 50)), (4, 3, (100, 150)),
+                                                     (3, 4, (150, 200)), (25, 1, (16, 25))])
+def test_label_skew_gives_each_node_its_classes(nodes: int, per_node: int,
+                                                sizes: tuple[int, int]) -> None:
+    labels = np.random.default_rng(3).permutation(np.repeat(np.arange(10), 50))
+    parts = partition(labels, nodes, "label_skew", seed=7, classes_per_node=per_node)
+    assert_exact_cover(parts, len(labels))
+    held = [set(labels[p].tolist()) for p in parts]
+    assert all(len(h) == per_node for h in held)  # exactly c classes each (50 per class)
+    assert set().union(*held) == set(range(10))  # every class used
+    # a class shared by m nodes gives each ⌊50/m⌋ or ⌈50/m⌉ of its samples
+    for c in range(10):
+        shares = [int((labels[p] == c).sum()) for p, h in zip(parts, held, strict=True)
+                  if c in h]
+        assert max(shares) - min(shares) <= 1 and sum(shares) == 50
+    assert sizes[0] <= min(len(p) for p in parts) <= max(len(p) for p in parts) <= sizes[1]
+    again = partition(labels, nodes, "label_skew", seed=7, classes_per_node=per_node)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    other = partition(labels, nodes, "label_skew", seed=8, classes_per_node=per_node)
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
+
+
+def test_bad_label_skew_settings() -> None:
+    labels = np.arange(100) % 4
+    for per_node in (0, 5):
+        with pytest.raises(ConfigError, match=f"data.classes_per_node={per_node}: the data "
+                                              "has 4 classes"):
+            partition(labels, 4, "label_skew", seed=0, classes_per_node=per_node)
+    with pytest.raises(ConfigError, match="classes_per_node >= 2"):  # 2 nodes × 1 < 4 classes
+        partition(labels, 2, "label_skew", seed=0, classes_per_node=1)
+    with pytest.raises(ConfigError, match="only 3 samples"):  # 25 per class, 8 holders
+        partition(labels, 32, "label_skew", seed=0, min_size=4, classes_per_node=1)
+    with pytest.raises(ConfigError, match="class labels"):
+        partition(labels.astype(np.float32), 4, "label_skew", seed=0)
 
 
 def test_bad_partition_settings() -> None:

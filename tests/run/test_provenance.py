@@ -16,7 +16,13 @@ from conftest import REPO, execute, make_config, read_csv
 
 from dicesim.report.summary import write_all
 from dicesim.run.engine import Simulation
-from dicesim.run.provenance import headline, partition_columns, partition_rows
+from dicesim.run.provenance import (
+    describe_partition,
+    headline,
+    partition_block,
+    partition_columns,
+    partition_rows,
+)
 from dicesim.run.rundir import outputs_in
 
 #: the run whose outputs tests/data/outputs_a32d8f6 holds, written by commit a32d8f6
@@ -150,3 +156,15 @@ def test_no_commit_outside_a_checkout(tmp_path, monkeypatch):
     line = prov.provenance_line({"dicesim": "0.1.0", "git_commit": None, "torch": "2",
                                  "numpy": "2", "python": "3"})
     assert "not run from a git checkout" in line
+
+
+def test_label_skew_partition_rows_and_block():
+    """data.partition=label_skew: each node's row of partition.csv counts 3 classes, every
+    class and every training sample is counted once; summary names c."""
+    sim = Simulation(make_config("nodes=5", "data.partition=label_skew",
+                                 "data.classes_per_node=3"))
+    counts = np.array([row[2:] for row in partition_rows(sim)])
+    assert ((counts > 0).sum(axis=1) == 3).all()
+    assert (counts.sum(axis=0) == np.bincount(sim.data.y_train.numpy(), minlength=10)).all()
+    assert partition_block(sim) == {"kind": "label_skew", "classes_per_node": 3}
+    assert describe_partition(sim) == "label_skew c=3"
