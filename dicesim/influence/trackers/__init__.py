@@ -296,12 +296,13 @@ class SourcePerturbations:
         keep[torch.as_tensor(e.positions, device=w.device)] = 0.0
         theta = step.theta[i:i + 1]
         state = {n: v[i:i + 1] for n, v in step.state.items()}
-        if opt.affine:
+        if opt.affine and not self.model.has_running_stats:
             g_removed, _ = self.model.grads(theta, x[i:i + 1], y[i:i + 1],
                                             (w[i] * (1 - keep))[None])
             return opt.tangent(e.step, nodes, theta, state, step.grad[i:i + 1],
                                torch.zeros_like(theta), opt.zero_state(theta), g_removed)
         g_without, _ = self.model.grads(theta, x[i:i + 1], y[i:i + 1], (w[i] * keep)[None])
         update, new = opt.step(e.step, nodes, theta, state, g_without)
+        update = self.model.with_running_stats(update, theta, x[i:i + 1], (w[i] * keep)[None])
         return (step.update[i:i + 1] - update,
                 {n: step.new_state[n][i:i + 1] - new[n] for n in new})
