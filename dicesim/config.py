@@ -1162,8 +1162,8 @@ def check_influence(i: Influence, nodes: int, steps: int, batch_size: int) -> No
         close = closest(str(bad[0]), ESTIMATORS) if bad else []
         hint = f"did you mean {close[0]}? " if close else ""
         raise ConfigError(f"influence.estimators={show(names)}: {hint}a list of distinct "
-                          f"estimators from {', '.join(ESTIMATORS)}, e.g. [dice_e, dice_gauss2], or [] "
-                          "for DICE-GT alone")
+                          f"estimators from {', '.join(ESTIMATORS)}, e.g. [dice_e, dice_gauss2] "
+                          "([] for DICE-GT alone)")
     check_removal("influence.removal", i.removal, batch_size)
     events = i.events
     if is_int(events):

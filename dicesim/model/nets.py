@@ -1,5 +1,6 @@
 """The shipped image networks (model=resnet, model=vit): plain torch.nn.Modules without
-buffers (norm=batch keeps its running statistics as untrained parameters), run through the generic torch.func path of dicesim/model/models.py like a user's own."""
+buffers (norm=batch keeps its running statistics as untrained parameters), run through the
+generic torch.func path of dicesim/model/models.py like a user's own."""
 
 from __future__ import annotations
 

@@ -277,8 +277,9 @@ class SourcePerturbations:
     starting at t on this rank (`step.started`), by event index. The gradient is linear in
     the sample weights, so for an affine optimizer (SGD, momentum, weight decay) this is
     the step's tangent along the removed samples' gradient ∇L_S alone (−η ∇L_S for SGD),
-    exactly; otherwise (Adam) the difference of the two steps, the second on the batch
-    without S."""
+    exactly; otherwise (Adam, or BatchNorm, whose batch statistics make the gradient
+    nonlinear in the weights) the difference of the two steps, the second on the batch
+    without S, running statistics included."""
 
     def __init__(self, layout: Layout, model: FlatModel, optimizer: LocalOptimizer):
         self.layout, self.model, self.optimizer = layout, model, optimizer
