@@ -981,7 +981,24 @@ def validate(c: Config) -> None:
     check_defense(c.defense, c.influence.proximal)
     _events("counterfactual.remove", c.counterfactual.remove, n, steps, 0)
     check_attribution(c.attribution, n, steps, c.defense.kind)
+    check_batch_norm(c)
     check_blocks(c)
+
+
+def check_batch_norm(c: Config) -> None:
+    """model.norm=batch: DICE-GT (shadow runs) is exact through the weighted batch statistics;
+    the estimators that linearize the step do not yet differentiate through them."""
+    if not (isinstance(c.model, ResNetModel) and c.model.norm == "batch"):
+        return
+    i = c.influence
+    uses = ([f"influence.estimators={show(list(i.estimators))}"] if i.estimators and i.events
+            else []) + (["influence.proximal=true"] if i.proximal else []) + (
+        ["attribution.enabled=true"] if c.attribution.enabled else [])
+    if uses:
+        raise ConfigError(f"model.norm=batch: {uses[0]} is not yet supported with BatchNorm "
+                          "(its linearized step leaves out the batch statistics); only the "
+                          "exact DICE-GT is: set influence.estimators=[] and keep "
+                          "influence.ground_truth, or use model.norm=group")
 
 
 def attribution_targets(target: Any, nodes: int) -> list[int] | None:
@@ -1106,9 +1123,6 @@ def check_resnet(m: ResNetModel) -> None:
         below = m.depth - (m.depth - 2) % 6
         raise ConfigError(f"model.depth={m.depth}: a CIFAR-style ResNet has depth 6n + 2 "
                           f"(8, 14, 20, 32, …); set e.g. model.depth={max(8, below)}")
-    if m.norm == "batch":
-        raise ConfigError("model.norm=batch: BatchNorm's running statistics are buffers, not "
-                          "yet supported; use model.norm=group or model.norm=none")
     if m.norm == "group" and m.width % m.groups:
         raise ConfigError(f"model.groups={m.groups}: must divide model.width={m.width} "
                           f"(GroupNorm); set e.g. model.groups={math.gcd(m.width, m.groups)}")
@@ -1151,11 +1165,12 @@ def check_influence(i: Influence, nodes: int, steps: int, batch_size: int) -> No
                           "events to spot-check, e.g. influence.ground_truth=20")
     names = list(i.estimators)
     bad = [n for n in names if n not in ESTIMATORS]
-    if bad or not names or len(set(names)) < len(names):
+    if bad or len(set(names)) < len(names):  # [] : DICE-GT alone
         close = closest(str(bad[0]), ESTIMATORS) if bad else []
         hint = f"did you mean {close[0]}? " if close else ""
         raise ConfigError(f"influence.estimators={show(names)}: {hint}a list of distinct "
-                          f"estimators from {', '.join(ESTIMATORS)}, e.g. [dice_e, dice_gauss2]")
+                          f"estimators from {', '.join(ESTIMATORS)}, e.g. [dice_e, dice_gauss2] "
+                          "([] for DICE-GT alone)")
     check_removal("influence.removal", i.removal, batch_size)
     events = i.events
     if is_int(events):

@@ -23,7 +23,7 @@ from dicesim.common.errors import ConfigError
 from dicesim.common.stopping import PhaseChecks
 from dicesim.config import MODELS as MODELS  # re-exported
 from dicesim.config import CustomModel, Model, ResNetModel, VitModel
-from dicesim.model.nets import ResNet, ViT
+from dicesim.model.nets import ResNet, ViT, WeightedBatchNorm
 
 # activation elements one evaluation chunk may hold (16 MiB in float32, 32 MiB in float64)
 EVAL_BUDGET = 1 << 22
@@ -134,9 +134,10 @@ def check_module(module: nn.Module, where: str, input_shape: Sequence[int],
     for name, layer in module.named_modules():
         label = f"layer {name or '(root)'} ({type(layer).__name__})"
         if isinstance(layer, nn.modules.batchnorm._NormBase):
-            raise ConfigError(f"{where}: {label}: BatchNorm is not yet supported (its running "
-                              "statistics are buffers); use norm=group|none (GroupNorm, "
-                              "LayerNorm or no normalization)")
+            raise ConfigError(f"{where}: {label}: torch's BatchNorm is not supported (its running "
+                              "statistics are buffers outside θ); use model=resnet "
+                              "model.norm=batch (a BatchNorm removal reaches exactly), or "
+                              "GroupNorm, LayerNorm or no normalization")
         if isinstance(layer, nn.modules.dropout._DropoutNd | nn.AlphaDropout):
             raise ConfigError(f"{where}: {label}: dropout is not supported (a random mask on "
                               "every call breaks the exact replay of a step); remove it")
@@ -252,6 +253,18 @@ class FlatModel:
         # logreg, linear and mlp take their batch gradients by hand-written backprop over
         # batched matmuls (about 2× faster than vmap(grad) for the engine's small rows)
         self.dense = dense_layers(module)
+        # model.norm=batch: the running statistics are entries of θ, not trained (their
+        # gradient is zero: a training forward reads only batch statistics) but set each local
+        # step by `with_running_stats`; their columns in θ, in the order of `self.names`
+        self.norms = {name: m for name, m in module.named_modules()
+                      if isinstance(m, WeightedBatchNorm)}
+        self.running_names = [f"{name}.{stat}" for name in self.norms
+                              for stat in ("running_mean", "running_var")]
+        starts = dict(zip(self.names, np.cumsum([0, *self.numels[:-1]]).tolist(), strict=True))
+        self.running_columns = torch.tensor(
+            sorted(c for n in self.running_names
+                   for c in range(starts[n], starts[n] + self.numels[self.names.index(n)])),
+            dtype=torch.long)
         self._widths: dict[tuple[int, ...], int] = {}  # evaluation memory per sample shape
 
     def flat_init(self, seed: int, dtype: torch.dtype) -> Tensor:
@@ -265,18 +278,64 @@ class FlatModel:
         chunks = torch.split(theta, self.numels)
         return {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes, strict=True)}
 
+    @property
+    def has_running_stats(self) -> bool:
+        return bool(self.norms)
+
     def forward(self, theta: Tensor, x: Tensor) -> Tensor:
+        """Evaluation mode: BatchNorm normalizes by the running statistics in θ."""
         return functional_call(self.module, self.unflatten(theta), (x,))
 
-    def sample_losses(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        out = self.forward(theta, x)
+    def train_forward(self, theta: Tensor, x: Tensor, w: Tensor) -> Tensor:
+        """Training mode: BatchNorm normalizes by the batch statistics weighted by w (a
+        removed sample, w_i = 0, enters neither the loss nor the statistics)."""
+        if not self.norms:
+            return self.forward(theta, x)
+        for norm in self.norms.values():
+            norm.sample_weights = w
+        try:
+            return self.forward(theta, x)
+        finally:
+            for norm in self.norms.values():
+                norm.sample_weights = None
+
+    def sample_losses(self, theta: Tensor, x: Tensor, y: Tensor,
+                      w: Tensor | None = None) -> Tensor:
+        """ℓ_i(θ) in evaluation mode, or with the batch's weights w in training mode."""
+        out = self.forward(theta, x) if w is None else self.train_forward(theta, x, w)
         if self.regression:
             return (out.squeeze(-1) - y) ** 2
         return nn.functional.cross_entropy(out, y, reduction="none")
 
     def weighted_loss(self, theta: Tensor, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
         """(1/|B|) Σ_i w_i ℓ_i(θ): removal zeroes w_i but keeps the denominator |B|."""
-        return (self.sample_losses(theta, x, y) * w).sum() / w.shape[0]
+        return (self.sample_losses(theta, x, y, w) * w).sum() / w.shape[0]
+
+    def running_stats(self, theta: Tensor, x: Tensor, w: Tensor) -> Tensor:
+        """The running statistics after a training forward on the batch, one row per θ row
+        [rows, len(running_columns)]: r ← (1 − m) r + m μ_B(w), v ← (1 − m) v + m σ²_B(w)."""
+        def one(th: Tensor, xx: Tensor, ww: Tensor) -> Tensor:
+            self.train_forward(th, xx, ww)
+            updated = {}
+            for name, norm in self.norms.items():
+                assert norm.updated is not None
+                updated[f"{name}.running_mean"], updated[f"{name}.running_var"] = norm.updated
+                norm.updated = None
+            return torch.cat([updated[n].reshape(-1) for n in self.names if n in updated])
+
+        with torch.no_grad():
+            return vmap(one)(theta, x, w)
+
+    def with_running_stats(self, update: Tensor, theta: Tensor, x: Tensor, w: Tensor
+                           ) -> Tensor:
+        """The local step's Δ with its running-statistics columns replaced by the momentum
+        update of the weighted batch statistics (the optimizer's Δ there is discarded), so
+        θ + Δ carries the new running statistics; Δ itself when the model has none."""
+        if not self.norms:
+            return update
+        columns = self.running_columns.to(theta.device)
+        new = self.running_stats(theta, x, w)
+        return update.index_copy(1, columns, new - theta.index_select(1, columns))
 
     # ---- row-vectorized maths over a [rows, P] tensor ---------------------------------------
     def grads(self, theta: Tensor, x: Tensor, y: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
@@ -372,7 +431,7 @@ class FlatModel:
 
         def one(th: Tensor, vv: Tensor, xx: Tensor, yy: Tensor, ww: Tensor):
             def loss(p: Tensor):
-                per_sample = self.sample_losses(p, xx, yy)
+                per_sample = self.sample_losses(p, xx, yy, ww)
                 return (per_sample * ww).sum() / ww.shape[0], per_sample
 
             _, (hv, slopes) = jvp(grad(loss, has_aux=True), (th,), (vv,))

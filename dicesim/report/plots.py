@@ -97,8 +97,8 @@ ESTIMATOR_STYLE = {"dice_e": ("DICE-E (first order)", "tab:blue", "o"),
 def scatter_by_hop(out: Path, rows: list[InfluenceRow]) -> str | None:
     """Each estimator against DICE-GT, one panel per hop, the diagonal dashed."""
     rows = [r for r in rows if r.dice_gt is not None]
-    if not rows:
-        return None
+    if not rows or all(getattr(rows[0], name) is None for name in ESTIMATOR_STYLE):
+        return None  # influence.estimators=[]: DICE-GT alone, nothing to set against it
     hops = sorted({r.hop for r in rows})
     fig, axes = plt.subplots(1, len(hops), figsize=(3.6 * len(hops), 3.8), squeeze=False)
     for ax, hop in zip(axes[0], hops, strict=True):

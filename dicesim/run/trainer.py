@@ -418,6 +418,8 @@ class LocalStep:
             step.grad, step.loss = self.model.grads(step.theta, *step.batch)
         step.update, step.new_state = self.optimizer.step(step.t, self.local, step.theta,
                                                           step.state, step.grad)
+        step.update = self.model.with_running_stats(step.update, step.theta, step.batch[0],
+                                                    step.batch[2])
         step.half = step.theta + step.update
         ready()
 
@@ -460,6 +462,7 @@ class ChunkedLocalStep(LocalStep):
         g, step.loss[r] = self.model.grads(theta, x[r], y[r], w[r])
         update, new = self.optimizer.step(step.t, self.local[rows], theta,
                                           self.optimizer.rows(r), g)  # Δ_k^t, s_k^{t+½}
+        update = self.model.with_running_stats(update, theta, x[r], w[r])
         for n, v in new.items():
             step.new_state[n][r] = v
         step.half[r] = theta + update  # θ^{t+½}

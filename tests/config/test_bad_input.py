@@ -425,7 +425,7 @@ KEYS = [
     ("influence.step_range", [], ["abc", "[a,b]"], ["[4,1]", "[1,2,3]", "[0,9999]"]),
     ("influence.hops", [], ["abc"], ["-1", "9"]),
     ("influence.ground_truth", [], ["yes", "1.5", "[1]"], ["-1"]),
-    ("influence.estimators", [], ["5", "dice_e"], ["[dice_x]", "[]", "[dice_e,dice_e]"]),
+    ("influence.estimators", [], ["5", "dice_e"], ["[dice_x]", "[dice_e,dice_e]"]),
     ("influence.curvature", [], ["1"], []),
     ("influence.proximal", [], ["on"], []),
     ("influence.node_weights", [], ["abc", "[a]"], ["[1,2]", f"[-1,{N16}]"]),

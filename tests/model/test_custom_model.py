@@ -113,8 +113,8 @@ def test_generic_path_equals_the_hand_written_dense_path(classes):
 
 @pytest.mark.parametrize(("target", "kwargs", "message"), [
     ("test_custom_model.WithBatchNorm", {}, "model._target_=test_custom_model.WithBatchNorm: "
-     "layer features.2 (BatchNorm1d): BatchNorm is not yet supported (its running statistics "
-     "are buffers); use norm=group|none"),
+     "layer features.2 (BatchNorm1d): torch's BatchNorm is not supported (its running "
+     "statistics are buffers outside θ); use model=resnet model.norm=batch"),
     ("test_custom_model.WithBuffer", {}, "layer (root) (WithBuffer) has buffers (calls): not "
      "yet supported"),
     ("test_custom_model.WithDropout", {}, "layer scale.0 (Dropout): dropout is not supported"),
@@ -154,8 +154,6 @@ def test_plus_keys_are_constructor_arguments_only_for_a_custom_model():
         (("model=mlp", "+model.widht=3"), "model.widht: unknown key in model"),
         (("model=resnet", "+model.widht=3"), "model.widht: unknown key in model; did you mean "
          "model.width?"),
-        (("model=resnet", "model.norm=batch"), "model.norm=batch: BatchNorm's running "
-         "statistics are buffers, not yet supported; use model.norm=group or model.norm=none"),
         (("model=resnet", "model.depth=10"), "model.depth=10: a CIFAR-style ResNet has depth "
          "6n + 2 (8, 14, 20, 32, …); set e.g. model.depth=8"),
         (("model=vit", "model.heads=3"), "model.heads=3: must divide model.dim=16"),

@@ -277,8 +277,9 @@ class SourcePerturbations:
     starting at t on this rank (`step.started`), by event index. The gradient is linear in
     the sample weights, so for an affine optimizer (SGD, momentum, weight decay) this is
     the step's tangent along the removed samples' gradient ∇L_S alone (−η ∇L_S for SGD),
-    exactly; otherwise (Adam) the difference of the two steps, the second on the batch
-    without S."""
+    exactly; otherwise (Adam, or BatchNorm, whose batch statistics make the gradient
+    nonlinear in the weights) the difference of the two steps, the second on the batch
+    without S, running statistics included."""
 
     def __init__(self, layout: Layout, model: FlatModel, optimizer: LocalOptimizer):
         self.layout, self.model, self.optimizer = layout, model, optimizer
@@ -296,12 +297,13 @@ class SourcePerturbations:
         keep[torch.as_tensor(e.positions, device=w.device)] = 0.0
         theta = step.theta[i:i + 1]
         state = {n: v[i:i + 1] for n, v in step.state.items()}
-        if opt.affine:
+        if opt.affine and not self.model.has_running_stats:
             g_removed, _ = self.model.grads(theta, x[i:i + 1], y[i:i + 1],
                                             (w[i] * (1 - keep))[None])
             return opt.tangent(e.step, nodes, theta, state, step.grad[i:i + 1],
                                torch.zeros_like(theta), opt.zero_state(theta), g_removed)
         g_without, _ = self.model.grads(theta, x[i:i + 1], y[i:i + 1], (w[i] * keep)[None])
         update, new = opt.step(e.step, nodes, theta, state, g_without)
+        update = self.model.with_running_stats(update, theta, x[i:i + 1], (w[i] * keep)[None])
         return (step.update[i:i + 1] - update,
                 {n: step.new_state[n][i:i + 1] - new[n] for n in new})

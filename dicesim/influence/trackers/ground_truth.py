@@ -37,6 +37,7 @@ class GroundTruth(PerturbationTracker):
             g_shadow, _ = self.model.grads(shadow, x, y, w)
             update, new_state = self.optimizer.step(step.t, nodes, shadow, shadow_state,
                                                     g_shadow)
+            update = self.model.with_running_stats(update, shadow, x, w)
             return (delta + step.update[rows] - update,  # δ + Δ − Δ̃
                     {n: step.new_state[n][rows] - v for n, v in new_state.items()})  # s' − s̃'
 
