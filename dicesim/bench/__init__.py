@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = ROOT / "configs"
 QUIET = ["progress=false", "plots=false", "eval_every=1000000"]
 RUN_TIMEOUT_S = 900
 

@@ -3,14 +3,10 @@ summary.json, report.md and PNGs. Selected by `driver:` in an `experiment=` conf
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from omegaconf import OmegaConf
 
-from dicesim.config import Config, as_dict
+from dicesim.config import CONFIG_DIR, Config, as_dict
 from dicesim.config import variant as variant  # re-exported: a checked copy for one run
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
 
 
 def group_option(group: str, name: str) -> dict:

@@ -273,10 +273,6 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
-def _g3(v: float | None) -> str:
-    return "–" if v is None or not math.isfinite(v) else f"{v:.3g}"
-
-
 TOTAL_NAMES = (("mean_abs_e", "E"), ("mean_abs_mid", "mid"), ("mean_abs_gauss2", "gauss2"),
                ("mean_abs_gt", "GT"))  # hop_totals keys and their column names
 
