@@ -3,10 +3,15 @@ summary.json, report.md and PNGs. Selected by `driver:` in an `experiment=` conf
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from omegaconf import OmegaConf
 
 from dicesim.config import CONFIG_DIR, Config, as_dict
 from dicesim.config import variant as variant  # re-exported: a checked copy for one run
+
+if TYPE_CHECKING:
+    from dicesim.run.engine import Simulation
 
 
 def group_option(group: str, name: str) -> dict:
@@ -22,3 +27,9 @@ def topology_options(cfg: Config, name: str) -> dict:
     if cfg.topology.name == name:
         return as_dict(cfg.topology)
     return group_option("topology", name)
+
+
+def final_loss(sim: Simulation, metrics: list) -> float:
+    """L(θ^T) = Σ_k q_k L'_k(θ_k^T) from a run's metric rows."""
+    last = {r.node: r.probe_loss for r in metrics if r.step == sim.run.steps}
+    return float(sum(sim.q[k] * last[k] for k in range(sim.run.nodes)))

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from dicesim.config import Config, bounded, register_block
-from dicesim.experiments import runner, variant
+from dicesim.experiments import final_loss, runner, variant
 from dicesim.experiments.runner import Case, Table, Task
 from dicesim.model.data import batch_ids
 from dicesim.report.stats import pearson, spearman
@@ -37,11 +37,6 @@ register_block("retrain", Retrain)
 
 
 RETRAIN_COLUMNS = ("kind", "node", "step", "sample", "attribution", "retrained")
-
-
-def final_loss(sim: Simulation, metrics) -> float:
-    last = {r.node: r.probe_loss for r in metrics if r.step == sim.run.steps}
-    return float(sum(sim.q[k] * last[k] for k in range(sim.run.nodes)))
 
 
 def removals(cfg: Config, sim: Simulation) -> list[tuple[str, int, int, int | None]]:

@@ -155,8 +155,7 @@ class CollaboratorsTask(Task):
         return report_md(summary, pictures)
 
     def closing(self, summary: dict, out: Path) -> list[str]:
-        return [*(f"  target {name}: {'met' if met else 'MISSED'}"
-                  for name, met in summary["targets"].items()),
+        return [*runner.target_lines(summary["targets"]),
                 f"dicesim collaborators: done; report: {out / 'report.md'}"]
 
 

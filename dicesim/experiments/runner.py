@@ -105,6 +105,11 @@ class Task:
         return [f"{self.name}: done; report: {out / 'report.md'}"]
 
 
+def target_lines(targets: dict[str, bool]) -> list[str]:
+    """`  target <name>: met|MISSED`, one line per target of a summary."""
+    return [f"  target {name}: {'met' if met else 'MISSED'}" for name, met in targets.items()]
+
+
 # ---- the store of finished cases -------------------------------------------------------------
 def slug(key: str) -> str:
     return key.replace("/", "__")

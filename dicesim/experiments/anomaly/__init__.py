@@ -270,8 +270,7 @@ class AnomalyTask(Task):
         return report_md(summary, pictures)
 
     def closing(self, summary: dict, out: Path) -> list[str]:
-        return [*(f"  target {name}: {'met' if met else 'MISSED'}"
-                  for name, met in summary["targets"].items()),
+        return [*runner.target_lines(summary["targets"]),
                 f"dicesim anomaly: done; report: {out / 'report.md'}"]
 
 

@@ -32,12 +32,11 @@ import numpy as np
 
 from dicesim.common.errors import ConfigError
 from dicesim.config import MAX_HOPS, Config, bounded, default_list, register_block, show
-from dicesim.experiments import runner, topology_options, variant
+from dicesim.experiments import final_loss, runner, topology_options, variant
 from dicesim.experiments.contribution.report import node_rows, plots, report_md
 from dicesim.experiments.runner import Case, Table, Task
 from dicesim.influence.events import InfluenceRow
 from dicesim.report.stats import pearson, spearman
-from dicesim.run.engine import Simulation
 from dicesim.run.session import Session
 
 
@@ -94,12 +93,6 @@ def dice_contributions(rows: list[InfluenceRow], nodes: int) -> dict[str, np.nda
         if r.hop == 1 and r.node != r.source:
             proximal[r.source, r.node] += r.dice_e
     return {"r_hop": r_hop, "one_hop": one_hop, "proximal": proximal}
-
-
-def final_loss(sim: Simulation, metrics: list[tuple]) -> float:
-    """L(θ^T) = Σ_k q_k L'_k(θ_k^T) from the metrics rows (step, node, _, probe_loss, …)."""
-    last = {r.node: r.probe_loss for r in metrics if r.step == sim.run.steps}
-    return float(sum(sim.q[k] * last[k] for k in range(sim.run.nodes)))
 
 
 def reciprocity(proximal: np.ndarray, W_support: np.ndarray) -> tuple[list[dict], dict]:
